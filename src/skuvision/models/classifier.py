@@ -1,0 +1,140 @@
+"""The LightningModule: a timm backbone with a new head, cross-entropy, and torchmetrics per stage.
+
+Only plain config values are saved as hyperparameters, so checkpoints load with weights_only=True and
+`load_classifier(path)` rebuilds the model without any weights download.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from pytorch_lightning import LightningModule
+from torch import nn
+from torchmetrics import MaxMetric
+
+from skuvision.data.transforms import resolve_input_config
+from skuvision.metrics import classification_metrics
+from skuvision.models.backbone import create_backbone
+from skuvision.optim import weight_decay_groups
+
+
+class Classifier(LightningModule):
+    def __init__(
+        self,
+        model: dict,
+        num_classes: int,
+        in_chans: int,
+        class_names: list[str],
+        optimizer: dict,
+        scheduler: dict | None = None,
+        input_overrides: dict | None = None,
+        label_smoothing: float = 0.0,
+        data: dict | None = None,
+        load_pretrained: bool = True,
+    ):
+        """`model`: {name, pretrained, weights, channels_last, kwargs}; `data`: the data config, kept so
+        evaluation and prediction can rebuild the same splits; `load_pretrained=False` skips the weights
+        download when a checkpoint's state dict replaces them anyway."""
+        super().__init__()
+        if len(class_names) != num_classes:
+            raise ValueError(f"{len(class_names)} class names for {num_classes} classes")
+        self.save_hyperparameters()
+        self.backbone = create_backbone(
+            model["name"],
+            num_classes=num_classes,
+            in_chans=in_chans,
+            pretrained=bool(model.get("pretrained")) and load_pretrained,
+            weights=model.get("weights") if load_pretrained else None,
+            **(model.get("kwargs") or {}),
+        )
+        self.input_config = resolve_input_config(self.backbone, in_chans, **(input_overrides or {}))
+        self.channels_last = bool(model.get("channels_last", False))
+        if self.channels_last:
+            self.backbone.to(memory_format=torch.channels_last)
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        metrics = classification_metrics(num_classes)
+        self.train_metrics = metrics.clone(prefix="train/")
+        self.val_metrics = metrics.clone(prefix="val/")
+        self.test_metrics = metrics.clone(prefix="test/")
+        self.val_acc_best = MaxMetric()
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.hparams.class_names)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return self.backbone(images)
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Pre-logit features, the input of the classifier head."""
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return self.backbone.forward_head(self.backbone.forward_features(images), pre_logits=True)
+
+    def on_train_start(self) -> None:
+        # The sanity check must not count towards the best validation accuracy.
+        self.val_metrics.reset()
+        self.val_acc_best.reset()
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        images, labels = batch
+        logits = self(images)
+        loss = self.criterion(logits, labels)
+        self.train_metrics.update(logits.detach(), labels)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
+        self.log_dict(self.train_metrics, on_step=False, on_epoch=True)
+        return loss
+
+    def _eval_step(self, batch, metrics, stage: str) -> None:
+        images, labels = batch
+        logits = self(images)
+        self.log(f"{stage}/loss", self.criterion(logits, labels), on_epoch=True, sync_dist=True)
+        metrics.update(logits, labels)
+        self.log_dict(metrics, on_epoch=True, prog_bar=stage == "val")
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._eval_step(batch, self.val_metrics, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking:
+            return
+        self.val_acc_best.update(self.val_metrics["acc"].compute())
+        self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=True)
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._eval_step(batch, self.test_metrics, "test")
+
+    def predict_step(self, batch, batch_idx: int) -> torch.Tensor:
+        images = batch[0] if isinstance(batch, (tuple, list)) else batch
+        return self(images).softmax(dim=-1)
+
+    def configure_optimizers(self) -> Any:
+        opt_cfg = dict(self.hparams.optimizer)
+        groups = weight_decay_groups(self.backbone, opt_cfg.get("weight_decay", 0.0))
+        optimizer = instantiate(opt_cfg, params=groups, _convert_="all")
+        if not self.hparams.scheduler:
+            return optimizer
+        sched_cfg = dict(self.hparams.scheduler)
+        interval = sched_cfg.pop("interval", "step")
+        total = self.trainer.estimated_stepping_batches
+        if interval == "epoch":
+            total = self.trainer.max_epochs
+        scheduler = instantiate(sched_cfg, optimizer=optimizer, total_steps=int(total))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}
+
+
+def load_classifier(ckpt_path: str, map_location: str | torch.device = "cpu") -> Classifier:
+    """A trained Classifier from its checkpoint, loaded with weights_only=True and no weights download."""
+    from pathlib import Path
+
+    from skuvision.errors import SkuvisionError
+
+    if not Path(ckpt_path).is_file():
+        raise SkuvisionError(f"ckpt_path={ckpt_path}: no such checkpoint file")
+    return Classifier.load_from_checkpoint(
+        ckpt_path, map_location=map_location, weights_only=True, load_pretrained=False
+    )

@@ -1,0 +1,75 @@
+"""What every task shares: plain configs, callbacks and loggers from config, closing loggers, JSON out."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from pytorch_lightning import Callback
+from pytorch_lightning.loggers import Logger
+
+from skuvision.errors import SkuvisionError
+
+log = logging.getLogger("skuvision")
+
+
+def plain(cfg: Any) -> Any:
+    """A resolved OmegaConf node as plain dicts and lists (safe for checkpoints and loggers)."""
+    if isinstance(cfg, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(cfg, resolve=True)
+    return cfg
+
+
+def set_threads(threads: int | None) -> None:
+    if threads:
+        torch.set_num_threads(int(threads))
+
+
+def instantiate_all(group: DictConfig | None) -> list:
+    """Instantiate every entry of a group like `callbacks` or `logger`; null entries are switched off."""
+    if not group:
+        return []
+    return [instantiate(node) for node in group.values() if node is not None and "_target_" in node]
+
+
+def instantiate_callbacks(cfg: DictConfig | None) -> list[Callback]:
+    return instantiate_all(cfg)
+
+
+def instantiate_loggers(cfg: DictConfig | None) -> list[Logger]:
+    return instantiate_all(cfg)
+
+
+def close_loggers(loggers: list[Logger]) -> None:
+    """Finish the W&B run so the next job of a sweep starts its own."""
+    for logger in loggers:
+        if type(logger).__name__ == "WandbLogger":
+            import wandb
+
+            if wandb.run is not None:
+                wandb.finish()
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def stage_metrics(trainer, prefix: str) -> dict[str, float]:
+    return {k: float(v) for k, v in sorted(trainer.callback_metrics.items()) if k.startswith(prefix)}
+
+
+def run_cli(task: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
+    """Run a task from a Hydra shim: a SkuvisionError becomes one line on stderr and exit status 2."""
+    try:
+        return task(cfg)
+    except SkuvisionError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,18 @@
+"""python train.py [group=option ...] [key=value ...]: train, test the best checkpoint, write metrics.json."""
+
+import hydra
+from omegaconf import DictConfig
+
+import skuvision  # noqa: F401  (registers config resolvers)
+from skuvision.tasks import train
+from skuvision.tasks.utils import run_cli
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    metrics = run_cli(train, cfg)
+    return metrics.get("val/acc_best") if metrics else None  # the value Optuna sweeps optimize
+
+
+if __name__ == "__main__":
+    main()
