@@ -1,0 +1,40 @@
+# The README's commands. `make train` and `make test` each do all of their own set-up.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+FMNIST_DEBIAN := /usr/share/datasets/fashion-mnist
+
+.PHONY: install data train test lint clean-outputs
+
+install: $(VENV)/.installed
+
+# Reinstalls when the dependencies change. The constraints file pins torch/torchvision.
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --upgrade --quiet pip
+	$(VENV)/bin/pip install --quiet -c constraints.txt -e ".[dev]"
+	touch $@
+
+# Real Fashion-MNIST: the Debian package dataset-fashion-mnist, installed when missing and apt is at hand.
+data:
+	@if [ -f $(FMNIST_DEBIAN)/t10k-labels-idx1-ubyte.gz ] || [ -f data/fashion_mnist/t10k-labels-idx1-ubyte.gz ]; then \
+		echo "Fashion-MNIST: found"; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; \
+	elif command -v apt-get >/dev/null && sudo -n true 2>/dev/null; then \
+		sudo -n apt-get update -qq && sudo -n DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; \
+	else \
+		echo "Fashion-MNIST: no local copy and no apt; train.py downloads it if the network allows"; \
+	fi
+
+# The default recipe on real Fashion-MNIST; extra overrides: make train ARGS="model=resnet18 data.image_size=64"
+train: install data
+	$(PY) train.py $(ARGS)
+
+test: install
+	OMP_NUM_THREADS=2 $(PY) -m pytest -q $(ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check src tests train.py eval.py
+	$(VENV)/bin/ruff format --check src tests train.py eval.py

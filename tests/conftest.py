@@ -1,0 +1,78 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+import skuvision  # noqa: F401  (registers config resolvers)
+
+sys.path.insert(0, str(Path(__file__).parent))
+from writers import write_cifar10, write_cifar100, write_fashion_mnist, write_image_folder  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+
+torch.set_num_threads(2)
+os.environ.setdefault("SKUVISION_OFFLINE", "1")  # tests never reach for the network
+os.environ.setdefault("WANDB_MODE", "offline")
+
+
+@pytest.fixture(scope="session")
+def data_root(tmp_path_factory) -> Path:
+    """One tree with every source in its real format: fashion_mnist/, cifar/, photos/."""
+    root = tmp_path_factory.mktemp("data")
+    write_fashion_mnist(root / "fashion_mnist")
+    write_cifar10(root / "cifar")
+    write_cifar100(root / "cifar")
+    write_image_folder(root / "photos")
+    return root
+
+
+DATA_ROOTS = {"fashion_mnist": "fashion_mnist", "cifar10": "cifar", "cifar100": "cifar", "image_folder": "photos"}
+
+
+def compose_cfg(config_name: str, overrides: list[str], output_dir: Path) -> DictConfig:
+    """Compose a real config as train.py/eval.py would, with its run folder at output_dir."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(output_dir)
+        cfg.hydra.job.num = 0
+    HydraConfig.instance().set_config(cfg)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    return cfg
+
+
+def quick_overrides(data: str, data_root: Path, model: str = "simple_cnn") -> list[str]:
+    """A CPU-cheap run: small images and batches, no pretrained download, offline data only."""
+    size = 80 if model == "inception_v3" else 32
+    return [
+        f"data={data}",
+        f"model={model}",
+        f"data.root={data_root / DATA_ROOTS[data]}",
+        "data.download=false",
+        "data.batch_size=8",
+        "data.eval_batch_size=16",
+        "data.num_workers=0",
+        f"data.image_size={size}",
+        "model.pretrained=false",
+        "callbacks.progress_bar=null",
+        "trainer.enable_model_summary=false",
+        "trainer.accelerator=cpu",
+        "threads=2",
+    ]
+
+
+@pytest.fixture
+def train_cfg(tmp_path, data_root):
+    def make(data: str = "fashion_mnist", model: str = "simple_cnn", extra: list[str] | None = None):
+        overrides = quick_overrides(data, data_root, model) + (extra or [])
+        return compose_cfg("train", overrides, tmp_path / "run")
+
+    return make

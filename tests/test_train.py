@@ -1,0 +1,115 @@
+"""End to end on small data in the real formats: every model config x every data config, train -> eval."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT, compose_cfg, quick_overrides
+
+from skuvision.tasks import evaluate, train
+
+MODELS = sorted(p.stem for p in (ROOT / "conf" / "model").glob("*.yaml"))
+DATA = sorted(p.stem for p in (ROOT / "conf" / "data").glob("*.yaml"))
+
+
+def test_every_config_is_covered():
+    assert {"resnet18", "resnet50", "vgg16", "inception_v3", "efficientnet_b0", "tf_efficientnet_lite0",
+            "mobilenetv3_large_100", "convnext_tiny", "simple_cnn"} <= set(MODELS)
+    assert {"fashion_mnist", "cifar10", "cifar100", "image_folder"} <= set(DATA)
+
+
+@pytest.mark.parametrize("data", DATA)
+@pytest.mark.parametrize("model", MODELS)
+def test_fast_dev_run(train_cfg, model, data):
+    cfg = train_cfg(data, model, ["trainer.fast_dev_run=true"])
+    metrics = train(cfg)
+    assert 0.0 <= metrics["test/acc"] <= 1.0
+    assert ("test/acc_top5" in metrics) == (data != "image_folder")  # 3 photo classes: no top-5
+    written = json.loads((cfg.paths.output_dir + "/metrics.json") and open(f"{cfg.paths.output_dir}/metrics.json").read())
+    assert written["test/acc"] == pytest.approx(metrics["test/acc"])
+
+
+def test_checkpoint_reloads_to_the_same_test_metrics(train_cfg, tmp_path):
+    cfg = train_cfg("fashion_mnist", "simple_cnn", ["trainer.max_epochs=2", "trainer.deterministic=true"])
+    metrics = train(cfg)
+    best = metrics_file = json.loads(open(f"{cfg.paths.output_dir}/metrics.json").read())
+    ckpt = best["best_checkpoint"]
+    assert ckpt and ckpt.endswith(".ckpt")
+    checkpoint = torch.load(ckpt, weights_only=True, map_location="cpu")  # plain values only
+    assert checkpoint["hyper_parameters"]["class_names"][0] == "T-shirt/top"
+
+    eval_cfg = compose_cfg("eval", [f"ckpt_path={ckpt}", "trainer.accelerator=cpu", "threads=2"], tmp_path / "eval")
+    evaluated = evaluate(eval_cfg)
+    for key in ("test/acc", "test/acc_top5", "test/f1_macro", "test/loss"):
+        assert evaluated[key] == pytest.approx(metrics_file[key], abs=1e-6), key
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["test/acc"] == pytest.approx(metrics["test/acc"])
+
+
+def test_training_learns_the_pattern(train_cfg):
+    """A few epochs on the synthetic set: accuracy far above chance, so the whole loop really trains."""
+    cfg = train_cfg("fashion_mnist", "simple_cnn", ["trainer.max_epochs=4", "data.image_size=28",
+                                                    "optimizer.lr=0.01"])
+    metrics = train(cfg)
+    assert metrics["test/acc"] > 0.6
+
+
+def run_cli(script: str, overrides: list[str], cwd) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / script), *overrides], cwd=cwd, capture_output=True, text=True, timeout=300,
+        env={**__import__("os").environ, "SKUVISION_OFFLINE": "1", "OMP_NUM_THREADS": "2"},
+    )
+
+
+def test_train_cli_writes_one_run_folder(data_root, tmp_path):
+    overrides = quick_overrides("fashion_mnist", data_root) + ["trainer.fast_dev_run=true"]
+    result = run_cli("train.py", overrides, tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    runs = list((tmp_path / "outputs").glob("*/*"))
+    assert len(runs) == 1
+    assert (runs[0] / ".hydra" / "config.yaml").is_file()
+    assert json.loads((runs[0] / "metrics.json").read_text())["test/acc"] >= 0
+    assert "test/acc = " in result.stdout
+
+
+def test_missing_data_is_a_clear_one_line_error(tmp_path):
+    empty = tmp_path / "nothing"
+    empty.mkdir()
+    overrides = quick_overrides("fashion_mnist", tmp_path) + [f"data.root={empty}", "data.system_dirs=[]"]
+    result = run_cli("train.py", overrides, tmp_path)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: Fashion-MNIST files not found: train-images-idx3-ubyte.gz")
+    assert "make data" in lines[-1] and str(empty) in lines[-1]
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_cifar_names_the_files(tmp_path):
+    overrides = quick_overrides("cifar10", tmp_path) + [f"data.root={tmp_path}"]
+    result = run_cli("train.py", overrides, tmp_path)
+    assert result.returncode == 2
+    assert "error: CIFAR10 files not found" in result.stderr and "data_batch_1" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_unknown_model_name_is_a_clear_one_line_error(data_root, tmp_path):
+    overrides = quick_overrides("fashion_mnist", data_root) + ["model.name=resnet5000"]
+    result = run_cli("train.py", overrides, tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: unknown model.name='resnet5000'")
+    assert "Traceback" not in result.stderr
+
+
+def test_unknown_model_option_lists_the_choices(data_root, tmp_path):
+    result = run_cli("train.py", ["model=resnet5000"], tmp_path)
+    assert result.returncode == 1
+    assert "Could not find 'model/resnet5000'" in result.stderr and "resnet50" in result.stderr
+
+
+def test_pretrained_without_weights_fails_fast_naming_model_weights(data_root, tmp_path):
+    overrides = quick_overrides("fashion_mnist", data_root, "resnet18") + ["model.pretrained=true"]
+    result = run_cli("train.py", overrides, tmp_path)
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: model.pretrained=true but no weights for resnet18") and "model.weights" in last

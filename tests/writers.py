@@ -1,0 +1,93 @@
+"""Small data sets written in the real on-disk formats, with class-dependent patterns a model can learn."""
+
+from __future__ import annotations
+
+import gzip
+import pickle
+import struct
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+def pattern_images(labels: np.ndarray, size: int, channels: int, seed: int) -> np.ndarray:
+    """uint8 (N, H, W, C): a bright bar whose position encodes the class, on noise."""
+    rng = np.random.default_rng(seed)
+    n = len(labels)
+    images = rng.integers(0, 60, size=(n, size, size, channels), dtype=np.uint8)
+    num_classes = int(labels.max()) + 1
+    band = max(1, size // max(num_classes, 1))
+    for i, label in enumerate(labels):
+        start = (int(label) * band) % size
+        images[i, start : start + band, :, :] = 230
+    return images
+
+
+def balanced_labels(n: int, num_classes: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).permutation(np.arange(n) % num_classes)
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def write_fashion_mnist(root: Path, n_train: int = 400, n_test: int = 100) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    for prefix, n, seed in (("train", n_train, 0), ("t10k", n_test, 1)):
+        labels = balanced_labels(n, 10, seed)
+        images = pattern_images(labels, 28, 1, seed)[..., 0]
+        write_idx(root / f"{prefix}-images-idx3-ubyte.gz", images)
+        write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", labels)
+    return root
+
+
+def _pickle(path: Path, obj: dict) -> None:
+    with open(path, "wb") as f:
+        pickle.dump(obj, f)
+
+
+def _cifar_batch(n: int, num_classes: int, label_key: bytes, seed: int) -> dict:
+    labels = balanced_labels(n, num_classes, seed)
+    images = pattern_images(labels, 32, 3, seed).transpose(0, 3, 1, 2).reshape(n, 3072)  # CHW rows
+    return {b"data": images, label_key: labels.tolist(), b"batch_label": b"synthetic"}
+
+
+def write_cifar10(root: Path, per_batch: int = 60, n_test: int = 60) -> Path:
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(1, 6):
+        _pickle(folder / f"data_batch_{i}", _cifar_batch(per_batch, 10, b"labels", i))
+    _pickle(folder / "test_batch", _cifar_batch(n_test, 10, b"labels", 9))
+    names = [b"airplane", b"automobile", b"bird", b"cat", b"deer", b"dog", b"frog", b"horse", b"ship", b"truck"]
+    _pickle(folder / "batches.meta", {b"label_names": names, b"num_cases_per_batch": per_batch})
+    return root
+
+
+def write_cifar100(root: Path, n_train: int = 400, n_test: int = 200) -> Path:
+    folder = root / "cifar-100-python"
+    folder.mkdir(parents=True, exist_ok=True)
+    _pickle(folder / "train", _cifar_batch(n_train, 100, b"fine_labels", 0))
+    _pickle(folder / "test", _cifar_batch(n_test, 100, b"fine_labels", 1))
+    _pickle(folder / "meta", {b"fine_label_names": [f"class_{i:02d}".encode() for i in range(100)]})
+    return root
+
+
+def write_image_folder(root: Path, classes=("phone", "shirt", "toaster"), per_class: int = 12,
+                       size: int = 40, presplit: bool = False) -> Path:
+    """PNG and JPEG files (alternating) under root/<class>/ or root/<split>/<class>/."""
+    splits = {"train": per_class, "val": max(2, per_class // 3), "test": max(2, per_class // 3)}
+    targets = {s: root / s for s in splits} if presplit else {"all": root}
+    counts = splits if presplit else {"all": per_class}
+    labels_all = np.arange(len(classes))
+    for split, base in targets.items():
+        for label, name in zip(labels_all, classes, strict=True):
+            (base / name).mkdir(parents=True, exist_ok=True)
+            n = counts[split]
+            images = pattern_images(np.full(n, label), size, 3, seed=hash((split, name)) % 1000)
+            for i, img in enumerate(images):
+                suffix = ".png" if i % 2 == 0 else ".jpg"
+                Image.fromarray(img).save(base / name / f"{name}_{i:03d}{suffix}")
+    return root
