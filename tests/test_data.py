@@ -17,7 +17,13 @@ from skuvision.data.datamodule import stratified_split, subset_indices
 from skuvision.data.fashion_mnist import read_idx
 from skuvision.errors import SkuvisionError
 
-INPUT_28 = {"input_size": [1, 28, 28], "mean": [0.5], "std": [0.5], "interpolation": "bilinear", "crop_pct": 1.0}
+INPUT_28 = {
+    "input_size": [1, 28, 28],
+    "mean": [0.5],
+    "std": [0.5],
+    "interpolation": "bilinear",
+    "crop_pct": 1.0,
+}
 INPUT_32 = {**INPUT_28, "input_size": [3, 32, 32], "mean": [0.5] * 3, "std": [0.5] * 3}
 
 
@@ -28,7 +34,9 @@ def ready(datamodule, input_config):
 
 
 def test_fashion_mnist_reads_idx_gz(data_root):
-    dm = ready(FashionMNISTDataModule(str(data_root / "fashion_mnist"), system_dirs=[], download=False), INPUT_28)
+    dm = ready(
+        FashionMNISTDataModule(str(data_root / "fashion_mnist"), system_dirs=[], download=False), INPUT_28
+    )
     assert (len(dm.splits["train"]), len(dm.splits["val"]), len(dm.splits["test"])) == (360, 40, 100)
     images, labels = next(iter(dm.train_dataloader()))
     assert images.dtype == torch.uint8 and images.shape[1:] == (1, 28, 28)
@@ -112,7 +120,7 @@ def test_image_folder_class_missing_from_train_is_named(tmp_path):
 
 def test_image_folder_root_must_exist(tmp_path):
     with pytest.raises(SkuvisionError, match=r"data.root=.*nowhere is not a folder"):
-        ImageFolderDataModule(str(tmp_path / "nowhere")).class_names
+        _ = ImageFolderDataModule(str(tmp_path / "nowhere")).class_names
 
 
 def test_unreadable_image_names_the_file(tmp_path):
@@ -134,8 +142,13 @@ def test_in_memory_and_pil_paths_agree(tmp_path):
 
     rng = np.random.default_rng(0)
     pixels = rng.integers(0, 255, size=(32, 32, 3), dtype=np.uint8)
-    cfg = {"input_size": [3, 64, 64], "mean": [0.4] * 3, "std": [0.2] * 3, "interpolation": "bilinear",
-           "crop_pct": 0.875}
+    cfg = {
+        "input_size": [3, 64, 64],
+        "mean": [0.4] * 3,
+        "std": [0.2] * 3,
+        "interpolation": "bilinear",
+        "crop_pct": 0.875,
+    }
     dm = ImageDataModule(root=".")
     dm.set_input_config(cfg)
     pil = pil_transform(cfg)(Image.fromarray(pixels)).unsqueeze(0)

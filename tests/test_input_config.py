@@ -20,8 +20,12 @@ def test_image_size_comes_from_the_model(tmp_path, data_root, model, size):
 
 
 def test_overrides_win(tmp_path, data_root):
-    _, module = built(tmp_path, data_root, "resnet18", ["data.image_size=64", "data.interpolation=bilinear",
-                                                        "data.mean=[0.1,0.2,0.3]", "data.std=[1,1,1]"])
+    _, module = built(
+        tmp_path,
+        data_root,
+        "resnet18",
+        ["data.image_size=64", "data.interpolation=bilinear", "data.mean=[0.1,0.2,0.3]", "data.std=[1,1,1]"],
+    )
     assert module.input_config["input_size"] == [3, 64, 64]
     assert module.input_config["interpolation"] == "bilinear"
     assert module.input_config["mean"] == [0.1, 0.2, 0.3]

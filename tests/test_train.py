@@ -1,8 +1,10 @@
 """End to end on small data in the real formats: every model config x every data config, train -> eval."""
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,8 +17,17 @@ DATA = sorted(p.stem for p in (ROOT / "conf" / "data").glob("*.yaml"))
 
 
 def test_every_config_is_covered():
-    assert {"resnet18", "resnet50", "vgg16", "inception_v3", "efficientnet_b0", "tf_efficientnet_lite0",
-            "mobilenetv3_large_100", "convnext_tiny", "simple_cnn"} <= set(MODELS)
+    assert {
+        "resnet18",
+        "resnet50",
+        "vgg16",
+        "inception_v3",
+        "efficientnet_b0",
+        "tf_efficientnet_lite0",
+        "mobilenetv3_large_100",
+        "convnext_tiny",
+        "simple_cnn",
+    } <= set(MODELS)
     assert {"fashion_mnist", "cifar10", "cifar100", "image_folder"} <= set(DATA)
 
 
@@ -27,38 +38,47 @@ def test_fast_dev_run(train_cfg, model, data):
     metrics = train(cfg)
     assert 0.0 <= metrics["test/acc"] <= 1.0
     assert ("test/acc_top5" in metrics) == (data != "image_folder")  # 3 photo classes: no top-5
-    written = json.loads((cfg.paths.output_dir + "/metrics.json") and open(f"{cfg.paths.output_dir}/metrics.json").read())
+    written = json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())
     assert written["test/acc"] == pytest.approx(metrics["test/acc"])
 
 
 def test_checkpoint_reloads_to_the_same_test_metrics(train_cfg, tmp_path):
     cfg = train_cfg("fashion_mnist", "simple_cnn", ["trainer.max_epochs=2", "trainer.deterministic=true"])
     metrics = train(cfg)
-    best = metrics_file = json.loads(open(f"{cfg.paths.output_dir}/metrics.json").read())
-    ckpt = best["best_checkpoint"]
+    written = json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())
+    ckpt = written["best_checkpoint"]
     assert ckpt and ckpt.endswith(".ckpt")
     checkpoint = torch.load(ckpt, weights_only=True, map_location="cpu")  # plain values only
     assert checkpoint["hyper_parameters"]["class_names"][0] == "T-shirt/top"
 
-    eval_cfg = compose_cfg("eval", [f"ckpt_path={ckpt}", "trainer.accelerator=cpu", "threads=2"], tmp_path / "eval")
+    eval_cfg = compose_cfg(
+        "eval", [f"ckpt_path={ckpt}", "trainer.accelerator=cpu", "threads=2"], tmp_path / "eval"
+    )
     evaluated = evaluate(eval_cfg)
     for key in ("test/acc", "test/acc_top5", "test/f1_macro", "test/loss"):
-        assert evaluated[key] == pytest.approx(metrics_file[key], abs=1e-6), key
-    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["test/acc"] == pytest.approx(metrics["test/acc"])
+        assert evaluated[key] == pytest.approx(written[key], abs=1e-6), key
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["test/acc"] == pytest.approx(
+        metrics["test/acc"]
+    )
 
 
 def test_training_learns_the_pattern(train_cfg):
     """A few epochs on the synthetic set: accuracy far above chance, so the whole loop really trains."""
-    cfg = train_cfg("fashion_mnist", "simple_cnn", ["trainer.max_epochs=4", "data.image_size=28",
-                                                    "optimizer.lr=0.01"])
+    cfg = train_cfg(
+        "fashion_mnist", "simple_cnn", ["trainer.max_epochs=4", "data.image_size=28", "optimizer.lr=0.01"]
+    )
     metrics = train(cfg)
     assert metrics["test/acc"] > 0.6
 
 
 def run_cli(script: str, overrides: list[str], cwd) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, str(ROOT / script), *overrides], cwd=cwd, capture_output=True, text=True, timeout=300,
-        env={**__import__("os").environ, "SKUVISION_OFFLINE": "1", "OMP_NUM_THREADS": "2"},
+        [sys.executable, str(ROOT / script), *overrides],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "SKUVISION_OFFLINE": "1", "OMP_NUM_THREADS": "2"},
     )
 
 
@@ -112,4 +132,7 @@ def test_pretrained_without_weights_fails_fast_naming_model_weights(data_root, t
     result = run_cli("train.py", overrides, tmp_path)
     assert result.returncode == 2
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: model.pretrained=true but no weights for resnet18") and "model.weights" in last
+    assert (
+        last.startswith("error: model.pretrained=true but no weights for resnet18")
+        and "model.weights" in last
+    )

@@ -61,7 +61,18 @@ def write_cifar10(root: Path, per_batch: int = 60, n_test: int = 60) -> Path:
     for i in range(1, 6):
         _pickle(folder / f"data_batch_{i}", _cifar_batch(per_batch, 10, b"labels", i))
     _pickle(folder / "test_batch", _cifar_batch(n_test, 10, b"labels", 9))
-    names = [b"airplane", b"automobile", b"bird", b"cat", b"deer", b"dog", b"frog", b"horse", b"ship", b"truck"]
+    names = [
+        b"airplane",
+        b"automobile",
+        b"bird",
+        b"cat",
+        b"deer",
+        b"dog",
+        b"frog",
+        b"horse",
+        b"ship",
+        b"truck",
+    ]
     _pickle(folder / "batches.meta", {b"label_names": names, b"num_cases_per_batch": per_batch})
     return root
 
@@ -75,8 +86,13 @@ def write_cifar100(root: Path, n_train: int = 400, n_test: int = 200) -> Path:
     return root
 
 
-def write_image_folder(root: Path, classes=("phone", "shirt", "toaster"), per_class: int = 12,
-                       size: int = 40, presplit: bool = False) -> Path:
+def write_image_folder(
+    root: Path,
+    classes=("phone", "shirt", "toaster"),
+    per_class: int = 12,
+    size: int = 40,
+    presplit: bool = False,
+) -> Path:
     """PNG and JPEG files (alternating) under root/<class>/ or root/<split>/<class>/."""
     splits = {"train": per_class, "val": max(2, per_class // 3), "test": max(2, per_class // 3)}
     targets = {s: root / s for s in splits} if presplit else {"all": root}

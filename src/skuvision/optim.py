@@ -16,8 +16,13 @@ def weight_decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return param_groups_weight_decay(model, weight_decay=weight_decay, no_weight_decay_list=no_decay)
 
 
-def one_cycle(optimizer: Optimizer, total_steps: int, pct_start: float = 0.25, div_factor: float = 25.0,
-              final_div_factor: float = 1e4) -> LRScheduler:
+def one_cycle(
+    optimizer: Optimizer,
+    total_steps: int,
+    pct_start: float = 0.25,
+    div_factor: float = 25.0,
+    final_div_factor: float = 1e4,
+) -> LRScheduler:
     """OneCycle peaking at each group's configured LR."""
     return OneCycleLR(
         optimizer,
@@ -29,8 +34,9 @@ def one_cycle(optimizer: Optimizer, total_steps: int, pct_start: float = 0.25, d
     )
 
 
-def warmup_cosine(optimizer: Optimizer, total_steps: int, warmup_fraction: float = 0.05,
-                  min_lr_ratio: float = 0.01) -> LRScheduler:
+def warmup_cosine(
+    optimizer: Optimizer, total_steps: int, warmup_fraction: float = 0.05, min_lr_ratio: float = 0.01
+) -> LRScheduler:
     """Linear warmup, then cosine decay to min_lr_ratio x each group's LR."""
     warmup = max(1, round(warmup_fraction * total_steps))
 

@@ -67,15 +67,17 @@ def create_backbone(
 
 def _from_file(name: str, path: Path, kwargs: dict, key: str) -> nn.Module:
     if not path.is_file():
-        raise SkuvisionError(f"{key}={path}: no such file. Give the path of a .pth or .safetensors state dict.")
+        raise SkuvisionError(
+            f"{key}={path}: no such file. Give the path of a .pth or .safetensors state dict."
+        )
     try:
         # timm drops or adapts the classifier for num_classes and the first conv for in_chans.
         return timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, **kwargs)
     except (RuntimeError, KeyError, ValueError, OSError) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise SkuvisionError(
-            f"{key}={path} does not fit {name}: {first_line[:300]}. Give a state dict saved from timm's {name} "
-            f"(or one timm converts, e.g. torchvision's)."
+            f"{key}={path} does not fit {name}: {first_line[:300]}. Give a state dict saved from timm's "
+            f"{name} (or one timm converts, e.g. torchvision's)."
         ) from err
 
 

@@ -6,6 +6,7 @@ Only plain config values are saved as hyperparameters, so checkpoints load with 
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -15,6 +16,7 @@ from torch import nn
 from torchmetrics import MaxMetric
 
 from skuvision.data.transforms import resolve_input_config
+from skuvision.errors import SkuvisionError
 from skuvision.metrics import classification_metrics
 from skuvision.models.backbone import create_backbone
 from skuvision.optim import weight_decay_groups
@@ -129,10 +131,6 @@ class Classifier(LightningModule):
 
 def load_classifier(ckpt_path: str, map_location: str | torch.device = "cpu") -> Classifier:
     """A trained Classifier from its checkpoint, loaded with weights_only=True and no weights download."""
-    from pathlib import Path
-
-    from skuvision.errors import SkuvisionError
-
     if not Path(ckpt_path).is_file():
         raise SkuvisionError(f"ckpt_path={ckpt_path}: no such checkpoint file")
     return Classifier.load_from_checkpoint(

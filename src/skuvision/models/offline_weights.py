@@ -40,7 +40,9 @@ def convert_in_order(source: dict[str, torch.Tensor], target_arch: str) -> dict[
     src_items = [(k, v) for k, v in source.items() if not k.endswith("num_batches_tracked")]
     dst_keys = [k for k in target if not k.endswith("num_batches_tracked")]
     if len(src_items) != len(dst_keys):
-        raise SkuvisionError(f"cannot convert weights to {target_arch}: {len(src_items)} vs {len(dst_keys)} tensors")
+        raise SkuvisionError(
+            f"cannot convert weights to {target_arch}: {len(src_items)} vs {len(dst_keys)} tensors"
+        )
     converted = {}
     for (src_key, tensor), dst_key in zip(src_items, dst_keys, strict=True):
         if tensor.shape != target[dst_key].shape:

@@ -22,7 +22,9 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     data_cfg = cfg.get("data") or OmegaConf.create(module.hparams.data)
     datamodule = instantiate(data_cfg)
     if list(datamodule.class_names) != module.class_names:
-        log.warning("data classes %s differ from the checkpoint's %s", datamodule.class_names, module.class_names)
+        log.warning(
+            "data classes %s differ from the checkpoint's %s", datamodule.class_names, module.class_names
+        )
     datamodule.set_input_config(module.input_config)
     loggers = instantiate_loggers(cfg.get("logger"))
     trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=[])
