@@ -1,4 +1,5 @@
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -81,3 +82,16 @@ def train_cfg(tmp_path, data_root):
         return compose_cfg("train", overrides, tmp_path / "run")
 
     return make
+
+
+def run_cli(script: str, overrides: list[str], cwd, extra_env: dict | None = None):
+    """Run train.py/eval.py as a user would, offline, with 2 threads."""
+    env = {**os.environ, "SKUVISION_OFFLINE": "1", "OMP_NUM_THREADS": "2", **(extra_env or {})}
+    return subprocess.run(
+        [sys.executable, str(ROOT / script), *overrides],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )

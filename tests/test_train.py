@@ -1,14 +1,11 @@
 """End to end on small data in the real formats: every model config x every data config, train -> eval."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, compose_cfg, quick_overrides
+from conftest import ROOT, compose_cfg, quick_overrides, run_cli
 
 from skuvision.tasks import evaluate, train
 
@@ -69,17 +66,6 @@ def test_training_learns_the_pattern(train_cfg):
     )
     metrics = train(cfg)
     assert metrics["test/acc"] > 0.6
-
-
-def run_cli(script: str, overrides: list[str], cwd) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(ROOT / script), *overrides],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "SKUVISION_OFFLINE": "1", "OMP_NUM_THREADS": "2"},
-    )
 
 
 def test_train_cli_writes_one_run_folder(data_root, tmp_path):

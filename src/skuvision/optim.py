@@ -1,19 +1,11 @@
-"""Optimizer param groups and LR schedules that scale every group's own LR, so configured ratios hold."""
+"""LR schedules that scale every param group's own LR, so the ratios between groups hold."""
 
 from __future__ import annotations
 
 import math
 
-from timm.optim import param_groups_weight_decay
-from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler, OneCycleLR
-
-
-def weight_decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two groups: norms, biases and other 1-d parameters get no weight decay (timm's rule)."""
-    no_decay = getattr(model, "no_weight_decay", lambda: set())()
-    return param_groups_weight_decay(model, weight_decay=weight_decay, no_weight_decay_list=no_decay)
 
 
 def one_cycle(
@@ -24,6 +16,8 @@ def one_cycle(
     final_div_factor: float = 1e4,
 ) -> LRScheduler:
     """OneCycle peaking at each group's configured LR."""
+    if pct_start * total_steps == 1:  # torch divides by pct_start * total_steps - 1
+        pct_start = 2 / total_steps
     return OneCycleLR(
         optimizer,
         max_lr=[group["lr"] for group in optimizer.param_groups],

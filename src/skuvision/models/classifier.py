@@ -6,20 +6,23 @@ Only plain config values are saved as hyperparameters, so checkpoints load with 
 
 from __future__ import annotations
 
+import inspect
+import random
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
-from hydra.utils import instantiate
+from hydra.utils import get_object, instantiate
 from pytorch_lightning import LightningModule
 from torch import nn
 from torchmetrics import MaxMetric
 
 from skuvision.data.transforms import resolve_input_config
 from skuvision.errors import SkuvisionError
+from skuvision.finetune import FinetuneStrategy, Full
 from skuvision.metrics import classification_metrics
 from skuvision.models.backbone import create_backbone
-from skuvision.optim import weight_decay_groups
 
 
 class Classifier(LightningModule):
@@ -31,14 +34,16 @@ class Classifier(LightningModule):
         class_names: list[str],
         optimizer: dict,
         scheduler: dict | None = None,
+        finetune: dict | None = None,
         input_overrides: dict | None = None,
         label_smoothing: float = 0.0,
         data: dict | None = None,
         load_pretrained: bool = True,
     ):
-        """`model`: {name, pretrained, weights, channels_last, kwargs}; `data`: the data config, kept so
-        evaluation and prediction can rebuild the same splits; `load_pretrained=False` skips the weights
-        download when a checkpoint's state dict replaces them anyway."""
+        """`model`: {name, pretrained, weights, channels_last, kwargs}; `finetune`: a conf/finetune config
+        (default: everything trains); `data`: the data config, kept so evaluation and prediction can rebuild
+        the same splits; `load_pretrained=False` skips the weights download when a checkpoint's state dict
+        replaces them anyway."""
         super().__init__()
         if len(class_names) != num_classes:
             raise ValueError(f"{len(class_names)} class names for {num_classes} classes")
@@ -55,6 +60,7 @@ class Classifier(LightningModule):
         self.channels_last = bool(model.get("channels_last", False))
         if self.channels_last:
             self.backbone.to(memory_format=torch.channels_last)
+        self.finetune: FinetuneStrategy = instantiate(finetune) if finetune else Full()
         self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
         metrics = classification_metrics(num_classes)
         self.train_metrics = metrics.clone(prefix="train/")
@@ -114,19 +120,54 @@ class Classifier(LightningModule):
         images = batch[0] if isinstance(batch, (tuple, list)) else batch
         return self(images).softmax(dim=-1)
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["rng_states"] = rng_states()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # Resuming a fit continues the random streams (shuffling, dropout, augmentation) where they were,
+        # so a resumed run ends exactly where an uninterrupted one does.
+        if self._trainer is not None and "rng_states" in checkpoint:
+            set_rng_states(checkpoint["rng_states"])
+
+    def configure_callbacks(self) -> list:
+        return [self.finetune]
+
     def configure_optimizers(self) -> Any:
+        """Every param group up front (the strategy's stages and LR scales); the scheduler drives them all."""
         opt_cfg = dict(self.hparams.optimizer)
-        groups = weight_decay_groups(self.backbone, opt_cfg.get("weight_decay", 0.0))
+        groups = self.finetune.param_groups(self.backbone, opt_cfg["lr"], opt_cfg.get("weight_decay", 0.0))
         optimizer = instantiate(opt_cfg, params=groups, _convert_="all")
         if not self.hparams.scheduler:
             return optimizer
         sched_cfg = dict(self.hparams.scheduler)
         interval = sched_cfg.pop("interval", "step")
-        total = self.trainer.estimated_stepping_batches
-        if interval == "epoch":
-            total = self.trainer.max_epochs
-        scheduler = instantiate(sched_cfg, optimizer=optimizer, total_steps=int(total))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}
+        monitor = sched_cfg.pop("monitor", None)
+        total = self.trainer.max_epochs if interval == "epoch" else self.trainer.estimated_stepping_batches
+        if "total_steps" in inspect.signature(get_object(sched_cfg["_target_"])).parameters:
+            sched_cfg["total_steps"] = int(total)
+        scheduler = instantiate(sched_cfg, optimizer=optimizer)
+        lr_scheduler = {"scheduler": scheduler, "interval": interval}
+        if monitor:
+            lr_scheduler["monitor"] = monitor
+        return {"optimizer": optimizer, "lr_scheduler": lr_scheduler}
+
+
+def rng_states() -> dict:
+    """torch, numpy and Python random states as checkpoint-safe values (weights_only loading accepts them)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+        "python": random.getstate(),
+    }
+
+
+def set_rng_states(states: dict) -> None:
+    torch.set_rng_state(states["torch"])
+    kind, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
 
 
 def load_classifier(ckpt_path: str, map_location: str | torch.device = "cpu") -> Classifier:

@@ -7,8 +7,12 @@ from pathlib import Path
 
 from hydra.utils import instantiate
 from omegaconf import DictConfig
-from pytorch_lightning import LightningDataModule, seed_everything
+from pytorch_lightning import LightningDataModule, Trainer, seed_everything
+from pytorch_lightning.callbacks import LearningRateMonitor
+from pytorch_lightning.loggers import CSVLogger
+from pytorch_lightning.tuner import Tuner
 
+from skuvision.finetune import LinearProbe, stage_param_names
 from skuvision.models.classifier import Classifier
 from skuvision.tasks.utils import (
     close_loggers,
@@ -25,7 +29,7 @@ log = logging.getLogger("skuvision")
 
 def build(cfg: DictConfig) -> tuple[LightningDataModule, Classifier]:
     """The DataModule and the Classifier; the model's pretrained config decides the data's input."""
-    datamodule = instantiate(cfg.data)
+    datamodule = instantiate(cfg.data, augment=cfg.get("augment") or None)
     module = Classifier(
         model=plain(cfg.model),
         num_classes=datamodule.num_classes,
@@ -33,6 +37,7 @@ def build(cfg: DictConfig) -> tuple[LightningDataModule, Classifier]:
         class_names=datamodule.class_names,
         optimizer=plain(cfg.optimizer),
         scheduler=plain(cfg.get("scheduler")) or None,
+        finetune=plain(cfg.get("finetune")) or None,
         input_overrides=datamodule.input_overrides,
         label_smoothing=cfg.get("label_smoothing", 0.0),
         data=plain(cfg.data),
@@ -42,6 +47,102 @@ def build(cfg: DictConfig) -> tuple[LightningDataModule, Classifier]:
     return datamodule, module
 
 
+def ddp_strategy(trainer_cfg: DictConfig, module: Classifier):
+    """DDP must be told when parameters go unused (frozen stages get no gradient), or it raises.
+
+    Unused-parameter detection costs a graph traversal per step, so it is switched on only for strategies
+    that freeze something during the run.
+    """
+    strategy = trainer_cfg.get("strategy", "auto")
+    if not isinstance(strategy, str) or not strategy.startswith("ddp") or "find_unused" in strategy:
+        return strategy
+    num_stages = len(stage_param_names(module.backbone))
+    epochs = range(max(1, int(trainer_cfg.get("max_epochs") or 1)))
+    if any(module.finetune.frozen_stages(epoch, num_stages) for epoch in epochs):
+        log.info("%s with frozen stages: using %s_find_unused_parameters_true", strategy, strategy)
+        return f"{strategy}_find_unused_parameters_true"
+    return strategy
+
+
+def find_lr(cfg: DictConfig, module: Classifier, datamodule: LightningDataModule) -> float:
+    """Lightning's LR finder on the head phase (backbone frozen); sets optimizer.lr so the head gets the
+    suggested LR and every other group keeps its configured ratio to it.
+
+    The finder gives all param groups one LR while it sweeps, which is harmless only while just the head
+    trains: hence the linear probe during the sweep.
+    """
+    strategy = module.finetune
+    probe = LinearProbe(head_lr_scale=strategy.head_lr_scale, train_bn=strategy.train_bn)
+    probe.apply(
+        module.backbone, epoch=0
+    )  # the finder sweeps inside on_fit_start, before other callbacks' hooks
+    module.finetune = probe
+    tuner_trainer = instantiate(
+        cfg.trainer,
+        callbacks=[],
+        logger=False,
+        enable_checkpointing=False,
+        default_root_dir=str(Path(cfg.paths.output_dir) / "lr_find"),
+    )
+    try:
+        finder = Tuner(tuner_trainer).lr_find(
+            module,
+            datamodule=datamodule,
+            min_lr=cfg.lr_find.min_lr,
+            max_lr=cfg.lr_find.max_lr,
+            num_training=cfg.lr_find.num_training,
+            update_attr=False,
+        )
+    finally:
+        module.finetune = strategy
+    suggestion = finder.suggestion() if finder is not None else None
+    if suggestion is None:
+        log.warning("LR finder gave no suggestion; keeping optimizer.lr=%s", module.hparams.optimizer["lr"])
+        return module.hparams.optimizer["lr"]
+    base_lr = suggestion / strategy.head_lr_scale
+    module.hparams.optimizer["lr"] = base_lr
+    log.info("LR finder: head LR %.3g -> optimizer.lr = %.3g", suggestion, base_lr)
+    return base_lr
+
+
+def test_best(
+    cfg: DictConfig, trainer: Trainer, module: Classifier, datamodule, loggers: list, best: str
+) -> Trainer | None:
+    """Test the best checkpoint (the weights in memory after fast_dev_run, which saves none).
+
+    After a multi-process fit, rank zero tests alone on one device: a distributed sampler would pad the
+    test set with repeated images and skew the metrics. Returns the Trainer that tested; None on other ranks.
+    """
+    tester = trainer
+    if trainer.world_size > 1:
+        if not trainer.is_global_zero:
+            return None
+        continue_csv_logs(loggers)
+        tester = instantiate(
+            cfg.trainer,
+            devices=1,
+            num_nodes=1,
+            strategy="auto",
+            callbacks=[],
+            logger=loggers or False,
+            enable_checkpointing=False,
+        )
+    # fast_dev_run saves no checkpoint: then the weights in memory are tested.
+    tester.test(module, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
+    return tester
+
+
+def continue_csv_logs(loggers: list) -> None:
+    """A CSVLogger that did not write the file itself (the main process after ddp_spawn) must know its
+    columns, or Lightning's CSV writer fails when it adds the test metrics."""
+    for logger in loggers:
+        if isinstance(logger, CSVLogger):
+            path = Path(logger.experiment.metrics_file_path)
+            if path.is_file():
+                header = path.read_text().splitlines()[0].split(",")
+                logger.experiment.metrics_keys = sorted(set(logger.experiment.metrics_keys) | set(header))
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     set_threads(cfg.get("threads"))
     seed_everything(cfg.seed, workers=True)
@@ -49,19 +150,25 @@ def train(cfg: DictConfig) -> dict[str, float]:
     datamodule, module = build(cfg)
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
     loggers = instantiate_loggers(cfg.get("logger"))
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    if not loggers:  # Lightning refuses an LR monitor without a logger to write to
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+    trainer = instantiate(
+        cfg.trainer, callbacks=callbacks, logger=loggers or False, strategy=ddp_strategy(cfg.trainer, module)
+    )
     try:
         for logger in loggers:
             logger.log_hyperparams({**plain(cfg), "class_names": datamodule.class_names})
+        if cfg.get("lr_find") and cfg.lr_find.enabled:
+            find_lr(cfg, module, datamodule)
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=False)
         metrics = stage_metrics(trainer, "val/")
         if cfg.get("test", True):
             best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-            # fast_dev_run saves no checkpoint: test the weights in memory then.
-            trainer.test(module, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
-            metrics.update(stage_metrics(trainer, "test/"))
-            metrics_out = {**metrics, "best_checkpoint": best or None}
-            write_json(output_dir / "metrics.json", metrics_out)
+            tester = test_best(cfg, trainer, module, datamodule, loggers, best)
+            if tester is None:
+                return metrics  # a non-zero DDP rank: rank zero tests and writes the files
+            metrics.update(stage_metrics(tester, "test/"))
+            write_json(output_dir / "metrics.json", {**metrics, "best_checkpoint": best or None})
             if "test/acc" in metrics:
                 log.info("test accuracy %.4f (best checkpoint: %s)", metrics["test/acc"], best or "none")
                 print(f"test/acc = {metrics['test/acc']:.4f}   run folder: {output_dir}")

@@ -1,0 +1,20 @@
+"""Callbacks the tests plug into CLI runs through the config (+callbacks.name._target_=probes.X)."""
+
+import json
+from pathlib import Path
+
+from pytorch_lightning import Callback
+
+
+class FrozenStateProbe(Callback):
+    """Writes, per rank, which backbone parameters train in each epoch: frozen_rank<r>.json."""
+
+    def __init__(self):
+        self.epochs: dict[int, list[bool]] = {}
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.epochs[trainer.current_epoch] = [p.requires_grad for p in pl_module.backbone.parameters()]
+
+    def on_train_end(self, trainer, pl_module):
+        out = Path(trainer.default_root_dir) / f"frozen_rank{trainer.global_rank}.json"
+        out.write_text(json.dumps(self.epochs))
