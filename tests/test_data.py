@@ -1,6 +1,7 @@
 """Data sources read the real formats, split deterministically, and fail with a clear message."""
 
 import gzip
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -123,14 +124,13 @@ def test_image_folder_root_must_exist(tmp_path):
         _ = ImageFolderDataModule(str(tmp_path / "nowhere")).class_names
 
 
-def test_unreadable_image_names_the_file(tmp_path):
+def test_image_unreadable_after_setup_names_the_file(tmp_path):
     write_image_folder(tmp_path / "shop", per_class=4)
-    bad = tmp_path / "shop" / "phone" / "broken.jpg"
-    bad.write_text("not an image")
     dm = ready(ImageFolderDataModule(str(tmp_path / "shop"), split_fractions=[1, 0, 0]), INPUT_32)
-    index = [i for i, (p, _) in enumerate(dm.splits["train"].samples) if p == bad][0]
-    with pytest.raises(SkuvisionError, match="cannot read image .*broken.jpg"):
-        dm.splits["train"][index]
+    path, _ = dm.splits["train"].samples[0]
+    Path(path).write_text("replaced by text after the scan")
+    with pytest.raises(SkuvisionError, match=f"cannot read image {path}"):
+        dm.splits["train"][0]
 
 
 def test_in_memory_and_pil_paths_agree(tmp_path):

@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from omegaconf import OmegaConf
+
+
+def cache_dir() -> Path:
+    """Where converted weights and image-scan results are kept ($SKUVISION_CACHE or ~/.cache/skuvision)."""
+    return Path(os.environ.get("SKUVISION_CACHE", Path.home() / ".cache" / "skuvision"))
 
 
 def wandb_offline() -> bool:

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from hydra.utils import get_object, instantiate
 from pytorch_lightning import LightningModule
+from timm.loss import SoftTargetCrossEntropy
 from torch import nn
 from torchmetrics import MaxMetric
 
@@ -37,6 +38,7 @@ class Classifier(LightningModule):
         finetune: dict | None = None,
         input_overrides: dict | None = None,
         label_smoothing: float = 0.0,
+        class_weights: list[float] | None = None,
         data: dict | None = None,
         load_pretrained: bool = True,
     ):
@@ -61,7 +63,9 @@ class Classifier(LightningModule):
         if self.channels_last:
             self.backbone.to(memory_format=torch.channels_last)
         self.finetune: FinetuneStrategy = instantiate(finetune) if finetune else Full()
-        self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        weight = torch.tensor(class_weights, dtype=torch.float32) if class_weights else None
+        self.criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=label_smoothing)
+        self.soft_criterion = SoftTargetCrossEntropy()
         metrics = classification_metrics(num_classes)
         self.train_metrics = metrics.clone(prefix="train/")
         self.val_metrics = metrics.clone(prefix="val/")
@@ -91,7 +95,11 @@ class Classifier(LightningModule):
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         images, labels = batch
         logits = self(images)
-        loss = self.criterion(logits, labels)
+        if labels.ndim == 2:  # soft targets from Mixup/CutMix; metrics count the dominant class
+            loss = self.soft_criterion(logits, labels)
+            labels = labels.argmax(dim=1)
+        else:
+            loss = self.criterion(logits, labels)
         self.train_metrics.update(logits.detach(), labels)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
         self.log_dict(self.train_metrics, on_step=False, on_epoch=True)

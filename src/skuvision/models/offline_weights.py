@@ -14,13 +14,10 @@ from pathlib import Path
 import timm
 import torch
 
+from skuvision.config import cache_dir
 from skuvision.errors import SkuvisionError
 
 log = logging.getLogger(__name__)
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("SKUVISION_CACHE", Path.home() / ".cache" / "skuvision"))
 
 
 def lite0_package_file() -> Path | None:

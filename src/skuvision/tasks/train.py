@@ -40,11 +40,27 @@ def build(cfg: DictConfig) -> tuple[LightningDataModule, Classifier]:
         finetune=plain(cfg.get("finetune")) or None,
         input_overrides=datamodule.input_overrides,
         label_smoothing=cfg.get("label_smoothing", 0.0),
+        class_weights=datamodule.loss_class_weights(),
         data=plain(cfg.data),
     )
     datamodule.set_input_config(module.input_config)
     log.info("input: %s", module.input_config)
     return datamodule, module
+
+
+def write_data_report(datamodule: LightningDataModule, output_dir: Path) -> None:
+    """class_counts.json per split, and skipped_images.json when unreadable images were left out."""
+    counts = datamodule.class_counts()
+    write_json(
+        output_dir / "class_counts.json",
+        {split: dict(zip(datamodule.class_names, c, strict=True)) for split, c in counts.items()},
+    )
+    skipped = getattr(datamodule, "skipped", None)
+    if skipped:
+        write_json(output_dir / "skipped_images.json", skipped)
+        log.warning(
+            "%d unreadable image(s) skipped: listed in %s", len(skipped), output_dir / "skipped_images.json"
+        )
 
 
 def ddp_strategy(trainer_cfg: DictConfig, module: Classifier):
@@ -158,6 +174,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     try:
         for logger in loggers:
             logger.log_hyperparams({**plain(cfg), "class_names": datamodule.class_names})
+        write_data_report(datamodule, output_dir)
         if cfg.get("lr_find") and cfg.lr_find.enabled:
             find_lr(cfg, module, datamodule)
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=False)

@@ -1,0 +1,13 @@
+from skuvision.data.cifar import CIFAR10DataModule, CIFAR100DataModule
+from skuvision.data.datamodule import ImageDataModule, InMemoryImages
+from skuvision.data.fashion_mnist import FashionMNISTDataModule
+from skuvision.data.image_folder import ImageFolderDataModule
+
+__all__ = [
+    "CIFAR10DataModule",
+    "CIFAR100DataModule",
+    "FashionMNISTDataModule",
+    "ImageDataModule",
+    "ImageFolderDataModule",
+    "InMemoryImages",
+]

@@ -1,0 +1,105 @@
+"""CIFAR-10 and CIFAR-100 from the official python-pickle batches, held in memory."""
+
+from __future__ import annotations
+
+import logging
+import pickle
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from skuvision.data.datamodule import ImageDataModule, InMemoryImages
+from skuvision.errors import SkuvisionError
+from skuvision.net import host_reachable
+
+log = logging.getLogger(__name__)
+
+DOWNLOAD_HOST = "www.cs.toronto.edu"
+
+
+def read_batch(path: Path) -> dict:
+    try:
+        with open(path, "rb") as f:
+            return pickle.load(f, encoding="bytes")
+    except (OSError, pickle.UnpicklingError, EOFError) as err:
+        raise SkuvisionError(f"{path} is not a readable CIFAR pickle batch ({err}); fetch it again") from err
+
+
+def batch_arrays(batch: dict, label_key: bytes, path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    try:
+        data = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+        labels = np.asarray(batch[label_key], dtype=np.int64)
+    except (KeyError, ValueError) as err:
+        raise SkuvisionError(f"{path} lacks CIFAR fields b'data'/{label_key!r} of the right shape") from err
+    return torch.from_numpy(data.copy()), torch.from_numpy(labels)
+
+
+class CIFARDataModule(ImageDataModule):
+    """Shared by CIFAR-10 and CIFAR-100; the subclasses name the folder, files and label field."""
+
+    memory_path = "in-memory"
+    folder: str
+    train_files: list[str]
+    test_files: list[str]
+    meta_file: str
+    label_key: bytes
+    names_key: bytes
+    torchvision_class: str
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.root).expanduser() / self.folder
+
+    def _require(self) -> None:
+        needed = [*self.train_files, *self.test_files, self.meta_file]
+        missing = [f for f in needed if not (self.data_dir / f).is_file()]
+        if missing and self.download and host_reachable(DOWNLOAD_HOST):
+            import torchvision.datasets
+
+            log.info("downloading %s into %s", self.torchvision_class, self.root)
+            getattr(torchvision.datasets, self.torchvision_class)(self.root, download=True)
+            missing = [f for f in needed if not (self.data_dir / f).is_file()]
+        if missing:
+            raise SkuvisionError(
+                f"{self.torchvision_class} files not found in {self.data_dir}: {', '.join(missing)}. Fix: unpack "
+                f"the official python version archive into data.root={self.root} (it creates {self.folder}/), "
+                f"or run with network access so it downloads (data.download=true)."
+            )
+
+    @cached_property
+    def class_names(self) -> list[str]:
+        self._require()
+        meta = read_batch(self.data_dir / self.meta_file)
+        return [n.decode() for n in meta[self.names_key]]
+
+    def _read(self, files: list[str]) -> InMemoryImages:
+        parts = [batch_arrays(read_batch(self.data_dir / f), self.label_key, self.data_dir / f) for f in files]
+        return InMemoryImages(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
+
+    def load_splits(self) -> dict[str, InMemoryImages]:
+        self._require()
+        full = self._read(self.train_files)
+        train_idx, val_idx = self.split_train_val(full.labels.tolist())
+        return {"train": full.subset(train_idx), "val": full.subset(val_idx), "test": self._read(self.test_files)}
+
+
+class CIFAR10DataModule(CIFARDataModule):
+    folder = "cifar-10-batches-py"
+    train_files = [f"data_batch_{i}" for i in range(1, 6)]
+    test_files = ["test_batch"]
+    meta_file = "batches.meta"
+    label_key = b"labels"
+    names_key = b"label_names"
+    torchvision_class = "CIFAR10"
+
+
+class CIFAR100DataModule(CIFARDataModule):
+    folder = "cifar-100-python"
+    train_files = ["train"]
+    test_files = ["test"]
+    meta_file = "meta"
+    label_key = b"fine_labels"
+    names_key = b"fine_label_names"
+    torchvision_class = "CIFAR100"

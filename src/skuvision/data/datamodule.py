@@ -1,0 +1,293 @@
+"""The DataModule every source shares: splits, subsets, loaders and the batched normalization step."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from pytorch_lightning import LightningDataModule
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Subset, WeightedRandomSampler
+
+from skuvision.data.augment import TrainAugment
+from skuvision.data.transforms import BatchNormalizer, pil_transform
+from skuvision.errors import SkuvisionError
+
+log = logging.getLogger(__name__)
+
+BALANCE_MODES = ("none", "sampler", "loss")
+
+
+class InMemoryImages(Dataset):
+    """uint8 images (N, C, H, W) and int64 labels held in memory; fetched a whole batch at a time.
+
+    With a per-image `transform` (a PIL training augmentation), images go through it one by one instead.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
+        assert images.dtype == torch.uint8 and images.ndim == 4, "expected uint8 (N, C, H, W) images"
+        self.images = images
+        self.labels = labels.long()
+        self.transform = None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int):
+        return self.images[index], self.labels[index]
+
+    def __getitems__(self, indices: list[int]):
+        # The DataLoader hands the whole batch's indices here: one gather instead of B tiny copies.
+        index = torch.as_tensor(indices)
+        if self.transform is None:
+            return self.images[index], self.labels[index]
+        return torch.stack([self._transformed(i) for i in indices]), self.labels[index]
+
+    def _transformed(self, i: int) -> torch.Tensor:
+        image = self.images[i]
+        channels = image.shape[0]
+        pil = Image.fromarray(image.permute(1, 2, 0).squeeze(-1).numpy()).convert("RGB")
+        out = self.transform(pil)
+        return out[:channels] if channels == 1 else out  # gray stays gray: every op treats R, G, B alike
+
+    def subset(self, indices: np.ndarray) -> InMemoryImages:
+        index = torch.as_tensor(indices)
+        return InMemoryImages(self.images[index], self.labels[index])
+
+
+def keep_batch(batch):
+    """collate_fn for InMemoryImages: __getitems__ already returns the stacked batch."""
+    return batch
+
+
+def stratified_split(labels: Sequence[int], fractions: Sequence[float], seed: int) -> list[np.ndarray]:
+    """Seeded split of indices into len(fractions) parts, each class divided in the same proportions."""
+    labels = np.asarray(labels)
+    total = sum(fractions)
+    rng = np.random.default_rng(seed)
+    parts: list[list[np.ndarray]] = [[] for _ in fractions]
+    for cls in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == cls))
+        bounds = np.round(np.cumsum(fractions) / total * len(idx)).astype(int)
+        for part, chunk in zip(parts, np.split(idx, bounds[:-1]), strict=True):
+            part.append(chunk)
+    return [np.sort(np.concatenate(p)) if p else np.array([], dtype=int) for p in parts]
+
+
+def subset_indices(labels: Sequence[int], subset: float | int | None, seed: int) -> np.ndarray:
+    """All indices, or a seeded stratified subset: a fraction (0, 1] or an absolute count."""
+    n = len(labels)
+    if subset is None:
+        return np.arange(n)
+    count = round(subset * n) if isinstance(subset, float) and subset <= 1 else int(subset)
+    if count >= n:
+        return np.arange(n)
+    if count <= 0:
+        raise ValueError(f"data.subset={subset} leaves no samples; use a fraction in (0, 1] or a count")
+    return stratified_split(labels, [count, n - count], seed)[0]
+
+
+class ImageDataModule(LightningDataModule):
+    """Shared by every source: subclasses set `in_chans`, and implement `class_names` and `load_splits`.
+
+    `input_config` (size, mean/std, interpolation, crop) comes from the model and is set before setup().
+    `batch_size` is the batch per process.
+    """
+
+    in_chans = 3
+    memory_path = "pil"  # "in-memory" for sources whose images are tensors already
+
+    def __init__(
+        self,
+        root: str,
+        batch_size: int = 128,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        val_fraction: float = 0.1,
+        subset: float | int | None = None,
+        seed: int = 42,
+        download: bool = True,
+        image_size: int | None = None,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        interpolation: str | None = None,
+        crop_pct: float | None = None,
+        balance: str = "none",
+        augment: TrainAugment | None = None,
+    ):
+        """`balance`: "none", "sampler" (class-balanced sampling of the training split) or "loss" (class-weighted
+        cross-entropy, see `loss_class_weights`). `augment`: a batched training augmentation (conf/augment),
+        applied on the device to [0, 1] images before normalization; evaluation batches are never augmented."""
+        super().__init__()
+        self.root = root
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.val_fraction = val_fraction
+        self.subset = subset
+        self.seed = seed
+        self.download = download
+        # Overrides of the model's input config; null keeps what the model's pretrained config says.
+        self.input_overrides = {
+            "image_size": image_size,
+            "mean": list(mean) if mean is not None else None,
+            "std": list(std) if std is not None else None,
+            "interpolation": interpolation,
+            "crop_pct": crop_pct,
+        }
+        if balance not in BALANCE_MODES:
+            raise SkuvisionError(f"data.balance={balance!r}: use one of {', '.join(BALANCE_MODES)}")
+        if getattr(augment, "needs_even_batch", False):
+            if balance == "loss":
+                raise SkuvisionError(
+                    "data.balance=loss cannot weight the soft targets of augment=mixup_cutmix; "
+                    "use data.balance=sampler"
+                )
+            if batch_size % 2:
+                raise SkuvisionError(f"augment=mixup_cutmix needs an even data.batch_size, not {batch_size}")
+        self.balance = balance
+        self.augment = augment
+        self.input_config: dict | None = None
+        self.normalizer: BatchNormalizer | None = None
+        self.splits: dict[str, Dataset] = {}
+
+    # --- what subclasses provide ---------------------------------------------------------------------
+    @property
+    def class_names(self) -> list[str]:
+        raise NotImplementedError
+
+    def load_splits(self) -> dict[str, Dataset]:
+        """Return {"train": ..., "val": ..., "test": ...} datasets yielding (uint8 CHW tensor, label)."""
+        raise NotImplementedError
+
+    # --- shared --------------------------------------------------------------------------------------
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def set_input_config(self, input_config: dict) -> None:
+        self.input_config = dict(input_config)
+        self.normalizer = BatchNormalizer(self.input_config)
+        if self.splits:
+            self.attach_transforms()
+
+    def attach_transforms(self) -> None:
+        """Per-image transforms, which depend on the input config: timm's eval transform for files, and a
+        per-image training augmentation where the preset has one. In-memory sets otherwise have none."""
+        eval_transform = pil_transform(self.input_config)
+        train_transform = self.augment.image_transform(self.input_config) if self.augment else None
+        for split, dataset in self.splits.items():
+            base = dataset.dataset if isinstance(dataset, Subset) else dataset
+            special = train_transform if split == "train" else None
+            base.transform = special if isinstance(base, InMemoryImages) else special or eval_transform
+        train = self.splits["train"]
+        per_image = getattr(train.dataset if isinstance(train, Subset) else train, "transform", None) is not None
+        log.info("training images: %s", "per-image PIL path" if per_image else "in-memory batched path")
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits:
+            return
+        splits = self.load_splits()
+        self.splits = {name: self._apply_subset(ds) for name, ds in splits.items()}
+        if hasattr(self.augment, "set_num_classes"):
+            self.augment.set_num_classes(self.num_classes)
+        if self.input_config is not None:
+            self.attach_transforms()
+        sizes = ", ".join(f"{k}={len(v)}" for k, v in self.splits.items())
+        log.info("data: %s (%s path, %d classes) %s", type(self).__name__, self.memory_path, self.num_classes, sizes)
+        for split, counts in self.class_counts().items():
+            log.info("class counts %s: %s", split, dict(zip(self.class_names, counts, strict=True)))
+
+    def class_counts(self) -> dict[str, list[int]]:
+        """Images per class in each split, in class-index order."""
+        self.setup()
+        return {
+            split: np.bincount(np.asarray(dataset_labels(ds), dtype=int), minlength=self.num_classes).tolist()
+            for split, ds in self.splits.items()
+        }
+
+    def loss_class_weights(self) -> list[float] | None:
+        """With balance="loss": N / (K * count_k) per class of the training split, else None."""
+        if self.balance != "loss":
+            return None
+        counts = np.asarray(self.class_counts()["train"], dtype=float)
+        if (counts == 0).any():
+            missing = [n for n, c in zip(self.class_names, counts, strict=True) if c == 0]
+            raise SkuvisionError(f"data.balance=loss: no training images for class(es) {missing}")
+        return (counts.sum() / (len(counts) * counts)).tolist()
+
+    def _train_sampler(self, dataset: Dataset) -> WeightedRandomSampler | None:
+        if self.balance != "sampler":
+            return None
+        labels = np.asarray(dataset_labels(dataset), dtype=int)
+        counts = np.bincount(labels, minlength=self.num_classes)
+        weights = 1.0 / counts[labels]
+        return WeightedRandomSampler(torch.as_tensor(weights, dtype=torch.double), len(labels), replacement=True)
+
+    def _apply_subset(self, dataset: Dataset) -> Dataset:
+        if self.subset is None:
+            return dataset
+        labels = dataset_labels(dataset)
+        keep = subset_indices(labels, self.subset, self.seed)
+        if isinstance(dataset, InMemoryImages):
+            return dataset.subset(keep)
+        return Subset(dataset, keep.tolist())
+
+    def split_train_val(self, labels: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        if not 0 < self.val_fraction < 1:
+            raise ValueError(f"data.val_fraction={self.val_fraction} must be in (0, 1)")
+        train, val = stratified_split(labels, [1 - self.val_fraction, self.val_fraction], self.seed)
+        return train, val
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        if split not in self.splits:
+            self.setup()
+        dataset = self.splits[split]
+        in_memory = isinstance(dataset, InMemoryImages)
+        batched = in_memory and dataset.transform is None  # a gather by index: no worker processes needed
+        training = split == "train"
+        sampler = self._train_sampler(dataset) if training else None
+        workers = 0 if batched else self.num_workers
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size if training else self.eval_batch_size,
+            shuffle=shuffle and sampler is None,
+            sampler=sampler,
+            drop_last=training and getattr(self.augment, "needs_even_batch", False),
+            num_workers=workers,
+            collate_fn=keep_batch if in_memory else None,
+            persistent_workers=workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        images, labels = batch
+        augment = self.augment if self.trainer is not None and self.trainer.training else None
+        x = self.normalizer.to_unit(images)
+        if augment is not None:
+            x = augment.on_batch(x)
+        x = self.normalizer.normalize(x)
+        if augment is not None:
+            x, labels = augment.after_normalize(x, labels)
+        return x, labels
+
+
+def dataset_labels(dataset: Dataset) -> list[int]:
+    """Labels of a dataset without decoding images."""
+    if isinstance(dataset, InMemoryImages):
+        return dataset.labels.tolist()
+    if isinstance(dataset, Subset):
+        parent = dataset_labels(dataset.dataset)
+        return [parent[i] for i in dataset.indices]
+    return list(dataset.targets)

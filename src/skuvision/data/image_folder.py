@@ -1,0 +1,140 @@
+"""A folder of the user's own photos: class subfolders, either under train/ val/ test/ or split by seed.
+
+Real folders are messy. Files that are not images (by suffix, or hidden like .DS_Store) are ignored. Files
+that do not decode (truncated, empty, text named .jpg) are found at setup, skipped with a warning, and
+listed in `skipped`, which the train task writes to the run folder. Class indices follow the sorted class
+folder names of the training split.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from functools import cached_property
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+from skuvision.data.datamodule import ImageDataModule, stratified_split
+from skuvision.data.images import DECODE_ERRORS, open_rgb, scan_images
+from skuvision.errors import SkuvisionError
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+SPLITS = ("train", "val", "test")
+
+
+def list_images(class_dir: Path) -> list[Path]:
+    """Image files by suffix, hidden files left out, in a stable order."""
+    return sorted(
+        p
+        for p in class_dir.rglob("*")
+        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+    )
+
+
+def class_folders(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+class ImageFiles(Dataset):
+    """(path, label) pairs decoded with PIL into the model's uint8 input by timm's eval transform."""
+
+    def __init__(self, samples: list[tuple[Path, int]], transform=None):
+        self.samples = samples
+        self.targets = [label for _, label in samples]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        path, label = self.samples[index]
+        try:
+            img = open_rgb(path)
+        except DECODE_ERRORS as err:  # changed since the setup scan
+            raise SkuvisionError(f"cannot read image {path}: {err}; remove or replace the file") from err
+        return self.transform(img), label
+
+
+class ImageFolderDataModule(ImageDataModule):
+    """`root/train|val|test/<class>/*.jpg`, or `root/<class>/*.jpg` split by `split_fractions` (stratified)."""
+
+    def __init__(self, root: str, split_fractions: Sequence[float] = (0.8, 0.1, 0.1), **kwargs):
+        super().__init__(root=root, **kwargs)
+        if len(split_fractions) != 3 or min(split_fractions) < 0 or sum(split_fractions) <= 0:
+            raise SkuvisionError(f"data.split_fractions={list(split_fractions)} must be three non-negative numbers")
+        self.split_fractions = [float(f) for f in split_fractions]
+        self.skipped: dict[str, str] = {}  # path -> why it was skipped
+
+    @cached_property
+    def folder(self) -> Path:
+        folder = Path(self.root).expanduser()
+        if not folder.is_dir():
+            raise SkuvisionError(
+                f"data.root={self.root} is not a folder. Point data.root at a folder of class subfolders "
+                f"(root/<class>/*.jpg) or of train/, val/, test/ subfolders."
+            )
+        return folder
+
+    @cached_property
+    def presplit(self) -> bool:
+        return (self.folder / "train").is_dir()
+
+    @cached_property
+    def class_names(self) -> list[str]:
+        base = self.folder / "train" if self.presplit else self.folder
+        names = class_folders(base)
+        if len(names) < 2:
+            found = f"only {base / names[0]}" if names else "none"
+            raise SkuvisionError(
+                f"{base} needs at least two class subfolders (<class name>/<images>) to train a classifier; "
+                f"found {found}"
+            )
+        return names
+
+    def _samples(self, base: Path, split: str) -> list[tuple[Path, int]]:
+        """Readable images under base/<class>/, checking the class folders against the training classes."""
+        index = {name: i for i, name in enumerate(self.class_names)}
+        files: dict[str, list[Path]] = {}
+        for name in class_folders(base):
+            if name not in index:
+                raise SkuvisionError(
+                    f"class folder {base / name} is not among the training classes {self.class_names}; "
+                    f"add it to train/ or remove it"
+                )
+            files[name] = list_images(base / name)
+        bad = scan_images(self.folder, [p for paths in files.values() for p in paths], workers=max(2, self.num_workers))
+        for path, reason in bad.items():
+            log.warning("skipping unreadable image %s (%s)", path, reason)
+            self.skipped[str(path)] = reason
+        samples = []
+        for name in self.class_names:
+            good = [p for p in files.get(name, []) if p not in bad]
+            if not good:
+                where = base / name
+                if split == "train":
+                    raise SkuvisionError(
+                        f"class folder {where} has no readable images; add images or remove the folder"
+                    )
+                log.warning("class %r has no images in the %s split (%s)", name, split, where)
+            samples += [(p, index[name]) for p in good]
+        return samples
+
+    def load_splits(self) -> dict[str, ImageFiles]:
+        self.skipped = {}
+        if self.presplit:
+            missing = [s for s in SPLITS if not (self.folder / s).is_dir()]
+            if missing:
+                raise SkuvisionError(f"{self.folder} has train/ but not {', '.join(missing)}/; add them")
+            return {s: ImageFiles(self._samples(self.folder / s, s)) for s in SPLITS}
+        samples = self._samples(self.folder, "train")
+        labels = [label for _, label in samples]
+        parts = stratified_split(labels, self.split_fractions, self.seed)
+        for split, idx in zip(SPLITS, parts, strict=True):
+            absent = sorted(set(self.class_names) - {self.class_names[labels[i]] for i in idx})
+            if absent and len(idx):
+                log.warning("classes %s have no images in the %s split: too few images to split", absent, split)
+        return {s: ImageFiles([samples[i] for i in idx]) for s, idx in zip(SPLITS, parts, strict=True)}
