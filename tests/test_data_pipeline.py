@@ -32,8 +32,8 @@ class Training:
         self.training = training
 
 
-def augment_from(name: str):
-    cfg = compose_cfg("train", [f"augment={name}"], ROOT / "outputs" / "unused")
+def augment_from(name: str, tmp_path):
+    cfg = compose_cfg("train", [f"augment={name}"], tmp_path / "run")
     return instantiate(cfg.augment) if cfg.get("augment") else None
 
 
@@ -49,8 +49,8 @@ def test_every_preset_is_covered():
 
 @pytest.mark.parametrize("source", ["fashion_mnist", "photos"])
 @pytest.mark.parametrize("preset", PRESETS)
-def test_preset_gives_model_sized_normalized_batches(data_root, preset, source):
-    augment = augment_from(preset)
+def test_preset_gives_model_sized_normalized_batches(tmp_path, data_root, preset, source):
+    augment = augment_from(preset, tmp_path)
     if source == "photos":
         dm = ImageFolderDataModule(str(data_root / "photos"), batch_size=8, augment=augment)
         config = INPUT_64
@@ -83,21 +83,23 @@ def test_preset_gives_model_sized_normalized_batches(data_root, preset, source):
 
 
 @pytest.mark.parametrize("preset", PRESETS)
-def test_evaluation_batches_are_deterministic(data_root, preset):
-    dm = ImageFolderDataModule(str(data_root / "photos"), batch_size=8, augment=augment_from(preset))
+def test_evaluation_batches_are_deterministic(tmp_path, data_root, preset):
+    dm = ImageFolderDataModule(
+        str(data_root / "photos"), batch_size=8, augment=augment_from(preset, tmp_path)
+    )
     dm.set_input_config(INPUT_64)
     a, ya = batch_through(dm, "test", training=False)
     b, yb = batch_through(dm, "test", training=False)
     assert torch.equal(a, b) and torch.equal(ya, yb)
 
 
-def test_training_batches_are_augmented(data_root):
+def test_training_batches_are_augmented(tmp_path, data_root):
     dm = FashionMNISTDataModule(
         str(data_root / "fashion_mnist"),
         system_dirs=[],
         download=False,
         batch_size=8,
-        augment=augment_from("basic"),
+        augment=augment_from("basic", tmp_path),
     )
     dm.set_input_config({**INPUT_64, "input_size": [1, 28, 28], "mean": [0.5], "std": [0.5], "crop_pct": 1.0})
     dm.splits = {}

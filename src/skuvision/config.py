@@ -5,7 +5,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+# The Hydra configs, at the root of the source checkout (skuvision is installed editable from it).
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 
 def cache_dir() -> Path:
@@ -49,3 +52,21 @@ def register_resolvers() -> None:
     for name, fn in RESOLVERS.items():
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
+
+
+def compose_config(config_name: str, overrides: list[str], output_dir: Path) -> DictConfig:
+    """Compose conf/<config_name>.yaml with overrides as train.py/eval.py would, with the run folder at
+    output_dir: for notebooks, tests and benchmarks that call the tasks without the command line."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(output_dir)
+        cfg.hydra.job.num = 0
+    HydraConfig.instance().set_config(cfg)
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    return cfg

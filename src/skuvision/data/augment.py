@@ -80,7 +80,9 @@ class BatchAffine(TrainAugment):
         theta[:, 0, 1] = (-sin + torch.tan(shear) * cos) / zoom
         theta[:, 1, 0] = sin * flip / zoom
         theta[:, 1, 1] = (cos + torch.tan(shear) * sin) / zoom
-        theta[:, :, 2] = torch.empty(batch, 2, device=device).uniform_(-2 * self.translate, 2 * self.translate)
+        theta[:, :, 2] = torch.empty(batch, 2, device=device).uniform_(
+            -2 * self.translate, 2 * self.translate
+        )
         return theta
 
     def on_batch(self, x: torch.Tensor) -> torch.Tensor:

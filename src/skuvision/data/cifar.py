@@ -63,9 +63,9 @@ class CIFARDataModule(ImageDataModule):
             missing = [f for f in needed if not (self.data_dir / f).is_file()]
         if missing:
             raise SkuvisionError(
-                f"{self.torchvision_class} files not found in {self.data_dir}: {', '.join(missing)}. Fix: unpack "
-                f"the official python version archive into data.root={self.root} (it creates {self.folder}/), "
-                f"or run with network access so it downloads (data.download=true)."
+                f"{self.torchvision_class} files not found in {self.data_dir}: {', '.join(missing)}. "
+                f"Fix: unpack the official python version archive into data.root={self.root} (it creates "
+                f"{self.folder}/), or run with network access so it downloads (data.download=true)."
             )
 
     @cached_property
@@ -75,14 +75,20 @@ class CIFARDataModule(ImageDataModule):
         return [n.decode() for n in meta[self.names_key]]
 
     def _read(self, files: list[str]) -> InMemoryImages:
-        parts = [batch_arrays(read_batch(self.data_dir / f), self.label_key, self.data_dir / f) for f in files]
+        parts = [
+            batch_arrays(read_batch(self.data_dir / f), self.label_key, self.data_dir / f) for f in files
+        ]
         return InMemoryImages(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
 
     def load_splits(self) -> dict[str, InMemoryImages]:
         self._require()
         full = self._read(self.train_files)
         train_idx, val_idx = self.split_train_val(full.labels.tolist())
-        return {"train": full.subset(train_idx), "val": full.subset(val_idx), "test": self._read(self.test_files)}
+        return {
+            "train": full.subset(train_idx),
+            "val": full.subset(val_idx),
+            "test": self._read(self.test_files),
+        }
 
 
 class CIFAR10DataModule(CIFARDataModule):

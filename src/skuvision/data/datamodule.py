@@ -7,8 +7,8 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from pytorch_lightning import LightningDataModule
 from PIL import Image
+from pytorch_lightning import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, Subset, WeightedRandomSampler
 
 from skuvision.data.augment import TrainAugment
@@ -117,9 +117,9 @@ class ImageDataModule(LightningDataModule):
         balance: str = "none",
         augment: TrainAugment | None = None,
     ):
-        """`balance`: "none", "sampler" (class-balanced sampling of the training split) or "loss" (class-weighted
-        cross-entropy, see `loss_class_weights`). `augment`: a batched training augmentation (conf/augment),
-        applied on the device to [0, 1] images before normalization; evaluation batches are never augmented."""
+        """`balance`: "none", "sampler" (class-balanced sampling of the training split) or "loss"
+        (class-weighted cross-entropy, see `loss_class_weights`). `augment`: a training augmentation preset
+        (conf/augment, see skuvision.data.augment); evaluation batches are never augmented."""
         super().__init__()
         self.root = root
         self.batch_size = batch_size
@@ -183,7 +183,9 @@ class ImageDataModule(LightningDataModule):
             special = train_transform if split == "train" else None
             base.transform = special if isinstance(base, InMemoryImages) else special or eval_transform
         train = self.splits["train"]
-        per_image = getattr(train.dataset if isinstance(train, Subset) else train, "transform", None) is not None
+        per_image = (
+            getattr(train.dataset if isinstance(train, Subset) else train, "transform", None) is not None
+        )
         log.info("training images: %s", "per-image PIL path" if per_image else "in-memory batched path")
 
     def setup(self, stage: str | None = None) -> None:
@@ -196,7 +198,13 @@ class ImageDataModule(LightningDataModule):
         if self.input_config is not None:
             self.attach_transforms()
         sizes = ", ".join(f"{k}={len(v)}" for k, v in self.splits.items())
-        log.info("data: %s (%s path, %d classes) %s", type(self).__name__, self.memory_path, self.num_classes, sizes)
+        log.info(
+            "data: %s (%s path, %d classes) %s",
+            type(self).__name__,
+            self.memory_path,
+            self.num_classes,
+            sizes,
+        )
         for split, counts in self.class_counts().items():
             log.info("class counts %s: %s", split, dict(zip(self.class_names, counts, strict=True)))
 
@@ -224,7 +232,9 @@ class ImageDataModule(LightningDataModule):
         labels = np.asarray(dataset_labels(dataset), dtype=int)
         counts = np.bincount(labels, minlength=self.num_classes)
         weights = 1.0 / counts[labels]
-        return WeightedRandomSampler(torch.as_tensor(weights, dtype=torch.double), len(labels), replacement=True)
+        return WeightedRandomSampler(
+            torch.as_tensor(weights, dtype=torch.double), len(labels), replacement=True
+        )
 
     def _apply_subset(self, dataset: Dataset) -> Dataset:
         if self.subset is None:

@@ -37,12 +37,16 @@ def read_idx(path: Path) -> np.ndarray:
     with opener(path, "rb") as f:
         data = f.read()
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
-        raise SkuvisionError(f"{path} is not a uint8 idx file; replace it with the official Fashion-MNIST file")
+        raise SkuvisionError(
+            f"{path} is not a uint8 idx file; replace it with the official Fashion-MNIST file"
+        )
     ndim = data[3]
     dims = np.frombuffer(data, dtype=">u4", count=ndim, offset=4).astype(int)
     body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
     if body.size != int(np.prod(dims)):
-        raise SkuvisionError(f"{path} is truncated ({body.size} of {int(np.prod(dims))} values); fetch it again")
+        raise SkuvisionError(
+            f"{path} is truncated ({body.size} of {int(np.prod(dims))} values); fetch it again"
+        )
     return body.reshape(dims)
 
 

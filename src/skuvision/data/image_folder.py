@@ -60,12 +60,14 @@ class ImageFiles(Dataset):
 
 
 class ImageFolderDataModule(ImageDataModule):
-    """`root/train|val|test/<class>/*.jpg`, or `root/<class>/*.jpg` split by `split_fractions` (stratified)."""
+    """`root/train|val|test/<class>/*.jpg`, or `root/<class>/*.jpg` split by `split_fractions`, stratified."""
 
     def __init__(self, root: str, split_fractions: Sequence[float] = (0.8, 0.1, 0.1), **kwargs):
         super().__init__(root=root, **kwargs)
         if len(split_fractions) != 3 or min(split_fractions) < 0 or sum(split_fractions) <= 0:
-            raise SkuvisionError(f"data.split_fractions={list(split_fractions)} must be three non-negative numbers")
+            raise SkuvisionError(
+                f"data.split_fractions={list(split_fractions)} must be three non-negative numbers"
+            )
         self.split_fractions = [float(f) for f in split_fractions]
         self.skipped: dict[str, str] = {}  # path -> why it was skipped
 
@@ -106,7 +108,9 @@ class ImageFolderDataModule(ImageDataModule):
                     f"add it to train/ or remove it"
                 )
             files[name] = list_images(base / name)
-        bad = scan_images(self.folder, [p for paths in files.values() for p in paths], workers=max(2, self.num_workers))
+        bad = scan_images(
+            self.folder, [p for paths in files.values() for p in paths], workers=max(2, self.num_workers)
+        )
         for path, reason in bad.items():
             log.warning("skipping unreadable image %s (%s)", path, reason)
             self.skipped[str(path)] = reason
@@ -136,5 +140,7 @@ class ImageFolderDataModule(ImageDataModule):
         for split, idx in zip(SPLITS, parts, strict=True):
             absent = sorted(set(self.class_names) - {self.class_names[labels[i]] for i in idx})
             if absent and len(idx):
-                log.warning("classes %s have no images in the %s split: too few images to split", absent, split)
+                log.warning(
+                    "classes %s have no images in the %s split: too few images to split", absent, split
+                )
         return {s: ImageFiles([samples[i] for i in idx]) for s, idx in zip(SPLITS, parts, strict=True)}

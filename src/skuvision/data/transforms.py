@@ -10,11 +10,17 @@ import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from timm.data import create_transform, resolve_model_data_config
 from torch import nn
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
 
 INPUT_KEYS = ("image_size", "mean", "std", "interpolation", "crop_pct")
+INTERPOLATIONS = {
+    "nearest": InterpolationMode.NEAREST,
+    "bilinear": InterpolationMode.BILINEAR,
+    "bicubic": InterpolationMode.BICUBIC,
+}
 
 
 def resolve_input_config(model: nn.Module, in_chans: int, **overrides: Any) -> dict:
@@ -63,16 +69,15 @@ class BatchNormalizer(nn.Module):
     """uint8 batch (B, C, h, w) -> float batch at the model's size, scaled to [0, 1] and normalized.
 
     A batch that already has the model's size (the PIL path) is only scaled and normalized. A batch of
-    another size (in-memory sets) is resized and center-cropped the way timm's eval transform does it.
+    another size (in-memory sets) is resized and center-cropped the way timm's eval transform does it, in
+    uint8 like PIL (torchvision's fast uint8 kernels), before the float conversion.
     """
 
     def __init__(self, input_config: dict):
         super().__init__()
         self.image_size = int(input_config["input_size"][-1])
         self.scale_size = scale_size(self.image_size, input_config["crop_pct"])
-        self.mode = input_config["interpolation"]
-        if self.mode not in ("nearest", "bilinear", "bicubic"):
-            self.mode = "bilinear"
+        self.interpolation = INTERPOLATIONS.get(input_config["interpolation"], InterpolationMode.BILINEAR)
         mean = torch.tensor(input_config["mean"]).view(1, -1, 1, 1)
         std = torch.tensor(input_config["std"]).view(1, -1, 1, 1)
         self.register_buffer("mean", mean, persistent=False)
@@ -80,28 +85,14 @@ class BatchNormalizer(nn.Module):
 
     def to_unit(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 -> float in [0, 1] at the model's size."""
-        x = images.float().div_(255)
-        if x.shape[-2:] != (self.image_size, self.image_size):
-            x = resize_center_crop(x, self.scale_size, self.image_size, self.mode)
-        return x
+        if images.shape[-2:] != (self.image_size, self.image_size):
+            images = TF.resize(images, self.scale_size, interpolation=self.interpolation, antialias=True)
+            images = TF.center_crop(images, [self.image_size, self.image_size])
+        return images.float().div_(255)
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean.to(x.device)) / self.std.to(x.device)
+        """In place: `x` is the fresh tensor to_unit made."""
+        return x.sub_(self.mean.to(x.device)).div_(self.std.to(x.device))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.normalize(self.to_unit(images))
-
-
-def resize_center_crop(x: torch.Tensor, scale: int, size: int, mode: str) -> torch.Tensor:
-    """Resize the shorter side to `scale`, then crop the center `size` square (PIL-like antialiasing)."""
-    h, w = x.shape[-2:]
-    if h <= w:
-        new_hw = (scale, max(scale, round(w * scale / h)))
-    else:
-        new_hw = (max(scale, round(h * scale / w)), scale)
-    antialias = mode != "nearest"
-    kwargs = {} if mode == "nearest" else {"align_corners": False}
-    x = F.interpolate(x, size=new_hw, mode=mode, antialias=antialias, **kwargs).clamp_(0, 1)
-    top = (new_hw[0] - size) // 2
-    left = (new_hw[1] - size) // 2
-    return x[..., top : top + size, left : left + size]

@@ -17,7 +17,7 @@ from hydra.utils import get_object, instantiate
 from pytorch_lightning import LightningModule
 from timm.loss import SoftTargetCrossEntropy
 from torch import nn
-from torchmetrics import MaxMetric
+from torchmetrics import MaxMetric, MeanMetric
 
 from skuvision.data.transforms import resolve_input_config
 from skuvision.errors import SkuvisionError
@@ -70,6 +70,7 @@ class Classifier(LightningModule):
         self.train_metrics = metrics.clone(prefix="train/")
         self.val_metrics = metrics.clone(prefix="val/")
         self.test_metrics = metrics.clone(prefix="test/")
+        self.train_loss, self.val_loss, self.test_loss = MeanMetric(), MeanMetric(), MeanMetric()
         self.val_acc_best = MaxMetric()
 
     @property
@@ -90,8 +91,11 @@ class Classifier(LightningModule):
     def on_train_start(self) -> None:
         # The sanity check must not count towards the best validation accuracy.
         self.val_metrics.reset()
+        self.val_loss.reset()
         self.val_acc_best.reset()
 
+    # Steps only update metrics (cheap tensor ops); values are logged once per epoch. Each self.log call
+    # costs about a millisecond in Lightning, which small models on a CPU would feel at every step.
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         images, labels = batch
         logits = self(images)
@@ -100,29 +104,40 @@ class Classifier(LightningModule):
             labels = labels.argmax(dim=1)
         else:
             loss = self.criterion(logits, labels)
+        self.train_loss.update(loss.detach())
         self.train_metrics.update(logits.detach(), labels)
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
-        self.log_dict(self.train_metrics, on_step=False, on_epoch=True)
+        if self.global_step % self.trainer.log_every_n_steps == 0:
+            self.log("train/loss_step", loss.detach(), on_step=True, on_epoch=False, prog_bar=True)
         return loss
 
-    def _eval_step(self, batch, metrics, stage: str) -> None:
+    def on_train_epoch_end(self) -> None:
+        self.log("train/loss", self.train_loss)
+        self.log_dict(self.train_metrics)
+
+    def _eval_step(self, batch, stage: str) -> None:
         images, labels = batch
         logits = self(images)
-        self.log(f"{stage}/loss", self.criterion(logits, labels), on_epoch=True, sync_dist=True)
-        metrics.update(logits, labels)
-        self.log_dict(metrics, on_epoch=True, prog_bar=stage == "val")
+        getattr(self, f"{stage}_loss").update(self.criterion(logits, labels))
+        getattr(self, f"{stage}_metrics").update(logits, labels)
+
+    def _log_eval_epoch(self, stage: str) -> None:
+        self.log(f"{stage}/loss", getattr(self, f"{stage}_loss"))
+        self.log_dict(getattr(self, f"{stage}_metrics"), prog_bar=stage == "val")
 
     def validation_step(self, batch, batch_idx: int) -> None:
-        self._eval_step(batch, self.val_metrics, "val")
+        self._eval_step(batch, "val")
 
     def on_validation_epoch_end(self) -> None:
-        if self.trainer.sanity_checking:
-            return
-        self.val_acc_best.update(self.val_metrics["acc"].compute())
-        self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=True)
+        if not self.trainer.sanity_checking:
+            self.val_acc_best.update(self.val_metrics["acc"].compute())
+            self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=True)
+        self._log_eval_epoch("val")
 
     def test_step(self, batch, batch_idx: int) -> None:
-        self._eval_step(batch, self.test_metrics, "test")
+        self._eval_step(batch, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_eval_epoch("test")
 
     def predict_step(self, batch, batch_idx: int) -> torch.Tensor:
         images = batch[0] if isinstance(batch, (tuple, list)) else batch

@@ -174,7 +174,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     try:
         for logger in loggers:
             logger.log_hyperparams({**plain(cfg), "class_names": datamodule.class_names})
-        write_data_report(datamodule, output_dir)
+        if trainer.is_global_zero:
+            write_data_report(datamodule, output_dir)
         if cfg.get("lr_find") and cfg.lr_find.enabled:
             find_lr(cfg, module, datamodule)
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=False)
