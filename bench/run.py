@@ -281,8 +281,8 @@ def write_results(path: Path, info: dict, rows: list[tuple], notes: list[str]) -
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=60)
     parser.add_argument(
         "--skip-recipe", action="store_true", help="leave out the default-recipe training run"
     )

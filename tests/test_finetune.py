@@ -340,3 +340,44 @@ def test_sweep_over_strategies_records_each(tmp_path, data_root):
         "skuvision.finetune.Gradual",
         "skuvision.finetune.Discriminative",
     }
+
+
+def test_norms_and_biases_get_no_weight_decay(tmp_path, data_root):
+    _, _, module = setup_run(
+        tmp_path, data_root, ["finetune=discriminative", "optimizer=sgd"], model="resnet18"
+    )
+    groups = module.finetune.param_groups(module.backbone, lr=0.1, weight_decay=5e-4)
+    names = {name: p for name, p in module.backbone.named_parameters()}
+    seen = set()
+    for group in groups:
+        for name in group["param_names"]:
+            one_dim = names[name].ndim <= 1
+            assert group["weight_decay"] == (0.0 if one_dim else 5e-4), name
+            seen.add(name)
+    assert seen == set(names)  # every parameter is in exactly one group from the start
+    assert sum(len(g["params"]) for g in groups) == len(names)
+
+
+@pytest.mark.parametrize("scheduler", ["onecycle", "step"])
+def test_sgd_groups_follow_config_through_a_gradual_unfreeze(tmp_path, data_root, scheduler):
+    epochs, steps = 3, 3
+    extra = [
+        "finetune=gradual",
+        "finetune.unfreeze_at=[1]",
+        "finetune.head_lr_scale=5.0",
+        "optimizer=sgd",
+        f"scheduler={scheduler}",
+        f"trainer.max_epochs={epochs}",
+        f"trainer.limit_train_batches={steps}",
+    ]
+    if scheduler == "step":
+        extra += ["scheduler.step_size=1", "scheduler.gamma=0.5"]
+    cfg, datamodule, module = setup_run(tmp_path, data_root, extra)
+    recorder = LRRecorder()
+    make_trainer(cfg, [recorder], enable_checkpointing=False).fit(module, datamodule=datamodule)
+    num_stages = len(stage_param_names(module.backbone))
+    for epoch, lrs in enumerate(recorder.lrs):
+        factor = expected_factor(scheduler, epoch, steps, epochs, cfg)
+        for name, lr in lrs.items():
+            scale = configured_scale("gradual", recorder.stage[name], num_stages, cfg)
+            assert lr == pytest.approx(cfg.optimizer.lr * scale * factor, rel=1e-6), (epoch, name)

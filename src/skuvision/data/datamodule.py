@@ -281,6 +281,12 @@ class ImageDataModule(LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", shuffle=False)
 
+    predict_split = "test"  # the split Trainer.predict runs over (eval.py: test; embed.py: any)
+
+    def predict_dataloader(self) -> DataLoader:
+        """`predict_split`, in order."""
+        return self._loader(self.predict_split, shuffle=False)
+
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         images, labels = batch
         augment = self.augment if self.trainer is not None and self.trainer.training else None

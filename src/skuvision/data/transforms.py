@@ -83,12 +83,16 @@ class BatchNormalizer(nn.Module):
         self.register_buffer("mean", mean, persistent=False)
         self.register_buffer("std", std, persistent=False)
 
-    def to_unit(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 -> float in [0, 1] at the model's size."""
+    def resized(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 at the model's size (unchanged if it has it already)."""
         if images.shape[-2:] != (self.image_size, self.image_size):
             images = TF.resize(images, self.scale_size, interpolation=self.interpolation, antialias=True)
             images = TF.center_crop(images, [self.image_size, self.image_size])
-        return images.float().div_(255)
+        return images
+
+    def to_unit(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 -> float in [0, 1] at the model's size."""
+        return self.resized(images).float().div_(255)
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """In place: `x` is the fresh tensor to_unit made."""

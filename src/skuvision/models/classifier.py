@@ -72,6 +72,7 @@ class Classifier(LightningModule):
         self.test_metrics = metrics.clone(prefix="test/")
         self.train_loss, self.val_loss, self.test_loss = MeanMetric(), MeanMetric(), MeanMetric()
         self.val_acc_best = MaxMetric()
+        self.predict_embeddings = False  # predict_step returns logits, or features for similarity search
 
     @property
     def class_names(self) -> list[str]:
@@ -117,7 +118,8 @@ class Classifier(LightningModule):
     def _eval_step(self, batch, stage: str) -> None:
         images, labels = batch
         logits = self(images)
-        getattr(self, f"{stage}_loss").update(self.criterion(logits, labels))
+        # Weighted by batch size: the mean over images, whatever the last batch's size.
+        getattr(self, f"{stage}_loss").update(self.criterion(logits, labels), weight=len(labels))
         getattr(self, f"{stage}_metrics").update(logits, labels)
 
     def _log_eval_epoch(self, stage: str) -> None:
@@ -139,9 +141,12 @@ class Classifier(LightningModule):
     def on_test_epoch_end(self) -> None:
         self._log_eval_epoch("test")
 
-    def predict_step(self, batch, batch_idx: int) -> torch.Tensor:
-        images = batch[0] if isinstance(batch, (tuple, list)) else batch
-        return self(images).softmax(dim=-1)
+    def predict_step(self, batch, batch_idx: int) -> dict:
+        """{"outputs": float32 logits, or pre-logit features with `predict_embeddings`, "meta": the batch's
+        second item (labels, or per-file errors)}."""
+        images, meta = batch if isinstance(batch, (tuple, list)) else (batch, None)
+        outputs = self.embed(images) if self.predict_embeddings else self(images)
+        return {"outputs": outputs.float(), "meta": meta}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["rng_states"] = rng_states()

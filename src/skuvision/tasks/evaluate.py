@@ -1,23 +1,36 @@
-"""evaluate(cfg): a checkpoint on its test split (or another data config) -> metrics.json."""
+"""evaluate(cfg): a checkpoint on its test split (or another data config) -> metrics.json and plots."""
 
 from __future__ import annotations
 
+import csv
 import logging
 from pathlib import Path
 
+import numpy as np
+import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning import seed_everything
+from torch.utils.data import Subset
 
+from skuvision import plots
+from skuvision.metrics import evaluation_report
 from skuvision.models.classifier import load_classifier
-from skuvision.tasks.utils import close_loggers, instantiate_loggers, set_threads, stage_metrics, write_json
+from skuvision.tasks.utils import (
+    close_loggers,
+    instantiate_loggers,
+    log_images,
+    set_threads,
+    write_json,
+)
 
 log = logging.getLogger("skuvision")
 
 
-def evaluate(cfg: DictConfig) -> dict[str, float]:
+def evaluate(cfg: DictConfig) -> dict:
     set_threads(cfg.get("threads"))
     seed_everything(cfg.seed, workers=True)
+    output_dir = Path(cfg.paths.output_dir)
     module = load_classifier(cfg.ckpt_path)
     data_cfg = cfg.get("data") or OmegaConf.create(module.hparams.data)
     datamodule = instantiate(data_cfg)
@@ -26,13 +39,76 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
             "data classes %s differ from the checkpoint's %s", datamodule.class_names, module.class_names
         )
     datamodule.set_input_config(module.input_config)
+    datamodule.setup("predict")
     loggers = instantiate_loggers(cfg.get("logger"))
     trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=[])
     try:
-        trainer.test(module, datamodule=datamodule)
-        metrics = stage_metrics(trainer, "test/")
-        write_json(Path(cfg.paths.output_dir) / "metrics.json", {**metrics, "checkpoint": str(cfg.ckpt_path)})
-        print(f"test/acc = {metrics.get('test/acc', float('nan')):.4f}   run folder: {cfg.paths.output_dir}")
-        return metrics
+        outputs = trainer.predict(module, datamodule=datamodule)
+        logits = torch.cat([o["outputs"] for o in outputs])
+        labels = torch.cat([o["meta"] for o in outputs]).cpu()
+        test_set = datamodule.splits["test"]
+        report = evaluation_report(logits, labels, module.class_names)
+        pngs = write_plots(
+            report, logits, labels, test_set, module.class_names, output_dir, cfg.get("errors", 16)
+        )
+        write_json(output_dir / "metrics.json", {**report, "checkpoint": str(cfg.ckpt_path)})
+        write_predictions(output_dir / "predictions.csv", logits, labels, test_set, module.class_names)
+        scalars = {k: v for k, v in report.items() if k.startswith("test/")}
+        for logger in loggers:
+            logger.log_metrics(scalars)
+        log_images(loggers, pngs)
+        print(f"test/acc = {report['test/acc']:.4f}   run folder: {output_dir}")
+        return report
     finally:
         close_loggers(loggers)
+
+
+def write_plots(
+    report, logits, labels, dataset, class_names, output_dir: Path, num_errors: int
+) -> list[Path]:
+    probs = logits.softmax(dim=1)
+    confidence, predicted = probs.max(dim=1)
+    wrong = torch.nonzero(predicted != labels).flatten()
+    worst = wrong[confidence[wrong].argsort(descending=True)][:num_errors].tolist()
+    images = [as_picture(dataset[i][0]) for i in worst]
+    return [
+        plots.confusion_matrix_png(
+            report["confusion_matrix"], class_names, output_dir / "confusion_matrix.png"
+        ),
+        plots.roc_png(probs, labels, class_names, report["per_class"], output_dir / "roc.png"),
+        plots.errors_png(
+            images,
+            [class_names[labels[i]] for i in worst],
+            [class_names[predicted[i]] for i in worst],
+            [confidence[i].item() for i in worst],
+            output_dir / "errors.png",
+        ),
+    ]
+
+
+def write_predictions(path: Path, logits, labels, dataset, class_names: list[str]) -> None:
+    """One row per test image: its index (and file), true and predicted class, confidence."""
+    confidence, predicted = logits.softmax(dim=1).max(dim=1)
+    files = sample_paths(dataset)
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["index", "path", "true", "predicted", "confidence"])
+        for i, (t, p, c) in enumerate(
+            zip(labels.tolist(), predicted.tolist(), confidence.tolist(), strict=True)
+        ):
+            writer.writerow([i, files[i] if files else "", class_names[t], class_names[p], f"{c:.6f}"])
+
+
+def sample_paths(dataset) -> list[str] | None:
+    """File paths of a file-backed split, in order; None for in-memory sets."""
+    if isinstance(dataset, Subset):
+        parent = sample_paths(dataset.dataset)
+        return [parent[i] for i in dataset.indices] if parent else None
+    samples = getattr(dataset, "samples", None)
+    return [str(p) for p, _ in samples] if samples else None
+
+
+def as_picture(image: torch.Tensor) -> np.ndarray:
+    """A dataset's uint8 CHW tensor as an HWC (or HW for gray) array for matplotlib."""
+    array = image.permute(1, 2, 0).numpy()
+    return array[..., 0] if array.shape[-1] == 1 else array

@@ -9,9 +9,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
+from PIL import Image
 from pytorch_lightning import Callback
 from pytorch_lightning.loggers import Logger
 
@@ -55,6 +57,18 @@ def close_loggers(loggers: list[Logger]) -> None:
 
             if wandb.run is not None:
                 wandb.finish()
+
+
+def log_images(loggers: list[Logger], pngs: list[Path]) -> None:
+    """The evaluation plots into the loggers that show images (TensorBoard, W&B)."""
+    for logger in loggers:
+        kind = type(logger).__name__
+        if kind == "TensorBoardLogger":
+            for png in pngs:
+                image = np.asarray(Image.open(png).convert("RGB"))
+                logger.experiment.add_image(f"eval/{png.stem}", image, dataformats="HWC")
+        elif kind == "WandbLogger":
+            logger.log_image(key="eval", images=[str(p) for p in pngs], caption=[p.stem for p in pngs])
 
 
 def write_json(path: Path, data: dict) -> None:

@@ -1,0 +1,86 @@
+"""Images named by path, for prediction and embedding: a folder, a file, a list file, or a list of paths.
+
+An unreadable file does not stop the run: it yields a blank image and its error, which the caller reports
+in its own row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from pytorch_lightning import LightningDataModule
+from torch.utils.data import DataLoader, Dataset
+
+from skuvision.data.image_folder import IMAGE_SUFFIXES
+from skuvision.data.images import DECODE_ERRORS, open_rgb
+from skuvision.data.transforms import BatchNormalizer, pil_transform
+from skuvision.errors import SkuvisionError
+
+LIST_SUFFIXES = {".txt", ".csv", ".lst"}
+
+
+def collect_inputs(inputs: str | Sequence[str]) -> list[Path]:
+    """Image paths from a folder (recursively), an image file, a text file with one path per line, or a list
+    of any of these; in a stable order."""
+    items = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
+    paths: list[Path] = []
+    for item in items:
+        path = Path(item).expanduser()
+        if path.is_dir():
+            paths += sorted(
+                p
+                for p in path.rglob("*")
+                if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+            )
+        elif path.suffix.lower() in LIST_SUFFIXES and path.is_file():
+            lines = [line.strip().split(",")[0] for line in path.read_text().splitlines() if line.strip()]
+            paths += [Path(line).expanduser() for line in lines]
+        else:
+            paths.append(path)  # a missing or unreadable file becomes an error row, not a crash
+    if not paths:
+        raise SkuvisionError(f"input={inputs}: no image files found; give a folder, an image, or a list file")
+    return paths
+
+
+class FileImages(Dataset):
+    """(uint8 CHW tensor at the model's size, error message or "") per path."""
+
+    def __init__(self, paths: list[Path], input_config: dict):
+        self.paths = paths
+        self.input_config = input_config
+        self.transform = pil_transform(input_config)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
+        channels, size, _ = self.input_config["input_size"]
+        try:
+            img = open_rgb(self.paths[index])
+        except DECODE_ERRORS as err:
+            return torch.zeros(channels, size, size, dtype=torch.uint8), f"{type(err).__name__}: {err}"[:200]
+        if channels == 1:
+            img = img.convert("L")
+        return self.transform(img), ""
+
+
+class FilesDataModule(LightningDataModule):
+    """Batches of files for Trainer.predict, normalized on the device like the training data."""
+
+    def __init__(self, paths: list[Path], input_config: dict, batch_size: int = 64, num_workers: int = 2):
+        super().__init__()
+        self.dataset = FileImages(paths, input_config)
+        self.normalizer = BatchNormalizer(input_config)
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+
+    def predict_dataloader(self) -> DataLoader:
+        return DataLoader(
+            self.dataset, batch_size=self.batch_size, num_workers=self.num_workers, shuffle=False
+        )
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        images, errors = batch
+        return self.normalizer(images), errors

@@ -1,0 +1,78 @@
+"""The evaluation plots: confusion matrix, one-vs-rest ROC curves, and a gallery of confident mistakes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on servers and CI
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torchmetrics.classification import MulticlassROC  # noqa: E402
+
+
+def confusion_matrix_png(matrix: list[list[int]], class_names: list[str], path: Path) -> Path:
+    counts = np.asarray(matrix, dtype=float)
+    rates = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    k = len(class_names)
+    size = max(5, 0.5 * k + 2)
+    fig, ax = plt.subplots(figsize=(size, size * 0.85))
+    image = ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(k), class_names, rotation=45, ha="right")
+    ax.set_yticks(range(k), class_names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    if k <= 20:
+        for i in range(k):
+            for j in range(k):
+                if counts[i, j]:
+                    color = "white" if rates[i, j] > 0.5 else "black"
+                    ax.text(j, i, f"{int(counts[i, j])}", ha="center", va="center", fontsize=7, color=color)
+    fig.colorbar(image, ax=ax, fraction=0.046, label="share of the true class")
+    ax.set_title("confusion matrix (counts; colour: row share)")
+    return save(fig, path)
+
+
+def roc_png(
+    probs: torch.Tensor, labels: torch.Tensor, class_names: list[str], per_class: dict, path: Path
+) -> Path:
+    fpr, tpr, _ = MulticlassROC(len(class_names))(probs.float(), labels.long())
+    fig, ax = plt.subplots(figsize=(6.5, 5.5))
+    for i, name in enumerate(class_names[:20]):  # beyond 20 curves the plot is unreadable
+        ax.plot(fpr[i].numpy(), tpr[i].numpy(), lw=1, label=f"{name} ({per_class[name]['auroc']:.3f})")
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.set_title("one-vs-rest ROC (AUROC)")
+    ax.legend(fontsize=7, loc="lower right")
+    return save(fig, path)
+
+
+def errors_png(
+    images: list[np.ndarray], true: list[str], predicted: list[str], confidence: list[float], path: Path
+) -> Path:
+    """A grid of misclassified images, most confident first, titled with true and predicted labels."""
+    n = max(1, len(images))
+    cols = min(4, n)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.9 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, image, t, p, c in zip(axes.flat, images, true, predicted, confidence, strict=False):
+        ax.imshow(image, cmap="gray" if image.ndim == 2 else None)
+        ax.set_title(f"true: {t}\npred: {p} ({c:.0%})", fontsize=8)
+    if not images:
+        axes.flat[0].text(0.5, 0.5, "no mistakes", ha="center", va="center")
+    fig.suptitle("most confident mistakes", fontsize=10)
+    return save(fig, path)
+
+
+def save(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path

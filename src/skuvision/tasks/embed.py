@@ -1,0 +1,99 @@
+"""embed(cfg): pre-logit features of a split or of image files, for similar-product search.
+
+Writes embeddings.npz (L2-normalized features with their items and labels), the k nearest neighbours of every
+item (or of one query image), and, for a labelled split, retrieval quality: recall@1/5/10 and mAP.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from skuvision.data.files import FilesDataModule, collect_inputs
+from skuvision.errors import SkuvisionError
+from skuvision.metrics import nearest, retrieval_report
+from skuvision.models.classifier import load_classifier
+from skuvision.tasks.evaluate import sample_paths
+from skuvision.tasks.utils import plain, set_threads, write_json
+
+log = logging.getLogger("skuvision")
+
+
+def features_of(trainer, module, datamodule) -> tuple[torch.Tensor, list]:
+    outputs = trainer.predict(module, datamodule=datamodule)
+    features = F.normalize(torch.cat([o["outputs"] for o in outputs]), dim=1)
+    return features, [m for o in outputs for m in o["meta"]]
+
+
+def embed(cfg: DictConfig) -> dict:
+    set_threads(cfg.get("threads"))
+    output_dir = Path(cfg.paths.output_dir)
+    module = load_classifier(cfg.ckpt_path)
+    module.predict_embeddings = True
+    trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False)
+    if cfg.get("input"):
+        items = [str(p) for p in collect_inputs(plain(cfg.input))]
+        files = FilesDataModule(
+            [Path(p) for p in items], module.input_config, cfg.batch_size, cfg.num_workers
+        )
+        features, errors = features_of(trainer, module, files)
+        keep = [i for i, e in enumerate(errors) if not e]
+        for i in set(range(len(items))) - set(keep):
+            log.warning("skipping unreadable %s (%s)", items[i], errors[i])
+        features, items, labels = features[keep], [items[i] for i in keep], None
+    else:
+        datamodule = instantiate(cfg.get("data") or OmegaConf.create(module.hparams.data))
+        datamodule.set_input_config(module.input_config)
+        datamodule.setup("predict")
+        if cfg.split not in datamodule.splits:
+            raise SkuvisionError(f"split={cfg.split}: choose one of {sorted(datamodule.splits)}")
+        datamodule.predict_split = cfg.split
+        features, labels = features_of(trainer, module, datamodule)
+        labels = torch.as_tensor(labels)
+        dataset = datamodule.splits[cfg.split]
+        items = sample_paths(dataset) or [f"{cfg.split}[{i}]" for i in range(len(dataset))]
+    np.savez(
+        output_dir / "embeddings.npz",
+        features=features.numpy(),
+        items=np.array(items),
+        labels=labels.numpy() if labels is not None else np.array([]),
+        class_names=np.array(module.class_names),
+    )
+    result: dict = {"embeddings": str(output_dir / "embeddings.npz"), "dim": features.shape[1]}
+    if cfg.get("query"):
+        query_files = FilesDataModule(collect_inputs(str(cfg.query)), module.input_config, 1, 0)
+        query, errors = features_of(trainer, module, query_files)
+        if errors[0]:
+            raise SkuvisionError(f"query={cfg.query}: cannot read it ({errors[0]})")
+        scores, indices = nearest(query, features, cfg.k)
+        write_neighbours(output_dir / "neighbours.csv", [str(cfg.query)], scores, indices, items)
+        for rank, (s, i) in enumerate(zip(scores[0].tolist(), indices[0].tolist(), strict=True), 1):
+            print(f"{rank:3d}. {s:.4f}  {items[i]}")
+    else:
+        scores, indices = nearest(features, features, cfg.k, exclude=torch.arange(len(features)))
+        write_neighbours(output_dir / "neighbours.csv", items, scores, indices, items)
+    if labels is not None:
+        result["retrieval"] = retrieval_report(features, labels, cfg.queries, cfg.seed)
+        write_json(output_dir / "retrieval.json", result["retrieval"])
+        r = result["retrieval"]
+        print(
+            f"retrieval on {cfg.split}: recall@1 {r['recall@1']:.4f}  recall@5 {r['recall@5']:.4f}  "
+            f"recall@10 {r['recall@10']:.4f}  mAP {r['mAP']:.4f}"
+        )
+    return result
+
+
+def write_neighbours(path: Path, queries: list[str], scores, indices, items: list[str]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["query", "rank", "item", "cosine"])
+        for query, row_scores, row_indices in zip(queries, scores.tolist(), indices.tolist(), strict=True):
+            for rank, (s, i) in enumerate(zip(row_scores, row_indices, strict=True), 1):
+                writer.writerow([query, rank, items[i], f"{s:.6f}"])
