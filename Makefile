@@ -36,8 +36,8 @@ test: install
 	OMP_NUM_THREADS=2 $(PY) -m pytest -q $(ARGS)
 
 lint: install
-	$(VENV)/bin/ruff check src tests train.py eval.py
-	$(VENV)/bin/ruff format --check src tests train.py eval.py
+	$(VENV)/bin/ruff check src tests bench *.py
+	$(VENV)/bin/ruff format --check src tests bench *.py
 
 # Speed against a plain PyTorch loop and torchvision's pipeline, and the default recipe's accuracy: bench/results.md
 bench: install data
