@@ -1,5 +1,7 @@
 """python train.py [group=option ...] [key=value ...]: train, test the best checkpoint, write metrics.json."""
 
+import math
+
 import hydra
 from omegaconf import DictConfig
 
@@ -9,9 +11,10 @@ from skuvision.tasks.utils import run_cli
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
-def main(cfg: DictConfig) -> float | None:
+def main(cfg: DictConfig) -> float:
     metrics = run_cli(train, cfg)
-    return metrics.get("val/acc_best") if metrics else None  # the value Optuna sweeps optimize
+    # What an Optuna sweep optimizes; NaN marks a failed job, which Optuna records as a failed trial.
+    return metrics.get(cfg.optimized_metric, math.nan) if metrics else math.nan
 
 
 if __name__ == "__main__":

@@ -27,6 +27,16 @@ def wandb_offline() -> bool:
     return True
 
 
+def sweep_group() -> str | None:
+    """The sweep folder of a multirun job (its W&B group); None for a single run."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    return str(HydraConfig.get().sweep.dir)
+
+
 def auto_precision(accelerator: str = "auto") -> str:
     """bf16-mixed where the hardware runs bf16 natively, else 16-mixed on a GPU and 32 on a CPU.
 
@@ -45,7 +55,11 @@ def auto_precision(accelerator: str = "auto") -> str:
     return "bf16-mixed" if any(native) else "32"
 
 
-RESOLVERS = {"skuvision.wandb_offline": wandb_offline, "skuvision.auto_precision": auto_precision}
+RESOLVERS = {
+    "skuvision.wandb_offline": wandb_offline,
+    "skuvision.auto_precision": auto_precision,
+    "skuvision.sweep_group": sweep_group,
+}
 
 
 def register_resolvers() -> None:

@@ -76,3 +76,25 @@ def save(fig, path: Path) -> Path:
     fig.savefig(path, dpi=80)
     plt.close(fig)
     return path
+
+
+def leaderboard_png(rows: list[dict], path: Path, title: str) -> Path:
+    """Test accuracy (val accuracy when untested) against training throughput, one point per run."""
+    fig, ax = plt.subplots(figsize=(7, 5))
+    plotted = [r for r in rows if r["accuracy_pct"] is not None and r["img_per_s"]]
+    for row in plotted:
+        point = (row["img_per_s"], row["accuracy_pct"])
+        ax.scatter(*point, s=40)
+        ax.annotate(row["label"], point, fontsize=8, xytext=(4, 4), textcoords="offset points")
+    if plotted:
+        ax.set_xscale("log")
+    else:
+        ax.text(0.5, 0.5, "no completed runs", ha="center", va="center", transform=ax.transAxes)
+    failed = len(rows) - len(plotted)
+    ax.set_xlabel("training images per second (log scale)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(
+        title + (f"\n{failed} run(s) without a result: see leaderboard.md" if failed else ""), fontsize=9
+    )
+    ax.grid(alpha=0.3)
+    return save(fig, path)

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from hydra.utils import get_object, instantiate
 from pytorch_lightning import LightningModule
+from pytorch_lightning.loggers import WandbLogger
 from timm.loss import SoftTargetCrossEntropy
 from torch import nn
 from torchmetrics import MaxMetric, MeanMetric
@@ -150,6 +151,9 @@ class Classifier(LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["rng_states"] = rng_states()
+        for logger in self.loggers:
+            if isinstance(logger, WandbLogger):  # resuming from this checkpoint continues the same W&B run
+                checkpoint["wandb_run_id"] = logger.version
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # Resuming a fit continues the random streams (shuffling, dropout, augmentation) where they were,

@@ -1,4 +1,5 @@
+from skuvision.tasks.compare import compare
 from skuvision.tasks.evaluate import evaluate
 from skuvision.tasks.train import train
 
-__all__ = ["evaluate", "train"]
+__all__ = ["compare", "evaluate", "train"]

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
+import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 from pytorch_lightning import LightningDataModule, Trainer, seed_everything
@@ -12,6 +14,7 @@ from pytorch_lightning.callbacks import LearningRateMonitor
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.tuner import Tuner
 
+from skuvision.callbacks import TrainingThroughput
 from skuvision.finetune import LinearProbe, stage_param_names
 from skuvision.models.classifier import Classifier
 from skuvision.tasks.utils import (
@@ -159,13 +162,35 @@ def continue_csv_logs(loggers: list) -> None:
                 logger.experiment.metrics_keys = sorted(set(logger.experiment.metrics_keys) | set(header))
 
 
+def fit_stats(trainer: Trainer, module: Classifier, fit_seconds: float) -> dict[str, float]:
+    """What a run cost: parameters, epochs, wall time of the fit, training images per second."""
+    stats = {
+        "model/params": sum(p.numel() for p in module.backbone.parameters()),
+        "model/trainable_params": sum(p.numel() for p in module.backbone.parameters() if p.requires_grad),
+        "fit/epochs": trainer.current_epoch,
+        "fit/time_s": round(fit_seconds, 2),
+    }
+    for callback in trainer.callbacks:
+        if isinstance(callback, TrainingThroughput) and callback.images_per_second:
+            stats["fit/train_img_per_s"] = round(callback.images_per_second, 1)
+    return stats
+
+
+def wandb_run_id(ckpt_path: str | None) -> str | None:
+    """The W&B run a checkpoint was logged to, so resuming from it continues that run."""
+    if not ckpt_path or not Path(ckpt_path).is_file():
+        return None
+    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+    return checkpoint.get("wandb_run_id")
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     set_threads(cfg.get("threads"))
     seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
     datamodule, module = build(cfg)
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
-    loggers = instantiate_loggers(cfg.get("logger"))
+    loggers = instantiate_loggers(cfg.get("logger"), wandb_id=wandb_run_id(cfg.get("ckpt_path")))
     if not loggers:  # Lightning refuses an LR monitor without a logger to write to
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     trainer = instantiate(
@@ -178,18 +203,23 @@ def train(cfg: DictConfig) -> dict[str, float]:
             write_data_report(datamodule, output_dir)
         if cfg.get("lr_find") and cfg.lr_find.enabled:
             find_lr(cfg, module, datamodule)
+        started = time.perf_counter()
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=False)
-        metrics = stage_metrics(trainer, "val/")
+        metrics = {
+            **stage_metrics(trainer, "val/"),
+            **fit_stats(trainer, module, time.perf_counter() - started),
+        }
+        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         if cfg.get("test", True):
-            best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
             tester = test_best(cfg, trainer, module, datamodule, loggers, best)
             if tester is None:
                 return metrics  # a non-zero DDP rank: rank zero tests and writes the files
             metrics.update(stage_metrics(tester, "test/"))
+        if trainer.is_global_zero:
             write_json(output_dir / "metrics.json", {**metrics, "best_checkpoint": best or None})
-            if "test/acc" in metrics:
-                log.info("test accuracy %.4f (best checkpoint: %s)", metrics["test/acc"], best or "none")
-                print(f"test/acc = {metrics['test/acc']:.4f}   run folder: {output_dir}")
+        if "test/acc" in metrics:
+            log.info("test accuracy %.4f (best checkpoint: %s)", metrics["test/acc"], best or "none")
+            print(f"test/acc = {metrics['test/acc']:.4f}   run folder: {output_dir}")
         return metrics
     finally:
         close_loggers(loggers)

@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from PIL import Image
@@ -45,7 +48,11 @@ def instantiate_callbacks(cfg: DictConfig | None) -> list[Callback]:
     return instantiate_all(cfg)
 
 
-def instantiate_loggers(cfg: DictConfig | None) -> list[Logger]:
+def instantiate_loggers(cfg: DictConfig | None, wandb_id: str | None = None) -> list[Logger]:
+    """`wandb_id`: continue that W&B run (a resumed fit) instead of starting a new one."""
+    if wandb_id and cfg and cfg.get("wandb") and not cfg.wandb.get("id"):
+        cfg = OmegaConf.merge(cfg, {"wandb": {"id": wandb_id, "resume": "allow"}})
+        log.info("resuming W&B run %s", wandb_id)
     return instantiate_all(cfg)
 
 
@@ -80,10 +87,35 @@ def stage_metrics(trainer, prefix: str) -> dict[str, float]:
     return {k: float(v) for k, v in sorted(trainer.callback_metrics.items()) if k.startswith(prefix)}
 
 
+def in_multirun() -> bool:
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
 def run_cli(task: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
-    """Run a task from a Hydra shim: a SkuvisionError becomes one line on stderr and exit status 2."""
+    """Run a task from a Hydra shim: a SkuvisionError becomes one line on stderr and exit status 2.
+
+    In a multirun, a job that fails for any reason is recorded in its run folder (failed.json, with the
+    traceback) and returns None, so the sweep goes on and its leaderboard shows the failure.
+    """
     try:
         return task(cfg)
-    except SkuvisionError as err:
+    except Exception as err:
+        if in_multirun():
+            return record_failed_job(err)
+        if not isinstance(err, SkuvisionError):
+            raise
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+
+
+def record_failed_job(err: Exception) -> None:
+    hydra_cfg = HydraConfig.get()
+    message = f"{type(err).__name__}: {err}".splitlines()[0]
+    failed = {
+        "error": message,
+        "overrides": " ".join(hydra_cfg.overrides.task),
+        "traceback": traceback.format_exc(),
+    }
+    write_json(Path(hydra_cfg.runtime.output_dir) / "failed.json", failed)
+    log.error("job %s failed: %s", hydra_cfg.job.num, message)
+    return None

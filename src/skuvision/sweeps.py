@@ -1,0 +1,50 @@
+"""What Hydra calls around a sweep: the leaderboard at the end of a multirun, and Optuna study resumption."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+log = logging.getLogger("skuvision")
+
+
+class LeaderboardCallback(Callback):
+    """Writes leaderboard.md/.csv/.png into the sweep folder when a multirun ends."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from skuvision.tasks.compare import write_leaderboard
+
+        sweep_dir = Path(config.hydra.sweep.dir)
+        rows = write_leaderboard(sweep_dir)
+        failed = [r for r in rows if r["status"] != "completed"]
+        print(
+            f"leaderboard: {sweep_dir / 'leaderboard.md'} ({len(rows)} jobs, {len(failed)} without a result)"
+        )
+        for row in failed:
+            print(f"  job {row['job']}: {row['status']}, {row['error'] or 'no metrics.json'}")
+
+
+def resume_study(storage: str, study_name: str) -> tuple[int, int]:
+    """Prepare a stored Optuna study for a resumed sweep: (trials that count as done, trials ever started).
+
+    Trials still RUNNING were cut off by an interruption: they become FAIL with user attribute
+    `interrupted`, and do not count as done, so the resumed sweep runs them again.
+    """
+    import optuna
+    from optuna.trial import TrialState
+
+    try:
+        study = optuna.load_study(study_name=study_name, storage=storage)
+    except KeyError:  # a new study
+        return 0, 0
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        study._storage.set_trial_user_attr(trial._trial_id, "interrupted", True)
+        study.tell(trial.number, state=TrialState.FAIL)
+    trials = study.get_trials(deepcopy=False)
+    done = sum(not t.user_attrs.get("interrupted") for t in trials)
+    log.info("Optuna study %s: %d of its %d trials done; resuming after them", study_name, done, len(trials))
+    return done, len(trials)

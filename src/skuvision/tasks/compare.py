@@ -1,0 +1,176 @@
+"""compare(cfg): the leaderboard of a multirun, one row per job, failed jobs included.
+
+Reads each job folder of the sweep (its .hydra config, metrics.json, failed.json) and writes leaderboard.md,
+leaderboard.csv and leaderboard.png into the sweep folder.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from skuvision.errors import SkuvisionError
+from skuvision.plots import leaderboard_png
+
+log = logging.getLogger("skuvision")
+
+# Leaderboard columns: (header, key of the row).
+COLUMNS = [
+    ("job", "job"),
+    ("status", "status"),
+    ("backbone", "backbone"),
+    ("finetune", "finetune"),
+    ("lr", "lr"),
+    ("weight decay", "weight_decay"),
+    ("batch", "batch_size"),
+    ("augment", "augment"),
+    ("epochs", "epochs"),
+    ("test acc %", "test_acc"),
+    ("macro F1", "test_f1_macro"),
+    ("best val acc %", "val_acc_best"),
+    ("params (M)", "params_m"),
+    ("train time (s)", "train_time_s"),
+    ("img/s", "img_per_s"),
+]
+CSV_ONLY = [("overrides", "overrides"), ("error", "error"), ("run folder", "run_dir")]
+
+
+def job_dirs(sweep_dir: Path) -> list[Path]:
+    """The job folders of a sweep (those with a .hydra config), in job order."""
+    jobs = [d for d in sweep_dir.iterdir() if (d / ".hydra" / "config.yaml").is_file()]
+    return sorted(jobs, key=lambda d: (not d.name.isdigit(), int(d.name) if d.name.isdigit() else 0, d.name))
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def percent(fraction: float | None) -> float | None:
+    return None if fraction is None else round(100 * fraction, 2)
+
+
+def rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)
+
+
+def job_row(job_dir: Path) -> dict:
+    cfg = OmegaConf.load(job_dir / ".hydra" / "config.yaml")
+    hydra_yaml = job_dir / ".hydra" / "hydra.yaml"
+    hydra_cfg = OmegaConf.load(hydra_yaml).hydra if hydra_yaml.is_file() else OmegaConf.create()
+    choices = OmegaConf.select(hydra_cfg, "runtime.choices", default={}) or {}
+    metrics, failed = read_json(job_dir / "metrics.json"), read_json(job_dir / "failed.json")
+
+    def value(key: str):
+        return OmegaConf.select(cfg, key, default=None, throw_on_resolution_failure=False)
+
+    if failed:
+        status = "failed"
+    elif metrics:
+        status = "completed"
+    else:
+        status = "incomplete"  # killed, or still running
+    params = metrics.get("model/params")
+    return {
+        "job": job_dir.name,
+        "status": status,
+        "backbone": value("model.name"),
+        "finetune": choices.get("finetune"),
+        "lr": value("optimizer.lr"),
+        "weight_decay": value("optimizer.weight_decay"),
+        "batch_size": value("data.batch_size"),
+        "augment": choices.get("augment"),
+        "epochs": metrics.get("fit/epochs"),
+        "test_acc": percent(metrics.get("test/acc")),
+        "test_f1_macro": rounded(metrics.get("test/f1_macro")),
+        "val_acc_best": percent(metrics.get("val/acc_best")),
+        "params_m": round(params / 1e6, 3) if params else None,
+        "train_time_s": metrics.get("fit/time_s"),
+        "img_per_s": round(metrics["fit/train_img_per_s"]) if "fit/train_img_per_s" in metrics else None,
+        "overrides": " ".join(OmegaConf.select(hydra_cfg, "overrides.task", default=[]) or []),
+        "error": failed.get("error"),
+        "run_dir": str(job_dir),
+    }
+
+
+def ranked(rows: list[dict]) -> list[dict]:
+    """Completed runs by test accuracy (val accuracy when untested), best first; then the others."""
+
+    def key(row: dict):
+        accuracy = row["test_acc"] if row["test_acc"] is not None else row["val_acc_best"]
+        return (row["status"] != "completed", -(accuracy or 0.0), row["job"])
+
+    return sorted(rows, key=key)
+
+
+def cell(value) -> str:
+    if value is None:
+        return ""
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def markdown(rows: list[dict], sweep_dir: Path) -> str:
+    headers = [h for h, _ in COLUMNS]
+    lines = [
+        f"# Leaderboard: {sweep_dir}",
+        "",
+        "| " + " | ".join(headers) + " |",
+        "|" + "|".join("---" for _ in headers) + "|",
+    ]
+    lines += ["| " + " | ".join(cell(row[k]) for _, k in COLUMNS) + " |" for row in rows]
+    problems = [r for r in rows if r["status"] != "completed"]
+    if problems:
+        lines += ["", "Jobs without a result:", ""]
+        for row in problems:
+            reason = row["error"] or "no metrics.json: the job was killed or is still running"
+            lines.append(
+                f"- job {row['job']} ({row['overrides'] or 'no overrides'}): {row['status']}, {reason}"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def write_leaderboard(sweep_dir: Path) -> list[dict]:
+    """leaderboard.md, .csv and .png in the sweep folder; returns the rows, best first."""
+    sweep_dir = Path(sweep_dir)
+    if not sweep_dir.is_dir():
+        raise SkuvisionError(
+            f"sweep_dir={sweep_dir} is not a folder: pass the folder a multirun wrote, "
+            "e.g. sweep_dir=multirun/2026-11-25/10-00-00-000000"
+        )
+    jobs = job_dirs(sweep_dir)
+    if not jobs:
+        raise SkuvisionError(
+            f"sweep_dir={sweep_dir} holds no job folders (<job>/.hydra/config.yaml): "
+            "pass the folder of a `python train.py -m ...` run"
+        )
+    rows = ranked([job_row(d) for d in jobs])
+    (sweep_dir / "leaderboard.md").write_text(markdown(rows, sweep_dir))
+    with open(sweep_dir / "leaderboard.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow([h for h, _ in COLUMNS + CSV_ONLY])
+        writer.writerows([[cell(row[k]) for _, k in COLUMNS + CSV_ONLY] for row in rows])
+    several_recipes = len({r["finetune"] for r in rows}) > 1
+    points = [
+        {
+            "accuracy_pct": r["test_acc"] if r["test_acc"] is not None else r["val_acc_best"],
+            "img_per_s": r["img_per_s"],
+            "label": f"{r['backbone']} / {r['finetune']}" if several_recipes else str(r["backbone"]),
+        }
+        for r in rows
+    ]
+    leaderboard_png(
+        points, sweep_dir / "leaderboard.png", f"accuracy vs training throughput: {sweep_dir.name}"
+    )
+    return rows
+
+
+def compare(cfg: DictConfig) -> list[dict]:
+    sweep_dir = Path(cfg.sweep_dir)
+    rows = write_leaderboard(sweep_dir)
+    done = sum(r["status"] == "completed" for r in rows)
+    print((sweep_dir / "leaderboard.md").read_text())
+    print(f"{done} of {len(rows)} jobs completed; leaderboard.md, .csv and .png in {sweep_dir}")
+    return rows
