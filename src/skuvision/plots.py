@@ -93,8 +93,8 @@ def leaderboard_png(rows: list[dict], path: Path, title: str) -> Path:
     failed = len(rows) - len(plotted)
     ax.set_xlabel("training images per second (log scale)")
     ax.set_ylabel("accuracy (%)")
-    ax.set_title(
-        title + (f"\n{failed} run(s) without a result: see leaderboard.md" if failed else ""), fontsize=9
-    )
+    if failed:
+        title += f"\n{failed} run(s) without a result: see leaderboard.md"
+    ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     return save(fig, path)
