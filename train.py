@@ -1,7 +1,5 @@
 """python train.py [group=option ...] [key=value ...]: train, test the best checkpoint, write metrics.json."""
 
-import math
-
 import hydra
 from omegaconf import DictConfig
 
@@ -11,10 +9,10 @@ from skuvision.tasks.utils import run_cli
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
-def main(cfg: DictConfig) -> float:
+def main(cfg: DictConfig) -> float | None:
     metrics = run_cli(train, cfg)
-    # What an Optuna sweep optimizes; NaN marks a failed job, which Optuna records as a failed trial.
-    return metrics.get(cfg.optimized_metric, math.nan) if metrics else math.nan
+    # What an Optuna sweep optimizes. A failed job returns None, which Optuna records as a failed trial.
+    return metrics.get(cfg.optimized_metric) if metrics else None
 
 
 if __name__ == "__main__":

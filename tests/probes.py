@@ -18,3 +18,32 @@ class FrozenStateProbe(Callback):
     def on_train_end(self, trainer, pl_module):
         out = Path(trainer.default_root_dir) / f"frozen_rank{trainer.global_rank}.json"
         out.write_text(json.dumps(self.epochs))
+
+
+class InterruptJob(Callback):
+    """Kills the whole sweep process (as a power cut or scancel would) when job `job` starts training."""
+
+    def __init__(self, job: int):
+        self.job = job
+
+    def on_train_start(self, trainer, pl_module):
+        import os
+        import signal
+
+        from hydra.core.hydra_config import HydraConfig
+
+        if HydraConfig.get().job.num == self.job:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+class FailJob(Callback):
+    """Raises in job `job`, as an out-of-memory error would."""
+
+    def __init__(self, job: int):
+        self.job = job
+
+    def on_train_start(self, trainer, pl_module):
+        from hydra.core.hydra_config import HydraConfig
+
+        if HydraConfig.get().job.num == self.job:
+            raise RuntimeError("CUDA out of memory (simulated by probes.FailJob)")

@@ -15,7 +15,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from PIL import Image
 from pytorch_lightning import Callback
 from pytorch_lightning.loggers import Logger
@@ -51,7 +51,10 @@ def instantiate_callbacks(cfg: DictConfig | None) -> list[Callback]:
 def instantiate_loggers(cfg: DictConfig | None, wandb_id: str | None = None) -> list[Logger]:
     """`wandb_id`: continue that W&B run (a resumed fit) instead of starting a new one."""
     if wandb_id and cfg and cfg.get("wandb") and not cfg.wandb.get("id"):
-        cfg = OmegaConf.merge(cfg, {"wandb": {"id": wandb_id, "resume": "allow"}})
+        cfg = cfg.copy()
+        with open_dict(cfg):
+            cfg.wandb.id = wandb_id
+            cfg.wandb.resume = "allow"
         log.info("resuming W&B run %s", wandb_id)
     return instantiate_all(cfg)
 
