@@ -79,6 +79,7 @@ def run_cli(script: str, overrides: list[str], cwd, extra_env: dict | None = Non
     return subprocess.run(
         [sys.executable, str(ROOT / script), *overrides],
         cwd=cwd,
+        stdin=subprocess.DEVNULL,  # CI and sweeps have no stdin: nothing may prompt
         capture_output=True,
         text=True,
         timeout=300,

@@ -160,9 +160,21 @@ def wandb_records(run_folder: Path) -> list[dict]:
     return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
 
 
-def no_wandb_key_env(home: Path) -> dict:
+def train_without_wandb_key(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """train.py as a user without a W&B key or login runs it: no WANDB_* variables, a clean home."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
-    return {**env, "HOME": str(home), "WANDB_SILENT": "true"}
+    env.update(HOME=str(cwd / "home"), OMP_NUM_THREADS="2", SKUVISION_OFFLINE="1")
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *args],
+        cwd=cwd,
+        env=env,
+        stdin=subprocess.DEVNULL,  # nothing may prompt
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
 
 
 def test_each_job_of_a_multirun_is_its_own_offline_wandb_run(tmp_path, data_root):
@@ -174,17 +186,7 @@ def test_each_job_of_a_multirun_is_its_own_offline_wandb_run(tmp_path, data_root
         "trainer.max_epochs=1",
         "data.subset=200",
     ]
-    env = no_wandb_key_env(tmp_path / "home")
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), "-m", *overrides],
-        cwd=tmp_path,
-        env={**env, "OMP_NUM_THREADS": "2", "SKUVISION_OFFLINE": "1"},
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    train_without_wandb_key(["-m", *overrides], tmp_path)
     runs = []
     for job in ("0", "1"):
         records = wandb_records(sweep_dir / job)
@@ -204,7 +206,6 @@ def test_each_job_of_a_multirun_is_its_own_offline_wandb_run(tmp_path, data_root
 
 
 def test_resuming_from_a_checkpoint_continues_the_same_wandb_run(tmp_path, data_root):
-    env = no_wandb_key_env(tmp_path / "home")
     overrides = quick_overrides("fashion_mnist", data_root) + [
         "logger=wandb",
         "data.subset=200",
@@ -214,16 +215,7 @@ def test_resuming_from_a_checkpoint_continues_the_same_wandb_run(tmp_path, data_
 
     def train(*extra: str) -> Path:
         before = set((tmp_path / "outputs").glob("*/*"))
-        result = subprocess.run(
-            [sys.executable, str(ROOT / "train.py"), *overrides, *extra],
-            cwd=tmp_path,
-            env={**env, "OMP_NUM_THREADS": "2", "SKUVISION_OFFLINE": "1"},
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        assert result.returncode == 0, result.stderr[-3000:]
+        train_without_wandb_key([*overrides, *extra], tmp_path)
         (run_folder,) = set((tmp_path / "outputs").glob("*/*")) - before
         return run_folder
 

@@ -161,9 +161,8 @@ def write_leaderboard(sweep_dir: Path) -> list[dict]:
         }
         for r in rows
     ]
-    leaderboard_png(
-        points, sweep_dir / "leaderboard.png", f"accuracy vs training throughput: {sweep_dir.name}"
-    )
+    title = f"test accuracy vs training throughput: {sweep_dir.parent.name}/{sweep_dir.name}"
+    leaderboard_png(points, sweep_dir / "leaderboard.png", title)
     return rows
 
 
