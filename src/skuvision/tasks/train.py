@@ -5,13 +5,19 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 from pytorch_lightning import LightningDataModule, Trainer, seed_everything
 from pytorch_lightning.callbacks import LearningRateMonitor
 from pytorch_lightning.loggers import CSVLogger
+from pytorch_lightning.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 from pytorch_lightning.tuner import Tuner
+from pytorch_lightning.utilities import rank_zero_only
 
+from skuvision.errors import SkuvisionError
 from skuvision.finetune import LinearProbe, stage_param_names
 from skuvision.models.classifier import Classifier
 from skuvision.tasks.utils import (
@@ -80,6 +86,49 @@ def ddp_strategy(trainer_cfg: DictConfig, module: Classifier):
     return strategy
 
 
+def check_devices(trainer_cfg: DictConfig) -> None:
+    """A GPU trainer config on a machine without (enough) GPUs fails here in one line, not in Lightning."""
+    if trainer_cfg.get("accelerator") not in ("gpu", "cuda"):
+        return
+    visible = torch.cuda.device_count()
+    if visible == 0:
+        raise SkuvisionError(
+            f"trainer.accelerator={trainer_cfg.accelerator} but no GPU is visible: use trainer=cpu, "
+            "or trainer=ddp_cpu for several processes on the CPU"
+        )
+    devices = trainer_cfg.get("devices")
+    if isinstance(devices, int) and devices > visible:
+        raise SkuvisionError(
+            f"trainer.devices={devices} but {visible} GPU(s) are visible: use trainer.devices={visible}"
+        )
+
+
+def check_launch(trainer: Trainer, strategy: str) -> None:
+    """Lightning's `ddp` starts the other processes by re-running the command line. In a multirun that line
+    is the whole sweep (or submitit's runner), so the processes never meet and the run hangs."""
+    multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    if multirun and isinstance(trainer.strategy.launcher, _SubprocessScriptLauncher):
+        raise SkuvisionError(
+            f"trainer.strategy={strategy} cannot run inside a multirun (-m): use "
+            "trainer=ddp_spawn (or trainer.strategy=ddp_spawn), or hydra/launcher=slurm on a SLURM cluster"
+        )
+
+
+def resume_path(cfg: DictConfig) -> str | None:
+    """`ckpt_path` when given; else the run folder's last.ckpt when there is one, which happens only when a
+    run re-enters its folder: a SLURM job requeued after a timeout or preemption resumes where it stopped."""
+    if cfg.get("ckpt_path"):
+        return cfg.ckpt_path
+    last = (cfg.get("callbacks") or {}).get("last_checkpoint")
+    if last is None:
+        return None
+    path = Path(last.dirpath) / f"{last.filename}.ckpt"
+    if not path.is_file():
+        return None
+    log.info("resuming from %s, left by an earlier attempt of this run", path)
+    return str(path)
+
+
 def find_lr(cfg: DictConfig, module: Classifier, datamodule: LightningDataModule) -> float:
     """Lightning's LR finder on the head phase (backbone frozen); sets optimizer.lr so the head gets the
     suggested LR and every other group keeps its configured ratio to it.
@@ -131,6 +180,9 @@ def test_best(
     """
     tester = trainer
     if trainer.world_size > 1:
+        # Rank zero's test metrics would otherwise wait to sync with processes that have left.
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
         if not trainer.is_global_zero:
             return None
         continue_csv_logs(loggers)
@@ -161,6 +213,9 @@ def continue_csv_logs(loggers: list) -> None:
 
 def train(cfg: DictConfig) -> dict[str, float]:
     set_threads(cfg.get("threads"))
+    if rank_zero_only.rank != 0:  # the other DDP processes would repeat every line of rank zero's log
+        logging.getLogger("skuvision").setLevel(logging.WARNING)
+    check_devices(cfg.trainer)
     seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
     datamodule, module = build(cfg)
@@ -168,9 +223,16 @@ def train(cfg: DictConfig) -> dict[str, float]:
     loggers = instantiate_loggers(cfg.get("logger"))
     if not loggers:  # Lightning refuses an LR monitor without a logger to write to
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
-    trainer = instantiate(
-        cfg.trainer, callbacks=callbacks, logger=loggers or False, strategy=ddp_strategy(cfg.trainer, module)
-    )
+    strategy = ddp_strategy(cfg.trainer, module)
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, strategy=strategy)
+    check_launch(trainer, strategy)
+    if trainer.world_size > 1:
+        log.info(
+            "%d processes: batch per process %d (data.batch_size=%d is the global batch)",
+            trainer.world_size,
+            datamodule.per_process_batch_size(trainer.world_size),
+            datamodule.batch_size,
+        )
     try:
         for logger in loggers:
             logger.log_hyperparams({**plain(cfg), "class_names": datamodule.class_names})
@@ -178,7 +240,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
             write_data_report(datamodule, output_dir)
         if cfg.get("lr_find") and cfg.lr_find.enabled:
             find_lr(cfg, module, datamodule)
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=False)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path(cfg), weights_only=False)
         metrics = stage_metrics(trainer, "val/")
         if cfg.get("test", True):
             best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
