@@ -200,6 +200,21 @@ def test_best(
     return tester
 
 
+def keep_earlier_csv_rows(loggers: list) -> None:
+    """Lightning's CSVLogger empties metrics.csv when it starts; a run that re-enters its folder (a requeued
+    job resuming from last.ckpt) keeps the rows of its earlier attempts instead."""
+    if rank_zero_only.rank != 0:
+        return
+    for logger in loggers:
+        if isinstance(logger, CSVLogger):
+            path = Path(logger.log_dir) / "metrics.csv"
+            earlier = path.read_text() if path.is_file() else ""
+            if earlier:
+                logger.experiment  # noqa: B018  (starts the writer, which deletes the file)
+                path.write_text(earlier)
+    continue_csv_logs(loggers)
+
+
 def continue_csv_logs(loggers: list) -> None:
     """A CSVLogger that did not write the file itself (the main process after ddp_spawn) must know its
     columns, or Lightning's CSV writer fails when it adds the test metrics."""
@@ -233,6 +248,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
             datamodule.per_process_batch_size(trainer.world_size),
             datamodule.batch_size,
         )
+    ckpt_path = resume_path(cfg)
+    keep_earlier_csv_rows(loggers)
     try:
         for logger in loggers:
             logger.log_hyperparams({**plain(cfg), "class_names": datamodule.class_names})
@@ -240,7 +257,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
             write_data_report(datamodule, output_dir)
         if cfg.get("lr_find") and cfg.lr_find.enabled:
             find_lr(cfg, module, datamodule)
-        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path(cfg), weights_only=False)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False)
         metrics = stage_metrics(trainer, "val/")
         if cfg.get("test", True):
             best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
