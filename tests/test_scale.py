@@ -30,6 +30,8 @@ def test_two_process_ddp_run_matches_a_single_process_eval(data_root, tmp_path, 
         f"trainer.strategy={strategy}",
         "trainer.max_epochs=1",
         "trainer.deterministic=true",
+        "trainer.precision=32",  # as the eval below: this CPU would pick bf16 by itself
+        "data.subset=0.99",  # 99 test images: a distributed test would pad them with a repeated one
         "threads=1",
     ]
     result = run_cli("train.py", overrides, tmp_path, {"OMP_NUM_THREADS": "1"})
@@ -49,7 +51,12 @@ def test_two_process_ddp_run_matches_a_single_process_eval(data_root, tmp_path, 
     written = json.loads((run / "metrics.json").read_text())
     eval_cfg = compose_cfg(
         "eval",
-        [f"ckpt_path={written['best_checkpoint']}", "trainer.accelerator=cpu", "threads=2"],
+        [
+            f"ckpt_path={written['best_checkpoint']}",
+            "trainer.accelerator=cpu",
+            "trainer.precision=32",
+            "threads=2",
+        ],
         tmp_path / "eval",
     )
     evaluated = evaluate(eval_cfg)
