@@ -228,3 +228,9 @@ def test_model_compile_compiles_the_backbone_in_place(train_cfg):
     assert compiled_module.backbone._compiled_call_impl is not None
     assert plain_module.backbone._compiled_call_impl is None
     assert compiled_module.state_dict().keys() == plain_module.state_dict().keys()
+
+
+def test_lr_finder_with_several_processes_is_a_one_line_error(train_cfg):
+    cfg = train_cfg(extra=["trainer=ddp_cpu", "lr_find.enabled=true"])
+    with pytest.raises(SkuvisionError, match=r"^lr_find\.enabled=true runs on one device: .*trainer=gpu"):
+        train(cfg)

@@ -256,6 +256,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
         if trainer.is_global_zero:
             write_data_report(datamodule, output_dir)
         if cfg.get("lr_find") and cfg.lr_find.enabled:
+            if trainer.world_size > 1:  # every process would sweep on its own and may find another LR
+                raise SkuvisionError(
+                    "lr_find.enabled=true runs on one device: find the LR with trainer=gpu, then train with "
+                    "trainer=ddp optimizer.lr=<the LR it logs>"
+                )
             find_lr(cfg, module, datamodule)
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False)
         metrics = stage_metrics(trainer, "val/")
