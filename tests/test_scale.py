@@ -124,8 +124,10 @@ def test_gpu_configs_without_enough_gpus_fail_in_one_line(monkeypatch):
         SkuvisionError, match=r"^trainer\.devices=8 but 2 GPU\(s\) are visible: use trainer\.devices=2$"
     ):
         check_devices(ddp)
-    check_devices(OmegaConf.create({"accelerator": "gpu", "devices": 2}))
+    check_devices(OmegaConf.create({"accelerator": "gpu", "devices": 2, "sync_batchnorm": True}))
     check_devices(OmegaConf.create({"accelerator": "cpu", "devices": 2}))
+    with pytest.raises(SkuvisionError, match=r"^trainer\.sync_batchnorm=true needs GPUs"):
+        check_devices(OmegaConf.create({"accelerator": "cpu", "devices": 2, "sync_batchnorm": True}))
 
 
 def test_a_rerun_in_the_same_folder_resumes_from_last_ckpt(train_cfg):

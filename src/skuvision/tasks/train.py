@@ -87,13 +87,17 @@ def ddp_strategy(trainer_cfg: DictConfig, module: Classifier):
 
 
 def check_devices(trainer_cfg: DictConfig) -> None:
-    """A GPU trainer config on a machine without (enough) GPUs fails here in one line, not in Lightning."""
-    if trainer_cfg.get("accelerator") not in ("gpu", "cuda"):
-        return
+    """GPU settings on a machine without (enough) GPUs fail here in one line, not deep in Lightning or torch."""
+    accelerator = trainer_cfg.get("accelerator")
     visible = torch.cuda.device_count()
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not visible)
+    if on_cpu and trainer_cfg.get("sync_batchnorm"):  # torch's SyncBatchNorm would fail at the first step
+        raise SkuvisionError("trainer.sync_batchnorm=true needs GPUs: set it false on the CPU")
+    if accelerator not in ("gpu", "cuda"):
+        return
     if visible == 0:
         raise SkuvisionError(
-            f"trainer.accelerator={trainer_cfg.accelerator} but no GPU is visible: use trainer=cpu, "
+            f"trainer.accelerator={accelerator} but no GPU is visible: use trainer=cpu, "
             "or trainer=ddp_cpu for several processes on the CPU"
         )
     devices = trainer_cfg.get("devices")
