@@ -87,7 +87,7 @@ def ddp_strategy(trainer_cfg: DictConfig, module: Classifier):
 
 
 def check_devices(trainer_cfg: DictConfig) -> None:
-    """GPU settings on a machine without (enough) GPUs fail here in one line, not deep in Lightning or torch."""
+    """GPU settings on a machine without (enough) GPUs fail here in one line, not in Lightning or torch."""
     accelerator = trainer_cfg.get("accelerator")
     visible = torch.cuda.device_count()
     on_cpu = accelerator == "cpu" or (accelerator == "auto" and not visible)
