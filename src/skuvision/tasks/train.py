@@ -216,7 +216,7 @@ def keep_earlier_csv_rows(loggers: list) -> None:
             if earlier:
                 logger.experiment  # noqa: B018  (starts the writer, which deletes the file)
                 path.write_text(earlier)
-    continue_csv_logs(loggers)
+                continue_csv_logs([logger])
 
 
 def continue_csv_logs(loggers: list) -> None:
