@@ -232,3 +232,12 @@ def test_lr_finder_with_several_processes_is_a_one_line_error(train_cfg):
     cfg = train_cfg(extra=["trainer=ddp_cpu", "lr_find.enabled=true"])
     with pytest.raises(SkuvisionError, match=r"^lr_find\.enabled=true runs on one device: .*trainer=gpu"):
         train(cfg)
+
+
+def test_several_nodes_without_a_cluster_is_a_one_line_error(train_cfg, monkeypatch):
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    cfg = train_cfg(extra=["trainer=ddp_cpu", "trainer.num_nodes=2", "trainer.fast_dev_run=true"])
+    with pytest.raises(
+        SkuvisionError, match=r"^trainer\.num_nodes=2 needs its nodes started together: .*slurm"
+    ):
+        train(cfg)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -13,6 +14,7 @@ from omegaconf import DictConfig
 from pytorch_lightning import LightningDataModule, Trainer, seed_everything
 from pytorch_lightning.callbacks import LearningRateMonitor
 from pytorch_lightning.loggers import CSVLogger
+from pytorch_lightning.plugins.environments import LightningEnvironment
 from pytorch_lightning.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 from pytorch_lightning.tuner import Tuner
 from pytorch_lightning.utilities import rank_zero_only
@@ -108,13 +110,20 @@ def check_devices(trainer_cfg: DictConfig) -> None:
 
 
 def check_launch(trainer: Trainer, strategy: str) -> None:
-    """Lightning's `ddp` starts the other processes by re-running the command line. In a multirun that line
-    is the whole sweep (or submitit's runner), so the processes never meet and the run hangs."""
+    """Launches that would hang. Lightning's `ddp` starts the other processes by re-running the command
+    line: in a multirun that line is the whole sweep (or submitit's runner), so the processes never meet."""
     multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
     if multirun and isinstance(trainer.strategy.launcher, _SubprocessScriptLauncher):
         raise SkuvisionError(
             f"trainer.strategy={strategy} cannot run inside a multirun (-m): use "
             "trainer=ddp_spawn (or trainer.strategy=ddp_spawn), or hydra/launcher=slurm on a SLURM cluster"
+        )
+    # Without a cluster (SLURM, torchrun) or MASTER_ADDR, rank zero would wait forever for the other nodes.
+    alone = isinstance(getattr(trainer.strategy, "cluster_environment", None), LightningEnvironment)
+    if trainer.num_nodes > 1 and alone and "MASTER_ADDR" not in os.environ:
+        raise SkuvisionError(
+            f"trainer.num_nodes={trainer.num_nodes} needs its nodes started together: submit with "
+            "hydra/launcher=slurm, or set MASTER_ADDR, MASTER_PORT and NODE_RANK on every node"
         )
 
 
