@@ -135,8 +135,7 @@ class Classifier(LightningModule):
     def on_validation_epoch_end(self) -> None:
         if not self.trainer.sanity_checking:
             self.val_acc_best.update(self.val_metrics["acc"].compute())
-            # The same value on every rank (it comes from synced metrics); sync_dist keeps Lightning's
-            # epoch-level reduction explicit.
+            # Equal on every rank (it comes from synced metrics); without sync_dist Lightning warns under DDP.
             self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=True, sync_dist=True)
         self._log_eval_epoch("val")
 
