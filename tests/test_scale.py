@@ -4,11 +4,14 @@ import csv
 import json
 import math
 import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import compose_cfg, quick_overrides, run_cli
+from conftest import ROOT, compose_cfg, quick_overrides, run_cli
 from omegaconf import OmegaConf
 
 from skuvision.data import FashionMNISTDataModule
@@ -203,6 +206,53 @@ def test_a_slurm_sweep_submits_one_array_job_with_the_trainers_nodes_and_gpus(tm
     assert sbatch["#SBATCH --partition"] == "gpu"
     assert sbatch["#SBATCH --time"] == "1440"
     assert sbatch["#SBATCH --signal"] == "USR2@120"  # submitit's requeue signal, 2 minutes before the limit
+
+
+def test_tasks_started_by_slurm_share_one_run_folder(data_root, tmp_path):
+    """What srun does on a node of a SLURM job: 2 tasks with SLURM's variables, started together, run folder
+    given (submitit gives every task the job's). Lightning's SLURM environment makes them ranks 0 and 1."""
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    slurm = {
+        "SLURM_NTASKS": "2",
+        "SLURM_NTASKS_PER_NODE": "2",
+        "SLURM_NNODES": "1",
+        "SLURM_NODEID": "0",
+        "SLURM_JOB_ID": "4242",
+        "SLURM_JOB_NAME": "train",
+        "SLURM_NODELIST": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        "OMP_NUM_THREADS": "1",
+    }
+    run = tmp_path / "run"
+    overrides = quick_overrides("fashion_mnist", data_root) + [
+        "trainer=ddp_cpu",
+        "trainer.strategy=ddp",
+        "trainer.fast_dev_run=true",
+        "threads=1",
+        f"hydra.run.dir={run}",
+    ]
+    command = [sys.executable, str(ROOT / "train.py"), *overrides]
+    tasks = [
+        subprocess.Popen(
+            command,
+            cwd=tmp_path,
+            env={**os.environ, **slurm, "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
+    (out0, err0), (out1, _) = (task.communicate(timeout=300) for task in tasks)
+    assert [task.returncode for task in tasks] == [0, 0], err0[-3000:]
+    assert "SLURM auto-requeueing enabled" in err0  # Lightning took the SLURM environment
+    assert "test/acc = " in out0 and "test/acc = " not in out1
+    assert json.loads((run / "metrics.json").read_text())["test/acc"] >= 0
+    assert [p.name for p in run.glob("*.log")] == ["train.log"]
+    assert (run / "train.log").read_text().count("] - input: ") == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]
 
 
 def test_submitit_local_launcher_runs_one_job_end_to_end(data_root, tmp_path):
