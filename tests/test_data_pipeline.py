@@ -28,6 +28,8 @@ INPUT_64 = {
 class Training:
     """Stands in for the Trainer: the datamodule augments only while training."""
 
+    world_size = 1  # one process: the loaders take the whole batch
+
     def __init__(self, training: bool):
         self.training = training
 

@@ -93,7 +93,8 @@ class ImageDataModule(LightningDataModule):
     """Shared by every source: subclasses set `in_chans`, and implement `class_names` and `load_splits`.
 
     `input_config` (size, mean/std, interpolation, crop) comes from the model and is set before setup().
-    `batch_size` is the batch per process.
+    `batch_size` is the global batch, divided among the processes of a DDP run, so the recipe does not change
+    with the number of GPUs; `eval_batch_size` is global too (rounded up per process: it changes no result).
     """
 
     in_chans = 3
@@ -262,7 +263,7 @@ class ImageDataModule(LightningDataModule):
         workers = 0 if batched else self.num_workers
         return DataLoader(
             dataset,
-            batch_size=self.batch_size if training else self.eval_batch_size,
+            batch_size=self.per_process_batch_size() if training else self.per_process_eval_batch_size(),
             shuffle=shuffle and sampler is None,
             sampler=sampler,
             drop_last=training and getattr(self.augment, "needs_even_batch", False),
@@ -271,6 +272,29 @@ class ImageDataModule(LightningDataModule):
             persistent_workers=workers > 0,
             pin_memory=torch.cuda.is_available(),
         )
+
+    @property
+    def num_processes(self) -> int:
+        """DDP processes sharing each batch: devices x nodes (1 outside a Trainer)."""
+        return self.trainer.world_size if self.trainer is not None else 1
+
+    def per_process_batch_size(self, processes: int | None = None) -> int:
+        processes = processes or self.num_processes
+        if self.batch_size % processes:
+            raise SkuvisionError(
+                f"data.batch_size={self.batch_size} is the global batch and must divide evenly among "
+                f"{processes} processes (trainer.devices x trainer.num_nodes): use a multiple of {processes}"
+            )
+        per_process = self.batch_size // processes
+        if getattr(self.augment, "needs_even_batch", False) and per_process % 2:
+            raise SkuvisionError(
+                f"augment=mixup_cutmix needs an even batch per process, not {per_process}: "
+                f"use a data.batch_size that is a multiple of {2 * processes}"
+            )
+        return per_process
+
+    def per_process_eval_batch_size(self) -> int:
+        return -(-self.eval_batch_size // self.num_processes)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)

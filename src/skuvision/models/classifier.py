@@ -43,10 +43,10 @@ class Classifier(LightningModule):
         data: dict | None = None,
         load_pretrained: bool = True,
     ):
-        """`model`: {name, pretrained, weights, channels_last, kwargs}; `finetune`: a conf/finetune config
-        (default: everything trains); `data`: the data config, kept so evaluation and prediction can rebuild
-        the same splits; `load_pretrained=False` skips the weights download when a checkpoint's state dict
-        replaces them anyway."""
+        """`model`: {name, pretrained, weights, channels_last, compile, kwargs}; `finetune`: a conf/finetune
+        config (default: everything trains); `data`: the data config, kept so evaluation and prediction can
+        rebuild the same splits; `load_pretrained=False` skips the weights download when a checkpoint's state
+        dict replaces them anyway."""
         super().__init__()
         if len(class_names) != num_classes:
             raise ValueError(f"{len(class_names)} class names for {num_classes} classes")
@@ -63,6 +63,9 @@ class Classifier(LightningModule):
         self.channels_last = bool(model.get("channels_last", False))
         if self.channels_last:
             self.backbone.to(memory_format=torch.channels_last)
+        if model.get("compile"):
+            # In place: the state dict keeps its keys, so checkpoints load with or without compile.
+            self.backbone.compile()
         self.finetune: FinetuneStrategy = instantiate(finetune) if finetune else Full()
         weight = torch.tensor(class_weights, dtype=torch.float32) if class_weights else None
         self.criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=label_smoothing)
@@ -133,7 +136,8 @@ class Classifier(LightningModule):
     def on_validation_epoch_end(self) -> None:
         if not self.trainer.sanity_checking:
             self.val_acc_best.update(self.val_metrics["acc"].compute())
-            self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=True)
+            # Equal on every rank (it comes from synced metrics); without sync_dist Lightning warns under DDP.
+            self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=True, sync_dist=True)
         self._log_eval_epoch("val")
 
     def test_step(self, batch, batch_idx: int) -> None:

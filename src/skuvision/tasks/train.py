@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -12,13 +13,18 @@ from omegaconf import DictConfig
 from pytorch_lightning import LightningDataModule, Trainer, seed_everything
 from pytorch_lightning.callbacks import LearningRateMonitor
 from pytorch_lightning.loggers import CSVLogger
+from pytorch_lightning.plugins.environments import LightningEnvironment
+from pytorch_lightning.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 from pytorch_lightning.tuner import Tuner
+from pytorch_lightning.utilities import rank_zero_only
 
 from skuvision.callbacks import TrainingThroughput
+from skuvision.errors import SkuvisionError
 from skuvision.finetune import LinearProbe, stage_param_names
 from skuvision.models.classifier import Classifier
 from skuvision.tasks.utils import (
     close_loggers,
+    in_multirun,
     instantiate_callbacks,
     instantiate_loggers,
     plain,
@@ -83,6 +89,59 @@ def ddp_strategy(trainer_cfg: DictConfig, module: Classifier):
     return strategy
 
 
+def check_devices(trainer_cfg: DictConfig) -> None:
+    """GPU settings on a machine without (enough) GPUs fail here in one line, not in Lightning or torch."""
+    accelerator = trainer_cfg.get("accelerator")
+    visible = torch.cuda.device_count()
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not visible)
+    if on_cpu and trainer_cfg.get("sync_batchnorm"):  # torch's SyncBatchNorm would fail at the first step
+        raise SkuvisionError("trainer.sync_batchnorm=true needs GPUs: set it false on the CPU")
+    if accelerator not in ("gpu", "cuda"):
+        return
+    if visible == 0:
+        raise SkuvisionError(
+            f"trainer.accelerator={accelerator} but no GPU is visible: use trainer=cpu, "
+            "or trainer=ddp_cpu for several processes on the CPU"
+        )
+    devices = trainer_cfg.get("devices")
+    if isinstance(devices, int) and devices > visible:
+        raise SkuvisionError(
+            f"trainer.devices={devices} but {visible} GPU(s) are visible: use trainer.devices={visible}"
+        )
+
+
+def check_launch(trainer: Trainer, strategy: str) -> None:
+    """Launches that would hang. Lightning's `ddp` starts the other processes by re-running the command
+    line: in a multirun that line is the whole sweep (or submitit's runner), so the processes never meet."""
+    if in_multirun() and isinstance(trainer.strategy.launcher, _SubprocessScriptLauncher):
+        raise SkuvisionError(
+            f"trainer.strategy={strategy} cannot run inside a multirun (-m): use "
+            "trainer=ddp_spawn (or trainer.strategy=ddp_spawn), or hydra/launcher=slurm on a SLURM cluster"
+        )
+    # Without a cluster (SLURM, torchrun) or MASTER_ADDR, rank zero would wait forever for the other nodes.
+    alone = isinstance(getattr(trainer.strategy, "cluster_environment", None), LightningEnvironment)
+    if trainer.num_nodes > 1 and alone and "MASTER_ADDR" not in os.environ:
+        raise SkuvisionError(
+            f"trainer.num_nodes={trainer.num_nodes} needs its nodes started together: submit with "
+            "hydra/launcher=slurm, or set MASTER_ADDR, MASTER_PORT and NODE_RANK on every node"
+        )
+
+
+def resume_path(cfg: DictConfig) -> str | None:
+    """`ckpt_path` when given; else the run folder's last.ckpt when there is one, which happens only when a
+    run re-enters its folder: a SLURM job requeued after a timeout or preemption resumes where it stopped."""
+    if cfg.get("ckpt_path"):
+        return cfg.ckpt_path
+    last = (cfg.get("callbacks") or {}).get("last_checkpoint")
+    if last is None:
+        return None
+    path = Path(last.dirpath) / f"{last.filename}.ckpt"
+    if not path.is_file():
+        return None
+    log.info("resuming from %s, left by an earlier attempt of this run", path)
+    return str(path)
+
+
 def find_lr(cfg: DictConfig, module: Classifier, datamodule: LightningDataModule) -> float:
     """Lightning's LR finder on the head phase (backbone frozen); sets optimizer.lr so the head gets the
     suggested LR and every other group keeps its configured ratio to it.
@@ -134,6 +193,9 @@ def test_best(
     """
     tester = trainer
     if trainer.world_size > 1:
+        # Rank zero's test metrics would otherwise wait to sync with processes that have left.
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
         if not trainer.is_global_zero:
             return None
         continue_csv_logs(loggers)
@@ -149,6 +211,21 @@ def test_best(
     # fast_dev_run saves no checkpoint: then the weights in memory are tested.
     tester.test(module, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
     return tester
+
+
+def keep_earlier_csv_rows(loggers: list) -> None:
+    """Lightning's CSVLogger empties metrics.csv when it starts; a run that re-enters its folder (a requeued
+    job resuming from last.ckpt) keeps the rows of its earlier attempts instead."""
+    if rank_zero_only.rank != 0:
+        return
+    for logger in loggers:
+        if isinstance(logger, CSVLogger):
+            path = Path(logger.log_dir) / "metrics.csv"
+            earlier = path.read_text() if path.is_file() else ""
+            if earlier:
+                logger.experiment  # noqa: B018  (starts the writer, which deletes the file)
+                path.write_text(earlier)
+                continue_csv_logs([logger])
 
 
 def continue_csv_logs(loggers: list) -> None:
@@ -186,25 +263,42 @@ def wandb_run_id(ckpt_path: str | None) -> str | None:
 
 def train(cfg: DictConfig) -> dict[str, float]:
     set_threads(cfg.get("threads"))
+    if rank_zero_only.rank != 0:  # the other DDP processes would repeat every line of rank zero's log
+        logging.getLogger("skuvision").setLevel(logging.WARNING)
+    check_devices(cfg.trainer)
     seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
     datamodule, module = build(cfg)
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
-    loggers = instantiate_loggers(cfg.get("logger"), wandb_id=wandb_run_id(cfg.get("ckpt_path")))
+    ckpt_path = resume_path(cfg)
+    loggers = instantiate_loggers(cfg.get("logger"), wandb_id=wandb_run_id(ckpt_path))
     if not loggers:  # Lightning refuses an LR monitor without a logger to write to
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
-    trainer = instantiate(
-        cfg.trainer, callbacks=callbacks, logger=loggers or False, strategy=ddp_strategy(cfg.trainer, module)
-    )
+    strategy = ddp_strategy(cfg.trainer, module)
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, strategy=strategy)
+    check_launch(trainer, strategy)
+    if trainer.world_size > 1:
+        log.info(
+            "%d processes: batch per process %d (data.batch_size=%d is the global batch)",
+            trainer.world_size,
+            datamodule.per_process_batch_size(trainer.world_size),
+            datamodule.batch_size,
+        )
+    keep_earlier_csv_rows(loggers)
     try:
         for logger in loggers:
             logger.log_hyperparams({**plain(cfg), "class_names": datamodule.class_names})
         if trainer.is_global_zero:
             write_data_report(datamodule, output_dir)
         if cfg.get("lr_find") and cfg.lr_find.enabled:
+            if trainer.world_size > 1:  # every process would sweep on its own and may find another LR
+                raise SkuvisionError(
+                    "lr_find.enabled=true runs on one device: find the LR with trainer=gpu, then train with "
+                    "trainer=ddp optimizer.lr=<the LR it logs>"
+                )
             find_lr(cfg, module, datamodule)
         started = time.perf_counter()
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=False)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False)
         metrics = {
             **stage_metrics(trainer, "val/"),
             **fit_stats(trainer, module, time.perf_counter() - started),
