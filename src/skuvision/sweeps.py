@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,11 @@ log = logging.getLogger("skuvision")
 
 
 class LeaderboardCallback(Callback):
-    """Writes leaderboard.md/.csv/.png into the sweep folder when a multirun ends."""
+    """Writes leaderboard.md/.csv/.png into the sweep folder when a multirun ends.
+
+    A sweep in which no job completed (a config error every job shares, say) then exits with status 2 and
+    the error as its last line; a sweep with some results exits 0 and lists its failed jobs.
+    """
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from skuvision.tasks.compare import write_leaderboard
@@ -21,11 +26,17 @@ class LeaderboardCallback(Callback):
         sweep_dir = Path(config.hydra.sweep.dir)
         rows = write_leaderboard(sweep_dir)
         failed = [r for r in rows if r["status"] != "completed"]
-        print(
-            f"leaderboard: {sweep_dir / 'leaderboard.md'} ({len(rows)} jobs, {len(failed)} without a result)"
-        )
+        print(f"leaderboard: {sweep_dir}/leaderboard.md ({len(rows)} jobs, {len(failed)} without a result)")
         for row in failed:
             print(f"  job {row['job']}: {row['status']}, {row['error'] or 'no metrics.json'}")
+        if rows and len(failed) == len(rows):
+            errors = {row["error"] for row in failed}
+            only = errors.pop() if len(errors) == 1 else None
+            print(
+                f"error: {only or f'no job of the sweep completed: see {sweep_dir}/leaderboard.md'}",
+                file=sys.stderr,
+            )
+            sys.exit(2)
 
 
 def resume_study(storage: str, study_name: str) -> tuple[int, int]:

@@ -113,7 +113,9 @@ def run_cli(task: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
 
 def record_failed_job(err: Exception) -> None:
     hydra_cfg = HydraConfig.get()
-    message = f"{type(err).__name__}: {err}".splitlines()[0]
+    # A SkuvisionError's message is already the one line to show; other errors need their type.
+    message = str(err) if isinstance(err, SkuvisionError) else f"{type(err).__name__}: {err}"
+    message = message.splitlines()[0]
     failed = {
         "error": message,
         "overrides": " ".join(hydra_cfg.overrides.task),
