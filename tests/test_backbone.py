@@ -1,5 +1,7 @@
 """Weights: the offline lite0 package, local files, clear failures; grayscale input via timm's in_chans=1."""
 
+import math
+
 import numpy as np
 import pytest
 import skimage.data
@@ -113,3 +115,19 @@ def test_simple_cnn_is_a_timm_model():
     model.reset_classifier(7)
     assert model(x).shape == (2, 7)
     assert np.isclose(timm.data.resolve_model_data_config(model)["crop_pct"], 1.0)
+
+
+def test_a_new_head_on_pretrained_features_starts_at_zero():
+    """Predictions start uniform (loss ln K); a head supplied by the 1000-class weights file is kept."""
+    model = create_backbone("tf_efficientnet_lite0", num_classes=10, in_chans=1, pretrained=True).eval()
+    assert all(torch.count_nonzero(p) == 0 for p in model.get_classifier().parameters())
+    images = torch.rand(4, 1, 64, 64) * 2 - 1
+    with torch.no_grad():
+        loss = torch.nn.functional.cross_entropy(model(images), torch.arange(4))
+    assert loss.item() == pytest.approx(math.log(10), abs=1e-5)
+    assert torch.count_nonzero(model.forward_features(images)) > 0  # the features are the pretrained ones
+
+    imagenet = create_backbone("tf_efficientnet_lite0", num_classes=1000, in_chans=3, pretrained=True)
+    assert torch.count_nonzero(imagenet.get_classifier().weight) > 0
+    scratch = create_backbone("tf_efficientnet_lite0", num_classes=10, in_chans=1, pretrained=False)
+    assert torch.count_nonzero(scratch.get_classifier().weight) > 0

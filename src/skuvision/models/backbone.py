@@ -33,6 +33,29 @@ def create_backbone(
     **model_kwargs,
 ) -> nn.Module:
     """timm.create_model with a new head for `num_classes` and a first conv adapted to `in_chans`."""
+    model = _create(name, num_classes, in_chans, pretrained, weights, **model_kwargs)
+    if pretrained or weights:
+        zero_new_head(model, num_classes)
+    return model
+
+
+def zero_new_head(model: nn.Module, num_classes: int) -> None:
+    """A new head on pretrained features starts at zero, so training starts from uniform predictions.
+
+    timm initializes a new classifier for the architecture (EfficientNet scales it by 1/sqrt(num_classes)),
+    which on pretrained features gives logits of +-10 for a few classes: the loss starts near 10 instead of
+    ln(K), and the first epoch goes to undoing it. A head that the weights file supplied is kept.
+    """
+    if model.pretrained_cfg.get("num_classes") == num_classes:
+        return
+    with torch.no_grad():
+        for param in model.get_classifier().parameters():
+            param.zero_()
+
+
+def _create(
+    name: str, num_classes: int, in_chans: int, pretrained: bool, weights: str | None, **model_kwargs
+):
     if not timm.is_model(name):
         close = timm.list_models(f"*{name.split('.')[0][:6]}*")[:5]
         hint = f" Similar: {', '.join(close)}." if close else ""
