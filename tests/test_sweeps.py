@@ -59,7 +59,8 @@ def test_backbone_sweep_writes_a_leaderboard_with_the_failed_job_as_a_failed_row
     for row in rows[:2]:
         assert row["status"] == "completed" and row["finetune"] == "gradual"
         assert 0 <= float(row["test acc %"]) <= 100 and float(row["img/s"]) > 0
-        assert float(row["params (M)"]) > 0 and row["augment"] == "basic"
+        assert float(row["params (M)"]) > 0 and row["augment"] == "basic" and row["input px"] == "32"
+        assert row["pretrained"] == "False"
     assert "Kernel size" in rows[2]["error"]
     assert "Kernel size" in json.loads((sweep_dir / "2" / "failed.json").read_text())["traceback"]
     assert "job 2 failed: RuntimeError" in result.stdout + result.stderr

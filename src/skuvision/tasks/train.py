@@ -240,10 +240,11 @@ def continue_csv_logs(loggers: list) -> None:
 
 
 def fit_stats(trainer: Trainer, module: Classifier, fit_seconds: float) -> dict[str, float]:
-    """What a run cost: parameters, epochs, wall time of the fit, training images per second."""
+    """What a run cost: parameters, input size, epochs, wall time of the fit, training images per second."""
     stats = {
         "model/params": sum(p.numel() for p in module.backbone.parameters()),
         "model/trainable_params": sum(p.numel() for p in module.backbone.parameters() if p.requires_grad),
+        "model/input_px": module.input_config["input_size"][-1],
         "fit/epochs": trainer.current_epoch,
         "fit/time_s": round(fit_seconds, 2),
     }
