@@ -88,6 +88,7 @@ def leaderboard_png(rows: list[dict], path: Path, title: str) -> Path:
         ax.annotate(row["label"], point, fontsize=8, xytext=(4, 4), textcoords="offset points")
     if plotted:
         ax.set_xscale("log")
+        ax.margins(x=0.25, y=0.1)  # room for the labels
     else:
         ax.text(0.5, 0.5, "no completed runs", ha="center", va="center", transform=ax.transAxes)
     failed = len(rows) - len(plotted)

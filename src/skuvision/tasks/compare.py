@@ -136,6 +136,16 @@ def markdown(rows: list[dict], sweep_dir: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+def point_label(row: dict, rows: list[dict]) -> str:
+    """The backbone, plus whatever else tells this run apart in the sweep: weights, strategy."""
+    parts = [str(row["backbone"])]
+    if len({r["pretrained"] for r in rows}) > 1:
+        parts.append("pretrained" if row["pretrained"] else "scratch")
+    if len({r["finetune"] for r in rows}) > 1:
+        parts.append(str(row["finetune"]))
+    return " / ".join(parts)
+
+
 def write_leaderboard(sweep_dir: Path) -> list[dict]:
     """leaderboard.md, .csv and .png in the sweep folder; returns the rows, best first."""
     sweep_dir = Path(sweep_dir)
@@ -156,12 +166,11 @@ def write_leaderboard(sweep_dir: Path) -> list[dict]:
         writer = csv.writer(f)
         writer.writerow([h for h, _ in COLUMNS + CSV_ONLY])
         writer.writerows([[cell(row[k]) for _, k in COLUMNS + CSV_ONLY] for row in rows])
-    several_recipes = len({r["finetune"] for r in rows}) > 1
     points = [
         {
             "accuracy_pct": r["test_acc"] if r["test_acc"] is not None else r["val_acc_best"],
             "img_per_s": r["img_per_s"],
-            "label": f"{r['backbone']} / {r['finetune']}" if several_recipes else str(r["backbone"]),
+            "label": point_label(r, rows),
         }
         for r in rows
     ]
