@@ -27,14 +27,19 @@ def wandb_offline() -> bool:
     return True
 
 
-def sweep_group() -> str | None:
-    """The sweep folder of a multirun job (its W&B group); None for a single run."""
+def in_multirun() -> bool:
+    """Whether this process runs a job of a Hydra multirun (-m)."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
-        return None
-    return str(HydraConfig.get().sweep.dir)
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def sweep_group() -> str | None:
+    """The sweep folder of a multirun job (its W&B group); None for a single run."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return str(HydraConfig.get().sweep.dir) if in_multirun() else None
 
 
 def auto_precision(accelerator: str = "auto") -> str:

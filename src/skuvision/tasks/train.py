@@ -19,12 +19,12 @@ from pytorch_lightning.tuner import Tuner
 from pytorch_lightning.utilities import rank_zero_only
 
 from skuvision.callbacks import TrainingThroughput
+from skuvision.config import in_multirun
 from skuvision.errors import SkuvisionError
 from skuvision.finetune import LinearProbe, stage_param_names
 from skuvision.models.classifier import Classifier
 from skuvision.tasks.utils import (
     close_loggers,
-    in_multirun,
     instantiate_callbacks,
     instantiate_loggers,
     plain,

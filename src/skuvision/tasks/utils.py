@@ -13,13 +13,13 @@ from typing import Any
 import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from PIL import Image
 from pytorch_lightning import Callback
 from pytorch_lightning.loggers import Logger
 
+from skuvision.config import in_multirun
 from skuvision.errors import SkuvisionError
 
 log = logging.getLogger("skuvision")
@@ -88,10 +88,6 @@ def write_json(path: Path, data: dict) -> None:
 
 def stage_metrics(trainer, prefix: str) -> dict[str, float]:
     return {k: float(v) for k, v in sorted(trainer.callback_metrics.items()) if k.startswith(prefix)}
-
-
-def in_multirun() -> bool:
-    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 def run_cli(task: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
