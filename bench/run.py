@@ -345,8 +345,8 @@ def main() -> None:
             )
         )
     notes.append(
-        f"Train-step ratios: the median of {args.repeats} paired runs (skuvision and the plain loop one after "
-        "the other), with the lowest and highest pair in brackets."
+        f"Train-step ratios: the median of {args.repeats} paired runs (skuvision and the plain loop one "
+        "after the other), with the lowest and highest pair in brackets."
     )
     if not args.skip_recipe:
         notes.append(
