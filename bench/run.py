@@ -72,11 +72,12 @@ def overrides_for(model: str, size: int, data_root: Path, device: str) -> list[s
     ]
 
 
-def skuvision_steps(model, size, data_root, steps, warmup, device, workdir) -> float:
+def skuvision_steps(model, size, data_root, steps, warmup, device, workdir, extra=()) -> float:
     """img/s of skuvision's real training path: default Trainer config, callbacks, metrics and logging."""
     cfg = compose_config(
         "train",
-        overrides_for(model, size, data_root, device) + [f"trainer.limit_train_batches={steps + warmup}"],
+        overrides_for(model, size, data_root, device)
+        + [*extra, f"trainer.limit_train_batches={steps + warmup}"],
         workdir / f"sku-{time.time_ns()}",
     )
     datamodule, module = build(cfg)
@@ -87,10 +88,12 @@ def skuvision_steps(model, size, data_root, steps, warmup, device, workdir) -> f
     return timer.steps * datamodule.batch_size / (timer.end - timer.start)
 
 
-def raw_steps(model, size, data_root, steps, warmup, device, workdir) -> float:
+def raw_steps(model, size, data_root, steps, warmup, device, workdir, extra=()) -> float:
     """img/s of a plain PyTorch loop: same timm model, in-memory data, batch, optimizer, schedule, dtype."""
     cfg = compose_config(
-        "train", overrides_for(model, size, data_root, device), workdir / f"raw-{time.time_ns()}"
+        "train",
+        overrides_for(model, size, data_root, device) + list(extra),
+        workdir / f"raw-{time.time_ns()}",
     )
     datamodule, module = build(cfg)  # the same backbone, param groups and input config
     datamodule.setup("fit")
@@ -138,6 +141,18 @@ def overhead(model, size, data_root, steps, warmup, repeats, device, workdir) ->
         "ratio": statistics.median(ratios),
         "ratio_range": (min(ratios), max(ratios)),
     }
+
+
+def framework_cost(data_root, repeats, device, workdir) -> dict:
+    """Milliseconds per training step that the framework adds to a plain loop, measured where compute is
+    near zero (a 4-channel simple_cnn on 8 px images, batch 8): machine noise, which hides a 1 % difference
+    between two full-size runs, is small against it."""
+    extra = ["model.kwargs.widths=[4,4,4]", "data.batch_size=8"]
+    raw, ours = [], []
+    for _ in range(repeats):
+        raw.append(8e3 / raw_steps("simple_cnn", 8, data_root, 300, 20, device, workdir, extra))
+        ours.append(8e3 / skuvision_steps("simple_cnn", 8, data_root, 300, 20, device, workdir, extra))
+    return {"skuvision": statistics.median(ours), "raw": statistics.median(raw)}
 
 
 def torchvision_fashion_root(source: Path, workdir: Path) -> Path:
@@ -301,9 +316,27 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     workdir = Path(tempfile.mkdtemp(prefix="skuvision-bench-"))
     rows = []
+    cost = framework_cost(data_root, args.repeats, device, workdir)
+    added_ms = cost["skuvision"] - cost["raw"]
+    rows.append(
+        (
+            "framework time per training step (4-channel CNN at 8 px, batch 8): ms",
+            f"{cost['skuvision']:.2f}",
+            f"{cost['raw']:.2f} (plain PyTorch loop)",
+            f"+{added_ms:.2f} ms",
+            "",
+        )
+    )
     cases = [("simple_cnn", 28), ("resnet18", 64)] + ([("resnet50", 224)] if device == "cuda" else [])
     for model, size in cases:
         r = overhead(model, size, data_root, args.steps, 5, args.repeats, device, workdir)
+        step_ms = 128e3 / r["raw"]
+        notes.append(
+            f"{model}: the framework's +{added_ms:.2f} ms on a {step_ms:.0f} ms plain-loop step predicts a "
+            f"ratio of {step_ms / (step_ms + added_ms):.3f}; measured {r['ratio']:.3f} "
+            f"({'meets' if r['ratio'] >= 0.97 else 'below'} the 0.97 target"
+            + (", within this run's noise)" if r["ratio_range"][0] <= 1 <= r["ratio_range"][1] else ")")
+        )
         rows.append(
             (
                 f"train steps, {model} @ {size} px, batch 128 ({device}, {info['precision (auto)']}): img/s",
