@@ -254,14 +254,6 @@ def fit_stats(trainer: Trainer, module: Classifier, fit_seconds: float) -> dict[
     return stats
 
 
-def wandb_run_id(ckpt_path: str | None) -> str | None:
-    """The W&B run a checkpoint was logged to, so resuming from it continues that run."""
-    if not ckpt_path or not Path(ckpt_path).is_file():
-        return None
-    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
-    return checkpoint.get("wandb_run_id")
-
-
 def train(cfg: DictConfig) -> dict[str, float]:
     set_threads(cfg.get("threads"))
     if rank_zero_only.rank != 0:  # the other DDP processes would repeat every line of rank zero's log
@@ -272,7 +264,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     datamodule, module = build(cfg)
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
     ckpt_path = resume_path(cfg)
-    loggers = instantiate_loggers(cfg.get("logger"), wandb_id=wandb_run_id(ckpt_path))
+    loggers = instantiate_loggers(cfg.get("logger"), resume_from=ckpt_path)
     if not loggers:  # Lightning refuses an LR monitor without a logger to write to
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     strategy = ddp_strategy(cfg.trainer, module)

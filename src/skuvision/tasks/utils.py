@@ -48,9 +48,19 @@ def instantiate_callbacks(cfg: DictConfig | None) -> list[Callback]:
     return instantiate_all(cfg)
 
 
-def instantiate_loggers(cfg: DictConfig | None, wandb_id: str | None = None) -> list[Logger]:
-    """`wandb_id`: continue that W&B run (a resumed fit) instead of starting a new one."""
-    if wandb_id and cfg and cfg.get("wandb") and not cfg.wandb.get("id"):
+def wandb_run_id(ckpt_path: str) -> str | None:
+    """The W&B run a checkpoint was logged to (the Classifier records it when saving)."""
+    if not Path(ckpt_path).is_file():
+        return None
+    return torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True).get("wandb_run_id")
+
+
+def instantiate_loggers(cfg: DictConfig | None, resume_from: str | None = None) -> list[Logger]:
+    """`resume_from`: the checkpoint a fit resumes from; the W&B run it was logged to is continued."""
+    wandb_id = None
+    if resume_from and cfg and cfg.get("wandb") and not cfg.wandb.get("id"):
+        wandb_id = wandb_run_id(resume_from)
+    if wandb_id:
         cfg = cfg.copy()
         with open_dict(cfg):
             cfg.wandb.id = wandb_id
