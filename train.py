@@ -1,9 +1,12 @@
 """python train.py [group=option ...] [key=value ...]: train, test the best checkpoint, write metrics.json."""
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
 import skuvision  # noqa: F401  (registers config resolvers)
+from skuvision.config import renamed_key_error
 from skuvision.tasks import train
 from skuvision.tasks.utils import run_cli
 
@@ -16,4 +19,7 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    if error := renamed_key_error(sys.argv[1:]):
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
     main()

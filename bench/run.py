@@ -30,8 +30,8 @@ from pytorch_lightning import Callback  # noqa: E402
 from skuvision.config import auto_precision, compose_config  # noqa: E402
 from skuvision.data.datamodule import InMemoryImages  # noqa: E402
 from skuvision.data.fashion_mnist import DEBIAN_DIR, FILES  # noqa: E402
-from skuvision.data.transforms import pil_transform  # noqa: E402
-from skuvision.tasks.train import build  # noqa: E402
+from skuvision.data.transforms import eval_image_transform  # noqa: E402
+from skuvision.tasks.assembly import build  # noqa: E402
 from skuvision.tasks.utils import instantiate_callbacks, instantiate_loggers  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,7 +60,7 @@ def overrides_for(model: str, size: int, data_root: Path, device: str) -> list[s
     return [
         f"model={model}",
         "model.pretrained=false",
-        f"data.image_size={size}",
+        f"input.image_size={size}",
         f"data.root={data_root}",
         "data.download=false",
         "trainer.max_epochs=1",
@@ -103,7 +103,7 @@ def raw_steps(model, size, data_root, steps, warmup, device, workdir, extra=()) 
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, [g["lr"] for g in groups], total_steps=steps + warmup
     )
-    normalizer = datamodule.normalizer.to(device)
+    to_model_input = datamodule.to_model_input.to(device)
     images, labels = datamodule.splits["train"].images, datamodule.splits["train"].labels
     batch = datamodule.batch_size
     precision = str(cfg.trainer.precision)
@@ -114,7 +114,7 @@ def raw_steps(model, size, data_root, steps, warmup, device, workdir, extra=()) 
         if step == warmup:
             start = time.perf_counter()
         index = torch.randint(0, len(labels), (batch,))
-        x = normalizer(images[index].to(device, non_blocking=True))
+        x = to_model_input(images[index].to(device, non_blocking=True))
         if module.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         y = labels[index].to(device)
@@ -184,7 +184,7 @@ def data_pipeline(data_root: Path, batches: int, repeats: int, workdir: Path) ->
         [
             "model=resnet18",
             "model.pretrained=false",
-            "data.image_size=224",
+            "input.image_size=224",
             f"data.root={data_root}",
             "data.download=false",
         ],
@@ -198,7 +198,7 @@ def data_pipeline(data_root: Path, batches: int, repeats: int, workdir: Path) ->
 
     in_memory_loader = datamodule.train_dataloader()
     per_image = InMemoryImages(datamodule.splits["train"].images, datamodule.splits["train"].labels)
-    per_image.transform = pil_transform(datamodule.input_config)  # skuvision's PIL path, per image
+    per_image.transform = eval_image_transform(datamodule.input_config)  # skuvision's PIL path, per image
     per_image_loader = torch.utils.data.DataLoader(
         per_image,
         batch_size=datamodule.batch_size,

@@ -131,3 +131,107 @@ def test_a_new_head_on_pretrained_features_starts_at_zero():
     assert torch.count_nonzero(imagenet.get_classifier().weight) > 0
     scratch = create_backbone("tf_efficientnet_lite0", num_classes=10, in_chans=1, pretrained=False)
     assert torch.count_nonzero(scratch.get_classifier().weight) > 0
+
+
+# A weights file must load every backbone tensor: timm loads non-strictly when it adapts the head or the
+# first conv, and a file in another layout would otherwise leave the model at random init without an error.
+
+
+def backbone_names(name: str) -> list[str]:
+    """The parameters outside the classifier, counted here independently of skuvision's own check."""
+    model = timm.create_model(name)
+    head = {f"{model.pretrained_cfg['classifier']}.{p}" for p in ("weight", "bias")}
+    return [n for n, _ in model.named_parameters() if n not in head]
+
+
+def noisy(state: dict) -> dict:
+    """Every float tensor moved off its init, so a parameter equal to it can only have come from the file."""
+    return {k: v + torch.rand_like(v) if v.is_floating_point() else v for k, v in state.items()}
+
+
+def in_efficientnet_pytorch_layout(state: dict) -> dict:
+    """timm lite0 tensors renamed in order to the package file's names (`_conv_stem`, `_blocks.N...`)."""
+    names = [k for k in torch.load(LITE0_FILE, weights_only=True) if not k.endswith("num_batches_tracked")]
+    tensors = [v for k, v in state.items() if not k.endswith("num_batches_tracked")]
+    return dict(zip(names, tensors, strict=True))
+
+
+@pytest.mark.parametrize("in_chans", [3, 1])
+def test_weights_in_another_layout_are_refused(tmp_path, in_chans):
+    path = tmp_path / "encoder.pth"
+    torch.save({f"encoder.{k}": v for k, v in timm.create_model("resnet18").state_dict().items()}, path)
+    with pytest.raises(SkuvisionError) as refused:
+        create_backbone("resnet18", num_classes=5, in_chans=in_chans, weights=str(path))
+    message = str(refused.value)
+    total = len(backbone_names("resnet18"))
+    assert f"model.weights={path} matched 0 of {total} backbone tensors of resnet18" in message
+    assert "model.pretrained=false" in message and "\n" not in message
+
+
+def test_weights_of_a_smaller_sibling_are_refused_with_the_count_that_loaded(tmp_path):
+    small = timm.create_model("resnet18").state_dict()
+    path = tmp_path / "resnet18.pth"
+    torch.save(small, path)
+    big = dict(timm.create_model("resnet34").named_parameters())
+    names = backbone_names("resnet34")
+    matched = sum(n in small and small[n].shape == big[n].shape for n in names)
+    assert 0 < matched < len(names)
+    expected = f"matched {matched} of {len(names)} backbone tensors of resnet34"
+    with pytest.raises(SkuvisionError, match=expected):
+        create_backbone("resnet34", num_classes=5, in_chans=3, weights=str(path))
+
+
+def test_grayscale_model_loads_a_fitting_file(tmp_path):
+    source = timm.create_model("resnet18").state_dict()
+    path = tmp_path / "resnet18.pth"
+    torch.save(source, path)
+    model = create_backbone("resnet18", num_classes=5, in_chans=1, weights=str(path))
+    assert torch.equal(model.layer4[1].conv2.weight, source["layer4.1.conv2.weight"])
+    assert model.conv1.in_channels == 1
+
+
+def test_lite0_package_file_as_weights_is_converted_and_recognises_real_photos(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("SKUVISION_CACHE", str(tmp_path))
+    caplog.set_level("INFO", logger="skuvision")
+    given = create_backbone("tf_efficientnet_lite0", num_classes=1000, in_chans=3, weights=str(LITE0_FILE))
+    assert "from the efficientnet_pytorch layout" in caplog.text
+    packaged = create_backbone("tf_efficientnet_lite0", num_classes=1000, in_chans=3, pretrained=True)
+    photos = torch.cat([photo("chelsea"), photo("coffee")])
+    with torch.no_grad():
+        logits = given.eval()(photos)
+        torch.testing.assert_close(logits, packaged.eval()(photos), rtol=0, atol=1e-6)
+    assert logits.argmax(1).tolist() == [282, 967]  # tiger cat, espresso
+
+
+def test_a_built_efficientnet_pytorch_file_loads_every_tensor(tmp_path, monkeypatch):
+    monkeypatch.setenv("SKUVISION_CACHE", str(tmp_path / "cache"))
+    original = noisy(timm.create_model("tf_efficientnet_lite0").state_dict())
+    path = tmp_path / "lite0_efficientnet_pytorch.pth"
+    torch.save(in_efficientnet_pytorch_layout(original), path)
+    model = create_backbone("tf_efficientnet_lite0", num_classes=5, in_chans=3, weights=str(path))
+    for name in backbone_names("tf_efficientnet_lite0"):
+        assert torch.equal(model.get_parameter(name), original[name]), name
+
+
+def test_a_rewritten_foreign_file_is_converted_again(tmp_path, monkeypatch):
+    monkeypatch.setenv("SKUVISION_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "lite0_efficientnet_pytorch.pth"
+    state = timm.create_model("tf_efficientnet_lite0").state_dict()
+    for version in (noisy(state), noisy(state)):
+        torch.save(in_efficientnet_pytorch_layout(version), path)
+        model = create_backbone("tf_efficientnet_lite0", num_classes=5, in_chans=3, weights=str(path))
+        assert torch.equal(model.conv_stem.weight, version["conv_stem.weight"])
+
+
+def test_a_foreign_file_that_does_not_convert_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("SKUVISION_CACHE", str(tmp_path))
+    total = len(backbone_names("resnet18"))
+    with pytest.raises(SkuvisionError, match=f"matched 0 of {total} .*efficientnet_pytorch layout"):
+        create_backbone("resnet18", num_classes=5, in_chans=3, weights=str(LITE0_FILE))
+
+
+def test_a_file_that_is_no_state_dict_names_the_key(tmp_path):
+    path = tmp_path / "notes.pth"
+    path.write_text("not a weights file")
+    with pytest.raises(SkuvisionError, match=r"model.weights=.*notes.pth does not fit resnet18: [^\n]*$"):
+        create_backbone("resnet18", num_classes=5, in_chans=3, weights=str(path))

@@ -28,15 +28,16 @@ INPUT_28 = {
 INPUT_32 = {**INPUT_28, "input_size": [3, 32, 32], "mean": [0.5] * 3, "std": [0.5] * 3}
 
 
-def ready(datamodule, input_config):
-    datamodule.set_input_config(input_config)
+def ready(datamodule):
     datamodule.setup("fit")
     return datamodule
 
 
 def test_fashion_mnist_reads_idx_gz(data_root):
     dm = ready(
-        FashionMNISTDataModule(str(data_root / "fashion_mnist"), system_dirs=[], download=False), INPUT_28
+        FashionMNISTDataModule(
+            str(data_root / "fashion_mnist"), input_config=INPUT_28, system_dirs=[], download=False
+        )
     )
     assert (len(dm.splits["train"]), len(dm.splits["val"]), len(dm.splits["test"])) == (360, 40, 100)
     images, labels = next(iter(dm.train_dataloader()))
@@ -56,11 +57,11 @@ def test_truncated_idx_file_is_named(tmp_path, data_root):
 
 
 def test_cifar10_and_100_read_pickle_batches(data_root):
-    c10 = ready(CIFAR10DataModule(str(data_root / "cifar"), download=False), INPUT_32)
+    c10 = ready(CIFAR10DataModule(str(data_root / "cifar"), input_config=INPUT_32, download=False))
     assert len(c10.splits["train"]) + len(c10.splits["val"]) == 300 and len(c10.splits["test"]) == 60
     assert c10.class_names[:2] == ["airplane", "automobile"]
-    c100 = ready(CIFAR100DataModule(str(data_root / "cifar"), download=False), INPUT_32)
-    assert c100.num_classes == 100 and c100.class_names[5] == "class_05"
+    c100 = ready(CIFAR100DataModule(str(data_root / "cifar"), input_config=INPUT_32, download=False))
+    assert c100.num_classes == 100 and c100.class_names[5] == "bed"
     images, _ = c100.splits["test"][0]
     assert images.shape == (3, 32, 32) and images.dtype == torch.uint8
 
@@ -85,13 +86,19 @@ def test_subset_fraction_and_count():
 
 
 def test_subset_applies_to_every_split(data_root):
-    dm = FashionMNISTDataModule(str(data_root / "fashion_mnist"), system_dirs=[], download=False, subset=20)
-    ready(dm, INPUT_28)
+    dm = FashionMNISTDataModule(
+        str(data_root / "fashion_mnist"), input_config=INPUT_28, system_dirs=[], download=False, subset=20
+    )
+    ready(dm)
     assert {len(s) for s in dm.splits.values()} == {20}
 
 
 def test_image_folder_split_by_fractions(data_root):
-    dm = ready(ImageFolderDataModule(str(data_root / "photos"), split_fractions=[0.5, 0.25, 0.25]), INPUT_32)
+    dm = ready(
+        ImageFolderDataModule(
+            str(data_root / "photos"), input_config=INPUT_32, split_fractions=[0.5, 0.25, 0.25]
+        )
+    )
     assert dm.class_names == ["phone", "shirt", "toaster"]
     sizes = {k: len(v) for k, v in dm.splits.items()}
     assert sizes == {"train": 18, "val": 9, "test": 9}
@@ -103,7 +110,7 @@ def test_image_folder_split_by_fractions(data_root):
 
 def test_image_folder_presplit(tmp_path):
     write_image_folder(tmp_path / "shop", presplit=True, per_class=6)
-    dm = ready(ImageFolderDataModule(str(tmp_path / "shop")), INPUT_32)
+    dm = ready(ImageFolderDataModule(str(tmp_path / "shop"), input_config=INPUT_32))
     assert {k: len(v) for k, v in dm.splits.items()} == {"train": 18, "val": 6, "test": 6}
 
 
@@ -113,20 +120,21 @@ def test_image_folder_class_missing_from_train_is_named(tmp_path):
     write_image_folder(tmp_path / "extra", classes=("kettle",), per_class=2)
     for f in (tmp_path / "extra" / "kettle").iterdir():
         f.rename(tmp_path / "shop" / "val" / "kettle" / f.name)
-    dm = ImageFolderDataModule(str(tmp_path / "shop"))
-    dm.set_input_config(INPUT_32)
+    dm = ImageFolderDataModule(str(tmp_path / "shop"), input_config=INPUT_32)
     with pytest.raises(SkuvisionError, match=r"class folder .*val/kettle is not among the training classes"):
         dm.setup("fit")
 
 
 def test_image_folder_root_must_exist(tmp_path):
     with pytest.raises(SkuvisionError, match=r"data.root=.*nowhere is not a folder"):
-        _ = ImageFolderDataModule(str(tmp_path / "nowhere")).class_names
+        _ = ImageFolderDataModule(str(tmp_path / "nowhere"), input_config=INPUT_32).class_names
 
 
 def test_image_unreadable_after_setup_names_the_file(tmp_path):
     write_image_folder(tmp_path / "shop", per_class=4)
-    dm = ready(ImageFolderDataModule(str(tmp_path / "shop"), split_fractions=[1, 0, 0]), INPUT_32)
+    dm = ready(
+        ImageFolderDataModule(str(tmp_path / "shop"), input_config=INPUT_32, split_fractions=[1, 0, 0])
+    )
     path, _ = dm.splits["train"].samples[0]
     Path(path).write_text("replaced by text after the scan")
     with pytest.raises(SkuvisionError, match=f"cannot read image {path}"):
@@ -138,7 +146,7 @@ def test_in_memory_and_pil_paths_agree(tmp_path):
     from PIL import Image
 
     from skuvision.data.datamodule import ImageDataModule
-    from skuvision.data.transforms import pil_transform
+    from skuvision.data.transforms import eval_image_transform
 
     rng = np.random.default_rng(0)
     pixels = rng.integers(0, 255, size=(32, 32, 3), dtype=np.uint8)
@@ -149,9 +157,8 @@ def test_in_memory_and_pil_paths_agree(tmp_path):
         "interpolation": "bilinear",
         "crop_pct": 0.875,
     }
-    dm = ImageDataModule(root=".")
-    dm.set_input_config(cfg)
-    pil = pil_transform(cfg)(Image.fromarray(pixels)).unsqueeze(0)
+    dm = ImageDataModule(root=".", input_config=cfg)
+    pil = eval_image_transform(cfg)(Image.fromarray(pixels)).unsqueeze(0)
     memory = torch.from_numpy(pixels).permute(2, 0, 1).unsqueeze(0)
     a, _ = dm.on_after_batch_transfer((pil, torch.zeros(1)), 0)
     b, _ = dm.on_after_batch_transfer((memory, torch.zeros(1)), 0)

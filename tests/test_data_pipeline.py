@@ -54,20 +54,21 @@ def test_every_preset_is_covered():
 def test_preset_gives_model_sized_normalized_batches(tmp_path, data_root, preset, source):
     augment = augment_from(preset, tmp_path)
     if source == "photos":
-        dm = ImageFolderDataModule(str(data_root / "photos"), batch_size=8, augment=augment)
         config = INPUT_64
+        dm = ImageFolderDataModule(
+            str(data_root / "photos"), config, batch_size=8, augment=augment, num_workers=0
+        )
     else:
+        config = {**INPUT_64, "input_size": [1, 64, 64], "mean": [0.5], "std": [0.25]}
         dm = FashionMNISTDataModule(
             str(data_root / "fashion_mnist"),
+            input_config=config,
             system_dirs=[],
             download=False,
             batch_size=8,
             augment=augment,
             num_workers=0,
         )
-        config = {**INPUT_64, "input_size": [1, 64, 64], "mean": [0.5], "std": [0.25]}
-    dm.num_workers = 0
-    dm.set_input_config(config)
     dm.setup("fit")
     images, labels = batch_through(dm, "train", training=True)
     assert images.shape == (8, *config["input_size"]) and images.dtype == torch.float32
@@ -87,9 +88,8 @@ def test_preset_gives_model_sized_normalized_batches(tmp_path, data_root, preset
 @pytest.mark.parametrize("preset", PRESETS)
 def test_evaluation_batches_are_deterministic(tmp_path, data_root, preset):
     dm = ImageFolderDataModule(
-        str(data_root / "photos"), batch_size=8, augment=augment_from(preset, tmp_path)
+        str(data_root / "photos"), input_config=INPUT_64, batch_size=8, augment=augment_from(preset, tmp_path)
     )
-    dm.set_input_config(INPUT_64)
     a, ya = batch_through(dm, "test", training=False)
     b, yb = batch_through(dm, "test", training=False)
     assert torch.equal(a, b) and torch.equal(ya, yb)
@@ -98,13 +98,12 @@ def test_evaluation_batches_are_deterministic(tmp_path, data_root, preset):
 def test_training_batches_are_augmented(tmp_path, data_root):
     dm = FashionMNISTDataModule(
         str(data_root / "fashion_mnist"),
+        input_config={**INPUT_64, "input_size": [1, 28, 28], "mean": [0.5], "std": [0.5], "crop_pct": 1.0},
         system_dirs=[],
         download=False,
         batch_size=8,
         augment=augment_from("basic", tmp_path),
     )
-    dm.set_input_config({**INPUT_64, "input_size": [1, 28, 28], "mean": [0.5], "std": [0.5], "crop_pct": 1.0})
-    dm.splits = {}
     dm.setup("fit")
     dm.trainer = Training(True)
     raw = dm.splits["train"].images[:8]
@@ -125,12 +124,12 @@ def imbalanced_folder(root, counts=(6, 120)):
 def test_sampler_balances_a_1_to_20_folder(tmp_path):
     dm = ImageFolderDataModule(
         str(imbalanced_folder(tmp_path / "shop")),
+        input_config={**INPUT_64, "input_size": [3, 16, 16], "crop_pct": 1.0},
         split_fractions=[1, 0, 0],
         balance="sampler",
         batch_size=16,
         num_workers=0,
     )
-    dm.set_input_config({**INPUT_64, "input_size": [3, 16, 16], "crop_pct": 1.0})
     dm.setup("fit")
     assert dm.class_counts()["train"] == [120, 6]  # common, rare (sorted names)
     torch.manual_seed(0)
@@ -150,7 +149,7 @@ def test_loss_balance_puts_inverse_frequency_weights_in_the_loss(tmp_path, data_
         "test=false",
     ]
     cfg = compose_cfg("train", overrides, tmp_path / "run")
-    from skuvision.tasks.train import build
+    from skuvision.tasks.assembly import build
 
     _, module = build(cfg)
     expected = torch.tensor([126 / (2 * 120), 126 / (2 * 6)])
@@ -216,7 +215,7 @@ def test_odd_modes_become_sensible_rgb(tmp_path):
 def test_empty_class_folder_is_named(tmp_path):
     write_image_folder(tmp_path / "shop", classes=("kettle", "shirt"), per_class=4)
     (tmp_path / "shop" / "toaster").mkdir()
-    dm = ImageFolderDataModule(str(tmp_path / "shop"))
+    dm = ImageFolderDataModule(str(tmp_path / "shop"), input_config=INPUT_64)
     with pytest.raises(SkuvisionError, match=r"class folder .*toaster has no readable images"):
         dm.setup("fit")
 
@@ -224,14 +223,14 @@ def test_empty_class_folder_is_named(tmp_path):
 def test_single_class_is_a_clear_error(tmp_path):
     write_image_folder(tmp_path / "shop", classes=("kettle",), per_class=4)
     with pytest.raises(SkuvisionError, match=r"needs at least two class subfolders.*only .*kettle"):
-        ImageFolderDataModule(str(tmp_path / "shop")).setup("fit")
+        ImageFolderDataModule(str(tmp_path / "shop"), input_config=INPUT_64).setup("fit")
 
 
 def test_class_missing_from_val_is_a_warning(tmp_path, caplog):
     write_image_folder(tmp_path / "shop", presplit=True, classes=("kettle", "shirt"), per_class=6)
     for f in (tmp_path / "shop" / "val" / "shirt").iterdir():
         f.unlink()
-    dm = ImageFolderDataModule(str(tmp_path / "shop"))
+    dm = ImageFolderDataModule(str(tmp_path / "shop"), input_config=INPUT_64)
     dm.setup("fit")
     assert "class 'shirt' has no images in the val split" in caplog.text
     assert dm.class_counts()["val"] == [2, 0]
@@ -239,5 +238,6 @@ def test_class_missing_from_val_is_a_warning(tmp_path, caplog):
 
 def test_class_order_is_sorted_by_folder_name(tmp_path):
     write_image_folder(tmp_path / "shop", classes=("zebra_print", "apple_phone", "kettle"), per_class=6)
-    dm = ImageFolderDataModule(str(tmp_path / "shop"))
+    dm = ImageFolderDataModule(str(tmp_path / "shop"), input_config=INPUT_64)
     assert dm.class_names == ["apple_phone", "kettle", "zebra_print"]
+

@@ -11,7 +11,7 @@ from pytorch_lightning import Callback, seed_everything
 from pytorch_lightning.callbacks import ModelCheckpoint
 
 from skuvision.finetune import stage_param_names
-from skuvision.tasks.train import build
+from skuvision.tasks.assembly import build
 from skuvision.tasks.utils import instantiate_callbacks
 
 STRATEGIES = sorted(p.stem for p in (ROOT / "conf" / "finetune").glob("*.yaml"))

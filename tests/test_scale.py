@@ -16,8 +16,9 @@ from omegaconf import OmegaConf
 
 from skuvision.data import FashionMNISTDataModule
 from skuvision.errors import SkuvisionError
+from skuvision.runtime_guards import check_devices, resume_path
 from skuvision.tasks import evaluate, train
-from skuvision.tasks.train import build, check_devices, resume_path
+from skuvision.tasks.assembly import build
 
 
 def only_run_folder(parent: Path) -> Path:
@@ -70,7 +71,16 @@ def test_two_process_ddp_run_matches_a_single_process_eval(data_root, tmp_path, 
 
 def test_batch_size_is_global_and_must_divide_among_processes(data_root):
     root = data_root / "fashion_mnist"
-    datamodule = FashionMNISTDataModule(root=str(root), system_dirs=[], download=False, batch_size=8)
+    input_config = {
+        "input_size": [1, 28, 28],
+        "mean": [0.5],
+        "std": [0.5],
+        "interpolation": "bilinear",
+        "crop_pct": 1,
+    }
+    datamodule = FashionMNISTDataModule(
+        root=str(root), input_config=input_config, system_dirs=[], download=False, batch_size=8
+    )
     assert datamodule.per_process_batch_size() == 8  # no Trainer: one process
     assert datamodule.per_process_batch_size(2) == 4
     with pytest.raises(SkuvisionError, match=r"^data\.batch_size=8 .* 3 processes .*multiple of 3$"):
@@ -152,7 +162,9 @@ def test_a_rerun_in_the_same_folder_resumes_from_last_ckpt(train_cfg):
     with open(Path(first.paths.output_dir) / "csv" / "metrics.csv") as f:
         epochs_validated = [row["epoch"] for row in csv.DictReader(f) if row["val/acc"]]
     assert epochs_validated == ["0", "1"]  # the first attempt's rows are kept
-    assert resume_path(train_cfg(extra=["ckpt_path=/elsewhere/x.ckpt"])) == "/elsewhere/x.ckpt"
+    assert resume_path(train_cfg(extra=[f"ckpt_path={last}"])) == str(last)
+    with pytest.raises(SkuvisionError, match=r"^ckpt_path=/elsewhere/x\.ckpt: no such checkpoint file$"):
+        resume_path(train_cfg(extra=["ckpt_path=/elsewhere/x.ckpt"]))
 
 
 SLURM = ["hydra/launcher=slurm", "hydra.launcher.partition=gpu", "trainer=multinode"]

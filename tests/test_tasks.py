@@ -20,7 +20,7 @@ from torchmetrics.functional.classification import (
 )
 from writers import write_image_folder
 
-from skuvision.models.classifier import load_classifier
+from skuvision.checkpoints import load_classifier
 from skuvision.tasks import evaluate, train
 from skuvision.tasks.embed import embed
 from skuvision.tasks.export import export
@@ -42,7 +42,11 @@ def checkpoint(tmp_path_factory, photos):
         f"data.root={photos}",
         "trainer.max_epochs=3",
         "optimizer.lr=0.01",
-        "data.image_size=32",
+        "input.image_size=32",
+        # A training loss unlike the plain cross-entropy val/test report: both tasks must still agree.
+        "label_smoothing=0.2",
+        "data.balance=loss",
+        "trainer.precision=32",  # as eval below and direct_logits: this CPU would pick bf16 by itself
     ]
     cfg = compose_cfg("train", overrides, run / "run")
     train(cfg)
@@ -52,20 +56,20 @@ def checkpoint(tmp_path_factory, photos):
 @pytest.fixture(scope="module")
 def evaluation(tmp_path_factory, checkpoint):
     out = tmp_path_factory.mktemp("eval") / "run"
-    cfg = compose_cfg("eval", [f"ckpt_path={checkpoint}", "trainer.accelerator=cpu", "threads=2"], out)
+    overrides = [f"ckpt_path={checkpoint}", "trainer.accelerator=cpu", "trainer.precision=32", "threads=2"]
+    cfg = compose_cfg("eval", overrides, out)
     return evaluate(cfg), out
 
 
 def direct_logits(checkpoint):
     """The test split's logits and labels computed without the eval task."""
     module = load_classifier(str(checkpoint)).eval()
-    datamodule = instantiate(OmegaConf.create(module.hparams.data))
-    datamodule.set_input_config(module.input_config)
+    datamodule = instantiate(OmegaConf.create(module.hparams.data), input_config=module.input_config)
     datamodule.setup("test")
     logits, labels = [], []
     with torch.inference_mode():
         for images, y in datamodule.test_dataloader():
-            logits.append(module(datamodule.normalizer(images)).float())
+            logits.append(module(datamodule.to_model_input(images)).float())
             labels.append(y)
     return torch.cat(logits), torch.cat(labels)
 
@@ -91,6 +95,19 @@ def test_metrics_json_matches_torchmetrics(evaluation, checkpoint):
         assert written["per_class"][name]["support"] == int((labels == i).sum())
     assert np.asarray(written["confusion_matrix"]).sum() == len(labels)
     assert 0.0 < written["test/acc"] <= 1.0
+
+
+def test_train_and_eval_report_the_same_test_loss(evaluation, checkpoint):
+    """The training loss smooths labels and weights classes; test/loss is plain cross-entropy in both."""
+    report, _ = evaluation
+    trained = json.loads((checkpoint.parents[1] / "metrics.json").read_text())
+    assert trained["best_checkpoint"] == str(checkpoint)
+    assert trained["test/loss"] == pytest.approx(report["test/loss"], rel=1e-4)
+    assert trained["test/acc"] == pytest.approx(report["test/acc"], abs=1e-6)
+    logits, labels = direct_logits(checkpoint)
+    assert report["test/loss"] == pytest.approx(
+        torch.nn.functional.cross_entropy(logits, labels).item(), rel=1e-5
+    )
 
 
 def test_plots_are_valid_pngs(evaluation):
@@ -154,7 +171,6 @@ def test_retrieval_finds_duplicates_first(checkpoint, tmp_path):
         f"ckpt_path={checkpoint}",
         "data=image_folder",
         f"data.root={shop}",
-        "data.image_size=32",
         "num_workers=0",
         "data.num_workers=0",
         "trainer.accelerator=cpu",

@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from skuvision.data.cifar import CIFAR100_CLASSES
+
 
 def pattern_images(labels: np.ndarray, size: int, channels: int, seed: int) -> np.ndarray:
     """uint8 (N, H, W, C): a bright bar whose position encodes the class, on noise."""
@@ -82,7 +84,7 @@ def write_cifar100(root: Path, n_train: int = 400, n_test: int = 200) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     _pickle(folder / "train", _cifar_batch(n_train, 100, b"fine_labels", 0))
     _pickle(folder / "test", _cifar_batch(n_test, 100, b"fine_labels", 1))
-    _pickle(folder / "meta", {b"fine_label_names": [f"class_{i:02d}".encode() for i in range(100)]})
+    _pickle(folder / "meta", {b"fine_label_names": [n.encode() for n in CIFAR100_CLASSES]})
     return root
 
 

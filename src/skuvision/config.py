@@ -50,14 +50,27 @@ def auto_precision(accelerator: str = "auto") -> str:
     """
     import torch
 
+    from skuvision.runtime_guards import cpu_has_native_bf16
+
     use_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
     if use_gpu:
         return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
-    native = [
-        getattr(torch.cpu, f, lambda: False)()
-        for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    ]
-    return "bf16-mixed" if any(native) else "32"
+    return "bf16-mixed" if cpu_has_native_bf16() else "32"
+
+
+# Keys that moved, and where to: a command line that uses the old name gets one line naming the new one.
+RENAMED_KEYS = {
+    f"data.{key}": f"input.{key}" for key in ("image_size", "mean", "std", "interpolation", "crop_pct")
+}
+
+
+def renamed_key_error(overrides: list[str]) -> str | None:
+    """The error line for the first override that uses a renamed key, else None."""
+    for override in overrides:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if key in RENAMED_KEYS:
+            return f"{key} is now {RENAMED_KEYS[key]}: write {override.replace(key, RENAMED_KEYS[key], 1)}"
+    return None
 
 
 RESOLVERS = {

@@ -16,6 +16,12 @@ from torchmetrics.classification import (
 from torchmetrics.retrieval import RetrievalHitRate, RetrievalMAP
 
 
+def eval_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The val/test loss: plain cross-entropy, whatever the training loss adds (label smoothing, class
+    weights, soft targets), so runs with different recipes compare, and train.py and eval.py agree."""
+    return F.cross_entropy(logits.float(), labels)
+
+
 def classification_metrics(num_classes: int) -> MetricCollection:
     # Inputs come from the model and the data module, always well-formed: skip the per-update checks.
     options = {"num_classes": num_classes, "validate_args": False}
@@ -35,7 +41,7 @@ def evaluation_report(logits: torch.Tensor, labels: torch.Tensor, class_names: l
     logits, labels = logits.float(), labels.long()
     probs = logits.softmax(dim=1)
     report = {
-        "test/loss": F.cross_entropy(logits, labels).item(),
+        "test/loss": eval_loss(logits, labels).item(),
         "test/acc": MulticlassAccuracy(k, average="micro")(probs, labels).item(),
         "test/f1_macro": MulticlassF1Score(k, average="macro")(probs, labels).item(),
         "test/f1_weighted": MulticlassF1Score(k, average="weighted")(probs, labels).item(),

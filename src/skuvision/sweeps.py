@@ -42,8 +42,9 @@ class LeaderboardCallback(Callback):
 def resume_study(storage: str, study_name: str) -> tuple[int, int]:
     """Prepare a stored Optuna study for a resumed sweep: (trials that count as done, trials ever started).
 
-    Trials still RUNNING were cut off by an interruption: they become FAIL with user attribute
-    `interrupted`, and do not count as done, so the resumed sweep runs them again.
+    Trials still RUNNING were cut off by an interruption: they become FAIL, their numbers are listed in the
+    study's user attribute `interrupted_trials`, and they do not count as done, so the resumed sweep runs
+    them again.
     """
     import optuna
     from optuna.trial import TrialState
@@ -52,10 +53,12 @@ def resume_study(storage: str, study_name: str) -> tuple[int, int]:
         study = optuna.load_study(study_name=study_name, storage=storage)
     except KeyError:  # a new study
         return 0, 0
+    interrupted = list(study.user_attrs.get("interrupted_trials", []))
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        study._storage.set_trial_user_attr(trial._trial_id, "interrupted", True)
         study.tell(trial.number, state=TrialState.FAIL)
-    trials = study.get_trials(deepcopy=False)
-    done = sum(not t.user_attrs.get("interrupted") for t in trials)
-    log.info("Optuna study %s: %d of its %d trials done; resuming after them", study_name, done, len(trials))
-    return done, len(trials)
+        interrupted.append(trial.number)
+    study.set_user_attr("interrupted_trials", interrupted)
+    started = len(study.get_trials(deepcopy=False))
+    done = started - len(interrupted)
+    log.info("Optuna study %s: %d of its %d trials done; resuming after them", study_name, done, started)
+    return done, started

@@ -12,7 +12,7 @@ from pytorch_lightning import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, Subset, WeightedRandomSampler
 
 from skuvision.data.augment import TrainAugment
-from skuvision.data.transforms import BatchNormalizer, pil_transform
+from skuvision.data.transforms import ToModelInput, eval_image_transform
 from skuvision.errors import SkuvisionError
 
 log = logging.getLogger(__name__)
@@ -90,19 +90,21 @@ def subset_indices(labels: Sequence[int], subset: float | int | None, seed: int)
 
 
 class ImageDataModule(LightningDataModule):
-    """Shared by every source: subclasses set `in_chans`, and implement `class_names` and `load_splits`.
+    """Shared by every source: subclasses set `in_chans`, and implement `class_names` and `load_splits`
+    (and `fetch_missing` where the source can be downloaded).
 
-    `input_config` (size, mean/std, interpolation, crop) comes from the model and is set before setup().
-    `batch_size` is the global batch, divided among the processes of a DDP run, so the recipe does not change
-    with the number of GPUs; `eval_batch_size` is global too (rounded up per process: it changes no result).
+    `input_config` (size, mean/std, interpolation, crop), resolved from the model config before this is
+    built, fixes every transform here. `batch_size` is the global batch, divided among the processes of a DDP
+    run, so the recipe does not change with the number of GPUs; `eval_batch_size` is global too (rounded up
+    per process: it changes no result).
     """
 
     in_chans = 3
-    memory_path = "pil"  # "in-memory" for sources whose images are tensors already
 
     def __init__(
         self,
         root: str,
+        input_config: dict,
         batch_size: int = 128,
         eval_batch_size: int | None = None,
         num_workers: int = 0,
@@ -110,19 +112,17 @@ class ImageDataModule(LightningDataModule):
         subset: float | int | None = None,
         seed: int = 42,
         download: bool = True,
-        image_size: int | None = None,
-        mean: Sequence[float] | None = None,
-        std: Sequence[float] | None = None,
-        interpolation: str | None = None,
-        crop_pct: float | None = None,
         balance: str = "none",
         augment: TrainAugment | None = None,
+        predict_split: str = "test",
     ):
         """`balance`: "none", "sampler" (class-balanced sampling of the training split) or "loss"
         (class-weighted cross-entropy, see `loss_class_weights`). `augment`: a training augmentation preset
-        (conf/augment, see skuvision.data.augment); evaluation batches are never augmented."""
+        (conf/augment, see skuvision.data.augment); evaluation batches are never augmented.
+        `predict_split`: the split Trainer.predict runs over."""
         super().__init__()
         self.root = root
+        self.input_config = dict(input_config)
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
@@ -130,14 +130,6 @@ class ImageDataModule(LightningDataModule):
         self.subset = subset
         self.seed = seed
         self.download = download
-        # Overrides of the model's input config; null keeps what the model's pretrained config says.
-        self.input_overrides = {
-            "image_size": image_size,
-            "mean": list(mean) if mean is not None else None,
-            "std": list(std) if std is not None else None,
-            "interpolation": interpolation,
-            "crop_pct": crop_pct,
-        }
         if balance not in BALANCE_MODES:
             raise SkuvisionError(f"data.balance={balance!r}: use one of {', '.join(BALANCE_MODES)}")
         if getattr(augment, "needs_even_batch", False):
@@ -150,8 +142,10 @@ class ImageDataModule(LightningDataModule):
                 raise SkuvisionError(f"augment=mixup_cutmix needs an even data.batch_size, not {batch_size}")
         self.balance = balance
         self.augment = augment
-        self.input_config: dict | None = None
-        self.normalizer: BatchNormalizer | None = None
+        self.predict_split = predict_split
+        self.to_model_input = ToModelInput(self.input_config)
+        self.eval_transform = eval_image_transform(self.input_config)
+        self.train_transform = augment.image_transform(self.input_config) if augment else None
         self.splits: dict[str, Dataset] = {}
 
     # --- what subclasses provide ---------------------------------------------------------------------
@@ -163,31 +157,18 @@ class ImageDataModule(LightningDataModule):
         """Return {"train": ..., "val": ..., "test": ...} datasets yielding (uint8 CHW tensor, label)."""
         raise NotImplementedError
 
+    def fetch_missing(self) -> None:
+        """Download missing files where the network allows (sources that cannot be downloaded do nothing)."""
+
     # --- shared --------------------------------------------------------------------------------------
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
 
-    def set_input_config(self, input_config: dict) -> None:
-        self.input_config = dict(input_config)
-        self.normalizer = BatchNormalizer(self.input_config)
-        if self.splits:
-            self.attach_transforms()
-
-    def attach_transforms(self) -> None:
-        """Per-image transforms, which depend on the input config: timm's eval transform for files, and a
-        per-image training augmentation where the preset has one. In-memory sets otherwise have none."""
-        eval_transform = pil_transform(self.input_config)
-        train_transform = self.augment.image_transform(self.input_config) if self.augment else None
-        for split, dataset in self.splits.items():
-            base = dataset.dataset if isinstance(dataset, Subset) else dataset
-            special = train_transform if split == "train" else None
-            base.transform = special if isinstance(base, InMemoryImages) else special or eval_transform
-        train = self.splits["train"]
-        per_image = (
-            getattr(train.dataset if isinstance(train, Subset) else train, "transform", None) is not None
-        )
-        log.info("training images: %s", "per-image PIL path" if per_image else "in-memory batched path")
+    def prepare_data(self) -> None:
+        # Lightning calls this on one process per node, before any process reads the files.
+        if self.download:
+            self.fetch_missing()
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
@@ -196,18 +177,31 @@ class ImageDataModule(LightningDataModule):
         self.splits = {name: self._apply_subset(ds) for name, ds in splits.items()}
         if hasattr(self.augment, "set_num_classes"):
             self.augment.set_num_classes(self.num_classes)
-        if self.input_config is not None:
-            self.attach_transforms()
+        for split, dataset in self.splits.items():
+            base = dataset.dataset if isinstance(dataset, Subset) else dataset
+            per_image = self.train_transform if split == "train" else None
+            # In-memory images are resized on the batch unless a per-image augmentation needs PIL.
+            eval_transform = None if isinstance(base, InMemoryImages) else self.eval_transform
+            base.transform = per_image or eval_transform
         sizes = ", ".join(f"{k}={len(v)}" for k, v in self.splits.items())
         log.info(
-            "data: %s (%s path, %d classes) %s",
+            "data: %s, %d classes, %s; training images on the %s",
             type(self).__name__,
-            self.memory_path,
             self.num_classes,
             sizes,
+            self.training_path,
         )
         for split, counts in self.class_counts().items():
             log.info("class counts %s: %s", split, dict(zip(self.class_names, counts, strict=True)))
+
+    @property
+    def training_path(self) -> str:
+        """How training batches are made, read off the training split itself."""
+        train = self.splits["train"]
+        base = train.dataset if isinstance(train, Subset) else train
+        if isinstance(base, InMemoryImages) and base.transform is None:
+            return "in-memory batched path (resized on the device)"
+        return "per-image PIL path (DataLoader workers)"
 
     def class_counts(self) -> dict[str, list[int]]:
         """Images per class in each split, in class-index order."""
@@ -305,8 +299,6 @@ class ImageDataModule(LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", shuffle=False)
 
-    predict_split = "test"  # the split Trainer.predict runs over (eval.py: test; embed.py: any)
-
     def predict_dataloader(self) -> DataLoader:
         """`predict_split`, in order."""
         return self._loader(self.predict_split, shuffle=False)
@@ -314,10 +306,10 @@ class ImageDataModule(LightningDataModule):
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         images, labels = batch
         augment = self.augment if self.trainer is not None and self.trainer.training else None
-        x = self.normalizer.to_unit(images)
+        x = self.to_model_input.to_unit(images)
         if augment is not None:
             x = augment.on_batch(x)
-        x = self.normalizer.normalize(x)
+        x = self.to_model_input.normalize(x)
         if augment is not None:
             x, labels = augment.after_normalize(x, labels)
         return x, labels

@@ -62,10 +62,9 @@ class FashionMNISTDataModule(ImageDataModule):
     """Looks in data.root, its torchvision layout (FashionMNIST/raw) and the Debian package's folder."""
 
     in_chans = 1
-    memory_path = "in-memory"
 
-    def __init__(self, root: str, system_dirs: Sequence[str] = (DEBIAN_DIR,), **kwargs):
-        super().__init__(root=root, **kwargs)
+    def __init__(self, root: str, input_config: dict, system_dirs: Sequence[str] = (DEBIAN_DIR,), **kwargs):
+        super().__init__(root=root, input_config=input_config, **kwargs)
         self.system_dirs = [Path(d) for d in system_dirs]
 
     @property
@@ -76,13 +75,20 @@ class FashionMNISTDataModule(ImageDataModule):
         root = Path(self.root).expanduser()
         return [root, root / "FashionMNIST" / "raw", *self.system_dirs]
 
+    def find_files(self) -> dict[str, Path | None]:
+        return {key: find_file(self.search_dirs(), stem) for key, stem in FILES.items()}
+
+    def fetch_missing(self) -> None:
+        if all(self.find_files().values()) or not host_reachable(DOWNLOAD_HOST):
+            return
+        from torchvision.datasets import FashionMNIST
+
+        log.info("downloading Fashion-MNIST into %s", self.root)
+        FashionMNIST(self.root, train=True, download=True)
+
     def locate(self) -> dict[str, Path]:
-        found = {key: find_file(self.search_dirs(), stem) for key, stem in FILES.items()}
+        found = self.find_files()
         missing = [FILES[k] + ".gz" for k, p in found.items() if p is None]
-        if missing and self.download and host_reachable(DOWNLOAD_HOST):
-            self._download()
-            found = {key: find_file(self.search_dirs(), stem) for key, stem in FILES.items()}
-            missing = [FILES[k] + ".gz" for k, p in found.items() if p is None]
         if missing:
             raise SkuvisionError(
                 f"Fashion-MNIST files not found: {', '.join(missing)}. Looked in "
@@ -90,12 +96,6 @@ class FashionMNISTDataModule(ImageDataModule):
                 f"package dataset-fashion-mnist), or copy the four .gz files into data.root={self.root}."
             )
         return found
-
-    def _download(self) -> None:
-        from torchvision.datasets import FashionMNIST
-
-        log.info("downloading Fashion-MNIST into %s", self.root)
-        FashionMNIST(self.root, train=True, download=True)
 
     def load_splits(self) -> dict[str, InMemoryImages]:
         files = self.locate()

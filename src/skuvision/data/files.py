@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from skuvision.data.image_folder import IMAGE_SUFFIXES
 from skuvision.data.images import DECODE_ERRORS, open_rgb
-from skuvision.data.transforms import BatchNormalizer, pil_transform
+from skuvision.data.transforms import ToModelInput, eval_image_transform
 from skuvision.errors import SkuvisionError
 
 LIST_SUFFIXES = {".txt", ".csv", ".lst"}
@@ -44,13 +44,14 @@ def collect_inputs(inputs: str | Sequence[str]) -> list[Path]:
     return paths
 
 
-class FileImages(Dataset):
-    """(uint8 CHW tensor at the model's size, error message or "") per path."""
+class InputImageFiles(Dataset):
+    """Unlabelled files to predict or embed: (uint8 CHW tensor at the model's size, error message or "")
+    per path, so that one bad file becomes an error row instead of stopping the run."""
 
     def __init__(self, paths: list[Path], input_config: dict):
         self.paths = paths
         self.input_config = input_config
-        self.transform = pil_transform(input_config)
+        self.transform = eval_image_transform(input_config)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -66,13 +67,13 @@ class FileImages(Dataset):
         return self.transform(img), ""
 
 
-class FilesDataModule(LightningDataModule):
+class InputFilesDataModule(LightningDataModule):
     """Batches of files for Trainer.predict, normalized on the device like the training data."""
 
     def __init__(self, paths: list[Path], input_config: dict, batch_size: int = 64, num_workers: int = 2):
         super().__init__()
-        self.dataset = FileImages(paths, input_config)
-        self.normalizer = BatchNormalizer(input_config)
+        self.dataset = InputImageFiles(paths, input_config)
+        self.to_model_input = ToModelInput(input_config)
         self.batch_size = batch_size
         self.num_workers = num_workers
 
@@ -83,4 +84,4 @@ class FilesDataModule(LightningDataModule):
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         images, errors = batch
-        return self.normalizer(images), errors
+        return self.to_model_input(images), errors

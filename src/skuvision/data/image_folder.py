@@ -39,7 +39,7 @@ def class_folders(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-class ImageFiles(Dataset):
+class LabelledImageFiles(Dataset):
     """(path, label) pairs decoded with PIL into the model's uint8 input by timm's eval transform."""
 
     def __init__(self, samples: list[tuple[Path, int]], transform=None):
@@ -62,8 +62,10 @@ class ImageFiles(Dataset):
 class ImageFolderDataModule(ImageDataModule):
     """`root/train|val|test/<class>/*.jpg`, or `root/<class>/*.jpg` split by `split_fractions`, stratified."""
 
-    def __init__(self, root: str, split_fractions: Sequence[float] = (0.8, 0.1, 0.1), **kwargs):
-        super().__init__(root=root, **kwargs)
+    def __init__(
+        self, root: str, input_config: dict, split_fractions: Sequence[float] = (0.8, 0.1, 0.1), **kwargs
+    ):
+        super().__init__(root=root, input_config=input_config, **kwargs)
         if len(split_fractions) != 3 or min(split_fractions) < 0 or sum(split_fractions) <= 0:
             raise SkuvisionError(
                 f"data.split_fractions={list(split_fractions)} must be three non-negative numbers"
@@ -127,13 +129,13 @@ class ImageFolderDataModule(ImageDataModule):
             samples += [(p, index[name]) for p in good]
         return samples
 
-    def load_splits(self) -> dict[str, ImageFiles]:
+    def load_splits(self) -> dict[str, LabelledImageFiles]:
         self.skipped = {}
         if self.presplit:
             missing = [s for s in SPLITS if not (self.folder / s).is_dir()]
             if missing:
                 raise SkuvisionError(f"{self.folder} has train/ but not {', '.join(missing)}/; add them")
-            return {s: ImageFiles(self._samples(self.folder / s, s)) for s in SPLITS}
+            return {s: LabelledImageFiles(self._samples(self.folder / s, s)) for s in SPLITS}
         samples = self._samples(self.folder, "train")
         labels = [label for _, label in samples]
         parts = stratified_split(labels, self.split_fractions, self.seed)
@@ -143,4 +145,6 @@ class ImageFolderDataModule(ImageDataModule):
                 log.warning(
                     "classes %s have no images in the %s split: too few images to split", absent, split
                 )
-        return {s: ImageFiles([samples[i] for i in idx]) for s, idx in zip(SPLITS, parts, strict=True)}
+        return {
+            s: LabelledImageFiles([samples[i] for i in idx]) for s, idx in zip(SPLITS, parts, strict=True)
+        }

@@ -1,4 +1,5 @@
-"""The model's input config, and the batched uint8 -> normalized float step that both data paths end in.
+"""From a decoded image to the model's input: timm's per-image eval transform, and the batched
+uint8 -> normalized float step that every data path ends in.
 
 Datasets yield uint8 CHW tensors. Resizing (in-memory sets only), scaling and normalization run on whole
 batches after they reach the device, so per-image CPU work stays minimal and the host->device copy is uint8.
@@ -7,49 +8,14 @@ batches after they reach the device, so per-image CPU work stays minimal and the
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
-from timm.data import create_transform, resolve_model_data_config
+from timm.data import create_transform, str_to_interp_mode
 from torch import nn
-from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-INPUT_KEYS = ("image_size", "mean", "std", "interpolation", "crop_pct")
-INTERPOLATIONS = {
-    "nearest": InterpolationMode.NEAREST,
-    "bilinear": InterpolationMode.BILINEAR,
-    "bicubic": InterpolationMode.BICUBIC,
-}
 
-
-def resolve_input_config(model: nn.Module, in_chans: int, **overrides: Any) -> dict:
-    """Input size, mean/std, interpolation and crop from timm's pretrained config; non-null overrides win.
-
-    With one input channel, mean and std are the averages of the RGB ones: timm's in_chans=1 adaptation sums
-    the pretrained first-conv filters, which is what a replicated gray image would see.
-    """
-    unknown = set(overrides) - set(INPUT_KEYS)
-    if unknown:
-        raise ValueError(f"unknown input override(s) {sorted(unknown)}; known: {INPUT_KEYS}")
-    cfg = resolve_model_data_config(model)
-    size = overrides.get("image_size") or cfg["input_size"][-1]
-    mean = overrides.get("mean") or cfg["mean"]
-    std = overrides.get("std") or cfg["std"]
-    if len(mean) != in_chans:
-        mean = [sum(mean) / len(mean)] * in_chans
-    if len(std) != in_chans:
-        std = [sum(std) / len(std)] * in_chans
-    return {
-        "input_size": [in_chans, int(size), int(size)],
-        "mean": [float(m) for m in mean],
-        "std": [float(s) for s in std],
-        "interpolation": str(overrides.get("interpolation") or cfg["interpolation"]),
-        "crop_pct": float(overrides.get("crop_pct") or cfg["crop_pct"]),
-    }
-
-
-def pil_transform(input_config: dict):
+def eval_image_transform(input_config: dict):
     """timm's deterministic eval transform ending in a uint8 tensor (normalization happens on the batch)."""
     return create_transform(
         input_size=tuple(input_config["input_size"]),
@@ -65,7 +31,7 @@ def scale_size(image_size: int, crop_pct: float) -> int:
     return math.floor(image_size / crop_pct)
 
 
-class BatchNormalizer(nn.Module):
+class ToModelInput(nn.Module):
     """uint8 batch (B, C, h, w) -> float batch at the model's size, scaled to [0, 1] and normalized.
 
     A batch that already has the model's size (the PIL path) is only scaled and normalized. A batch of
@@ -77,13 +43,13 @@ class BatchNormalizer(nn.Module):
         super().__init__()
         self.image_size = int(input_config["input_size"][-1])
         self.scale_size = scale_size(self.image_size, input_config["crop_pct"])
-        self.interpolation = INTERPOLATIONS.get(input_config["interpolation"], InterpolationMode.BILINEAR)
+        self.interpolation = str_to_interp_mode(input_config["interpolation"])
         mean = torch.tensor(input_config["mean"]).view(1, -1, 1, 1)
         std = torch.tensor(input_config["std"]).view(1, -1, 1, 1)
         self.register_buffer("mean", mean, persistent=False)
         self.register_buffer("std", std, persistent=False)
 
-    def resized(self, images: torch.Tensor) -> torch.Tensor:
+    def resize_crop(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 at the model's size (unchanged if it has it already)."""
         if images.shape[-2:] != (self.image_size, self.image_size):
             images = TF.resize(images, self.scale_size, interpolation=self.interpolation, antialias=True)
@@ -92,7 +58,7 @@ class BatchNormalizer(nn.Module):
 
     def to_unit(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 -> float in [0, 1] at the model's size."""
-        return self.resized(images).float().div_(255)
+        return self.resize_crop(images).float().div_(255)
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """In place: `x` is the fresh tensor to_unit made."""

@@ -1,4 +1,5 @@
 from skuvision.models.backbone import create_backbone
-from skuvision.models.classifier import Classifier, load_classifier
+from skuvision.models.classifier import Classifier
+from skuvision.models.input_config import resolve_input
 
-__all__ = ["Classifier", "create_backbone", "load_classifier"]
+__all__ = ["Classifier", "create_backbone", "resolve_input"]

@@ -2,6 +2,8 @@
 
 The hub is tried only when it is reachable or its file is cached already, so `pretrained=true` without a
 network fails in seconds with a message naming `model.weights`, instead of retrying a download.
+A file must supply every backbone tensor (weights_check); one in a known foreign layout is converted first
+(offline_weights).
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ import torch
 from torch import nn
 
 from skuvision.errors import SkuvisionError
-from skuvision.models import simple_cnn  # noqa: F401  (registers simple_cnn with timm)
-from skuvision.models.offline_weights import offline_weights_file
+from skuvision.models.input_config import check_model_name
+from skuvision.models.offline_weights import converted_file, foreign_layout, offline_weights_file
+from skuvision.models.weights_check import UNREADABLE, backbone_params, not_loaded, read_state, same_init
 from skuvision.net import host_reachable
 
 log = logging.getLogger(__name__)
@@ -30,12 +33,20 @@ def create_backbone(
     in_chans: int,
     pretrained: bool = False,
     weights: str | None = None,
-    **model_kwargs,
+    channels_last: bool = False,
+    compile: bool = False,
+    kwargs: dict | None = None,
 ) -> nn.Module:
-    """timm.create_model with a new head for `num_classes` and a first conv adapted to `in_chans`."""
-    model = _create(name, num_classes, in_chans, pretrained, weights, **model_kwargs)
+    """timm.create_model with a new head for `num_classes` and a first conv adapted to `in_chans`: what a
+    conf/model option builds. `kwargs` go to timm.create_model."""
+    model = _create(name, num_classes, in_chans, pretrained, weights, **(kwargs or {}))
     if pretrained or weights:
         zero_new_head(model, num_classes)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    if compile:
+        # In place: the state dict keeps its keys, so checkpoints load with or without compile.
+        model.compile()
     return model
 
 
@@ -56,10 +67,7 @@ def zero_new_head(model: nn.Module, num_classes: int) -> None:
 def _create(
     name: str, num_classes: int, in_chans: int, pretrained: bool, weights: str | None, **model_kwargs
 ):
-    if not timm.is_model(name):
-        close = timm.list_models(f"*{name.split('.')[0][:6]}*")[:5]
-        hint = f" Similar: {', '.join(close)}." if close else ""
-        raise SkuvisionError(f"unknown model.name={name!r}: not a timm model.{hint} See timm.list_models().")
+    check_model_name(name)
     kwargs = {"num_classes": num_classes, "in_chans": in_chans, **model_kwargs}
     if weights:
         return _from_file(name, Path(weights).expanduser(), kwargs, key="model.weights")
@@ -89,19 +97,51 @@ def _create(
 
 
 def _from_file(name: str, path: Path, kwargs: dict, key: str) -> nn.Module:
+    """timm's model loaded from a local file, refused unless the file supplied every backbone tensor."""
     if not path.is_file():
         raise SkuvisionError(
             f"{key}={path}: no such file. Give the path of a .pth or .safetensors state dict."
         )
+    with same_init():
+        scratch = timm.create_model(name, pretrained=False, **kwargs)
+    total = len(backbone_params(scratch))
+    file, state = path, read_state(path)
+    layout = foreign_layout(state)
+    if layout:
+        try:
+            file = converted_file(path, name, layout, state)
+        except SkuvisionError as err:
+            raise SkuvisionError(
+                _coverage_error(key, path, name, 0, total, f"{layout} layout: {err}")
+            ) from err
+        state = read_state(file)
     try:
         # timm drops or adapts the classifier for num_classes and the first conv for in_chans.
-        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, **kwargs)
-    except (RuntimeError, KeyError, ValueError, OSError) as err:
+        with same_init():
+            model = timm.create_model(
+                name, pretrained=True, pretrained_cfg_overlay={"file": str(file)}, **kwargs
+            )
+    except UNREADABLE as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise SkuvisionError(
-            f"{key}={path} does not fit {name}: {first_line[:300]}. Give a state dict saved from timm's "
-            f"{name} (or one timm converts, e.g. torchvision's)."
+            f"{key}={path} does not fit {name}: {first_line[:300].rstrip('.')}. Give a state dict saved "
+            f"from timm's {name} (or one timm converts, e.g. torchvision's)."
         ) from err
+    missing = not_loaded(model, scratch, state)
+    if missing:
+        shown = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
+        matched = total - len(missing)
+        raise SkuvisionError(_coverage_error(key, path, name, matched, total, f"not loaded: {shown}"))
+    log.info("%s: loaded all %d backbone tensors from %s", name, total, file)
+    return model
+
+
+def _coverage_error(key: str, path: Path, name: str, matched: int, total: int, detail: str) -> str:
+    return (
+        f"{key}={path} matched {matched} of {total} backbone tensors of {name} ({detail}). Fix: give a state "
+        f"dict saved from timm's {name} (or one timm converts), or set model.weights=null "
+        f"model.pretrained=false to train from scratch."
+    )
 
 
 def _weights_host(name: str) -> str | None:

@@ -1,14 +1,13 @@
 """The LightningModule: a timm backbone with a new head, cross-entropy, and torchmetrics per stage.
 
 Only plain config values are saved as hyperparameters, so checkpoints load with weights_only=True and
-`load_classifier(path)` rebuilds the model without any weights download.
+`skuvision.checkpoints.load_classifier(path)` rebuilds the model without any weights download.
 """
 
 from __future__ import annotations
 
 import inspect
 import random
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,30 +19,28 @@ from timm.loss import SoftTargetCrossEntropy
 from torch import nn
 from torchmetrics import MaxMetric, MeanMetric
 
-from skuvision.data.transforms import resolve_input_config
-from skuvision.errors import SkuvisionError
 from skuvision.finetune import FinetuneStrategy, Full
-from skuvision.metrics import classification_metrics
-from skuvision.models.backbone import create_backbone
+from skuvision.metrics import classification_metrics, eval_loss
 
 
 class Classifier(LightningModule):
     def __init__(
         self,
         model: dict,
+        input_config: dict,
         num_classes: int,
         in_chans: int,
         class_names: list[str],
         optimizer: dict,
         scheduler: dict | None = None,
         finetune: dict | None = None,
-        input_overrides: dict | None = None,
         label_smoothing: float = 0.0,
         class_weights: list[float] | None = None,
         data: dict | None = None,
         load_pretrained: bool = True,
     ):
-        """`model`: {name, pretrained, weights, channels_last, compile, kwargs}; `finetune`: a conf/finetune
+        """`model`: a conf/model config (its `_target_` builds the backbone); `input_config`: what
+        `resolve_input` gave for it, which the data module was built with too; `finetune`: a conf/finetune
         config (default: everything trains); `data`: the data config, kept so evaluation and prediction can
         rebuild the same splits; `load_pretrained=False` skips the weights download when a checkpoint's state
         dict replaces them anyway."""
@@ -51,23 +48,15 @@ class Classifier(LightningModule):
         if len(class_names) != num_classes:
             raise ValueError(f"{len(class_names)} class names for {num_classes} classes")
         self.save_hyperparameters()
-        self.backbone = create_backbone(
-            model["name"],
-            num_classes=num_classes,
-            in_chans=in_chans,
-            pretrained=bool(model.get("pretrained")) and load_pretrained,
-            weights=model.get("weights") if load_pretrained else None,
-            **(model.get("kwargs") or {}),
+        no_weights = {} if load_pretrained else {"pretrained": False, "weights": None}
+        self.backbone = instantiate(
+            model, num_classes=num_classes, in_chans=in_chans, **no_weights, _convert_="all"
         )
-        self.input_config = resolve_input_config(self.backbone, in_chans, **(input_overrides or {}))
+        self.input_config = dict(input_config)
         self.channels_last = bool(model.get("channels_last", False))
-        if self.channels_last:
-            self.backbone.to(memory_format=torch.channels_last)
-        if model.get("compile"):
-            # In place: the state dict keeps its keys, so checkpoints load with or without compile.
-            self.backbone.compile()
         self.finetune: FinetuneStrategy = instantiate(finetune) if finetune else Full()
         weight = torch.tensor(class_weights, dtype=torch.float32) if class_weights else None
+        # Training's loss; val/test report plain cross-entropy (`eval_loss`), as eval.py does.
         self.criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=label_smoothing)
         self.soft_criterion = SoftTargetCrossEntropy()
         metrics = classification_metrics(num_classes)
@@ -123,7 +112,7 @@ class Classifier(LightningModule):
         images, labels = batch
         logits = self(images)
         # Weighted by batch size: the mean over images, whatever the last batch's size.
-        getattr(self, f"{stage}_loss").update(self.criterion(logits, labels), weight=len(labels))
+        getattr(self, f"{stage}_loss").update(eval_loss(logits, labels), weight=len(labels))
         getattr(self, f"{stage}_metrics").update(logits, labels)
 
     def _log_eval_epoch(self, stage: str) -> None:
@@ -204,12 +193,3 @@ def set_rng_states(states: dict) -> None:
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     version, internal, gauss = states["python"]
     random.setstate((version, tuple(internal), gauss))
-
-
-def load_classifier(ckpt_path: str, map_location: str | torch.device = "cpu") -> Classifier:
-    """A trained Classifier from its checkpoint, loaded with weights_only=True and no weights download."""
-    if not Path(ckpt_path).is_file():
-        raise SkuvisionError(f"ckpt_path={ckpt_path}: no such checkpoint file")
-    return Classifier.load_from_checkpoint(
-        ckpt_path, map_location=map_location, weights_only=True, load_pretrained=False
-    )

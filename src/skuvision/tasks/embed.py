@@ -14,12 +14,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from skuvision.data.files import FilesDataModule, collect_inputs
+from skuvision.data.files import InputFilesDataModule, collect_inputs
 from skuvision.errors import SkuvisionError
 from skuvision.metrics import nearest, retrieval_report
-from skuvision.models.classifier import load_classifier
+from skuvision.tasks.assembly import from_checkpoint
 from skuvision.tasks.evaluate import sample_paths
 from skuvision.tasks.utils import plain, set_threads, write_json
 
@@ -35,12 +35,13 @@ def features_of(trainer, module, datamodule) -> tuple[torch.Tensor, list]:
 def embed(cfg: DictConfig) -> dict:
     set_threads(cfg.get("threads"))
     output_dir = Path(cfg.paths.output_dir)
-    module = load_classifier(cfg.ckpt_path)
+    split = None if cfg.get("input") else cfg.split
+    module, datamodule = from_checkpoint(cfg.ckpt_path, cfg.get("data"), split=split)
     module.predict_embeddings = True
     trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False)
     if cfg.get("input"):
         items = [str(p) for p in collect_inputs(plain(cfg.input))]
-        files = FilesDataModule(
+        files = InputFilesDataModule(
             [Path(p) for p in items], module.input_config, cfg.batch_size, cfg.num_workers
         )
         features, errors = features_of(trainer, module, files)
@@ -49,12 +50,10 @@ def embed(cfg: DictConfig) -> dict:
             log.warning("skipping unreadable %s (%s)", items[i], errors[i])
         features, items, labels = features[keep], [items[i] for i in keep], None
     else:
-        datamodule = instantiate(cfg.get("data") or OmegaConf.create(module.hparams.data))
-        datamodule.set_input_config(module.input_config)
+        datamodule.prepare_data()
         datamodule.setup("predict")
         if cfg.split not in datamodule.splits:
             raise SkuvisionError(f"split={cfg.split}: choose one of {sorted(datamodule.splits)}")
-        datamodule.predict_split = cfg.split
         features, labels = features_of(trainer, module, datamodule)
         labels = torch.as_tensor(labels)
         dataset = datamodule.splits[cfg.split]
@@ -68,7 +67,7 @@ def embed(cfg: DictConfig) -> dict:
     )
     result: dict = {"embeddings": str(output_dir / "embeddings.npz"), "dim": features.shape[1]}
     if cfg.get("query"):
-        query_files = FilesDataModule(collect_inputs(str(cfg.query)), module.input_config, 1, 0)
+        query_files = InputFilesDataModule(collect_inputs(str(cfg.query)), module.input_config, 1, 0)
         query, errors = features_of(trainer, module, query_files)
         if errors[0]:
             raise SkuvisionError(f"query={cfg.query}: cannot read it ({errors[0]})")

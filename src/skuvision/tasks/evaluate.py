@@ -9,13 +9,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from pytorch_lightning import seed_everything
 from torch.utils.data import Subset
 
 from skuvision import plots
 from skuvision.metrics import evaluation_report
-from skuvision.models.classifier import load_classifier
+from skuvision.tasks.assembly import from_checkpoint
 from skuvision.tasks.utils import (
     close_loggers,
     instantiate_loggers,
@@ -31,22 +31,14 @@ def evaluate(cfg: DictConfig) -> dict:
     set_threads(cfg.get("threads"))
     seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
-    module = load_classifier(cfg.ckpt_path)
-    data_cfg = cfg.get("data") or OmegaConf.create(module.hparams.data)
-    datamodule = instantiate(data_cfg)
-    if list(datamodule.class_names) != module.class_names:
-        log.warning(
-            "data classes %s differ from the checkpoint's %s", datamodule.class_names, module.class_names
-        )
-    datamodule.set_input_config(module.input_config)
-    datamodule.setup("predict")
+    module, datamodule = from_checkpoint(cfg.ckpt_path, cfg.get("data"), split="test")
     loggers = instantiate_loggers(cfg.get("logger"))
     trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=[])
     try:
         outputs = trainer.predict(module, datamodule=datamodule)
         logits = torch.cat([o["outputs"] for o in outputs])
         labels = torch.cat([o["meta"] for o in outputs]).cpu()
-        test_set = datamodule.splits["test"]
+        test_set = datamodule.splits["test"]  # Trainer.predict has set the data module up
         report = evaluation_report(logits, labels, module.class_names)
         pngs = write_plots(
             report, logits, labels, test_set, module.class_names, output_dir, cfg.get("errors", 16)

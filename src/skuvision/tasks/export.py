@@ -14,13 +14,14 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
-from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import nn
 
-from skuvision.data.transforms import BatchNormalizer
+from skuvision.data.datamodule import ImageDataModule
+from skuvision.data.transforms import ToModelInput
 from skuvision.errors import SkuvisionError
-from skuvision.models.classifier import Classifier, load_classifier
+from skuvision.models.classifier import Classifier
+from skuvision.tasks.assembly import from_checkpoint
 from skuvision.tasks.utils import set_threads, write_json
 
 log = logging.getLogger("skuvision")
@@ -31,21 +32,20 @@ class Deployable(nn.Module):
 
     def __init__(self, module: Classifier):
         super().__init__()
-        self.normalizer = BatchNormalizer(module.input_config)
+        self.to_model_input = ToModelInput(module.input_config)
         self.backbone = module.backbone
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.backbone(self.normalizer(images))
+        return self.backbone(self.to_model_input(images))
 
 
-def check_images(module: Classifier, data_cfg: dict, count: int) -> torch.Tensor:
-    """`count` real test images (uint8, at the model's size) from the checkpoint's data."""
-    datamodule = instantiate(OmegaConf.create(data_cfg))
-    datamodule.set_input_config(module.input_config)
+def check_images(datamodule: ImageDataModule, count: int) -> torch.Tensor:
+    """`count` real test images (uint8, at the model's size) from the data module."""
+    datamodule.prepare_data()
     datamodule.setup("test")
     batch = []
     for images, _ in datamodule.test_dataloader():
-        batch.append(datamodule.normalizer.resized(images))
+        batch.append(datamodule.to_model_input.resize_crop(images))
         if sum(len(b) for b in batch) >= count:
             break
     return torch.cat(batch)[:count]
@@ -64,11 +64,11 @@ def images_per_second(run, images: torch.Tensor, batch_size: int, repeats: int =
 
 def export(cfg: DictConfig) -> dict:
     set_threads(cfg.get("threads"))
-    module = load_classifier(cfg.ckpt_path)
+    module, datamodule = from_checkpoint(cfg.ckpt_path, cfg.get("data"), split="test")
     model = Deployable(module).eval()
     out = Path(cfg.output) if cfg.get("output") else Path(cfg.paths.output_dir) / "model.onnx"
     out.parent.mkdir(parents=True, exist_ok=True)
-    images = check_images(module, cfg.get("data") or module.hparams.data, cfg.check_images)
+    images = check_images(datamodule, cfg.check_images)
     try:
         torch.onnx.export(
             model,

@@ -10,8 +10,8 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from skuvision.data.files import FilesDataModule, collect_inputs
-from skuvision.models.classifier import load_classifier
+from skuvision.data.files import InputFilesDataModule, collect_inputs
+from skuvision.tasks.assembly import from_checkpoint
 from skuvision.tasks.utils import plain, set_threads
 
 log = logging.getLogger("skuvision")
@@ -19,9 +19,9 @@ log = logging.getLogger("skuvision")
 
 def predict(cfg: DictConfig) -> Path:
     set_threads(cfg.get("threads"))
-    module = load_classifier(cfg.ckpt_path)
+    module, _ = from_checkpoint(cfg.ckpt_path)
     paths = collect_inputs(plain(cfg.input))
-    datamodule = FilesDataModule(paths, module.input_config, cfg.batch_size, cfg.num_workers)
+    datamodule = InputFilesDataModule(paths, module.input_config, cfg.batch_size, cfg.num_workers)
     trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False)
     outputs = trainer.predict(module, datamodule=datamodule)
     probs = torch.cat([o["outputs"] for o in outputs]).softmax(dim=1)

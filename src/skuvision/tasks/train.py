@@ -1,28 +1,34 @@
-"""train(cfg): data + backbone -> Classifier -> Trainer.fit -> test of the best checkpoint -> metrics.json."""
+"""train(cfg): input config -> data + Classifier -> fit -> test of the best checkpoint -> metrics.json.
+
+The assembly is `tasks.assembly.build`; what guards the run against hangs and late failures is in
+`skuvision.runtime_guards`."""
 
 from __future__ import annotations
 
 import logging
-import os
 import time
 from pathlib import Path
 
-import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 from pytorch_lightning import LightningDataModule, Trainer, seed_everything
 from pytorch_lightning.callbacks import LearningRateMonitor
-from pytorch_lightning.loggers import CSVLogger
-from pytorch_lightning.plugins.environments import LightningEnvironment
-from pytorch_lightning.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 from pytorch_lightning.tuner import Tuner
 from pytorch_lightning.utilities import rank_zero_only
 
 from skuvision.callbacks import TrainingThroughput
-from skuvision.config import in_multirun
 from skuvision.errors import SkuvisionError
-from skuvision.finetune import LinearProbe, stage_param_names
+from skuvision.finetune import LinearProbe
 from skuvision.models.classifier import Classifier
+from skuvision.runtime_guards import (
+    check_devices,
+    check_launch,
+    ddp_strategy,
+    keep_earlier_csv_rows,
+    resume_path,
+    solo_tester,
+)
+from skuvision.tasks.assembly import build
 from skuvision.tasks.utils import (
     close_loggers,
     instantiate_callbacks,
@@ -34,27 +40,6 @@ from skuvision.tasks.utils import (
 )
 
 log = logging.getLogger("skuvision")
-
-
-def build(cfg: DictConfig) -> tuple[LightningDataModule, Classifier]:
-    """The DataModule and the Classifier; the model's pretrained config decides the data's input."""
-    datamodule = instantiate(cfg.data, augment=cfg.get("augment") or None)
-    module = Classifier(
-        model=plain(cfg.model),
-        num_classes=datamodule.num_classes,
-        in_chans=datamodule.in_chans,
-        class_names=datamodule.class_names,
-        optimizer=plain(cfg.optimizer),
-        scheduler=plain(cfg.get("scheduler")) or None,
-        finetune=plain(cfg.get("finetune")) or None,
-        input_overrides=datamodule.input_overrides,
-        label_smoothing=cfg.get("label_smoothing", 0.0),
-        class_weights=datamodule.loss_class_weights(),
-        data=plain(cfg.data),
-    )
-    datamodule.set_input_config(module.input_config)
-    log.info("input: %s", module.input_config)
-    return datamodule, module
 
 
 def write_data_report(datamodule: LightningDataModule, output_dir: Path) -> None:
@@ -70,76 +55,6 @@ def write_data_report(datamodule: LightningDataModule, output_dir: Path) -> None
         log.warning(
             "%d unreadable image(s) skipped: listed in %s", len(skipped), output_dir / "skipped_images.json"
         )
-
-
-def ddp_strategy(trainer_cfg: DictConfig, module: Classifier):
-    """DDP must be told when parameters go unused (frozen stages get no gradient), or it raises.
-
-    Unused-parameter detection costs a graph traversal per step, so it is switched on only for strategies
-    that freeze something during the run.
-    """
-    strategy = trainer_cfg.get("strategy", "auto")
-    if not isinstance(strategy, str) or not strategy.startswith("ddp") or "find_unused" in strategy:
-        return strategy
-    num_stages = len(stage_param_names(module.backbone))
-    epochs = range(max(1, int(trainer_cfg.get("max_epochs") or 1)))
-    if any(module.finetune.frozen_stages(epoch, num_stages) for epoch in epochs):
-        log.info("%s with frozen stages: using %s_find_unused_parameters_true", strategy, strategy)
-        return f"{strategy}_find_unused_parameters_true"
-    return strategy
-
-
-def check_devices(trainer_cfg: DictConfig) -> None:
-    """GPU settings on a machine without (enough) GPUs fail here in one line, not in Lightning or torch."""
-    accelerator = trainer_cfg.get("accelerator")
-    visible = torch.cuda.device_count()
-    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not visible)
-    if on_cpu and trainer_cfg.get("sync_batchnorm"):  # torch's SyncBatchNorm would fail at the first step
-        raise SkuvisionError("trainer.sync_batchnorm=true needs GPUs: set it false on the CPU")
-    if accelerator not in ("gpu", "cuda"):
-        return
-    if visible == 0:
-        raise SkuvisionError(
-            f"trainer.accelerator={accelerator} but no GPU is visible: use trainer=cpu, "
-            "or trainer=ddp_cpu for several processes on the CPU"
-        )
-    devices = trainer_cfg.get("devices")
-    if isinstance(devices, int) and devices > visible:
-        raise SkuvisionError(
-            f"trainer.devices={devices} but {visible} GPU(s) are visible: use trainer.devices={visible}"
-        )
-
-
-def check_launch(trainer: Trainer, strategy: str) -> None:
-    """Launches that would hang. Lightning's `ddp` starts the other processes by re-running the command
-    line: in a multirun that line is the whole sweep (or submitit's runner), so the processes never meet."""
-    if in_multirun() and isinstance(trainer.strategy.launcher, _SubprocessScriptLauncher):
-        raise SkuvisionError(
-            f"trainer.strategy={strategy} cannot run inside a multirun (-m): use "
-            "trainer=ddp_spawn (or trainer.strategy=ddp_spawn), or hydra/launcher=slurm on a SLURM cluster"
-        )
-    # Without a cluster (SLURM, torchrun) or MASTER_ADDR, rank zero would wait forever for the other nodes.
-    alone = isinstance(getattr(trainer.strategy, "cluster_environment", None), LightningEnvironment)
-    if trainer.num_nodes > 1 and alone and "MASTER_ADDR" not in os.environ:
-        raise SkuvisionError(
-            f"trainer.num_nodes={trainer.num_nodes} needs its nodes started together: submit with "
-            "hydra/launcher=slurm, or set MASTER_ADDR, MASTER_PORT and NODE_RANK on every node"
-        )
-
-
-def resume_path(cfg: DictConfig) -> str | None:
-    """`ckpt_path` when given; else the run folder's last.ckpt when there is one, which happens only when a
-    run re-enters its folder: a SLURM job requeued after a timeout or preemption resumes where it stopped."""
-    if cfg.get("ckpt_path"):
-        return cfg.ckpt_path
-    last = (cfg.get("callbacks") or {}).get("last_checkpoint")
-    if last is None:
-        return None
-    path = Path(last.dirpath) / f"{last.filename}.ckpt"
-    if not path.is_file():
-        return None
-    log.info("resuming from %s, left by an earlier attempt of this run", path)
-    return str(path)
 
 
 def find_lr(cfg: DictConfig, module: Classifier, datamodule: LightningDataModule) -> float:
@@ -186,57 +101,12 @@ def find_lr(cfg: DictConfig, module: Classifier, datamodule: LightningDataModule
 def test_best(
     cfg: DictConfig, trainer: Trainer, module: Classifier, datamodule, loggers: list, best: str
 ) -> Trainer | None:
-    """Test the best checkpoint (the weights in memory after fast_dev_run, which saves none).
-
-    After a multi-process fit, rank zero tests alone on one device: a distributed sampler would pad the
-    test set with repeated images and skew the metrics. Returns the Trainer that tested; None on other ranks.
-    """
-    tester = trainer
-    if trainer.world_size > 1:
-        # Rank zero's test metrics would otherwise wait to sync with processes that have left.
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-        if not trainer.is_global_zero:
-            return None
-        continue_csv_logs(loggers)
-        tester = instantiate(
-            cfg.trainer,
-            devices=1,
-            num_nodes=1,
-            strategy="auto",
-            callbacks=[],
-            logger=loggers or False,
-            enable_checkpointing=False,
-        )
-    # fast_dev_run saves no checkpoint: then the weights in memory are tested.
-    tester.test(module, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
+    """Test the best checkpoint (the weights in memory after fast_dev_run, which saves none) on one
+    process. Returns the Trainer that tested; None on the other ranks of a multi-process run."""
+    tester = solo_tester(cfg, trainer, loggers)
+    if tester is not None:
+        tester.test(module, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
     return tester
-
-
-def keep_earlier_csv_rows(loggers: list) -> None:
-    """Lightning's CSVLogger empties metrics.csv when it starts; a run that re-enters its folder (a requeued
-    job resuming from last.ckpt) keeps the rows of its earlier attempts instead."""
-    if rank_zero_only.rank != 0:
-        return
-    for logger in loggers:
-        if isinstance(logger, CSVLogger):
-            path = Path(logger.log_dir) / "metrics.csv"
-            earlier = path.read_text() if path.is_file() else ""
-            if earlier:
-                logger.experiment  # noqa: B018  (starts the writer, which deletes the file)
-                path.write_text(earlier)
-                continue_csv_logs([logger])
-
-
-def continue_csv_logs(loggers: list) -> None:
-    """A CSVLogger that did not write the file itself (the main process after ddp_spawn) must know its
-    columns, or Lightning's CSV writer fails when it adds the test metrics."""
-    for logger in loggers:
-        if isinstance(logger, CSVLogger):
-            path = Path(logger.experiment.metrics_file_path)
-            if path.is_file():
-                header = path.read_text().splitlines()[0].split(",")
-                logger.experiment.metrics_keys = sorted(set(logger.experiment.metrics_keys) | set(header))
 
 
 def fit_stats(trainer: Trainer, module: Classifier, fit_seconds: float) -> dict[str, float]:
@@ -261,13 +131,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
     check_devices(cfg.trainer)
     seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
+    ckpt_path = resume_path(cfg)
     datamodule, module = build(cfg)
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
-    ckpt_path = resume_path(cfg)
     loggers = instantiate_loggers(cfg.get("logger"), resume_from=ckpt_path)
     if not loggers:  # Lightning refuses an LR monitor without a logger to write to
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
-    strategy = ddp_strategy(cfg.trainer, module)
+    strategy = ddp_strategy(cfg.trainer, module.finetune, module.backbone)
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, strategy=strategy)
     check_launch(trainer, strategy)
     if trainer.world_size > 1:

@@ -13,12 +13,14 @@ from typing import Any
 import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from PIL import Image
 from pytorch_lightning import Callback
 from pytorch_lightning.loggers import Logger
 
+from skuvision.checkpoints import read_checkpoint
 from skuvision.config import in_multirun
 from skuvision.errors import SkuvisionError
 
@@ -50,9 +52,7 @@ def instantiate_callbacks(cfg: DictConfig | None) -> list[Callback]:
 
 def wandb_run_id(ckpt_path: str) -> str | None:
     """The W&B run a checkpoint was logged to (the Classifier records it when saving)."""
-    if not Path(ckpt_path).is_file():
-        return None
-    return torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True).get("wandb_run_id")
+    return read_checkpoint(ckpt_path).get("wandb_run_id")
 
 
 def instantiate_loggers(cfg: DictConfig | None, resume_from: str | None = None) -> list[Logger]:
@@ -108,13 +108,21 @@ def run_cli(task: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
     """
     try:
         return task(cfg)
-    except Exception as err:
+    except Exception as raised:
+        err = unwrapped(raised)
         if in_multirun():
             return record_failed_job(err)
         if not isinstance(err, SkuvisionError):
             raise
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+
+
+def unwrapped(err: Exception) -> Exception:
+    """The error a config's `_target_` raised, out of the InstantiationException Hydra wraps it in."""
+    while isinstance(err, InstantiationException) and isinstance(err.__cause__, Exception):
+        err = err.__cause__
+    return err
 
 
 def record_failed_job(err: Exception) -> None:

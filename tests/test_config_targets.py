@@ -1,0 +1,67 @@
+"""Every option of every group that names code has a `_target_`, and every `_target_` imports: a newcomer
+who opens any YAML finds the code behind it in one hop."""
+
+import pytest
+from conftest import CONF, compose_cfg
+from hydra.utils import get_object
+from omegaconf import OmegaConf
+
+# Groups whose options each build one object.
+ONE_OBJECT_GROUPS = ("data", "model", "finetune", "optimizer", "scheduler", "augment", "trainer")
+# Groups whose options hold named entries, each building one object (null entries are switched off).
+MANY_OBJECT_GROUPS = ("callbacks", "logger")
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def targets(node) -> list[str]:
+    """Every `_target_` value in a config tree (plain dicts and lists, interpolations unresolved)."""
+    if isinstance(node, dict):
+        return [v for k, v in node.items() if k == "_target_"] + [
+            t for k, v in node.items() if k != "_target_" for t in targets(v)
+        ]
+    if isinstance(node, list):
+        return [t for item in node for t in targets(item)]
+    return []
+
+
+def test_the_walk_covers_every_group():
+    groups = {p.name for p in CONF.iterdir() if p.is_dir()}
+    without_code = {"paths", "experiment", "debug", "hparams_search", "hydra"}
+    assert groups == set(ONE_OBJECT_GROUPS) | set(MANY_OBJECT_GROUPS) | without_code
+
+
+@pytest.mark.parametrize("path", sorted(CONF.rglob("*.yaml")), ids=lambda p: str(p.relative_to(CONF)))
+def test_every_target_imports(path):
+    for target in targets(OmegaConf.to_container(OmegaConf.load(path), resolve=False)):
+        assert get_object(target) is not None, f"{path}: {target}"
+
+
+@pytest.mark.parametrize(
+    ("group", "option"), [(g, o) for g in ONE_OBJECT_GROUPS + MANY_OBJECT_GROUPS for o in options(g)]
+)
+def test_every_option_names_its_code(tmp_path, group, option):
+    cfg = compose_cfg("train", [f"{group}={option}", "data.root=/photos"], tmp_path / "run")
+    node = cfg[group]
+    if group in MANY_OBJECT_GROUPS:
+        entries = [entry for entry in node.values() if entry is not None]
+        assert entries and all("_target_" in entry for entry in entries)
+        return
+    raw = OmegaConf.load(CONF / group / f"{option}.yaml")
+    if not raw and option == "none":  # an empty option switches the group off
+        assert not node
+        return
+    assert "_target_" in node, f"conf/{group}/{option}.yaml names no _target_"
+    get_object(node._target_)
+
+
+def test_model_options_hold_only_what_differs():
+    shared = OmegaConf.load(CONF / "model" / "timm.yaml")
+    for option in options("model"):
+        if option == "timm":
+            continue
+        own = OmegaConf.load(CONF / "model" / f"{option}.yaml")
+        repeated = [k for k in own if k != "defaults" and k in shared and own[k] == shared[k]]
+        assert not repeated, f"conf/model/{option}.yaml repeats {repeated} from timm.yaml"
