@@ -241,3 +241,17 @@ def test_class_order_is_sorted_by_folder_name(tmp_path):
     dm = ImageFolderDataModule(str(tmp_path / "shop"), input_config=INPUT_64)
     assert dm.class_names == ["apple_phone", "kettle", "zebra_print"]
 
+
+@pytest.mark.parametrize("preset", ["randaugment", "trivialaugment"])
+def test_every_policy_op_runs_at_the_top_magnitude(tmp_path, preset):
+    """Magnitude noise reaches timm's maximum, where the increasing posterize keeps 0 bits: every op of the
+    preset's policy must still run there (Pillow 13 refuses 0 bits, hence the pin in pyproject.toml)."""
+    from timm.data.auto_augment import RandAugment
+
+    augment = augment_from(preset, tmp_path)
+    transform = augment.image_transform({**INPUT_64, "input_size": [3, 32, 32]})
+    (policy,) = [t for t in transform.transforms if isinstance(t, RandAugment)]
+    image = Image.fromarray(pattern_images(np.zeros(1, dtype=int), 32, 3, seed=0)[0])
+    for op in policy.ops:
+        op.prob, op.magnitude, op.magnitude_std = 1.0, 1e6, 0.0  # timm clips it to its top magnitude
+        assert op(image).size == image.size, op.name
