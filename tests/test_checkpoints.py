@@ -1,6 +1,8 @@
 """ckpt_path must be a checkpoint train.py wrote: anything else gets one line naming the file; checkpoints of
 earlier skuvision versions still load, to the same predictions."""
 
+import zipfile
+
 import pytest
 import torch
 from conftest import compose_cfg, run_cli
@@ -30,11 +32,15 @@ def not_checkpoints(tmp_path_factory, trained):
     text.write_text("this is a text file, not a checkpoint\n")
     weights = folder / "weights.pth"
     torch.save(load_classifier(trained).backbone.state_dict(), weights)
-    return {"text": text, "weights": weights}
+    archive = folder / "photos.ckpt"
+    with zipfile.ZipFile(archive, "w") as zipped:
+        zipped.writestr("photo.jpg", b"not a tensor")
+    return {"text": text, "weights": weights, "archive": archive}
 
 
 @pytest.mark.parametrize(
-    ("kind", "expected"), [("text", "is not a checkpoint"), ("weights", "bare state dict")]
+    ("kind", "expected"),
+    [("text", "is not a checkpoint"), ("archive", "is not a checkpoint"), ("weights", "bare state dict")],
 )
 def test_read_checkpoint_names_the_file(not_checkpoints, kind, expected):
     path = not_checkpoints[kind]

@@ -23,14 +23,15 @@ def read_checkpoint(path: str | Path, key: str = "ckpt_path") -> dict:
     path = Path(path).expanduser()
     if not path.is_file():
         raise SkuvisionError(f"{key}={path}: no such checkpoint file")
+    expected = "Expected a .ckpt that train.py wrote, e.g. outputs/<run>/checkpoints/best-....ckpt"
+    # Lightning saves checkpoints as torch's zip archives; anything else is not one.
+    if not zipfile.is_zipfile(path):
+        raise SkuvisionError(f"{key}={path} is not a checkpoint (not a file torch.save wrote). {expected}")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as err:
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
-        raise SkuvisionError(
-            f"{key}={path} is not a checkpoint ({reason}). Expected a .ckpt that train.py wrote, e.g. "
-            "outputs/<run>/checkpoints/best-....ckpt"
-        ) from err
+        raise SkuvisionError(f"{key}={path} is not a checkpoint ({reason}). {expected}") from err
     hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
     if not isinstance(hparams, dict) or "state_dict" not in checkpoint:
         is_dict = isinstance(checkpoint, dict)
