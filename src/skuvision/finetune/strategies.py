@@ -16,11 +16,13 @@ import torch
 from pytorch_lightning import Callback, LightningModule, Trainer
 from timm.optim import param_groups_layer_decay
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from skuvision.finetune.groups import build_param_groups, stage_param_names
 
 log = logging.getLogger(__name__)
+
+# torch's public BatchNorm classes (timm's BatchNormAct2d and the lazy variants subclass them).
+BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
 class FinetuneStrategy(Callback):
@@ -57,7 +59,7 @@ class FinetuneStrategy(Callback):
             param.requires_grad = name not in frozen_names
         frozen_bn = set(frozen_batchnorms(backbone, frozen_names))
         for module in backbone.modules():
-            if isinstance(module, _BatchNorm):
+            if isinstance(module, BATCH_NORMS):
                 module.train(self.train_bn if module in frozen_bn else backbone.training)
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -83,11 +85,11 @@ def check_ranks_agree(trainer: Trainer, backbone: nn.Module) -> None:
         raise RuntimeError("DDP ranks disagree on which parameters are frozen")
 
 
-def frozen_batchnorms(backbone: nn.Module, frozen_names: set[str]) -> list[_BatchNorm]:
+def frozen_batchnorms(backbone: nn.Module, frozen_names: set[str]) -> list[nn.Module]:
     """BatchNorm layers whose parameters are all frozen."""
     found = []
     for module_name, module in backbone.named_modules():
-        if isinstance(module, _BatchNorm):
+        if isinstance(module, BATCH_NORMS):
             names = {f"{module_name}.{n}" for n, _ in module.named_parameters()}
             if names and names <= frozen_names:
                 found.append(module)
