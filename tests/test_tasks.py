@@ -47,6 +47,7 @@ def checkpoint(tmp_path_factory, photos):
         "label_smoothing=0.2",
         "data.balance=loss",
         "trainer.precision=32",  # as eval below and direct_logits: this CPU would pick bf16 by itself
+        "tta=none",  # direct_logits is one plain pass (tests/test_ema_tta.py covers TTA)
     ]
     cfg = compose_cfg("train", overrides, run / "run")
     train(cfg)

@@ -7,7 +7,8 @@
   tests/test_runtime_guards.py that fails when that behaviour changes:
   - Lightning's CSV logger empties metrics.csv when its writer starts, and a writer that did not write the
     file fails when it adds columns to it (pytorch-lightning 2.6.6);
-  - after a multi-process fit, rank zero tests alone (a distributed test pads the test set);
+  - the test after a fit runs on a Trainer of its own: alone on rank zero (a distributed test pads the test
+    set), and without the weight-averaging callback (which would load the raw weights; 2.6.6);
   - torch names no public check for native bf16 on the CPU (torch 2.14.1:
     `torch.cpu._is_avx512_bf16_supported`, `torch.cpu._is_amx_tile_supported`, in `cpu_has_native_bf16`).
 """
@@ -128,13 +129,16 @@ def resume_path(cfg: DictConfig) -> str | None:
 
 
 def solo_tester(cfg: DictConfig, trainer: Trainer, loggers: list) -> Trainer | None:
-    """The Trainer that tests after the fit: the fitting one, or after a multi-process fit a one-device
-    Trainer on rank zero (None on the other ranks), since a distributed sampler would pad the test set with
-    repeated images and skew the metrics."""
-    if trainer.world_size == 1:
-        return trainer
-    # Rank zero's test metrics would otherwise wait to sync with processes that have left.
-    if torch.distributed.is_initialized():
+    """A one-device Trainer without the fit's callbacks that tests after the fit, on rank zero (None on the
+    other ranks).
+
+    One device: after a multi-process fit a distributed sampler would pad the test set with repeated images
+    and skew the metrics. No fit callbacks: Lightning's weight averaging, handed a checkpoint while it holds
+    an average, loads the raw weights into the model (pytorch-lightning 2.6.6), and the test must see the
+    checkpoint's averaged ones.
+    """
+    if trainer.world_size > 1 and torch.distributed.is_initialized():
+        # Rank zero's test metrics would otherwise wait to sync with processes that have left.
         torch.distributed.destroy_process_group()
     if not trainer.is_global_zero:
         return None

@@ -164,3 +164,29 @@ class MixupCutmix(TrainAugment):
 
     def set_num_classes(self, num_classes: int) -> None:
         self.mixup = Mixup(num_classes=num_classes, **self.options)
+
+
+class ShiftFlip(TrainAugment):
+    """Random crop with padding and a horizontal flip, per image, on the batch: each image moves by a whole
+    number of pixels, up to `pad` (a fraction of the image size), the uncovered border filled with `fill`.
+    The classic small-image recipe (CIFAR, Fashion-MNIST)."""
+
+    def __init__(self, pad: float = 0.1, hflip: float = 0.5, fill: float = 0.0, re_prob: float = 0.0):
+        super().__init__(re_prob)
+        self.pad = float(pad)
+        self.hflip = float(hflip)
+        self.fill = float(fill)
+
+    def on_batch(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        pad = round(self.pad * max(h, w))
+        padded = F.pad(x, (pad, pad, pad, pad), value=self.fill) if pad else x
+        top = torch.randint(0, 2 * pad + 1, (b, 1), device=x.device)
+        left = torch.randint(0, 2 * pad + 1, (b, 1), device=x.device)
+        rows = (top + torch.arange(h, device=x.device))[:, None, :, None]
+        cols = (left + torch.arange(w, device=x.device))[:, None, None, :]
+        batch = torch.arange(b, device=x.device)[:, None, None, None]
+        channels = torch.arange(c, device=x.device)[None, :, None, None]
+        out = padded[batch, channels, rows, cols]
+        flip = (torch.rand(b, device=x.device) < self.hflip)[:, None, None, None]
+        return torch.where(flip, out.flip(-1), out)

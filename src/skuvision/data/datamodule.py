@@ -255,12 +255,16 @@ class ImageDataModule(LightningDataModule):
         training = split == "train"
         sampler = self._train_sampler(dataset) if training else None
         workers = 0 if batched else self.num_workers
+        batch_size = self.per_process_batch_size() if training else self.per_process_eval_batch_size()
+        # BatchNorm cannot train on a batch of one image: a last training batch of one is left out.
+        lone_last = -(-len(dataset) // self.num_processes) % batch_size == 1
+        even_only = getattr(self.augment, "needs_even_batch", False)
         return DataLoader(
             dataset,
-            batch_size=self.per_process_batch_size() if training else self.per_process_eval_batch_size(),
+            batch_size=batch_size,
             shuffle=shuffle and sampler is None,
             sampler=sampler,
-            drop_last=training and getattr(self.augment, "needs_even_batch", False),
+            drop_last=training and (even_only or lone_last),
             num_workers=workers,
             collate_fn=keep_batch if in_memory else None,
             persistent_workers=workers > 0,

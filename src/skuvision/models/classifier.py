@@ -21,6 +21,7 @@ from torchmetrics import MaxMetric, MeanMetric
 
 from skuvision.finetune import FinetuneStrategy, Full
 from skuvision.metrics import classification_metrics, eval_loss
+from skuvision.tta import check_tta, tta_logits
 
 
 class Classifier(LightningModule):
@@ -37,13 +38,15 @@ class Classifier(LightningModule):
         label_smoothing: float = 0.0,
         class_weights: list[float] | None = None,
         data: dict | None = None,
+        tta: str = "none",
         load_pretrained: bool = True,
     ):
         """`model`: a conf/model config (its `_target_` builds the backbone); `input_config`: what
         `resolve_input` gave for it, which the data module was built with too; `finetune`: a conf/finetune
         config (default: everything trains); `data`: the data config, kept so evaluation and prediction can
-        rebuild the same splits; `load_pretrained=False` skips the weights download when a checkpoint's state
-        dict replaces them anyway."""
+        rebuild the same splits; `tta`: test-time augmentation of test and predict (skuvision.tta);
+        `load_pretrained=False` skips the weights download when a checkpoint's state dict replaces them
+        anyway."""
         super().__init__()
         if len(class_names) != num_classes:
             raise ValueError(f"{len(class_names)} class names for {num_classes} classes")
@@ -66,6 +69,7 @@ class Classifier(LightningModule):
         self.train_loss, self.val_loss, self.test_loss = MeanMetric(), MeanMetric(), MeanMetric()
         self.val_acc_best = MaxMetric()
         self.predict_embeddings = False  # predict_step returns logits, or features for similarity search
+        self.tta = check_tta(tta)  # eval.py and predict.py may choose another mode than training's test
 
     @property
     def class_names(self) -> list[str]:
@@ -110,7 +114,7 @@ class Classifier(LightningModule):
 
     def _eval_step(self, batch, stage: str) -> None:
         images, labels = batch
-        logits = self(images)
+        logits = tta_logits(self, images, self.tta) if stage == "test" else self(images)
         # Weighted by batch size: the mean over images, whatever the last batch's size.
         getattr(self, f"{stage}_loss").update(eval_loss(logits, labels), weight=len(labels))
         getattr(self, f"{stage}_metrics").update(logits, labels)
@@ -139,7 +143,7 @@ class Classifier(LightningModule):
         """{"outputs": float32 logits, or pre-logit features with `predict_embeddings`, "meta": the batch's
         second item (labels, or per-file errors)}."""
         images, meta = batch if isinstance(batch, (tuple, list)) else (batch, None)
-        outputs = self.embed(images) if self.predict_embeddings else self(images)
+        outputs = self.embed(images) if self.predict_embeddings else tta_logits(self, images, self.tta)
         return {"outputs": outputs.float(), "meta": meta}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:

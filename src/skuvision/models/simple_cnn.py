@@ -18,7 +18,9 @@ def conv_bn_relu(in_ch: int, out_ch: int) -> list[nn.Module]:
 
 
 class SimpleCNN(nn.Module):
-    """Three stages of 3x3 conv-BN-ReLU (two, two, one conv), max-pooled between, global-average pooled."""
+    """Three stages of 3x3 conv-BN-ReLU (two, two, one conv), max-pooled between, then the head: global
+    average pooling and a linear classifier; or, with `head_hidden`, average pooling to `pooled` x `pooled`
+    cells, a hidden fully connected layer and the classifier (more parameters, little more compute)."""
 
     def __init__(
         self,
@@ -27,6 +29,8 @@ class SimpleCNN(nn.Module):
         widths: tuple[int, int, int] = (32, 64, 128),
         drop_rate: float = 0.2,
         global_pool: str = "avg",
+        head_hidden: int = 0,
+        pooled: int = 7,
     ):
         super().__init__()
         w1, w2, w3 = widths
@@ -38,14 +42,24 @@ class SimpleCNN(nn.Module):
             nn.Sequential(*conv_bn_relu(w1, w2), *conv_bn_relu(w2, w2), nn.MaxPool2d(2)),
             nn.Sequential(*conv_bn_relu(w2, w3)),
         )
-        self.num_features = self.head_hidden_size = w3
-        self.global_pool = nn.AdaptiveAvgPool2d(1)
+        self.num_features = w3
+        if head_hidden:
+            self.global_pool = nn.Sequential(nn.AdaptiveAvgPool2d(pooled), nn.Flatten(1))
+            self.pre_logits = nn.Sequential(
+                nn.Linear(w3 * pooled * pooled, head_hidden),
+                nn.BatchNorm1d(head_hidden),
+                nn.ReLU(inplace=True),
+            )
+        else:
+            self.global_pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
+            self.pre_logits = nn.Identity()
+        self.head_hidden_size = head_hidden or w3
         self.head_drop = nn.Dropout(drop_rate)
-        self.fc = nn.Linear(w3, num_classes) if num_classes > 0 else nn.Identity()
+        self.fc = nn.Linear(self.head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:
-        return {"stem": r"^stem", "blocks": r"^stages\.(\d+)"}
+        return {"stem": r"^stem", "blocks": r"^stages\.(\d+)"}  # the head (pre_logits, fc): the rest
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
@@ -53,13 +67,13 @@ class SimpleCNN(nn.Module):
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         self.num_classes = num_classes
-        self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.fc = nn.Linear(self.head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.stages(self.stem(x))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.global_pool(x).flatten(1)
+        x = self.pre_logits(self.global_pool(x))
         x = self.head_drop(x)
         return x if pre_logits else self.fc(x)
 

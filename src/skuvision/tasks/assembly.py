@@ -39,6 +39,7 @@ def build(cfg: DictConfig) -> tuple[ImageDataModule, Classifier]:
         label_smoothing=cfg.get("label_smoothing", 0.0),
         class_weights=datamodule.loss_class_weights(),
         data=plain(cfg.data),
+        tta=cfg.get("tta") or "none",
     )
     return datamodule, module
 

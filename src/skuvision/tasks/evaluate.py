@@ -23,6 +23,7 @@ from skuvision.tasks.utils import (
     set_threads,
     write_json,
 )
+from skuvision.tta import check_tta
 
 log = logging.getLogger("skuvision")
 
@@ -32,6 +33,7 @@ def evaluate(cfg: DictConfig) -> dict:
     seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
     module, datamodule = from_checkpoint(cfg.ckpt_path, cfg.get("data"), split="test")
+    module.tta = check_tta(cfg.get("tta") or module.tta)
     loggers = instantiate_loggers(cfg.get("logger"))
     trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=[])
     try:
@@ -43,7 +45,9 @@ def evaluate(cfg: DictConfig) -> dict:
         pngs = write_plots(
             report, logits, labels, test_set, module.class_names, output_dir, cfg.get("errors", 16)
         )
-        write_json(output_dir / "metrics.json", {**report, "checkpoint": str(cfg.ckpt_path)})
+        write_json(
+            output_dir / "metrics.json", {**report, "checkpoint": str(cfg.ckpt_path), "tta": module.tta}
+        )
         write_predictions(output_dir / "predictions.csv", logits, labels, test_set, module.class_names)
         scalars = {k: v for k, v in report.items() if k.startswith("test/")}
         for logger in loggers:

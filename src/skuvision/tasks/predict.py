@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 from skuvision.data.files import InputFilesDataModule, collect_inputs
 from skuvision.tasks.assembly import from_checkpoint
 from skuvision.tasks.utils import plain, set_threads
+from skuvision.tta import check_tta
 
 log = logging.getLogger("skuvision")
 
@@ -20,6 +21,7 @@ log = logging.getLogger("skuvision")
 def predict(cfg: DictConfig) -> Path:
     set_threads(cfg.get("threads"))
     module, _ = from_checkpoint(cfg.ckpt_path)
+    module.tta = check_tta(cfg.get("tta") or module.tta)
     paths = collect_inputs(plain(cfg.input))
     datamodule = InputFilesDataModule(paths, module.input_config, cfg.batch_size, cfg.num_workers)
     trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False)

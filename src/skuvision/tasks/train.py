@@ -173,7 +173,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
                 return metrics  # a non-zero DDP rank: rank zero tests and writes the files
             metrics.update(stage_metrics(tester, "test/"))
         if trainer.is_global_zero:
-            write_json(output_dir / "metrics.json", {**metrics, "best_checkpoint": best or None})
+            record = {**metrics, "best_checkpoint": best or None, "tta": module.tta}
+            write_json(output_dir / "metrics.json", record)
         if "test/acc" in metrics:
             log.info("test accuracy %.4f (best checkpoint: %s)", metrics["test/acc"], best or "none")
             print(f"test/acc = {metrics['test/acc']:.4f}   run folder: {output_dir}")
