@@ -99,3 +99,17 @@ def leaderboard_png(rows: list[dict], path: Path, title: str) -> Path:
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     return save(fig, path)
+
+
+def accuracy_curves_png(curves: dict[str, list[tuple[float, float]]], path: Path, title: str) -> Path:
+    """Test accuracy (%) against wall-clock minutes, one line per run (a point per epoch)."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, points in curves.items():
+        minutes, accuracy = zip(*points, strict=True) if points else ((), ())
+        ax.plot(minutes, accuracy, marker="o", markersize=3, label=label)
+    ax.set_xlabel("wall-clock minutes")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    return save(fig, path)
