@@ -55,7 +55,6 @@ class Classifier(LightningModule):
         self.backbone = instantiate(
             model, num_classes=num_classes, in_chans=in_chans, **no_weights, _convert_="all"
         )
-        self.input_config = dict(input_config)
         self.channels_last = bool(model.get("channels_last", False))
         self.finetune: FinetuneStrategy = instantiate(finetune) if finetune else Full()
         weight = torch.tensor(class_weights, dtype=torch.float32) if class_weights else None
@@ -70,6 +69,11 @@ class Classifier(LightningModule):
         self.val_acc_best = MaxMetric()
         self.predict_embeddings = False  # predict_step returns logits, or features for similarity search
         self.tta = check_tta(tta)  # eval.py and predict.py may choose another mode than training's test
+
+    @property
+    def input_config(self) -> dict:
+        """What the model expects (size, mean/std, interpolation, crop): the stored hyperparameter."""
+        return dict(self.hparams.input_config)
 
     @property
     def class_names(self) -> list[str]:
