@@ -3,16 +3,17 @@ training images in the test split are reported as leakage (exact, resized + re-e
 images are not, planted dark, blurry and tiny images are flagged, and the report's files are written."""
 
 import csv
-import json
 import shutil
 
 import numpy as np
 import pytest
 from conftest import compose_cfg, quick_overrides
 from hydra.utils import instantiate
+from omegaconf import OmegaConf, open_dict
 from PIL import Image, ImageFilter, ImageOps
 from writers import balanced_labels, pattern_images, write_idx
 
+from skuvision.audit import labels as label_audit
 from skuvision.checkpoints import load_classifier
 from skuvision.errors import SkuvisionError
 from skuvision.tasks import train
@@ -139,7 +140,7 @@ def shop_audit(tmp_path_factory):
         "trainer.precision=32",
         "tta=none",
     ]
-    _, ckpt = train_checkpoint(base / "train", overrides)
+    train_cfg, ckpt = train_checkpoint(base / "train", overrides)
     # Planted after training, as a catalogue grows: the audit reads the folder as it is now.
     copies = {}
     shutil.copy(train_dir / "kettle" / "000.png", test_dir / "kettle" / "copy_exact.png")
@@ -158,8 +159,8 @@ def shop_audit(tmp_path_factory):
     sharp.filter(ImageFilter.GaussianBlur(4)).save(train_dir / "phone" / "planted_blurry.png")
     Image.fromarray(distinct_image(2, 40, rng)).resize((8, 8)).save(train_dir / "shirt" / "planted_tiny.png")
     out = base / "audit"
-    summary = audit(compose_cfg("audit", audit_overrides(ckpt, ["audit.folds=3", "data.num_workers=0"]), out))
-    return summary, out / "audit", copies
+    summary = audit(compose_cfg("audit", audit_overrides(ckpt, ["audit.folds=3"]), out))
+    return summary, out / "audit", copies, train_cfg, ckpt
 
 
 def read_csv(path):
@@ -168,7 +169,7 @@ def read_csv(path):
 
 
 def test_planted_copies_are_leakage_and_distinct_images_are_not(shop_audit):
-    summary, out, copies = shop_audit
+    summary, out, copies, _, _ = shop_audit
     rows = read_csv(out / "duplicates.csv")
     for r in rows:
         print(r["kind"], r["item_a"][-24:], r["item_b"][-24:], r["similarity"], r["mirrored"], r["leakage"])
@@ -189,7 +190,7 @@ def test_planted_copies_are_leakage_and_distinct_images_are_not(shop_audit):
 
 
 def test_planted_dark_blurry_and_tiny_images_are_flagged(shop_audit):
-    _, out, _ = shop_audit
+    _, out, _, _, _ = shop_audit
     rows = {r["item"].rsplit("/", 1)[-1]: r["issues"].split(";") for r in read_csv(out / "image_issues.csv")}
     print(rows)
     assert "dark" in rows["planted_dark.png"]
@@ -200,15 +201,54 @@ def test_planted_dark_blurry_and_tiny_images_are_flagged(shop_audit):
 
 
 def test_unknown_label_mode_is_refused(shop_audit, tmp_path):
-    _, out, _ = shop_audit
-    ckpt = json.loads((out / "audit.json").read_text())["checkpoint"]
+    ckpt = shop_audit[4]
     with pytest.raises(SkuvisionError, match="audit.label_mode='bogus'"):
         audit(compose_cfg("audit", audit_overrides(ckpt, ["audit.label_mode=bogus"]), tmp_path / "run"))
 
 
 def test_too_many_folds_for_a_class_is_refused(shop_audit, tmp_path):
-    _, out, _ = shop_audit
-    ckpt = json.loads((out / "audit.json").read_text())["checkpoint"]
-    overrides = audit_overrides(ckpt, ["audit.folds=40", "audit.quality=false", "data.num_workers=0"])
+    ckpt = shop_audit[4]
+    overrides = audit_overrides(ckpt, ["audit.folds=40", "audit.quality=false"])
     with pytest.raises(SkuvisionError, match="audit.folds=40: too few training images"):
+        audit(compose_cfg("audit", overrides, tmp_path / "run"))
+
+
+def test_full_mode_trains_one_model_per_fold(shop_audit, tmp_path, monkeypatch):
+    """Each fold's model trains on the other folds only, and every training image is predicted once."""
+    _, _, _, train_cfg, ckpt = shop_audit
+    saved = train_cfg.copy()
+    with open_dict(saved):
+        del saved["hydra"]
+    OmegaConf.save(saved, tmp_path / "config.yaml")  # what Hydra writes to the run's .hydra/config.yaml
+    trained_on = []
+    fit_fold = label_audit.fit_fold
+
+    def recording_fit_fold(cfg, train_idx, output_dir):
+        trained_on.append(set(train_idx.tolist()))
+        return fit_fold(cfg, train_idx, output_dir)
+
+    monkeypatch.setattr(label_audit, "fit_fold", recording_fit_fold)
+    overrides = audit_overrides(
+        ckpt,
+        [
+            "audit.label_mode=full",
+            "audit.folds=2",
+            f"audit.train_config={tmp_path / 'config.yaml'}",
+            "audit.full_overrides=[trainer.max_epochs=1]",
+            "audit.quality=false",
+        ],
+    )
+    summary = audit(compose_cfg("audit", overrides, tmp_path / "run"))
+    n_train = sum(summary["class_counts"]["train"].values())
+    assert summary["label_issues"]["mode"] == "full" and len(trained_on) == 2
+    held_out = [set(range(n_train)) - t for t in trained_on]
+    assert held_out[0].isdisjoint(held_out[1]) and held_out[0] | held_out[1] == set(range(n_train))
+    for k in range(2):
+        assert list((tmp_path / "run" / "audit" / "folds" / f"fold_{k}" / "checkpoints").glob("best-*.ckpt"))
+    assert (tmp_path / "run" / "audit" / "label_issues.csv").is_file()
+
+
+def test_full_mode_without_its_training_config_is_refused(shop_audit, tmp_path):
+    overrides = audit_overrides(shop_audit[4], ["audit.label_mode=full"])
+    with pytest.raises(SkuvisionError, match="audit.label_mode=full retrains"):
         audit(compose_cfg("audit", overrides, tmp_path / "run"))

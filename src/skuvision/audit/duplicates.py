@@ -1,7 +1,9 @@
-"""Exact duplicates (the same decoded pixels, found by cleanvision's hash) and near duplicates (embedding
-cosine at or over a threshold, found through the FAISS catalogue index), within and across splits.
+"""Exact duplicates (the same decoded pixels, found by cleanvision's hash) and near duplicates (cosine of
+layout descriptors at or over a threshold, found through the FAISS catalogue index), within and across splits.
 
-A mirrored copy is found by querying the index with each image's mirror-image embedding as well.
+Descriptors are centered on the catalogue's mean before the cosine: what every image shares (a dark
+background, the features of its class) then stops counting as likeness. A mirrored copy is found by querying
+the index with each image's mirror-image descriptor as well.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from sklearn.decomposition import PCA
 
 from skuvision.audit.catalogue import Catalogue
 from skuvision.index import CatalogueIndex
@@ -36,14 +39,33 @@ def exact_pairs(groups: list[list[int]], catalogue: Catalogue) -> list[Pair]:
     return pairs
 
 
-def near_pairs(catalogue: Catalogue, class_names: list[str], threshold: float, k: int, mirrored: bool):
-    """Pairs whose embedding cosine is >= threshold among each image's k nearest neighbours; with
+def centered(catalogue: Catalogue, max_dim: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Descriptors and mirror-image descriptors, centered on the catalogue mean (and, over max_dim
+    dimensions, projected onto the catalogue's principal components), L2-normalized."""
+    plain, mirrored = catalogue.descriptors, catalogue.mirrored
+    if plain.shape[1] > max_dim and len(plain) > max_dim:
+        pca = PCA(n_components=max_dim, svd_solver="randomized", random_state=seed).fit(plain)
+        plain, mirrored = pca.transform(plain), pca.transform(mirrored)  # centered by the PCA's mean
+    else:
+        mean = plain.mean(axis=0)
+        plain, mirrored = plain - mean, mirrored - mean
+    return normalized(plain), normalized(mirrored)
+
+
+def normalized(x: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12), np.float32)
+
+
+def near_pairs(
+    catalogue: Catalogue, class_names: list[str], threshold: float, k: int, mirrored: bool, max_dim: int,
+    seed: int,
+) -> list[Pair]:  # fmt: skip
+    """Pairs whose descriptor cosine is >= threshold among each image's k nearest neighbours; with
     `mirrored`, the mirror image of each image queries the index too and a pair keeps its best score."""
-    index = CatalogueIndex.build(
-        catalogue.features, catalogue.items, catalogue.labels.tolist(), class_names, kind="flat"
-    )
+    plain, flipped = centered(catalogue, max_dim, seed)
+    index = CatalogueIndex.build(plain, catalogue.items, catalogue.labels.tolist(), class_names, kind="flat")
     n = len(catalogue)
-    queries = np.concatenate([catalogue.features, catalogue.mirrored]) if mirrored else catalogue.features
+    queries = np.concatenate([plain, flipped]) if mirrored else plain
     scores, neighbours = index.search(queries, min(k + 1, n))  # +1: an image finds itself first
     best: dict[tuple[int, int], tuple[float, bool]] = {}
     for row, (row_scores, row_neighbours) in enumerate(zip(scores, neighbours, strict=True)):
@@ -65,7 +87,7 @@ def is_leakage(pair: Pair, catalogue: Catalogue) -> bool:
 
 def find_duplicates(
     catalogue: Catalogue, exact_groups: list[list[int]], class_names: list[str], threshold: float, k: int,
-    mirrored: bool,
+    mirrored: bool, max_dim: int = 1024, seed: int = 0,
 ) -> list[Pair]:  # fmt: skip
     """Exact pairs, then near pairs that are not already exact, most similar first."""
     exact = exact_pairs(exact_groups, catalogue)
@@ -75,7 +97,7 @@ def find_duplicates(
             same_pixels[i] = g
     near = [
         p
-        for p in near_pairs(catalogue, class_names, threshold, k, mirrored)
+        for p in near_pairs(catalogue, class_names, threshold, k, mirrored, max_dim, seed)
         if p.a not in same_pixels or same_pixels.get(p.a) != same_pixels.get(p.b)
     ]
     near.sort(key=lambda p: -p.similarity)

@@ -48,8 +48,12 @@ def audit(cfg: DictConfig) -> dict:
     if "train" not in datamodule.splits:
         raise SkuvisionError(f"the data config has no train split (it has {sorted(datamodule.splits)})")
     class_names = module.class_names
+    train_cfg = None
+    if options.label_mode == "full":  # before hours of work: refuse a missing training config now
+        data_cfg = plain(cfg.data) if cfg.get("data") else OmegaConf.to_container(module.hparams.data)
+        train_cfg = label_audit.training_config(cfg.ckpt_path, options, data_cfg)
     trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False)
-    catalogue = embed_catalogue(trainer, module, datamodule)
+    catalogue = embed_catalogue(trainer, module, datamodule, int(options.grid))
     log.info("audit: %d images embedded (%s)", len(catalogue), ", ".join(datamodule.splits))
     summary: dict = {
         "checkpoint": str(cfg.ckpt_path),
@@ -81,6 +85,8 @@ def audit(cfg: DictConfig) -> dict:
         float(options.near_threshold),
         int(options.neighbours),
         bool(options.mirrored),
+        int(options.max_dim),
+        cfg.seed,
     )
     rows = report.duplicate_rows(pairs, catalogue, class_names)
     report.write_csv(out / "duplicates.csv", rows, report.DUPLICATE_COLUMNS)
@@ -95,7 +101,7 @@ def audit(cfg: DictConfig) -> dict:
     md.append(duplicate_section(summary["duplicates"], rows, options))
 
     if options.label_mode != "none":
-        summary["label_issues"] = audit_labels(cfg, catalogue, datamodule, module, out, md)
+        summary["label_issues"] = audit_labels(cfg, train_cfg, catalogue, datamodule, module, out, md)
     md.append(
         "Files: `label_issues.csv`, `label_issues.png`, `duplicates.csv`, `duplicates.png`, "
         "`image_issues.csv`, `audit.json`.\n"
@@ -106,7 +112,7 @@ def audit(cfg: DictConfig) -> dict:
     return summary
 
 
-def audit_labels(cfg, catalogue: Catalogue, datamodule, module, out: Path, md: list[str]) -> dict:
+def audit_labels(cfg, train_cfg, catalogue: Catalogue, datamodule, module, out: Path, md: list[str]) -> dict:
     options = cfg.audit
     class_names = module.class_names
     train = catalogue.of_split("train")
@@ -115,12 +121,10 @@ def audit_labels(cfg, catalogue: Catalogue, datamodule, module, out: Path, md: l
     if options.label_mode == "cheap":
         how = f"logistic regression on the checkpoint's embeddings, {folds}-fold cross-fitting"
         probs = label_audit.cheap_pred_probs(
-            catalogue.features[train], labels, class_names, folds, cfg.seed, float(options.regularization)
+            catalogue.embeddings[train], labels, class_names, folds, cfg.seed, float(options.regularization)
         )
     else:
         how = f"{folds} trainings of the checkpoint's config, each predicting the fold it did not see"
-        data_cfg = plain(cfg.data) if cfg.get("data") else OmegaConf.to_container(module.hparams.data)
-        train_cfg = label_audit.training_config(cfg.ckpt_path, options, data_cfg)
         probs = label_audit.full_pred_probs(
             train_cfg, datamodule, labels, class_names, folds, cfg.seed, out / "folds"
         )
@@ -238,8 +242,8 @@ def duplicate_section(counts: dict, rows: list[dict], options) -> str:
     ]  # fmt: skip
     return (
         "## Duplicates and leakage\n\n"
-        f"Exact: the same decoded pixels. Near: embedding cosine >= {counts['near_threshold']} "
-        f"(mirror images included).\n\n"
+        f"Exact: the same decoded pixels. Near: cosine of the images' layout descriptors (the last "
+        f"feature map pooled to a grid, centered) >= {counts['near_threshold']}, mirror images included.\n\n"
         f"- exact pairs: {counts['exact_pairs_within_split']} within a split, "
         f"{counts['exact_pairs_across_splits']} across splits\n"
         f"- near pairs: {counts['near_pairs_within_split']} within a split, "
