@@ -234,7 +234,7 @@ def test_full_mode_trains_one_model_per_fold(shop_audit, tmp_path, monkeypatch):
             "audit.label_mode=full",
             "audit.folds=2",
             f"audit.train_config={tmp_path / 'config.yaml'}",
-            "audit.full_overrides=[trainer.max_epochs=1]",
+            "audit.full_overrides=['trainer.max_epochs=1']",
             "audit.quality=false",
         ],
     )

@@ -1,5 +1,5 @@
 """Exact duplicates (the same decoded pixels, found by cleanvision's hash) and near duplicates (cosine of
-layout descriptors at or over a threshold, found through the FAISS catalogue index), within and across splits.
+descriptors at or over a threshold, found through the FAISS catalogue index), within and across splits.
 
 Descriptors are centered on the catalogue's mean before the cosine: what every image shares (a dark
 background, the features of its class) then stops counting as likeness. A mirrored copy is found by querying

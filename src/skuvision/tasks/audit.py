@@ -20,7 +20,7 @@ from pytorch_lightning import seed_everything
 
 from skuvision.audit import labels as label_audit
 from skuvision.audit import report
-from skuvision.audit.catalogue import Catalogue, embed_catalogue
+from skuvision.audit.catalogue import DESCRIPTORS, Catalogue, embed_catalogue
 from skuvision.audit.duplicates import EVALUATION_SPLITS, find_duplicates
 from skuvision.audit.quality import flagged, meaningful_checks, run_imagelab
 from skuvision.errors import SkuvisionError
@@ -40,6 +40,8 @@ def audit(cfg: DictConfig) -> dict:
         raise SkuvisionError(f"audit.label_mode={options.label_mode!r}: use one of {', '.join(LABEL_MODES)}")
     if not 0 < options.near_threshold <= 1:
         raise SkuvisionError(f"audit.near_threshold={options.near_threshold}: use a cosine in (0, 1]")
+    if options.descriptor not in DESCRIPTORS:
+        raise SkuvisionError(f"audit.descriptor={options.descriptor!r}: use one of {', '.join(DESCRIPTORS)}")
     out = Path(cfg.paths.output_dir) / "audit"
     out.mkdir(parents=True, exist_ok=True)
     module, datamodule = from_checkpoint(cfg.ckpt_path, cfg.get("data"), split="train")
@@ -50,10 +52,10 @@ def audit(cfg: DictConfig) -> dict:
     class_names = module.class_names
     train_cfg = None
     if options.label_mode == "full":  # before hours of work: refuse a missing training config now
-        data_cfg = plain(cfg.data) if cfg.get("data") else OmegaConf.to_container(module.hparams.data)
+        data_cfg = plain(cfg.data) if cfg.get("data") else dict(module.hparams.data)
         train_cfg = label_audit.training_config(cfg.ckpt_path, options, data_cfg)
     trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False)
-    catalogue = embed_catalogue(trainer, module, datamodule, int(options.grid))
+    catalogue = embed_catalogue(trainer, module, datamodule, options.descriptor, int(options.grid))
     log.info("audit: %d images embedded (%s)", len(catalogue), ", ".join(datamodule.splits))
     summary: dict = {
         "checkpoint": str(cfg.ckpt_path),
@@ -98,6 +100,7 @@ def audit(cfg: DictConfig) -> dict:
         "duplicate pairs (leakage first)",
     )
     summary["duplicates"] = duplicate_counts(rows, catalogue, float(options.near_threshold))
+    summary["duplicates"]["descriptor"] = f"{options.descriptor}, grid {options.grid}"
     md.append(duplicate_section(summary["duplicates"], rows, options))
 
     if options.label_mode != "none":
@@ -242,8 +245,8 @@ def duplicate_section(counts: dict, rows: list[dict], options) -> str:
     ]  # fmt: skip
     return (
         "## Duplicates and leakage\n\n"
-        f"Exact: the same decoded pixels. Near: cosine of the images' layout descriptors (the last "
-        f"feature map pooled to a grid, centered) >= {counts['near_threshold']}, mirror images included.\n\n"
+        f"Exact: the same decoded pixels. Near: cosine >= {counts['near_threshold']} of centered "
+        f"descriptors ({counts['descriptor']}), mirror images included.\n\n"
         f"- exact pairs: {counts['exact_pairs_within_split']} within a split, "
         f"{counts['exact_pairs_across_splits']} across splits\n"
         f"- near pairs: {counts['near_pairs_within_split']} within a split, "
