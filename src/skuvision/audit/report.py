@@ -5,15 +5,16 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
 from skuvision.audit.catalogue import Catalogue
 from skuvision.audit.duplicates import Pair, is_leakage
 from skuvision.data.images import open_rgb
-from skuvision.plots import save
+from skuvision.plots import plt  # pyplot on the file-only backend the evaluation plots set
 from skuvision.tasks.evaluate import as_picture
+
+DPI = 80  # as the evaluation plots (skuvision.plots)
 
 
 def picture(catalogue: Catalogue, datamodule, i: int) -> np.ndarray:
@@ -37,7 +38,11 @@ def gallery_png(images: list[np.ndarray], titles: list[str], path: Path, title: 
     if not images:
         axes.flat[0].text(0.5, 0.5, "nothing found", ha="center", va="center")
     fig.suptitle(title, fontsize=10)
-    return save(fig, path)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 / fig.get_figheight()))  # room for the title above the tiles
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
 
 
 def short(item: str, width: int = 28) -> str:

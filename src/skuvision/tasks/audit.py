@@ -172,11 +172,12 @@ def audit_labels(cfg, train_cfg, catalogue: Catalogue, datamodule, module, out: 
 
 
 def pair_titles(row: dict) -> tuple[str, str]:
-    mark = "LEAK " if row["leakage"] else ""
-    how = f"{row['kind']} {row['similarity']:.3f}" + (" mirror" if row["mirrored"] else "")
+    """Left tile: the first image; right tile: its duplicate, how it was found and whether it leaks."""
+    how = f"{'LEAK ' if row['leakage'] else ''}{row['kind']} {row['similarity']:.3f}"
+    how += " mirror" if row["mirrored"] else ""
     return (
-        f"{mark}{row['split_a']}: {row['label_a']}\n{report.short(row['item_a'], 22)}",
-        f"{how}\n{row['split_b']}: {row['label_b']}",
+        f"{row['split_a']}: {report.short(row['item_a'], 22)}\n{row['label_a']}",
+        f"{how}\n{row['split_b']}: {report.short(row['item_b'], 22)}\n{row['label_b']}",
     )
 
 
