@@ -23,6 +23,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold, cross_val_predict
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
+from threadpoolctl import threadpool_limits
 from torch.utils.data import Dataset, Subset
 
 from skuvision.data.datamodule import InMemoryImages
@@ -53,7 +54,9 @@ def cheap_pred_probs(
     """Out-of-sample class probabilities of a logistic regression on the embeddings, fold by fold."""
     cv = stratified_folds(labels, class_names, folds, seed)
     model = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=1000))
-    return cross_val_predict(model, features, labels, cv=cv, method="predict_proba")
+    # BLAS threads next to torch's OpenMP pool fight for the cores: one BLAS thread fitted 3x faster here.
+    with threadpool_limits(limits=1, user_api="blas"):
+        return cross_val_predict(model, features, labels, cv=cv, method="predict_proba")
 
 
 def take(dataset: Dataset, indices: np.ndarray) -> Dataset:
