@@ -252,3 +252,14 @@ def test_full_mode_without_its_training_config_is_refused(shop_audit, tmp_path):
     overrides = audit_overrides(shop_audit[4], ["audit.label_mode=full"])
     with pytest.raises(SkuvisionError, match="audit.label_mode=full retrains"):
         audit(compose_cfg("audit", overrides, tmp_path / "run"))
+
+
+def test_report_counts_classes_per_split_and_links_its_files(shop_audit):
+    summary, out, _, _, _ = shop_audit
+    train_counts = summary["class_counts"]["train"]
+    assert train_counts == {"kettle": 16, "phone": 16, "shirt": 16, "toaster": 15}  # 15 each + planted images
+    assert summary["class_counts"]["test"]["kettle"] == 5  # 4 + the exact copy
+    md = (out / "audit.md").read_text()
+    assert "| kettle | 16 | 4 | 5 |" in md
+    for name in ("label_issues.png", "duplicates.png", "label_issues.csv", "image_issues.csv"):
+        assert name in md and (out / name).stat().st_size > 0
