@@ -23,6 +23,7 @@ from skuvision.audit import report
 from skuvision.audit.catalogue import DESCRIPTORS, Catalogue, embed_catalogue
 from skuvision.audit.duplicates import EVALUATION_SPLITS, find_duplicates
 from skuvision.audit.quality import flagged, meaningful_checks, run_imagelab
+from skuvision.data.datamodule import dataset_labels
 from skuvision.errors import SkuvisionError
 from skuvision.tasks.assembly import from_checkpoint
 from skuvision.tasks.utils import plain, set_threads, write_json
@@ -51,6 +52,9 @@ def audit(cfg: DictConfig) -> dict:
         raise SkuvisionError(f"the data config has no train split (it has {sorted(datamodule.splits)})")
     class_names = module.class_names
     train_cfg = None
+    if options.label_mode != "none":  # refuse too many folds before the model runs
+        train_labels = np.asarray(dataset_labels(datamodule.splits["train"]), dtype=int)
+        label_audit.stratified_folds(train_labels, class_names, int(options.folds), cfg.seed)
     if options.label_mode == "full":  # before hours of work: refuse a missing training config now
         data_cfg = plain(cfg.data) if cfg.get("data") else dict(module.hparams.data)
         train_cfg = label_audit.training_config(cfg.ckpt_path, options, data_cfg)
