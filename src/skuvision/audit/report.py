@@ -29,7 +29,7 @@ def gallery_png(images: list[np.ndarray], titles: list[str], path: Path, title: 
     n = max(1, len(images))
     cols = min(cols, n)
     rows = -(-n // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, 2.8 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, 2.9 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, image, text in zip(axes.flat, images, titles, strict=False):

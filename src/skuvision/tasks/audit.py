@@ -180,9 +180,14 @@ def pair_titles(row: dict) -> tuple[str, str]:
     how = f"{'LEAK ' if row['leakage'] else ''}{row['kind']} {row['similarity']:.3f}"
     how += " mirror" if row["mirrored"] else ""
     return (
-        f"{row['split_a']}: {report.short(row['item_a'], 22)}\n{row['label_a']}",
-        f"{how}\n{row['split_b']}: {report.short(row['item_b'], 22)}\n{row['label_b']}",
+        f"{tile_name(row['item_a'], row['split_a'])}\n{row['label_a']}",
+        f"{how}\n{tile_name(row['item_b'], row['split_b'])}: {row['label_b']}",
     )
+
+
+def tile_name(item: str, split: str) -> str:
+    """`val[12]` for in-memory items (the split is in the name), else `split: file name`."""
+    return item if item.startswith(f"{split}[") else f"{split}: {report.short(item, 22)}"
 
 
 def class_table(summary: dict) -> str:
