@@ -50,7 +50,7 @@ def audit(cfg: DictConfig) -> dict:
     datamodule.setup("predict")
     if "train" not in datamodule.splits:
         raise SkuvisionError(f"the data config has no train split (it has {sorted(datamodule.splits)})")
-    class_names = module.class_names
+    class_names = list(datamodule.class_names)  # labels index the data's classes (the model may differ)
     train_cfg = None
     if options.label_mode != "none":  # refuse too many folds before the model runs
         train_labels = np.asarray(dataset_labels(datamodule.splits["train"]), dtype=int)
@@ -108,20 +108,17 @@ def audit(cfg: DictConfig) -> dict:
     md.append(duplicate_section(summary["duplicates"], rows, options))
 
     if options.label_mode != "none":
-        summary["label_issues"] = audit_labels(cfg, train_cfg, catalogue, datamodule, module, out, md)
-    md.append(
-        "Files: `label_issues.csv`, `label_issues.png`, `duplicates.csv`, `duplicates.png`, "
-        "`image_issues.csv`, `audit.json`.\n"
-    )
-    (out / "audit.md").write_text("\n".join(md))
+        summary["label_issues"] = audit_labels(cfg, train_cfg, catalogue, datamodule, out, md)
     write_json(out / "audit.json", summary)
+    md.append("Files: " + ", ".join(f"`{p.name}`" for p in sorted(out.iterdir()) if p.is_file()) + ".\n")
+    (out / "audit.md").write_text("\n".join(md))
     print(f"audit written to {out}")
     return summary
 
 
-def audit_labels(cfg, train_cfg, catalogue: Catalogue, datamodule, module, out: Path, md: list[str]) -> dict:
+def audit_labels(cfg, train_cfg, catalogue: Catalogue, datamodule, out: Path, md: list[str]) -> dict:
     options = cfg.audit
-    class_names = module.class_names
+    class_names = list(datamodule.class_names)
     train = catalogue.of_split("train")
     labels = catalogue.labels[train]
     folds = int(options.folds)
