@@ -21,8 +21,6 @@ from pytorch_lightning import seed_everything
 from pytorch_lightning.callbacks import LearningRateMonitor
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold, cross_val_predict
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 from torch.utils.data import Dataset, Subset
 
@@ -51,9 +49,13 @@ def stratified_folds(labels: np.ndarray, class_names: list[str], folds: int, see
 def cheap_pred_probs(
     features: np.ndarray, labels: np.ndarray, class_names: list[str], folds: int, seed: int, c: float = 1.0
 ) -> np.ndarray:
-    """Out-of-sample class probabilities of a logistic regression on the embeddings, fold by fold."""
+    """Out-of-sample class probabilities of a logistic regression on the L2-normalized embeddings, fold by
+    fold. Not standardized: scaling every dimension to unit variance lifts the faint directions in which a
+    network stores the noisy labels it memorized; on real Fashion-MNIST with 10 % planted flips it cut the
+    flips found from 0.95 to 0.79 (predicted_neq_given) and precision from 0.75 to 0.56."""
     cv = stratified_folds(labels, class_names, folds, seed)
-    model = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=1000))
+    model = LogisticRegression(C=c, max_iter=1000)
+    features = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
     # BLAS threads next to torch's OpenMP pool fight for the cores: one BLAS thread fitted 3x faster here.
     with threadpool_limits(limits=1, user_api="blas"):
         return cross_val_predict(model, features, labels, cv=cv, method="predict_proba")

@@ -31,6 +31,15 @@ from skuvision.tasks.utils import plain, set_threads, write_json
 log = logging.getLogger("skuvision")
 
 LABEL_MODES = ("cheap", "full", "none")
+FILTERS = (
+    "predicted_neq_given",
+    "prune_by_noise_rate",
+    "prune_by_class",
+    "both",
+    "confident_learning",
+    "low_normalized_margin",
+    "low_self_confidence",
+)  # fmt: skip  (cleanlab's find_label_issues filter_by)
 
 
 def audit(cfg: DictConfig) -> dict:
@@ -39,6 +48,8 @@ def audit(cfg: DictConfig) -> dict:
     options = cfg.audit
     if options.label_mode not in LABEL_MODES:
         raise SkuvisionError(f"audit.label_mode={options.label_mode!r}: use one of {', '.join(LABEL_MODES)}")
+    if options.filter_by not in FILTERS:
+        raise SkuvisionError(f"audit.filter_by={options.filter_by!r}: use one of {', '.join(FILTERS)}")
     if not 0 < options.near_threshold <= 1:
         raise SkuvisionError(f"audit.near_threshold={options.near_threshold}: use a cosine in (0, 1]")
     if options.descriptor not in DESCRIPTORS:
