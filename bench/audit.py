@@ -119,7 +119,8 @@ def bench_rows(workdir: Path, quick: bool = False) -> tuple[list[tuple], list[st
         train_minutes = (time.perf_counter() - started) / 60
     ckpt = sorted((workdir / "train" / "checkpoints").glob("best-*.ckpt"))[0]
     started = time.perf_counter()
-    summary = audit(compose_config("audit", [f"ckpt_path={ckpt}", f"threads={THREADS}"], workdir / "audit"))
+    audit_cfg = compose_config("audit", [f"ckpt_path={ckpt}", f"threads={THREADS}"], workdir / "audit")
+    summary = audit(audit_cfg)
     audit_minutes = (time.perf_counter() - started) / 60
     module, _ = from_checkpoint(ckpt)
     datamodule = instantiate(train_cfg.data, input_config=module.input_config)
@@ -145,11 +146,13 @@ def bench_rows(workdir: Path, quick: bool = False) -> tuple[list[tuple], list[st
             ">= 0.65",
         ),
     ]
+    trained = f"{train_minutes:.1f} min" if train_minutes == train_minutes else "reused from the workdir"
     notes = [
-        f"Label audit: the default recipe trained on the noisy labels ({epochs or 'default'} epochs, "
-        f"{train_minutes:.1f} min, test accuracy {metrics.get('test/acc', float('nan')):.4f} on "
-        f"{n_test} clean test images); the audit (embeddings, duplicates, image quality, "
-        f"{summary['label_issues']['folds']}-fold cross-fitting) took {audit_minutes:.1f} min.",
+        f"Label audit: the default recipe trained on the noisy labels ({metrics.get('fit/epochs')} epochs, "
+        f"{trained}, test accuracy {metrics.get('test/acc', float('nan')):.4f} on {n_test} clean test "
+        f"images); the audit (embeddings, duplicates, image quality, {summary['label_issues']['folds']}-fold "
+        f"cross-fitting, filter_by={audit_cfg.audit.filter_by}) took "
+        f"{audit_minutes:.1f} min.",
     ]
     return rows, notes
 
