@@ -257,7 +257,12 @@ def test_full_mode_without_its_training_config_is_refused(shop_audit, tmp_path):
 def test_report_counts_classes_per_split_and_links_its_files(shop_audit):
     summary, out, _, _, _ = shop_audit
     train_counts = summary["class_counts"]["train"]
-    assert train_counts == {"kettle": 16, "phone": 16, "shirt": 16, "toaster": 15}  # 15 each, one planted in three
+    assert train_counts == {
+        "kettle": 16,
+        "phone": 16,
+        "shirt": 16,
+        "toaster": 15,
+    }  # 15 each, one planted in three
     assert summary["class_counts"]["test"]["kettle"] == 5  # 4 + the exact copy
     md = (out / "audit.md").read_text()
     assert "| kettle | 16 | 4 | 5 |" in md
