@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import compose_cfg, quick_overrides
 from PIL import Image
 from skimage import data as photos
 from torchvision.io import read_file
@@ -19,6 +20,7 @@ from skuvision.data.image_folder import ImageFolderDataModule
 from skuvision.data.images import dct_scale, decode_error, open_rgb, resized_size, scan_images
 from skuvision.data.transforms import ToModelInput, eval_image_transform, eval_min_side
 from skuvision.errors import SkuvisionError
+from skuvision.tasks import train
 
 INPUT_224 = {
     "input_size": (3, 224, 224),
@@ -75,7 +77,7 @@ def test_reduced_scale_keeps_at_least_the_needed_side():
         for height in (width // 2, width, 3 * width // 2):
             scale = dct_scale(width, height, 256)
             assert min(-(-width // scale), -(-height // scale)) >= 256 or scale == 1
-    assert dct_scale(2048, 2048, 256) == 8 and dct_scale(1024, 1100, 256) == 4 and dct_scale(300, 300, 256) == 1
+    assert [dct_scale(2048, 2048, 256), dct_scale(1024, 1100, 256), dct_scale(300, 300, 256)] == [8, 4, 1]
 
 
 def test_non_jpeg_decodes_in_full(tmp_path):
@@ -180,7 +182,9 @@ def test_gpu_decoding_falls_back_to_the_cpu_without_cuda(tmp_path, caplog, monke
         module = folder_module(root, decode_on="gpu")
     assert caplog.text.count("data.decode_on=gpu: no CUDA device here; JPEGs are decoded on the CPU") == 1
     assert "reduced scale" in module.training_path
-    assert all(torch.equal(a, b) for a, b in zip(batches(module, "test"), batches(folder_module(root), "test")))
+    expected = batches(folder_module(root), "test")
+    got = batches(module, "test")
+    assert len(got) == len(expected) and all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
 
 
 def test_unknown_decode_on_is_refused(tmp_path):
@@ -208,3 +212,22 @@ def test_device_batch_decoding_gives_the_eval_geometry(tmp_path):
     # torchvision's tensor resize and PIL's differ slightly in their antialiasing filters.
     assert (batch[0].int() - pil.int()).abs().float().mean() < 3
     assert torch.equal(batch[1], files.image(1))
+
+
+def test_training_run_with_the_cache_from_the_config(tmp_path, data_root, caplog):
+    root = write_photo_folder(tmp_path / "shop", per_class=10)
+    overrides = quick_overrides("image_folder", data_root) + [
+        f"data.root={root}",
+        "data.cache=true",
+        "data.num_workers=2",
+        "trainer.fast_dev_run=true",
+        "test=false",
+    ]
+    for run in ("first", "second"):
+        caplog.clear()
+        with caplog.at_level(logging.INFO):
+            train(compose_cfg("train", overrides, tmp_path / run))
+        assert "training images on the decoded-image cache" in caplog.text
+    assert "0 decoded and stored" in caplog.text  # the second run decoded nothing
+    shards = list((tmp_path / "cache" / "decoded").glob("*/*.u8"))
+    assert shards and not list((tmp_path / "cache" / "decoded").glob("*/.*tmp"))
