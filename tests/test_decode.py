@@ -231,3 +231,19 @@ def test_training_run_with_the_cache_from_the_config(tmp_path, data_root, caplog
     assert "0 decoded and stored" in caplog.text  # the second run decoded nothing
     shards = list((tmp_path / "cache" / "decoded").glob("*/*.u8"))
     assert shards and not list((tmp_path / "cache" / "decoded").glob("*/.*tmp"))
+
+
+def test_fills_started_together_decode_each_image_once(tmp_path, caplog):
+    """As the processes of a DDP run do at setup: one fills, the other finds everything cached."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from skuvision.data.image_cache import DecodedImageCache
+
+    root = write_photo_folder(tmp_path / "shop", per_class=6)
+    files = InputImageFiles(sorted(root.rglob("*.*")), INPUT_32)
+    with caplog.at_level(logging.INFO), ThreadPoolExecutor(2) as pool:
+        fills = list(pool.map(lambda _: DecodedImageCache(INPUT_32).fill(files, workers=2), range(2)))
+    assert all(f.count == len(files) for f in fills)
+    assert caplog.text.count(f"{len(files)} decoded and stored") == 1
+    assert caplog.text.count(f"{len(files)} image(s) read from cache, 0 decoded") == 1
+    assert len(list(fills[0].shards)) == len(list(fills[1].shards)) == 1

@@ -10,11 +10,13 @@ is published last, so readers only see complete shards).
 
 Filling happens once per split in the main process at setup, with a thread pool (Pillow decodes and resizes
 without holding the GIL). DataLoader workers only read: each opens the shards itself, read-only, on first
-use. Two runs filling the same folder at once each write their own shard; both are valid.
+use. Fills of one folder take turns under a file lock, so the processes of a DDP run (or two runs started
+together) decode each image once: the first fills, the others then find everything cached.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -26,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import PIL
 import torch
+import torchvision
 
 from skuvision.config import cache_dir
 from skuvision.data.images import DECODE_ERRORS
@@ -45,6 +48,7 @@ def geometry_key(input_config: dict, channels: int) -> str:
         "channels": int(channels),
         "decode": "pillow-dct-draft",  # reduced-scale JPEG decoding changes pixels slightly
         "pillow": PIL.__version__,
+        "torchvision": torchvision.__version__,  # its Resize and CenterCrop run in timm's eval transform
     }
     return hashlib.sha1(json.dumps(geometry, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -125,6 +129,21 @@ class DecodedImageCache:
         storing those that are missing or changed; `indices` limits this to a subset. Files that fail to
         decode are left uncached (the dataset then decodes them, and reports them, as without a cache)."""
         indices = list(range(len(dataset))) if indices is None else list(indices)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with open(self.folder / ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+            cached, decoded = self._fill(dataset, indices, workers)
+        log.info(
+            "decoded-image cache%s: %d image(s) read from cache, %d decoded and stored, %d not cached (%s)",
+            f" ({split})" if split else "",
+            cached.count - decoded,
+            decoded,
+            len(indices) - cached.count,
+            self.folder,
+        )
+        return cached
+
+    def _fill(self, dataset, indices: list[int], workers: int) -> tuple[CachedImages, int]:
         shards, where = self.index()
         locations = np.full((len(dataset), 2), -1, dtype=np.int64)
         todo: list[tuple[int, str]] = []
@@ -145,20 +164,11 @@ class DecodedImageCache:
                 for i, key in todo:
                     if key in rows:
                         locations[i] = (len(shards) - 1, rows[key])
-        cached = CachedImages(shards, self.shape, locations)
-        log.info(
-            "decoded-image cache%s: %d image(s) read from cache, %d decoded and stored, %d not cached (%s)",
-            f" ({split})" if split else "",
-            len(indices) - len(todo),
-            cached.count - (len(indices) - len(todo)),
-            len(indices) - cached.count,
-            self.folder,
-        )
-        return cached
+        decoded = int((locations[[i for i, _ in todo], 0] >= 0).sum()) if todo else 0
+        return CachedImages(shards, self.shape, locations), decoded
 
     def _write_shard(self, dataset, todo: list[tuple[int, str]], workers: int):
         """Decode `todo` into a new shard; returns (data file, keys of its rows) or None if none decoded."""
-        self.folder.mkdir(parents=True, exist_ok=True)
         name = uuid.uuid4().hex
         tmp = self.folder / f".{name}.u8.tmp"
         data = np.memmap(tmp, dtype=np.uint8, mode="w+", shape=(len(todo), *self.shape))
