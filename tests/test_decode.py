@@ -247,3 +247,26 @@ def test_fills_started_together_decode_each_image_once(tmp_path, caplog):
     assert caplog.text.count(f"{len(files)} decoded and stored") == 1
     assert caplog.text.count(f"{len(files)} image(s) read from cache, 0 decoded") == 1
     assert len(list(fills[0].shards)) == len(list(fills[1].shards)) == 1
+
+
+def test_per_image_training_augmentation_decodes_whole_images_and_the_rest_is_cached(tmp_path, caplog):
+    from skuvision.data.augment import ImageAugment
+
+    root = write_photo_folder(tmp_path / "shop", per_class=8)
+    augment = ImageAugment(auto_augment="rand-m9-mstd0.5-inc1", scale=(0.08, 1.0))
+    with caplog.at_level(logging.INFO):
+        module = folder_module(root, cache=True, augment=augment)
+    train, val = module.splits["train"], module.splits["val"]
+    assert train.cached is None and "needs whole images" in caplog.text
+    assert train.min_side == 114  # ceil(32 / sqrt(0.08)): the smallest random crop is not upsampled
+    assert val.cached is not None and val.cached.count == len(val) and val.min_side == 36
+    images, _ = next(iter(module.train_dataloader()))
+    assert images.shape == (4, 3, 32, 32)
+
+
+def test_a_subset_fills_only_its_images(tmp_path):
+    root = write_photo_folder(tmp_path / "shop", per_class=8)
+    module = folder_module(root, cache=True, subset=4)
+    train = module.splits["train"]
+    assert len(train) == 4 and train.dataset.cached.count == 4
+    assert all(train.dataset.cached.get(i) is not None for i in train.indices)
