@@ -270,3 +270,31 @@ def test_a_subset_fills_only_its_images(tmp_path):
     train = module.splits["train"]
     assert len(train) == 4 and train.dataset.cached.count == 4
     assert all(train.dataset.cached.get(i) is not None for i in train.indices)
+
+
+def test_device_decoding_path_runs_through_lightning(tmp_path, data_root):
+    """decode_on=gpu as on a CUDA machine, with the CPU trainer's device standing in for the GPU: workers
+    hand over JPEG bytes, the data module's on_before_batch_transfer decodes them, training runs."""
+    from pytorch_lightning import Trainer
+
+    from skuvision.tasks.assembly import build
+
+    root = write_photo_folder(tmp_path / "shop", per_class=10)
+    overrides = quick_overrides("image_folder", data_root) + [f"data.root={root}", "data.decode_on=gpu"]
+    cfg = compose_cfg("train", overrides, tmp_path / "run")
+    datamodule, module = build(cfg)
+    datamodule.__dict__["device_decoding"] = True  # what setup decides where CUDA is available
+    datamodule.setup()
+    assert "decoded on the device" in datamodule.training_path
+    images, labels = next(iter(datamodule.test_dataloader()))
+    assert isinstance(images, list) and any(img.ndim == 1 for img in images)
+    decoded, _ = datamodule.on_before_batch_transfer((images, labels), 0)
+    reference, _ = build(cfg)
+    reference.__dict__["device_decoding"] = False  # the CPU path, on any machine
+    expected, _ = next(iter(reference.test_dataloader()))
+    assert decoded.shape == expected.shape and decoded.dtype == torch.uint8
+    assert (decoded.int() - expected.int()).abs().float().mean() < 3
+    options = {"logger": False, "enable_checkpointing": False, "enable_progress_bar": False}
+    trainer = Trainer(accelerator="cpu", fast_dev_run=True, **options)
+    trainer.fit(module, datamodule=datamodule)
+    assert trainer.state.finished
