@@ -124,6 +124,7 @@ def skuvision_module(root: Path, cache: bool):
 
 def bench_rows(workdir: Path, quick: bool = False) -> tuple[list[tuple], list[str]]:
     workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
     count = 200 if quick else 1000
     repeats = 2 if quick else 3
     torch.set_num_threads(THREADS)
@@ -131,14 +132,20 @@ def bench_rows(workdir: Path, quick: bool = False) -> tuple[list[tuple], list[st
     root = photo_folder(workdir, count)
     generated = time.perf_counter() - started
     # A cache folder of this bench's own: the fill is measured from empty, and the user's is left alone.
+    user_cache = os.environ.get("SKUVISION_CACHE")
     os.environ["SKUVISION_CACHE"] = tempfile.mkdtemp(prefix="cache_", dir=workdir)
-
-    started = time.perf_counter()
-    uncached = skuvision_module(root, cache=False)  # includes the one-time scan for unreadable files
-    scan_s = time.perf_counter() - started
-    started = time.perf_counter()
-    cached = skuvision_module(root, cache=True)
-    fill_s = time.perf_counter() - started
+    try:
+        started = time.perf_counter()
+        uncached = skuvision_module(root, cache=False)  # includes the one-time scan for unreadable files
+        scan_s = time.perf_counter() - started
+        started = time.perf_counter()
+        cached = skuvision_module(root, cache=True)
+        fill_s = time.perf_counter() - started
+    finally:
+        if user_cache is None:
+            del os.environ["SKUVISION_CACHE"]
+        else:
+            os.environ["SKUVISION_CACHE"] = user_cache
 
     loaders = {
         "reference": (reference_loader(root), None),
