@@ -23,7 +23,9 @@ def predict(cfg: DictConfig) -> Path:
     module, _ = from_checkpoint(cfg.ckpt_path)
     module.tta = check_tta(cfg.get("tta") or module.tta)
     paths = collect_inputs(plain(cfg.input))
-    datamodule = InputFilesDataModule(paths, module.input_config, cfg.batch_size, cfg.num_workers)
+    datamodule = InputFilesDataModule(
+        paths, module.input_config, cfg.batch_size, cfg.num_workers, cache=bool(cfg.get("cache", False))
+    )
     trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False)
     outputs = trainer.predict(module, datamodule=datamodule)
     probs = torch.cat([o["outputs"] for o in outputs]).softmax(dim=1)
