@@ -84,7 +84,7 @@ def test_no_threshold_reaching_the_target_is_said_and_not_invented():
     labels = torch.tensor([1, 0, 0, 0])
     report = calibration.calibration_report((logits, labels), (logits, labels), 0.99)
     assert report["threshold"] is None and report["test_accepted"] == 0
-    assert any("no confidence threshold reaches 99.0%" in line for line in calibration.describe(report))
+    assert report["threshold_warning"].startswith("no confidence threshold reaches 99.0% accuracy on val")
 
 
 @pytest.fixture(scope="module")
@@ -153,6 +153,12 @@ def test_eval_fits_on_val_and_reports_on_test(evaluation, checkpoint):
     on_test = calibration.accepted_accuracy(*calibration.top1(*test, t), chosen.value)
     assert written["test_coverage"] == on_test["coverage"]
     assert written["test_accuracy_at_threshold"] == pytest.approx(on_test["accuracy"])
+    if written["threshold"] is None:
+        assert written["threshold_warning"].startswith("no confidence threshold")
+    elif written["val_accepted"] < 10:  # 1 / (1 - 0.9) images are needed to measure 90 %
+        assert written["threshold_warning"].startswith("only ")
+    else:
+        assert written["threshold_warning"] is None
     saved = json.loads((out / "calibration.json").read_text())
     assert saved["temperature"] == written["temperature"] and saved["threshold"] == written["threshold"]
     assert saved["tta"] == "none" and saved["class_names"] == list(CLASSES)
@@ -215,7 +221,7 @@ def test_predict_refuses_a_calibration_of_another_checkpoint_or_tta(evaluation, 
         run_predict(checkpoint, photos, tmp_path / "c", tmp_path)
 
 
-def test_data_without_val_split_skips_calibration_and_says_so(checkpoint, photos, tmp_path, capsys):
+def test_data_without_val_split_skips_calibration_and_says_so(checkpoint, photos, tmp_path, caplog):
     overrides = [
         f"ckpt_path={checkpoint}",
         "data=image_folder",
@@ -226,7 +232,7 @@ def test_data_without_val_split_skips_calibration_and_says_so(checkpoint, photos
     ]
     report = evaluate(compose_cfg("eval", overrides, tmp_path / "run"))
     assert "no val split" in report["calibration"]["skipped"]
-    assert "calibration skipped: the data has no val split" in capsys.readouterr().out
+    assert "calibration skipped: the data has no val split" in caplog.text
     assert "calibrate=false" in report["calibration"]["skipped"]
     assert not (tmp_path / "run" / "calibration.json").exists()
     report = evaluate(compose_cfg("eval", [*overrides, "calibrate=false"], tmp_path / "off"))

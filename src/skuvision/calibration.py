@@ -186,6 +186,7 @@ def calibration_report(val: tuple, test: tuple, target: float) -> dict:
         "test_coverage": on_test["coverage"],
         "test_accepted": on_test["accepted"],
     }
+    report["threshold_warning"] = threshold_warning(report)
     return report
 
 
@@ -201,11 +202,7 @@ def describe(report: dict) -> list[str]:
     ]
     target = f"{r['target']:.1%}"
     if r["threshold"] is None:
-        lines.append(
-            f"no confidence threshold reaches {target} accuracy on val (the best any threshold gives is "
-            f"{r['val_best_accuracy']:.2%}): every prediction needs review; lower target_precision"
-        )
-        return lines
+        return lines  # threshold_warning says why
     lines.append(
         f"threshold for {target} accuracy (chosen on val): {r['threshold']:.6f}, accepts "
         f"{r['val_coverage']:.1%} of val ({r['val_accepted']} images) at {r['val_accuracy_at_threshold']:.2%}"
@@ -215,10 +212,22 @@ def describe(report: dict) -> list[str]:
         f"on test: accepts {r['test_coverage']:.1%} ({r['test_accepted']} images) at "
         + (f"{test_acc:.2%} accuracy" if test_acc is not None else "no accuracy (none accepted)")
     )
-    needed = math.ceil(1 / max(1 - r["target"], 1e-9))
-    if r["val_accepted"] < needed:
-        lines.append(
-            f"warning: only {r['val_accepted']} val images accepted; {needed} or more are needed to tell "
-            f"{target} accuracy apart from 100%: the threshold is not trustworthy (add val images)"
-        )
     return lines
+
+
+def threshold_warning(report: dict) -> str | None:
+    """Why there is no threshold, or why it cannot be trusted (too few accepted val images to measure the
+    target); None when neither."""
+    target = f"{report['target']:.1%}"
+    if report["threshold"] is None:
+        return (
+            f"no confidence threshold reaches {target} accuracy on val (the best any threshold gives is "
+            f"{report['val_best_accuracy']:.2%}): every prediction needs review; lower target_precision"
+        )
+    needed = math.ceil(1 / max(1 - report["target"], 1e-9))
+    if report["val_accepted"] < needed:
+        return (
+            f"only {report['val_accepted']} val images accepted at the threshold; {needed} or more are "
+            f"needed to tell {target} accuracy from 100%: the threshold is not trustworthy (add val images)"
+        )
+    return None

@@ -84,15 +84,14 @@ def calibrate(cfg, trainer, module, datamodule, test: tuple, output_dir: Path) -
             "(e.g. data.split_fractions with a val share, or a val/ folder), or pass calibrate=false"
         )
         log.warning("calibration skipped: %s", why)
-        print(f"calibration skipped: {why}")
         return {"skipped": why}, []
     datamodule.predict_split = "val"
     outputs = trainer.predict(module, datamodule=datamodule)
     val = (torch.cat([o["outputs"] for o in outputs]).cpu(), torch.cat([o["meta"] for o in outputs]).cpu())
     report = calibration.calibration_report(val, test, target)
-    for line in calibration.describe(report):
-        log.info(line)
-        print(line)
+    print("\n".join(calibration.describe(report)))
+    if report["threshold_warning"]:
+        log.warning(report["threshold_warning"])
     write_json(
         output_dir / calibration.CALIBRATION_FILE,
         {

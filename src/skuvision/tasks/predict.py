@@ -87,5 +87,4 @@ def report_review(calibrated: dict, review: list[bool], failed: int) -> None:
             + (f"; {failed} unreadable" if failed else "")
             + f"), {len(review) - marked} accepted"
         )
-    log.info(line)
     print(line)
