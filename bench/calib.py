@@ -10,6 +10,7 @@ otherwise this trains one (the make train recipe; --quick: one epoch on a 3000-i
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -52,6 +53,7 @@ def bench_rows(
     ckpt = ckpt_path or os.environ.get("SKUVISION_BENCH_CKPT") or trained_checkpoint(workdir, quick)
     overrides = [f"ckpt_path={ckpt}", f"threads={THREADS}", f"target_precision={TARGET}"]
     report = evaluate(compose_config("eval", overrides, workdir / "calib-eval"))
+    tta = json.loads((workdir / "calib-eval" / "metrics.json").read_text())["tta"]
     c = report["calibration"]
     if "skipped" in c:
         return [], [f"calibration skipped: {c['skipped']}"]
@@ -67,7 +69,7 @@ def bench_rows(
     ]
     notes = [
         f"Calibration: checkpoint {ckpt}; test accuracy {100 * report['test/acc']:.2f} %, "
-        f"{c['test_images']} test images, TTA {report.get('tta', 'as trained')}."
+        f"{c['test_images']} test images, TTA {tta} (as trained)."
     ]
     if c["threshold"] is None:
         notes.append(f"no threshold reaches {TARGET:.0%} on val: {c['threshold_warning']}")
