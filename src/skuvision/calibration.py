@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from scipy.optimize import minimize_scalar
 from torchmetrics.classification import MulticlassCalibrationError
+from torchmetrics.functional.classification import binary_precision_recall_curve
 
 from skuvision.errors import SkuvisionError
 
@@ -67,16 +68,13 @@ def ece(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) ->
 
 
 def coverage_curve(confidence: torch.Tensor, correct: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """For each distinct confidence t (descending): the threshold t, the share of images with
-    confidence >= t, and the accuracy of those images."""
-    order = confidence.argsort(descending=True)
-    conf, hits = confidence[order], correct[order].double()
-    accepted = torch.arange(1, len(conf) + 1, dtype=torch.float64)
-    accuracy = hits.cumsum(0) / accepted
-    # Images tied at one confidence are accepted together: keep the last position of each run of ties.
-    last_of_tie = torch.ones(len(conf), dtype=torch.bool)
-    last_of_tie[:-1] = conf[1:] != conf[:-1]
-    return conf[last_of_tie], accepted[last_of_tie] / len(conf), accuracy[last_of_tie]
+    """For each distinct confidence t (descending): the threshold t, the number of images with
+    confidence >= t, and the accuracy of those images: the precision-recall curve of "accept" against
+    "the prediction is right" (torchmetrics)."""
+    precision, _, thresholds = binary_precision_recall_curve(confidence, correct.long())
+    precision = precision[:-1]  # the curve's last point (nothing accepted) has no threshold
+    accepted = len(confidence) - torch.searchsorted(confidence.sort().values, thresholds, side="left")
+    return thresholds.flip(0), accepted.flip(0), precision.double().flip(0)
 
 
 @dataclass
@@ -94,14 +92,14 @@ class Threshold:
 def choose_threshold(confidence: torch.Tensor, correct: torch.Tensor, target: float) -> Threshold:
     """The lowest threshold whose accepted images (confidence >= threshold) are at least `target`
     accurate: the one that accepts the most images while meeting the target."""
-    thresholds, coverage, accuracy = coverage_curve(confidence, correct)
+    thresholds, accepted, accuracy = coverage_curve(confidence, correct)
     meets = torch.nonzero(accuracy >= target).flatten()
     best = accuracy.max().item() if len(accuracy) else 0.0
     if len(meets) == 0:
         return Threshold(target, None, None, 0.0, 0, best)
     i = meets[-1].item()  # thresholds descend: the last one meeting the target is the lowest
-    accepted = round(coverage[i].item() * len(confidence))
-    return Threshold(target, thresholds[i].item(), accuracy[i].item(), coverage[i].item(), accepted, best)
+    count = int(accepted[i])
+    return Threshold(target, thresholds[i].item(), accuracy[i].item(), count / len(confidence), count, best)
 
 
 def accepted_accuracy(confidence: torch.Tensor, correct: torch.Tensor, threshold: float | None) -> dict:

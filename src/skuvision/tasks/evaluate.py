@@ -121,8 +121,8 @@ def write_calibration_plots(report: dict, val: tuple, test: tuple, output_dir: P
     reliability = plots.reliability_png(panels, calibration.ECE_BINS, output_dir / "reliability.png")
     curves = {}
     for split, data in (("val", val), ("test", test)):
-        _, coverage, accuracy = calibration.coverage_curve(*calibration.top1(*data, temperature))
-        curves[f"{split} ({len(data[1])} images)"] = (coverage.numpy(), accuracy.numpy())
+        _, accepted, accuracy = calibration.coverage_curve(*calibration.top1(*data, temperature))
+        curves[f"{split} ({len(data[1])} images)"] = ((accepted / len(data[1])).numpy(), accuracy.numpy())
     chosen = None
     if report["threshold"] is not None:
         chosen = (report["val_coverage"], report["val_accuracy_at_threshold"])
