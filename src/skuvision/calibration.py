@@ -97,9 +97,9 @@ def choose_threshold(confidence: torch.Tensor, correct: torch.Tensor, target: fl
     best = accuracy.max().item() if len(accuracy) else 0.0
     if len(meets) == 0:
         return Threshold(target, None, None, 0.0, 0, best)
-    i = meets[-1].item()  # thresholds descend: the last one meeting the target is the lowest
-    count = int(accepted[i])
-    return Threshold(target, thresholds[i].item(), accuracy[i].item(), count / len(confidence), count, best)
+    value = thresholds[meets[-1]].item()  # thresholds descend: the last one meeting the target is the lowest
+    exact = accepted_accuracy(confidence, correct, value)  # counted, not the curve's float32 ratio
+    return Threshold(target, value, exact["accuracy"], exact["coverage"], exact["accepted"], best)
 
 
 def accepted_accuracy(confidence: torch.Tensor, correct: torch.Tensor, threshold: float | None) -> dict:
