@@ -222,7 +222,7 @@ def threshold_warning(report: dict) -> str | None:
             f"no confidence threshold reaches {target} accuracy on val (the best any threshold gives is "
             f"{report['val_best_accuracy']:.2%}): every prediction needs review; lower target_precision"
         )
-    needed = math.ceil(1 / max(1 - report["target"], 1e-9))
+    needed = math.ceil(round(1 / max(1 - report["target"], 1e-9), 6))  # 1 / (1 - 0.9) is 10.000000000000002
     if report["val_accepted"] < needed:
         return (
             f"only {report['val_accepted']} val images accepted at the threshold; {needed} or more are "
