@@ -85,6 +85,7 @@ def calibrate(cfg, trainer, module, datamodule, test: tuple, output_dir: Path) -
         )
         log.warning("calibration skipped: %s", why)
         return {"skipped": why}, []
+    # The same data module and Trainer as the test split: val gets the test images' transforms and TTA.
     datamodule.predict_split = "val"
     outputs = trainer.predict(module, datamodule=datamodule)
     val = (torch.cat([o["outputs"] for o in outputs]).cpu(), torch.cat([o["meta"] for o in outputs]).cpu())
