@@ -55,6 +55,15 @@ def test_overconfident_model_gets_a_temperature_above_one_and_a_lower_ece():
     assert before > 0.2 and after < before / 4
 
 
+def test_val_predictions_all_right_give_a_warned_temperature(caplog):
+    """All right: the NLL falls as T falls, with no minimum at a finite T; the fit says so."""
+    labels = torch.arange(20) % 4
+    logits = torch.nn.functional.one_hot(labels, 4).double() * 3
+    t = calibration.fit_temperature(logits, labels)
+    assert t < 0.1 and calibration.nll(logits, labels, t) < 1e-9
+    assert "is not a reliable fit: every val prediction is right" in caplog.text
+
+
 def brute_force_accuracy(confidence, correct, threshold):
     accept = confidence >= threshold
     return correct[accept].double().mean().item(), int(accept.sum())

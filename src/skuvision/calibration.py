@@ -38,8 +38,8 @@ def calibrated_probs(logits: torch.Tensor, temperature: float = 1.0) -> torch.Te
 
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
     """The T minimizing the mean NLL of softmax(logits / T) over [1/100, 100]. The NLL is convex in 1/T, so
-    one bounded scalar search on log T finds it (scipy's Brent). At a bound (val predictions all right or
-    all wrong) the NLL has no interior minimum and T is left there, with a warning."""
+    one bounded scalar search on log T finds it (scipy's Brent). When every val prediction is right (or
+    every one wrong) the NLL has no minimum at a finite T: T is where the search stopped, with a warning."""
     if len(labels) == 0:
         raise ValueError("no logits to fit a temperature on")
     logits, labels = logits.double(), labels.long()
@@ -49,12 +49,18 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
         method="bounded",
         options={"xatol": 1e-6},
     )
-    if min(abs(result.x - b) for b in LOG_T_BOUNDS) < 1e-3:
+    temperature = math.exp(result.x)
+    right = logits.argmax(dim=1) == labels
+    at_bound = min(abs(result.x - b) for b in LOG_T_BOUNDS) < 1e-3
+    if right.all() or not right.any() or at_bound:
         log.warning(
-            "temperature at its bound %.3g: the val predictions are all right or all wrong",
-            math.exp(result.x),
+            "temperature %.3g is not a reliable fit: %s",
+            temperature,
+            "every val prediction is " + ("right" if right.all() else "wrong")
+            if right.all() or not right.any()
+            else "the NLL falls all the way to the search bound",
         )
-    return math.exp(result.x)
+    return temperature
 
 
 def nll(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> float:
