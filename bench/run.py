@@ -267,7 +267,9 @@ def default_recipe(workdir: Path, data_root: Path) -> dict:
     curve = []
     for ckpt in sorted((run_dir / "checkpoints").glob("best-epoch*.ckpt")):
         cfg = compose_config(
-            "eval", [f"ckpt_path={ckpt}", f"threads={THREADS}"], workdir / f"eval-{ckpt.stem}"
+            "eval",
+            [f"ckpt_path={ckpt}", f"threads={THREADS}", "calibrate=false"],
+            workdir / f"eval-{ckpt.stem}",
         )
         report = evaluate(cfg)
         curve.append(((ckpt.stat().st_mtime - started) / 60, 100 * report["test/acc"]))
