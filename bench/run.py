@@ -264,6 +264,8 @@ def default_recipe(workdir: Path, data_root: Path) -> dict:
     )
     minutes = (time.time() - started) / 60
     metrics = json.loads((run_dir / "metrics.json").read_text())
+    # The calibration section evaluates this checkpoint instead of training one of its own.
+    os.environ.setdefault("SKUVISION_BENCH_CKPT", metrics["best_checkpoint"])
     curve = []
     for ckpt in sorted((run_dir / "checkpoints").glob("best-epoch*.ckpt")):
         cfg = compose_config(
