@@ -1,7 +1,8 @@
 """embed(cfg): pre-logit features of a split or of image files, for similar-product search.
 
-Writes embeddings.npz (L2-normalized features with their items and labels), the k nearest neighbours of every
-item (or of one query image), and, for a labelled split, retrieval quality: recall@1/5/10 and mAP.
+Writes embeddings.npz (L2-normalized features with their items and labels), a CatalogueIndex of them in index/
+(FAISS; exact by default), the k nearest neighbours of every item (or of one query image) found with that
+index, and, for a labelled split, retrieval quality by exact search: recall@1/5/10 and mAP.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from omegaconf import DictConfig
 
 from skuvision.data.files import InputFilesDataModule, collect_inputs
 from skuvision.errors import SkuvisionError
-from skuvision.metrics import nearest, retrieval_report
+from skuvision.index import CatalogueIndex
+from skuvision.metrics import retrieval_report
 from skuvision.tasks.assembly import from_checkpoint
 from skuvision.tasks.evaluate import sample_paths
 from skuvision.tasks.utils import plain, set_threads, write_json
@@ -70,17 +72,21 @@ def embed(cfg: DictConfig) -> dict:
         class_names=np.array(module.class_names),
     )
     result: dict = {"embeddings": str(output_dir / "embeddings.npz"), "dim": features.shape[1]}
+    index = build_index(cfg, features.numpy(), items, labels, module.class_names)
+    index.save(output_dir / "index")
+    result["index"] = str(output_dir / "index")
+    result["index_info"] = index.info
     if cfg.get("query"):
         query_files = InputFilesDataModule(collect_inputs(str(cfg.query)), module.input_config, 1, 0)
         query, errors = features_of(trainer, module, query_files)
         if errors[0]:
             raise SkuvisionError(f"query={cfg.query}: cannot read it ({errors[0]})")
-        scores, indices = nearest(query, features, cfg.k)
+        scores, indices = index.search(query.numpy(), min(cfg.k, len(index)))
         write_neighbours(output_dir / "neighbours.csv", [str(cfg.query)], scores, indices, items)
         for rank, (s, i) in enumerate(zip(scores[0].tolist(), indices[0].tolist(), strict=True), 1):
             print(f"{rank:3d}. {s:.4f}  {items[i]}")
     else:
-        scores, indices = nearest(features, features, cfg.k, exclude=torch.arange(len(features)))
+        scores, indices = neighbours_of_items(index, features.numpy(), cfg.k)
         write_neighbours(output_dir / "neighbours.csv", items, scores, indices, items)
     if labels is not None:
         result["retrieval"] = retrieval_report(features, labels, cfg.queries, cfg.seed)
@@ -91,6 +97,34 @@ def embed(cfg: DictConfig) -> dict:
             f"recall@10 {r['recall@10']:.4f}  mAP {r['mAP']:.4f}"
         )
     return result
+
+
+def build_index(cfg: DictConfig, features: np.ndarray, items, labels, class_names) -> CatalogueIndex:
+    node = cfg.index
+    params = plain(node.get(node.kind)) or {}
+    return CatalogueIndex.build(
+        features,
+        items,
+        labels.numpy() if labels is not None else None,
+        class_names,
+        kind=node.kind,
+        checkpoint=str(cfg.ckpt_path),
+        recall_queries=node.recall_queries,
+        seed=cfg.seed,
+        **params,
+    )
+
+
+def neighbours_of_items(index: CatalogueIndex, features: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each item's k nearest other items: one more is searched and the item itself dropped (or the last one,
+    where ties or an approximate index left the item out)."""
+    k = min(k, len(index) - 1)
+    scores, indices = index.search(features, k + 1)
+    own = indices == np.arange(len(indices))[:, None]
+    drop = np.where(own.any(axis=1), own.argmax(axis=1), k)
+    keep = np.ones_like(own)
+    keep[np.arange(len(indices)), drop] = False
+    return scores[keep].reshape(-1, k), indices[keep].reshape(-1, k)
 
 
 def write_neighbours(path: Path, queries: list[str], scores, indices, items: list[str]) -> None:
