@@ -2,6 +2,7 @@ from skuvision.data.cifar import CIFAR10DataModule, CIFAR100DataModule
 from skuvision.data.datamodule import ImageDataModule, InMemoryImages
 from skuvision.data.fashion_mnist import FashionMNISTDataModule
 from skuvision.data.image_folder import ImageFolderDataModule
+from skuvision.data.manifest import ManifestDataModule
 
 __all__ = [
     "CIFAR10DataModule",
@@ -10,4 +11,5 @@ __all__ = [
     "ImageDataModule",
     "ImageFolderDataModule",
     "InMemoryImages",
+    "ManifestDataModule",
 ]
