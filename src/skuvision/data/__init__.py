@@ -3,6 +3,7 @@ from skuvision.data.datamodule import ImageDataModule, InMemoryImages
 from skuvision.data.fashion_mnist import FashionMNISTDataModule
 from skuvision.data.image_folder import ImageFolderDataModule
 from skuvision.data.manifest import ManifestDataModule
+from skuvision.data.streaming import StreamingDataModule
 
 __all__ = [
     "CIFAR10DataModule",
@@ -12,4 +13,5 @@ __all__ = [
     "ImageFolderDataModule",
     "InMemoryImages",
     "ManifestDataModule",
+    "StreamingDataModule",
 ]
