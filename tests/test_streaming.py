@@ -111,7 +111,9 @@ def test_two_process_ddp_sees_every_training_image_once_per_epoch_in_equal_batch
         str(id_shards),
         [
             "trainer=ddp_cpu",
+            "trainer.strategy=ddp",  # rank 0 is this process: one start-up fewer than ddp_spawn
             "trainer.max_epochs=2",
+            "trainer.num_sanity_val_steps=0",
             "trainer.precision=32",
             "test=false",
             "+callbacks.seen._target_=probes.SeenLabels",
@@ -199,6 +201,18 @@ def test_test_metrics_equal_those_of_the_same_photos_read_as_an_image_folder(
     )
     for key in ("test/acc", "test/f1_macro", "test/loss"):
         assert streamed[key] == pytest.approx(trained[key], abs=1e-6), key
+
+    from skuvision.tasks.embed import embed
+
+    overrides = [
+        f"ckpt_path={best}",
+        "data=streaming",
+        f"data.root={photo_shards}",
+        "split=val",
+        "num_workers=0",
+    ]
+    embedded = np.load(embed(compose_cfg("embed", overrides, tmp_path / "embed"))["embeddings"])
+    assert sorted(embedded["labels"].tolist()) == [0, 1, 2]  # the 3 val images, one per class
 
 
 def free_port() -> int:

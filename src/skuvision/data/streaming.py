@@ -151,22 +151,6 @@ class DecodeSample:
         return (out[: self.channels] if self.channels == 1 else out), int(item["label"])
 
 
-def evaluation_stream(*args, **kwargs):
-    """A StreamingDataset that deals out single images among ranks and workers, not whole batches.
-
-    Made on first use (litdata imports lazily). Dealt whole batches, an evaluation split smaller than
-    ranks x batches would leave some ranks with no batch at all (which Lightning refuses) and pile the split
-    on the last rank. Training keeps whole batches: there every rank must step the same number of times.
-    """
-    from litdata import StreamingDataset
-
-    class EvaluationStream(StreamingDataset):
-        def set_batch_size(self, batch_size: int) -> None:
-            super().set_batch_size(1)
-
-    return EvaluationStream(*args, **kwargs)
-
-
 class StreamingDataModule(ImageDataModule):
     """Shards written by shard.py, from a folder or an s3:// URL (`root`)."""
 
@@ -244,10 +228,14 @@ class StreamingDataModule(ImageDataModule):
         return f"litdata stream of {self.root}"
 
     def setup(self, stage: str | None = None) -> None:
-        # Datasets are made by the loaders, in the processes that iterate them: litdata splits the data by
-        # the process group it finds when a dataset is created (the test after a DDP fit runs on one process).
+        """`splits`: each split in stored order, for tasks that read a split directly (embed, evaluate's
+        plots). The loaders make datasets of their own: litdata divides the data by the process group it
+        finds when a dataset is made, and the test after a DDP fit runs on one process."""
         if hasattr(self.augment, "set_num_classes"):
             self.augment.set_num_classes(self.num_classes)
+        for split in SPLITS:
+            if split not in self.splits and sum(self.metadata["counts"][split].values()):
+                self.stream(split, shuffle=False)
 
     def stream(self, split: str, shuffle: bool):
         from litdata import StreamingDataset
@@ -256,7 +244,7 @@ class StreamingDataModule(ImageDataModule):
             raise SkuvisionError(f"the shards in {self.root} hold no {split} images")
         training = split == "train"
         per_image = self.train_transform if training else None
-        dataset = (StreamingDataset if training else evaluation_stream)(
+        dataset = StreamingDataset(
             join(self.root, split),
             cache_dir=self.cache_dir,  # litdata keeps each remote folder apart in it
             shuffle=shuffle,
@@ -272,7 +260,13 @@ class StreamingDataModule(ImageDataModule):
         from litdata import StreamingDataLoader
 
         training = split == "train"
-        batch_size = self.per_process_batch_size() if training else self.per_process_eval_batch_size()
+        if training:
+            batch_size = self.per_process_batch_size()
+        else:
+            # litdata deals whole batches to ranks: a split smaller than ranks x batch would leave a rank with
+            # none, which Lightning refuses. Only speed depends on the evaluation batch, so it shrinks to fit.
+            images = sum(self.metadata["counts"][split].values())
+            batch_size = min(self.per_process_eval_batch_size(), max(1, images // self.num_processes))
         loader = StreamingDataLoader(
             self.stream(split, shuffle),
             batch_size=batch_size,
