@@ -105,6 +105,15 @@ def test_a_model_bigger_than_the_shards_and_a_folder_without_shards_are_refused(
         StreamingDataModule(str(tmp_path), {**input_64, "crop_pct": 1.0})
 
 
+def test_fewer_training_images_than_a_batch_is_refused(photo_shards):
+    model_input = read_metadata(str(photo_shards))["model_input"]
+    datamodule = StreamingDataModule(str(photo_shards), model_input, batch_size=64)
+    with pytest.raises(
+        SkuvisionError, match=r"hold 30 training images, fewer than one batch \(data.batch_size=64"
+    ):
+        datamodule.train_dataloader()
+
+
 def test_two_process_ddp_sees_every_training_image_once_per_epoch_in_equal_batches(id_shards, tmp_path):
     """2 gloo processes of 2 loader workers, 4 images per process and step: 6 steps each per epoch, 48
     distinct images."""

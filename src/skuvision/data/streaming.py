@@ -116,7 +116,8 @@ def encode_image(image: torch.Tensor, encoding: str, quality: int) -> bytes:
 
 
 class EncodeSample:
-    """litdata.optimize's function: index of a file source's split -> {"image": bytes, "label", "index"}."""
+    """litdata.optimize's function: index of a file source's split -> {"image": bytes, "label", "index",
+    "path" (the source file)}."""
 
     def __init__(self, dataset, encoding: str, quality: int):
         self.dataset = dataset
@@ -125,11 +126,9 @@ class EncodeSample:
 
     def __call__(self, index: int) -> dict:
         image, label = self.dataset[index]
-        return {
-            "image": encode_image(image, self.encoding, self.quality),
-            "label": int(label),
-            "index": index,
-        }
+        path, _ = self.dataset.samples[index]
+        encoded = encode_image(image, self.encoding, self.quality)
+        return {"image": encoded, "label": int(label), "index": index, "path": str(path)}
 
 
 class DecodeSample:
@@ -262,6 +261,12 @@ class StreamingDataModule(ImageDataModule):
         training = split == "train"
         if training:
             batch_size = self.per_process_batch_size()
+            images = sum(self.metadata["counts"]["train"].values())
+            if images < self.batch_size:  # every rank steps through whole batches only
+                raise SkuvisionError(
+                    f"the shards in {self.root} hold {images} training images, fewer than one batch "
+                    f"(data.batch_size={self.batch_size}, the global batch): use a smaller data.batch_size"
+                )
         else:
             # litdata deals whole batches to ranks: a split smaller than ranks x batch would leave a rank with
             # none, which Lightning refuses. Only speed depends on the evaluation batch, so it shrinks to fit.
