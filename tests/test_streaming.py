@@ -97,6 +97,15 @@ def test_shards_hold_the_splits_classes_and_geometry(photo_shards, tmp_path):
         write_shards(["data=image_folder", "data.root=/unused"], str(photo_shards), tmp_path / "again")
 
 
+def test_only_image_file_sources_are_sharded(data_root, tmp_path):
+    source = ["data=fashion_mnist", f"data.root={data_root / 'fashion_mnist'}", "data.system_dirs=[]"]
+    with pytest.raises(
+        SkuvisionError, match=r"is not read from image files: shard.py takes data=image_folder"
+    ):
+        write_shards([*source, "data.download=false"], str(tmp_path / "shards"), tmp_path / "run")
+    assert not (tmp_path / "shards").exists()
+
+
 def test_a_model_bigger_than_the_shards_and_a_folder_without_shards_are_refused(photo_shards, tmp_path):
     input_64 = {"input_size": [3, 64, 64], "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bilinear"}
     with pytest.raises(SkuvisionError, match=r"hold \d+ px images; input.image_size=64 resizes to 64 px"):
