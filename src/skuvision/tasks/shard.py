@@ -70,7 +70,8 @@ def shard(cfg: DictConfig) -> dict:
     source = get_class(cfg.data._target_)
     model_input = resolve_input(plain(cfg.model), source.in_chans, **(plain(cfg.get("input")) or {}))
     stored_input = shard_input(model_input)
-    datamodule = instantiate(cfg.data, input_config=stored_input, augment=None)
+    # One pass over the files: no decoded-image cache, and decoded on the CPU (each image is encoded here).
+    datamodule = instantiate(cfg.data, input_config=stored_input, augment=None, cache=False, decode_on="cpu")
     datamodule.setup()
     if not all(isinstance(ds, LabelledImageFiles) for ds in datamodule.splits.values()):
         raise SkuvisionError(
