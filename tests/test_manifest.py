@@ -158,7 +158,8 @@ def test_not_a_table(tmp_path):
         _ = ManifestDataModule(str(tmp_path / "styles.json"), INPUT_32).class_names
 
 
-def test_training_on_a_manifest_writes_the_skipped_rows(tmp_path, data_root):
+def test_training_on_a_manifest_writes_the_skipped_rows(tmp_path, data_root, monkeypatch):
+    monkeypatch.setenv("SKUVISION_CACHE", str(tmp_path / "cache"))
     manifest = data_root / "catalogue" / "styles.csv"
     table = pd.read_csv(manifest)
     table.loc[len(table)] = ["../photos/phone/missing.jpg", "phone"]
@@ -172,6 +173,7 @@ def test_training_on_a_manifest_writes_the_skipped_rows(tmp_path, data_root):
             f"data.root={tmp_path / 'catalogue' / 'styles.csv'}",
             "trainer.max_epochs=1",
             "trainer.limit_train_batches=2",
+            "data.cache=true",  # the file sources' decoded-image cache serves a manifest's files too
         ],
         tmp_path / "run",
     )
@@ -181,3 +183,4 @@ def test_training_on_a_manifest_writes_the_skipped_rows(tmp_path, data_root):
     assert [Path(p).name for p in skipped] == ["missing.jpg"]
     counts = json.loads((tmp_path / "run" / "class_counts.json").read_text())
     assert sum(sum(split.values()) for split in counts.values()) == 36
+    assert any((tmp_path / "cache" / "decoded").rglob("*")), "the decoded-image cache was not used"
