@@ -130,8 +130,8 @@ def bench_rows(workdir: Path, quick: bool = False) -> tuple[list[tuple], list[st
         f"quality 90, in a local folder; batch {BATCH}, {THREADS} workers, {THREADS} torch threads, "
         f"median of {repeats}.",
         "Streaming figures include each epoch's worker start-up: the loader is not persistent, so that "
-        "litdata reshuffles every epoch. shard.py's figure includes the unreadable-file scan (a full decode "
-        "of each photo, cached for later runs) and litdata's worker start-up.",
+        "litdata reshuffles every epoch. shard.py's figure includes the unreadable-file scan (each photo "
+        "decoded at 1/8 scale, cached for later runs) and litdata's worker start-up.",
     ]
     return rows, notes
 
