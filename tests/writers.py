@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 import pickle
 import struct
 from pathlib import Path
@@ -109,6 +110,27 @@ def write_image_folder(
                 suffix = ".png" if i % 2 == 0 else ".jpg"
                 Image.fromarray(img).save(base / name / f"{name}_{i:03d}{suffix}")
     return root
+
+
+def write_manifest(path: Path, folder: Path, **columns) -> Path:
+    """A CSV (or Parquet, by suffix) of every image under folder/<class>/: `path` relative to the manifest's
+    folder, `label` the class folder, and any extra columns given as lists."""
+    import pandas as pd
+
+    files = sorted(p for p in folder.rglob("*") if p.suffix in (".png", ".jpg"))
+    table = pd.DataFrame(
+        {
+            "path": [os.path.relpath(p, path.parent) for p in files],
+            "label": [p.parent.name for p in files],
+            **columns,
+        }
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".parquet":
+        table.to_parquet(path)
+    else:
+        table.to_csv(path, index=False)
+    return path
 
 
 def write_photo_folder(root: Path, classes=("kettle", "shirt"), per_class: int = 6, seed: int = 0) -> Path:
