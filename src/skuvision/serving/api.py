@@ -118,7 +118,10 @@ class ImageAPI(ls.LitAPI):
         good = [d.image for d in items if d.image is not None]
         answers = iter(self.predictor.answer(torch.stack(good)) if good else [])
         out = [
-            next(answers) if d.image is not None else {"status": d.status, "detail": d.error} for d in items
+            {**next(answers), "batch": len(items)}  # requests decoded together: batching is visible
+            if d.image is not None
+            else {"status": d.status, "detail": d.error}
+            for d in items
         ]
         return out if isinstance(x, list) else out[0]
 
