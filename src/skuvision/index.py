@@ -1,0 +1,269 @@
+"""CatalogueIndex: FAISS vector search over L2-normalized embeddings (inner product == cosine).
+
+Kinds: `flat` (exact, FAISS's IndexFlatIP; the default, fine up to ~100k items), `hnsw` (graph, HNSW{M}) and
+`ivfpq` (inverted lists of product-quantized codes, IVF{nlist},PQ{m}x{nbits}) for larger catalogues. An
+approximate index measures its recall@10 against exact search on a sample of catalogue items when built.
+
+On disk, a folder: index.faiss (FAISS's own format), items.csv (id,item,label: row id == FAISS id) and
+index.json (kind, parameters, counts, class names, recall, build time).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from skuvision.errors import SkuvisionError
+
+log = logging.getLogger("skuvision")
+
+KINDS = ("flat", "hnsw", "ivfpq")
+DEFAULTS = {
+    "flat": {},
+    # FAISS's guide: M 16-64; efSearch trades speed for recall at query time.
+    "hnsw": {"M": 32, "ef_construction": 80, "ef_search": 128},
+    # nlist null: 4 * sqrt(n) (the guide's lower end); m null: dim / 4 sub-quantizers of nbits each.
+    "ivfpq": {"nlist": None, "m": None, "nbits": 8, "nprobe": 32},
+}
+COMMON = {"recall_queries": 1000, "seed": 0}
+NORM_TOLERANCE = 1e-3
+FORMAT = 1
+
+
+def check_normalized(vectors: np.ndarray, what: str) -> np.ndarray:
+    """`vectors` as a contiguous float32 (n, d) array of unit rows, or a SkuvisionError saying what is off."""
+    vectors = np.asarray(vectors)
+    if vectors.ndim != 2 or vectors.shape[0] == 0 or vectors.shape[1] == 0:
+        raise SkuvisionError(
+            f"{what}: expected a non-empty (n, d) array of vectors, got shape {vectors.shape}"
+        )
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    if not np.isfinite(vectors).all():
+        raise SkuvisionError(f"{what}: contains NaN or infinite values")
+    norms = np.linalg.norm(vectors, axis=1)
+    bad = np.flatnonzero(np.abs(norms - 1.0) > NORM_TOLERANCE)
+    if len(bad):
+        raise SkuvisionError(
+            f"{what}: {len(bad)} of {len(vectors)} vectors are not L2-normalized (row {bad[0]} has norm "
+            f"{norms[bad[0]]:.4g}); normalize them first, the index scores by inner product = cosine"
+        )
+    return vectors
+
+
+def index_params(kind: str, params: dict) -> dict:
+    if kind not in KINDS:
+        raise SkuvisionError(f"index.kind={kind}: choose one of {', '.join(KINDS)}")
+    allowed = DEFAULTS[kind] | COMMON
+    unknown = sorted(set(params) - set(allowed))
+    if unknown:
+        raise SkuvisionError(
+            f"index: unknown parameter(s) {unknown} for kind={kind}; allowed: {sorted(allowed)}"
+        )
+    return allowed | {k: v for k, v in params.items() if v is not None}
+
+
+def factory_string(kind: str, dim: int, count: int, params: dict) -> str:
+    if kind == "flat":
+        return "Flat"
+    if kind == "hnsw":
+        return f"HNSW{int(params['M'])}"
+    nlist = int(params["nlist"] or max(1, round(4 * math.sqrt(count))))
+    m = int(params["m"] or max(1, dim // 4))
+    nbits = int(params["nbits"])
+    if dim % m:
+        raise SkuvisionError(f"index.ivfpq.m={m} must divide the embedding dimension {dim}")
+    # k-means wants ~39 points per centroid; PQ's codebooks need 2**nbits points each.
+    needed = max(nlist, 2**nbits)
+    if count < needed:
+        raise SkuvisionError(
+            f"index.kind=ivfpq: {count} items are too few to train IVF{nlist},PQ{m}x{nbits} (needs at least "
+            f"{needed}); use index.kind=flat, or lower index.ivfpq.nlist / index.ivfpq.nbits"
+        )
+    params["nlist"], params["m"] = nlist, m
+    return f"IVF{nlist},PQ{m}x{nbits}"
+
+
+def set_search_params(index: faiss.Index, kind: str, params: dict) -> None:
+    space = faiss.ParameterSpace()
+    if kind == "hnsw":
+        space.set_index_parameter(index, "efSearch", int(params["ef_search"]))
+    elif kind == "ivfpq":
+        space.set_index_parameter(index, "nprobe", int(params["nprobe"]))
+
+
+class CatalogueIndex:
+    """A FAISS index over catalogue embeddings with each vector's item (file path or `split[i]`) and label."""
+
+    def __init__(self, index: faiss.Index, items: list[str], labels: list[int] | None, class_names, info):
+        self.index = index
+        self.items = list(items)
+        self.labels = None if labels is None else [int(v) for v in labels]
+        self.class_names = [str(c) for c in class_names]
+        self.info = info
+        self.kind: str = info["kind"]
+        self.dim: int = int(index.d)
+
+    def __len__(self) -> int:
+        return int(self.index.ntotal)
+
+    @classmethod
+    def build(
+        cls,
+        features: np.ndarray,
+        items,
+        labels,
+        class_names,
+        kind: str = "flat",
+        checkpoint: str | None = None,
+        **params,
+    ) -> CatalogueIndex:
+        features = check_normalized(features, "index features")
+        count, dim = features.shape
+        items = [str(i) for i in items]
+        if len(items) != count:
+            raise SkuvisionError(f"index: {count} vectors but {len(items)} items")
+        if labels is not None:
+            labels = [int(v) for v in np.asarray(labels).reshape(-1)]
+            if len(labels) == 0:
+                labels = None
+            elif len(labels) != count:
+                raise SkuvisionError(f"index: {count} vectors but {len(labels)} labels")
+        params = index_params(kind, params)
+        start = time.perf_counter()
+        description = factory_string(kind, dim, count, params)
+        index = faiss.index_factory(dim, description, faiss.METRIC_INNER_PRODUCT)
+        if kind == "hnsw":
+            index.hnsw.efConstruction = int(params["ef_construction"])
+        if not index.is_trained:
+            index.train(features)
+        index.add(features)
+        set_search_params(index, kind, params)
+        info = {
+            "format": FORMAT,
+            "kind": kind,
+            "faiss": description,
+            "params": params,
+            "count": count,
+            "dim": dim,
+            "checkpoint": checkpoint,
+            "build_seconds": time.perf_counter() - start,
+        }
+        built = cls(index, items, labels, class_names, info)
+        if kind != "flat":
+            built.info |= built.measure_recall(features, int(params["recall_queries"]), int(params["seed"]))
+            log.info(
+                "index %s: recall@10 %.4f against exact search on %d sampled items",
+                description,
+                built.info["recall@10"],
+                built.info["recall_queries"],
+            )
+        log.info("index %s of %d x %d built in %.2fs", description, count, dim, info["build_seconds"])
+        return built
+
+    def measure_recall(self, features: np.ndarray, queries: int, seed: int) -> dict:
+        """recall@10: the share of the exact 10 nearest (brute-force inner product) that this index returns,
+        over `queries` catalogue items drawn with `seed`."""
+        rng = np.random.default_rng(seed)
+        sample = features[rng.choice(len(features), size=min(queries, len(features)), replace=False)]
+        k = min(10, len(features))
+        exact = faiss.IndexFlatIP(self.dim)
+        exact.add(features)
+        _, truth = exact.search(sample, k)
+        _, found = self.search(sample, k)
+        hits = [len(set(t) & set(f)) for t, f in zip(truth.tolist(), found.tolist(), strict=True)]
+        return {"recall@10": float(np.sum(hits) / (k * len(sample))), "recall_queries": len(sample)}
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, indices), each (m, k), best first. An approximate index that finds fewer than k items for
+        a query searches those queries again exhaustively; it never returns the -1 padding of FAISS."""
+        queries = check_normalized(queries, "index queries")
+        if queries.shape[1] != self.dim:
+            raise SkuvisionError(f"index queries have dimension {queries.shape[1]}, the index {self.dim}")
+        if not 1 <= k <= len(self):
+            raise SkuvisionError(f"k={k}: the index holds {len(self)} items; choose 1 <= k <= {len(self)}")
+        scores, indices = self.index.search(queries, k)
+        short = np.flatnonzero((indices < 0).any(axis=1))
+        if len(short):
+            log.info("%d queries found fewer than %d items; searching them exhaustively", len(short), k)
+            scores[short], indices[short] = self.exhaustive_search(queries[short], k)
+            if (indices < 0).any():
+                raise SkuvisionError(
+                    f"index {self.info['faiss']}: found fewer than k={k} items even exhaustively; rebuild it"
+                )
+        return scores, indices
+
+    def exhaustive_search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        space = faiss.ParameterSpace()
+        if self.kind == "ivfpq":
+            space.set_index_parameter(self.index, "nprobe", int(faiss.extract_index_ivf(self.index).nlist))
+        elif self.kind == "hnsw":
+            space.set_index_parameter(self.index, "efSearch", max(len(self), k))
+        try:
+            return self.index.search(queries, k)
+        finally:
+            set_search_params(self.index, self.kind, self.info["params"])
+
+    def save(self, folder) -> None:
+        folder = Path(folder)
+        if (folder / "index.faiss").exists():
+            raise SkuvisionError(f"{folder}: already holds an index; choose another folder")
+        folder.mkdir(parents=True, exist_ok=True)
+        faiss.write_index(self.index, str(folder / "index.faiss"))
+        with open(folder / "items.csv", "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["id", "item", "label"])
+            for i, item in enumerate(self.items):
+                writer.writerow([i, item, "" if self.labels is None else self.labels[i]])
+        meta = self.info | {"class_names": self.class_names}
+        (folder / "index.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def load(cls, folder) -> CatalogueIndex:
+        folder = Path(folder)
+        files = [folder / name for name in ("index.faiss", "items.csv", "index.json")]
+        missing = [p.name for p in files if not p.is_file()]
+        if missing:
+            raise SkuvisionError(
+                f"{folder}: not a catalogue index (missing {', '.join(missing)}); build one with embed.py"
+            )
+        try:
+            meta = json.loads(files[2].read_text())
+            kind, count, params = meta["kind"], int(meta["count"]), meta["params"]
+            class_names = meta["class_names"]
+        except (ValueError, KeyError, TypeError) as err:
+            raise SkuvisionError(
+                f"{files[2]}: unreadable index description ({err}); rebuild the index"
+            ) from err
+        if kind not in KINDS:
+            raise SkuvisionError(f"{files[2]}: unknown index kind {kind!r}; rebuild the index")
+        try:
+            index = faiss.read_index(str(files[0]))
+        except RuntimeError as err:  # FAISS raises RuntimeError with a C++ trace for a damaged file
+            raise SkuvisionError(f"{files[0]}: not a readable FAISS index; rebuild the index") from err
+        try:
+            with open(files[1], newline="") as f:
+                rows = list(csv.DictReader(f))
+            ids = [int(r["id"]) for r in rows]
+            items = [r["item"] for r in rows]
+            labels = [int(r["label"]) for r in rows] if rows and rows[0]["label"] != "" else None
+        except (ValueError, KeyError, TypeError) as err:
+            raise SkuvisionError(f"{files[1]}: unreadable item list ({err}); rebuild the index") from err
+        if ids != list(range(len(rows))):
+            raise SkuvisionError(f"{files[1]}: ids are not 0..{len(rows) - 1} in order; rebuild the index")
+        if not index.ntotal == len(items) == count:
+            raise SkuvisionError(
+                f"{folder}: counts disagree (index.faiss {index.ntotal}, items.csv {len(items)}, index.json "
+                f"{count}); rebuild the index"
+            )
+        if index.d != int(meta.get("dim", index.d)):
+            raise SkuvisionError(f"{folder}: index.faiss has dimension {index.d}, index.json {meta['dim']}")
+        set_search_params(index, kind, params)
+        info = {k: v for k, v in meta.items() if k != "class_names"}
+        return cls(index, items, labels, class_names, info)
