@@ -13,14 +13,25 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 from conftest import ROOT, compose_cfg, quick_overrides
 from writers import write_image_folder
 
+from skuvision.index import CatalogueIndex
+from skuvision.tasks.embed import embed
 from skuvision.tasks.export import export
 from skuvision.tasks.predict import predict
 
-__all__ = ["onnx_model", "predicted_top1", "query_files", "serve_checkpoint", "servers", "shop"]
+__all__ = [
+    "catalogue_index",
+    "onnx_model",
+    "predicted_top1",
+    "query_files",
+    "serve_checkpoint",
+    "servers",
+    "shop",
+]
 
 CLASSES = ("kettle", "phone", "shirt", "toaster")
 STARTUP_SECONDS = 240
@@ -66,6 +77,27 @@ def onnx_model(serve_checkpoint, tmp_path_factory) -> Path:
     )
     export(cfg)
     return out
+
+
+@pytest.fixture(scope="session")
+def catalogue_index(serve_checkpoint, tmp_path_factory) -> Path:
+    """An embed.py run over the catalogue's train split, with its index/ folder."""
+    run = tmp_path_factory.mktemp("embed") / "run"
+    overrides = [
+        f"ckpt_path={serve_checkpoint}",
+        "split=train",
+        "num_workers=0",
+        "trainer.accelerator=cpu",
+        "trainer.precision=32",
+        "k=3",
+    ]
+    embed(compose_cfg("embed", overrides, run))
+    if not (run / "index").is_dir():  # an embed.py that does not build the index itself yet
+        saved = np.load(run / "embeddings.npz")
+        CatalogueIndex.build(
+            saved["features"], saved["items"].tolist(), saved["labels"], saved["class_names"].tolist()
+        ).save(run / "index")
+    return run
 
 
 @pytest.fixture(scope="session")
@@ -143,13 +175,20 @@ class RunningServer:
 
 
 @pytest.fixture(scope="session")
-def servers(serve_checkpoint, onnx_model, tmp_path_factory):
-    """Both backends at once (they start in parallel): torch with the demo page and light batching; ONNX
+def servers(serve_checkpoint, onnx_model, catalogue_index, tmp_path_factory):
+    """Both backends at once (they start in parallel): torch with the index, the demo page and light
+    batching; ONNX
     Runtime without the page, with a batch window long enough that concurrent requests share a batch."""
     cwd = tmp_path_factory.mktemp("serve_cwd")
     running = {
         "torch": RunningServer(
-            [f"ckpt_path={serve_checkpoint}", "serve.max_batch_size=4", "serve.batch_timeout=0.05"],
+            [
+                f"ckpt_path={serve_checkpoint}",
+                f"index={catalogue_index}",
+                "k=3",
+                "serve.max_batch_size=4",
+                "serve.batch_timeout=0.05",
+            ],
             cwd,
             "torch",
         ),

@@ -116,7 +116,7 @@ class Predictor:
         self.card = card
         self.index = index
         self.top_k = min(int(top_k), len(card.class_names))
-        self.k = int(k)
+        self.k = min(int(k), len(index)) if index is not None else int(k)
         self.device = torch.device(device)
         self.channels = int(card.input_config["input_size"][0])
         self.transform = eval_image_transform(card.input_config)
