@@ -46,14 +46,16 @@ def build_demo(
         for item in result.get("similar", []):
             picture = thumbnail(item["id"]) if thumbnail else None
             if picture is not None:
-                gallery.append((picture, f"{item['label'] or item['path']}  ·  {item['score']:.3f}"))
+                gallery.append((picture, f"{item['label'] or item['path']} {item['score']:.2f}"))
         return labels, gallery
 
     with gr.Blocks(title=title, analytics_enabled=False) as demo:
         gr.Markdown(f"## {title}")
         with gr.Row():
             with gr.Column():
-                image = gr.Image(type="filepath", label="Product photo", sources=["upload"], elem_id="query")
+                image = gr.Image(
+                    type="filepath", label="Product photo", sources=["upload"], height=280, elem_id="query"
+                )
                 button = gr.Button("Classify", variant="primary", elem_id="classify")
                 if examples:
                     gr.Examples(examples=[[p] for p in examples], inputs=[image], label="Catalogue examples")

@@ -140,6 +140,10 @@ def drain_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
+def interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def build_server(cfg: DictConfig, card: ModelCard, index_dir: Path | None, index, private: Path):
     import litserve as ls
 
@@ -213,4 +217,11 @@ def demo(cfg: DictConfig) -> None:
         use_private_gradio_dirs(Path(tmp))
         page, options = mount_demo(None, cfg, card, index_dir, index, answer, Path(tmp))
         print(f"demo page on http://{LOOPBACK[cfg.serve.host]}:{cfg.serve.port}")
-        page.launch(server_name=cfg.serve.host, server_port=int(cfg.serve.port), share=False, **options)
+        signal.signal(signal.SIGTERM, interrupt)  # Gradio closes on KeyboardInterrupt; the temp folder goes
+        page.launch(
+            server_name=cfg.serve.host,
+            server_port=int(cfg.serve.port),
+            share=False,
+            show_error=True,
+            **options,
+        )
