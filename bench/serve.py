@@ -210,8 +210,8 @@ def bench_rows(workdir: Path, quick: bool = False) -> tuple[list[tuple], list[st
     notes = [
         f"serve.py load test: {requests} multipart uploads of real Fashion-MNIST test PNGs per "
         f"configuration from {clients} client threads on 127.0.0.1 (httpx), after {clients} warm-up "
-        f"requests; one inference worker with {THREADS} threads, client and server on the same machine; latency is "
-        "client-side, per request.",
+        f"requests; one inference worker with {THREADS} threads, client and server on the same machine; "
+        "latency is client-side, per request.",
         *(f"{name}: {lat(r)}, {r['rps']:.1f} req/s, {r['errors']} errors" for name, r in results.items()),
     ]
     return rows, notes
