@@ -12,6 +12,8 @@ from skuvision.config import compose_config
 sys.path.insert(0, str(Path(__file__).parent))
 from writers import write_cifar10, write_cifar100, write_fashion_mnist, write_image_folder  # noqa: E402
 
+pytest_plugins = ["serving_fixtures"]  # tests/test_serve.py and tests/test_demo_browser.py share them
+
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 

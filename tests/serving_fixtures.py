@@ -1,5 +1,6 @@
-"""Session fixtures shared by the server and browser tests: one small checkpoint, its ONNX export and
-catalogue index, predict.py's answers for a few real image files, and serve.py running as a user starts it."""
+"""Fixtures of the server and browser tests (a plugin named in conftest.py, so the session ones are built
+once for both): one small checkpoint, its ONNX export and catalogue index, predict.py's answers for a few
+real image files, and, per test module, serve.py running as a user starts it."""
 
 from __future__ import annotations
 
@@ -22,16 +23,6 @@ from skuvision.index import CatalogueIndex
 from skuvision.tasks.embed import embed
 from skuvision.tasks.export import export
 from skuvision.tasks.predict import predict
-
-__all__ = [
-    "catalogue_index",
-    "onnx_model",
-    "predicted_top1",
-    "query_files",
-    "serve_checkpoint",
-    "servers",
-    "shop",
-]
 
 CLASSES = ("kettle", "phone", "shirt", "toaster")
 STARTUP_SECONDS = 240
@@ -174,24 +165,33 @@ class RunningServer:
             self.process.wait(timeout=30)
 
 
-@pytest.fixture(scope="session")
+def torch_server(serve_checkpoint, catalogue_index, cwd: Path) -> RunningServer:
+    """torch with the index, the demo page and light batching."""
+    overrides = [
+        f"ckpt_path={serve_checkpoint}",
+        f"index={catalogue_index}",
+        "k=3",
+        "serve.max_batch_size=4",
+        "serve.batch_timeout=0.05",
+    ]
+    return RunningServer(overrides, cwd, "torch")
+
+
+def stop_all(running: dict) -> None:
+    for server in running.values():  # all draining at once
+        if server.process.poll() is None:
+            server.process.send_signal(signal.SIGTERM)
+    for server in running.values():
+        server.stop()
+
+
+@pytest.fixture(scope="module")
 def servers(serve_checkpoint, onnx_model, catalogue_index, tmp_path_factory):
-    """Both backends at once (they start in parallel): torch with the index, the demo page and light
-    batching; ONNX
-    Runtime without the page, with a batch window long enough that concurrent requests share a batch."""
+    """Both backends at once (they start in parallel): torch_server, and ONNX Runtime without the page,
+    with a batch window long enough that concurrent requests share a batch."""
     cwd = tmp_path_factory.mktemp("serve_cwd")
     running = {
-        "torch": RunningServer(
-            [
-                f"ckpt_path={serve_checkpoint}",
-                f"index={catalogue_index}",
-                "k=3",
-                "serve.max_batch_size=4",
-                "serve.batch_timeout=0.05",
-            ],
-            cwd,
-            "torch",
-        ),
+        "torch": torch_server(serve_checkpoint, catalogue_index, cwd),
         "onnx": RunningServer(
             [
                 f"ckpt_path={serve_checkpoint}",
@@ -210,5 +210,14 @@ def servers(serve_checkpoint, onnx_model, catalogue_index, tmp_path_factory):
             server.wait_healthy()
         yield running
     finally:
-        for server in running.values():
-            server.stop()
+        stop_all(running)
+
+
+@pytest.fixture(scope="module")
+def demo_server(serve_checkpoint, catalogue_index, tmp_path_factory):
+    server = torch_server(serve_checkpoint, catalogue_index, tmp_path_factory.mktemp("demo_cwd"))
+    try:
+        server.wait_healthy()
+        yield server
+    finally:
+        server.stop()

@@ -8,7 +8,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-from serving_fixtures import *  # noqa: F403  (the session fixtures)
 
 CHROMIUM = Path(os.environ.get("SKUVISION_CHROMIUM", "/usr/bin/chromium"))
 CHROMEDRIVER = Path(os.environ.get("SKUVISION_CHROMEDRIVER", "/usr/bin/chromedriver"))
@@ -57,11 +56,11 @@ def classify_in_page(driver, url: str, image: Path, k: int, timeout: float = 90)
     return top, len(driver.find_elements(By.CSS_SELECTOR, "#similar img"))
 
 
-def test_demo_page_shows_predict_py_top1(servers, query_files, predicted_top1, tmp_path):
+def test_demo_page_shows_predict_py_top1(demo_server, query_files, predicted_top1, tmp_path):
     image = query_files[0]
     driver = chromium(tmp_path / "profile")
     try:
-        top, similar = classify_in_page(driver, servers["torch"].url + "/demo/", image, k=3)
+        top, similar = classify_in_page(driver, demo_server.url + "/demo/", image, k=3)
         driver.save_screenshot(str(tmp_path / "demo.png"))
         if os.environ.get("SKUVISION_DEMO_SCREENSHOT"):  # a picture for the docs, on request
             shutil.copy(tmp_path / "demo.png", os.environ["SKUVISION_DEMO_SCREENSHOT"])

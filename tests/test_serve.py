@@ -16,7 +16,6 @@ from pathlib import Path
 import httpx
 import pytest
 from PIL import Image
-from serving_fixtures import *  # noqa: F403  (the session fixtures)
 
 from skuvision.errors import SkuvisionError
 from skuvision.index import CatalogueIndex
