@@ -1,11 +1,13 @@
-"""The demo page in a real headless Chromium, offline: upload a photo, read back predict.py's top-1 label and
-see the similar items' gallery."""
+"""The demo page in a real headless Chromium, offline: upload a photo, read back predict.py's top-1 label,
+see the similar items' gallery, and find that the page asked nothing of any other host."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -38,6 +40,7 @@ def chromium(user_data_dir: Path):
     options.binary_location = str(CHROMIUM)
     for flag in (*CHROMIUM_FLAGS, f"--user-data-dir={user_data_dir}"):
         options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"performance": "ALL"})  # every request the page makes
     return webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
 
 
@@ -56,16 +59,30 @@ def classify_in_page(driver, url: str, image: Path, k: int, timeout: float = 90)
     return top, len(driver.find_elements(By.CSS_SELECTOR, "#similar img"))
 
 
+def requested_urls(driver) -> list[str]:
+    urls = []
+    for entry in driver.get_log("performance"):
+        message = json.loads(entry["message"])["message"]
+        if message["method"] == "Network.requestWillBeSent":
+            urls.append(message["params"]["request"]["url"])
+    return urls
+
+
 def test_demo_page_shows_predict_py_top1(demo_server, query_files, predicted_top1, tmp_path):
     image = query_files[0]
     driver = chromium(tmp_path / "profile")
     try:
         top, similar = classify_in_page(driver, demo_server.url + "/demo/", image, k=3)
         driver.save_screenshot(str(tmp_path / "demo.png"))
+        urls = requested_urls(driver)
         if os.environ.get("SKUVISION_DEMO_SCREENSHOT"):  # a picture for the docs, on request
             shutil.copy(tmp_path / "demo.png", os.environ["SKUVISION_DEMO_SCREENSHOT"])
     finally:
         driver.quit()
     assert top == predicted_top1[str(image)]
     assert similar == 3
+    # Offline by construction: fonts, scripts, analytics, everything on the web comes from this server.
+    web = [urlsplit(u) for u in urls if urlsplit(u).scheme in ("http", "https", "ws", "wss")]
+    outside = [u.geturl() for u in web if u.hostname != "127.0.0.1"]
+    assert len(web) > 5 and not outside, outside
     assert (tmp_path / "demo.png").stat().st_size > 10_000
