@@ -15,11 +15,13 @@ from pathlib import Path
 
 import httpx
 import pytest
+from conftest import compose_cfg
 from PIL import Image
 
 from skuvision.errors import SkuvisionError
 from skuvision.index import CatalogueIndex
 from skuvision.serving.predictor import model_card
+from skuvision.tasks.serve import prepared
 
 BACKENDS = ("torch", "onnx")
 
@@ -225,6 +227,18 @@ def test_file_routes_serve_nothing_outside_the_catalogue(
     for item in gallery:
         with Image.open(item["image"]) as thumbnail:
             assert thumbnail.format == "PNG" and min(thumbnail.size) >= 64
+
+
+def test_config_mistakes_get_one_line_errors(serve_checkpoint, tmp_path):
+    def prepare(*overrides):
+        prepared(compose_cfg("serve", [f"ckpt_path={serve_checkpoint}", *overrides], tmp_path / "run"))
+
+    with pytest.raises(SkuvisionError, match=r"serve.host=10.0.0.1: use 127.0.0.1"):
+        prepare("serve.host=10.0.0.1")
+    with pytest.raises(SkuvisionError, match=r"index=.*: no index/ folder there"):
+        prepare(f"index={tmp_path}")
+    with pytest.raises(SkuvisionError, match=r"tta='sideways'"):
+        prepare("tta=sideways")
 
 
 def test_sigterm_finishes_the_request_in_flight(servers, query_files, predicted_top1):
