@@ -109,3 +109,26 @@ def write_image_folder(
                 suffix = ".png" if i % 2 == 0 else ".jpg"
                 Image.fromarray(img).save(base / name / f"{name}_{i:03d}{suffix}")
     return root
+
+
+def write_photo_folder(root: Path, classes=("kettle", "shirt"), per_class: int = 6, seed: int = 0) -> Path:
+    """Real photo content (scikit-image's sample photos), cropped and resized to a different size and aspect
+    per file, saved as JPEG (quality 90) under root/<class>/; one PNG per class for the non-JPEG path."""
+    from skimage import data as photos
+
+    sources = [photos.astronaut(), photos.chelsea(), photos.coffee()]
+    rng = np.random.default_rng(seed)
+    for c, name in enumerate(classes):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            src = sources[(c + i) % len(sources)]
+            h, w = src.shape[:2]
+            top, left = rng.integers(0, h // 4), rng.integers(0, w // 4)
+            crop = Image.fromarray(src[top : top + 3 * h // 4, left : left + 3 * w // 4])
+            size = (int(rng.integers(150, 260)), int(rng.integers(150, 260)))
+            img = crop.resize(size, Image.BICUBIC)
+            if i == 0:
+                img.save(root / name / f"{name}_{i:03d}.png")
+            else:
+                img.save(root / name / f"{name}_{i:03d}.jpg", quality=90)
+    return root

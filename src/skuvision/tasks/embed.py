@@ -42,7 +42,11 @@ def embed(cfg: DictConfig) -> dict:
     if cfg.get("input"):
         items = [str(p) for p in collect_inputs(plain(cfg.input))]
         files = InputFilesDataModule(
-            [Path(p) for p in items], module.input_config, cfg.batch_size, cfg.num_workers
+            [Path(p) for p in items],
+            module.input_config,
+            cfg.batch_size,
+            cfg.num_workers,
+            cache=bool(cfg.get("cache", False)),
         )
         features, errors = features_of(trainer, module, files)
         keep = [i for i, e in enumerate(errors) if not e]
