@@ -93,9 +93,12 @@ def catalogue_index(serve_checkpoint, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def query_files(shop, tmp_path_factory) -> list[Path]:
-    """Real image files (PNG and JPEG) outside the catalogue folder."""
-    folder = write_image_folder(tmp_path_factory.mktemp("queries"), classes=CLASSES, per_class=2, size=48)
-    return sorted(p for p in folder.rglob("*.*"))
+    """Real image files (PNG and JPEG) outside the catalogue folder; the 160 px JPEGs are large enough to be
+    decoded at a reduced DCT scale."""
+    root = tmp_path_factory.mktemp("queries")
+    write_image_folder(root / "small", classes=CLASSES, per_class=2, size=48)
+    write_image_folder(root / "large", classes=CLASSES, per_class=2, size=160)
+    return sorted(p for p in root.rglob("*.*"))
 
 
 @pytest.fixture(scope="session")

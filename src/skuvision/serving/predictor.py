@@ -20,8 +20,9 @@ import torch.nn.functional as F
 from PIL import UnidentifiedImageError
 
 from skuvision.checkpoints import load_classifier, read_checkpoint, upgraded_hparams
-from skuvision.data.images import DECODE_ERRORS, open_rgb
-from skuvision.data.transforms import ToModelInput, eval_image_transform
+from skuvision.data.files import InputImageFiles
+from skuvision.data.images import DECODE_ERRORS
+from skuvision.data.transforms import ToModelInput
 from skuvision.errors import SkuvisionError
 from skuvision.tta import check_tta, tta_logits, views
 
@@ -118,8 +119,6 @@ class Predictor:
         self.top_k = min(int(top_k), len(card.class_names))
         self.k = min(int(k), len(index)) if index is not None else int(k)
         self.device = torch.device(device)
-        self.channels = int(card.input_config["input_size"][0])
-        self.transform = eval_image_transform(card.input_config)
         self.to_model_input = ToModelInput(card.input_config).to(self.device)
         self.module = None
         self.session = None
@@ -146,18 +145,16 @@ class Predictor:
             return int(self.module.embed(torch.zeros(1, c, h, w, device=self.device)).shape[1])
 
     def decode(self, data: bytes) -> torch.Tensor:
-        """Image bytes -> uint8 (C, H, W) at the model's size, as predict.py reads a file; BadImage if not."""
+        """Image bytes -> uint8 (C, H, W) at the model's size, exactly as predict.py reads a file (the same
+        dataset class: reduced-scale JPEG decoding, the eval transform); BadImage if they are not one."""
         if not data:
             raise BadImage("empty body: no image bytes were sent")
         try:
-            img = open_rgb(io.BytesIO(data))
+            return InputImageFiles([io.BytesIO(data)], self.card.input_config).decode(0)
         except UnidentifiedImageError:
             raise BadImage("not an image: no image format recognized in the bytes sent") from None
         except DECODE_ERRORS as err:
             raise BadImage(f"not a decodable image ({type(err).__name__}: {err})"[:300]) from None
-        if self.channels == 1:
-            img = img.convert("L")
-        return self.transform(img)
 
     @torch.inference_mode()
     def logits_and_features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
