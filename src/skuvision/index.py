@@ -30,7 +30,9 @@ DEFAULTS = {
     # FAISS's guide: M 16-64; efSearch trades speed for recall at query time.
     "hnsw": {"M": 32, "ef_construction": 80, "ef_search": 128},
     # nlist null: 4 * sqrt(n) (the guide's lower end); m null: dim / 4 sub-quantizers of nbits each.
-    "ivfpq": {"nlist": None, "m": None, "nbits": 8, "nprobe": 32},
+    # refine: re-rank k * k_factor PQ candidates with vectors stored as "Flat" (exact) or "SQ8" (1 byte per
+    # dimension); PQ codes alone rank near neighbours coarsely.
+    "ivfpq": {"nlist": None, "m": None, "nbits": 8, "nprobe": 32, "refine": "SQ8", "k_factor": 8},
 }
 COMMON = {"recall_queries": 1000, "seed": 0}
 NORM_TOLERANCE = 1e-3
@@ -66,7 +68,7 @@ def index_params(kind: str, params: dict) -> dict:
         raise SkuvisionError(
             f"index: unknown parameter(s) {unknown} for kind={kind}; allowed: {sorted(allowed)}"
         )
-    return allowed | {k: v for k, v in params.items() if v is not None}
+    return allowed | {k: v for k, v in params.items() if v is not None or k == "refine"}
 
 
 def factory_string(kind: str, dim: int, count: int, params: dict) -> str:
@@ -87,7 +89,12 @@ def factory_string(kind: str, dim: int, count: int, params: dict) -> str:
             f"{needed}); use index.kind=flat, or lower index.ivfpq.nlist / index.ivfpq.nbits"
         )
     params["nlist"], params["m"] = nlist, m
-    return f"IVF{nlist},PQ{m}x{nbits}"
+    refine = params.get("refine")
+    if refine not in (None, "Flat", "SQ8"):
+        raise SkuvisionError(f"index.ivfpq.refine={refine}: choose null, Flat or SQ8")
+    # np: no polysemous training (the factory's default for PQ), which only serves Hamming-filtered search
+    # and made training ~40x slower.
+    return f"IVF{nlist},PQ{m}x{nbits}np" + (f",Refine({refine})" if refine else "")
 
 
 def set_search_params(index: faiss.Index, kind: str, params: dict) -> None:
@@ -96,6 +103,8 @@ def set_search_params(index: faiss.Index, kind: str, params: dict) -> None:
         space.set_index_parameter(index, "efSearch", int(params["ef_search"]))
     elif kind == "ivfpq":
         space.set_index_parameter(index, "nprobe", int(params["nprobe"]))
+        if params.get("refine"):
+            space.set_index_parameter(index, "k_factor_rf", float(params["k_factor"]))
 
 
 class CatalogueIndex:

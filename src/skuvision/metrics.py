@@ -65,21 +65,6 @@ def evaluation_report(logits: torch.Tensor, labels: torch.Tensor, class_names: l
     return report
 
 
-def nearest(queries: torch.Tensor, catalogue: torch.Tensor, k: int, exclude: torch.Tensor | None = None):
-    """(scores, indices) of the k most cosine-similar catalogue rows per query (rows L2-normalized);
-    `exclude[i]` is a catalogue index query i may not return (itself)."""
-    scores, indices = [], []
-    for start in range(0, len(queries), 1024):  # chunks keep the similarity matrix small
-        sims = queries[start : start + 1024] @ catalogue.T
-        if exclude is not None:
-            rows = torch.arange(len(sims))
-            sims[rows, exclude[start : start + 1024]] = float("-inf")
-        top = sims.topk(min(k, catalogue.shape[0] - (exclude is not None)), dim=1)
-        scores.append(top.values)
-        indices.append(top.indices)
-    return torch.cat(scores), torch.cat(indices)
-
-
 def retrieval_report(features: torch.Tensor, labels: torch.Tensor, num_queries: int, seed: int) -> dict:
     """Each of `num_queries` items (seeded sample) queries all the others by cosine similarity; an item of
     the same class is relevant. recall@k as image-retrieval benchmarks define it, the share of queries with a

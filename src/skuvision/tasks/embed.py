@@ -1,7 +1,8 @@
 """embed(cfg): pre-logit features of a split or of image files, for similar-product search.
 
-Writes embeddings.npz (L2-normalized features with their items and labels), the k nearest neighbours of every
-item (or of one query image), and, for a labelled split, retrieval quality: recall@1/5/10 and mAP.
+Writes embeddings.npz (L2-normalized features with their items and labels), a CatalogueIndex of them in index/
+(FAISS; exact by default), the k nearest neighbours of every item (or of one query image) found with that
+index, and, for a labelled split, retrieval quality by exact search: recall@1/5/10 and mAP.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import csv
 import logging
 from pathlib import Path
 
+import faiss
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -18,7 +20,8 @@ from omegaconf import DictConfig
 
 from skuvision.data.files import InputFilesDataModule, collect_inputs
 from skuvision.errors import SkuvisionError
-from skuvision.metrics import nearest, retrieval_report
+from skuvision.index import CatalogueIndex, index_params
+from skuvision.metrics import retrieval_report
 from skuvision.tasks.assembly import from_checkpoint
 from skuvision.tasks.evaluate import sample_paths
 from skuvision.tasks.utils import plain, set_threads, write_json
@@ -34,7 +37,10 @@ def features_of(trainer, module, datamodule) -> tuple[torch.Tensor, list]:
 
 def embed(cfg: DictConfig) -> dict:
     set_threads(cfg.get("threads"))
+    if cfg.get("threads"):
+        faiss.omp_set_num_threads(int(cfg.threads))  # FAISS has its own OpenMP pool
     output_dir = Path(cfg.paths.output_dir)
+    index_settings(cfg)
     split = None if cfg.get("input") else cfg.split
     module, datamodule = from_checkpoint(cfg.ckpt_path, cfg.get("data"), split=split)
     module.predict_embeddings = True
@@ -70,17 +76,21 @@ def embed(cfg: DictConfig) -> dict:
         class_names=np.array(module.class_names),
     )
     result: dict = {"embeddings": str(output_dir / "embeddings.npz"), "dim": features.shape[1]}
+    index = build_index(cfg, features.numpy(), items, labels, module.class_names)
+    index.save(output_dir / "index")
+    result["index"] = str(output_dir / "index")
+    result["index_info"] = index.info
     if cfg.get("query"):
         query_files = InputFilesDataModule(collect_inputs(str(cfg.query)), module.input_config, 1, 0)
         query, errors = features_of(trainer, module, query_files)
         if errors[0]:
             raise SkuvisionError(f"query={cfg.query}: cannot read it ({errors[0]})")
-        scores, indices = nearest(query, features, cfg.k)
+        scores, indices = index.search(query.numpy(), min(cfg.k, len(index)))
         write_neighbours(output_dir / "neighbours.csv", [str(cfg.query)], scores, indices, items)
         for rank, (s, i) in enumerate(zip(scores[0].tolist(), indices[0].tolist(), strict=True), 1):
             print(f"{rank:3d}. {s:.4f}  {items[i]}")
     else:
-        scores, indices = nearest(features, features, cfg.k, exclude=torch.arange(len(features)))
+        scores, indices = neighbours_of_items(index, features.numpy(), cfg.k)
         write_neighbours(output_dir / "neighbours.csv", items, scores, indices, items)
     if labels is not None:
         result["retrieval"] = retrieval_report(features, labels, cfg.queries, cfg.seed)
@@ -91,6 +101,34 @@ def embed(cfg: DictConfig) -> dict:
             f"recall@10 {r['recall@10']:.4f}  mAP {r['mAP']:.4f}"
         )
     return result
+
+
+def index_settings(cfg: DictConfig) -> tuple[str, dict]:
+    """index.kind and its parameters, checked before any image is embedded."""
+    node = cfg.index
+    params = {"recall_queries": node.recall_queries, "seed": cfg.seed, **(plain(node.get(node.kind)) or {})}
+    index_params(node.kind, dict(params))
+    return node.kind, params
+
+
+def build_index(cfg: DictConfig, features: np.ndarray, items, labels, class_names) -> CatalogueIndex:
+    kind, params = index_settings(cfg)
+    labels = labels.numpy() if labels is not None else None
+    return CatalogueIndex.build(
+        features, items, labels, class_names, kind=kind, checkpoint=str(cfg.ckpt_path), **params
+    )
+
+
+def neighbours_of_items(index: CatalogueIndex, features: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each item's k nearest other items: one more is searched and the item itself dropped (or the last one,
+    where ties or an approximate index left the item out)."""
+    k = min(k, len(index) - 1)
+    scores, indices = index.search(features, k + 1)
+    own = indices == np.arange(len(indices))[:, None]
+    drop = np.where(own.any(axis=1), own.argmax(axis=1), k)
+    keep = np.ones_like(own)
+    keep[np.arange(len(indices)), drop] = False
+    return scores[keep].reshape(-1, k), indices[keep].reshape(-1, k)
 
 
 def write_neighbours(path: Path, queries: list[str], scores, indices, items: list[str]) -> None:

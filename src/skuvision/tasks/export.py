@@ -1,18 +1,25 @@
-"""export(cfg): a checkpoint -> ONNX with a dynamic batch, checked against PyTorch with onnxruntime.
+"""export(cfg): a checkpoint -> ONNX (format=onnx) or timm's own folder format (format=timm).
 
-The exported graph takes uint8 images (N, C, H, W) at the model's input size and does the scaling and
-normalization itself, so a deployment only resizes and center-crops. model.json beside it holds the class
-names and the input config.
+ONNX: the exported graph takes uint8 images (N, C, H, W) at the model's input size and does the scaling and
+normalization itself, so a deployment only resizes and center-crops; checked against PyTorch with
+onnxruntime. model.json beside it holds the class names and the input config.
+
+timm: config.json + model.safetensors written by timm's own `save_for_hf` (what `push_to_hf_hub` uploads),
+with the class names and the checkpoint's input config as the pretrained config; plain timm loads it with
+`timm.create_model("local-dir:<folder>", pretrained=True)`. It is loaded back that way and checked against
+the checkpoint's logits. The weights are the checkpoint's (the EMA average, where training kept one).
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+import timm
 import torch
 from omegaconf import DictConfig
 from torch import nn
@@ -62,9 +69,21 @@ def images_per_second(run, images: torch.Tensor, batch_size: int, repeats: int =
     return len(images) / best
 
 
+FORMATS = ("onnx", "timm")
+
+
 def export(cfg: DictConfig) -> dict:
     set_threads(cfg.get("threads"))
+    fmt = cfg.get("format", "onnx")
+    if fmt not in FORMATS:
+        raise SkuvisionError(f"format={fmt}: choose one of {', '.join(FORMATS)}")
     module, datamodule = from_checkpoint(cfg.ckpt_path, cfg.get("data"), split="test")
+    if fmt == "timm":
+        return export_timm(cfg, module, datamodule)
+    return export_onnx(cfg, module, datamodule)
+
+
+def export_onnx(cfg: DictConfig, module: Classifier, datamodule: ImageDataModule) -> dict:
     model = Deployable(module).eval()
     out = Path(cfg.output) if cfg.get("output") else Path(cfg.paths.output_dir) / "model.onnx"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -122,4 +141,71 @@ def export(cfg: DictConfig) -> dict:
         raise SkuvisionError(
             f"onnxruntime differs from PyTorch by {max_diff:.2e} > tolerance={cfg.tolerance}"
         )
+    return result
+
+
+def timm_data_config(input_config: dict) -> dict:
+    """The checkpoint's input config in timm's data-config keys (crop as timm's eval transform does it)."""
+    return {
+        "input_size": tuple(input_config["input_size"]),
+        "mean": tuple(input_config["mean"]),
+        "std": tuple(input_config["std"]),
+        "interpolation": input_config["interpolation"],
+        "crop_pct": input_config["crop_pct"],
+        "crop_mode": "center",
+    }
+
+
+def check_timm_architecture(name: str, allow_non_timm: bool) -> None:
+    """A fresh process with timm alone builds only the architectures timm itself registers."""
+    registered_by = timm.models.model_entrypoint(name).__module__
+    if not registered_by.startswith("timm.") and not allow_non_timm:
+        raise SkuvisionError(
+            f"model.name={name} is registered by {registered_by}, not by timm: a process with timm alone "
+            f"cannot build it. Use format=onnx, or allow_non_timm=true and `import {registered_by}` before "
+            "timm.create_model"
+        )
+
+
+def export_timm(cfg: DictConfig, module: Classifier, datamodule: ImageDataModule) -> dict:
+    name = module.hparams.model["name"]
+    check_timm_architecture(name, bool(cfg.get("allow_non_timm")))
+    out = Path(cfg.output) if cfg.get("output") else Path(cfg.paths.output_dir) / "timm"
+    if out.exists() and any(out.iterdir()):
+        raise SkuvisionError(f"output={out}: exists and is not empty; choose another folder")
+    # A copy in the default memory layout: safetensors stores contiguous tensors only (channels_last is not).
+    names = module.class_names
+    backbone = copy.deepcopy(module.backbone).to(memory_format=torch.contiguous_format).eval()
+    timm.models.save_for_hf(
+        backbone,
+        str(out),
+        # label_names (and num_classes, without which save_for_hf drops them) in pretrained_cfg too, where
+        # timm puts them on loading: the folder is then what push_to_hf_hub writes for the loaded model.
+        model_config={
+            "label_names": names,
+            "pretrained_cfg": {"num_classes": len(names), "label_names": names},
+        },
+        data_config=timm_data_config(module.input_config),
+        safe_serialization=True,
+    )
+    # Loaded back as a user would; the checkpoint's module on the same real test images is the reference.
+    loaded = timm.create_model(f"local-dir:{out.resolve()}", pretrained=True).eval()
+    images = check_images(datamodule, cfg.check_images)
+    to_model_input = ToModelInput(module.input_config)
+    with torch.inference_mode():
+        x = to_model_input(images)
+        max_diff = float((loaded(x) - module.eval()(x)).abs().max())
+    result = {
+        "timm": str(out),
+        "architecture": name,
+        "max_abs_diff": max_diff,
+        "images": len(images),
+        "checkpoint": str(cfg.ckpt_path),
+    }
+    print(
+        f"timm: {out}\nmax |timm.create_model('local-dir:...') - checkpoint| = {max_diff:.2e} over "
+        f"{len(images)} real test images"
+    )
+    if max_diff > cfg.tolerance:
+        raise SkuvisionError(f"the exported timm model differs by {max_diff:.2e} > tolerance={cfg.tolerance}")
     return result

@@ -1,0 +1,170 @@
+"""export.py format=timm: a folder that plain timm, in a fresh process, loads to the checkpoint's logits."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import timm
+import torch
+from conftest import compose_cfg, quick_overrides
+from pytorch_lightning import Trainer
+from safetensors.torch import load_file
+from writers import write_image_folder
+
+from skuvision.data.files import InputFilesDataModule
+from skuvision.errors import SkuvisionError
+from skuvision.tasks import train
+from skuvision.tasks.assembly import from_checkpoint
+from skuvision.tasks.export import check_timm_architecture, export
+from skuvision.tasks.predict import predict
+
+CLASSES = ("kettle", "phone", "shirt")
+
+# Runs with timm alone: the folder's own config.json gives the preprocessing (timm's eval transform).
+TIMM_ALONE = """
+import json, sys
+import numpy as np, timm, torch
+from PIL import Image
+folder, listing, out = sys.argv[1:]
+torch.set_num_threads(2)
+model = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+data_config = timm.data.resolve_model_data_config(model)
+transform = timm.data.create_transform(**data_config)
+paths = open(listing).read().split()
+images = torch.stack([transform(Image.open(p).convert("RGB")) for p in paths])
+with torch.inference_mode():
+    np.save(out, model(images).numpy())
+leaked = sorted(m for m in sys.modules if m.split(".")[0] == "skuvision")
+print(json.dumps({"labels": model.pretrained_cfg["label_names"], "leaked": leaked, "config": data_config}))
+"""
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shop")
+    write_image_folder(root, classes=CLASSES, per_class=8, size=40)
+    return root
+
+
+@pytest.fixture(scope="module")
+def resnet_checkpoint(tmp_path_factory, photos):
+    """A timm architecture (resnet18, random init) trained a few steps at 32 px, with weight EMA on."""
+    run = tmp_path_factory.mktemp("train")
+    overrides = quick_overrides("image_folder", run, model="resnet18") + [
+        f"data.root={photos}",
+        "trainer.max_epochs=1",
+        "+trainer.limit_train_batches=2",
+        "test=false",
+        "trainer.precision=32",
+    ]
+    train(compose_cfg("train", overrides, run / "run"))
+    return sorted((run / "run" / "checkpoints").glob("*.ckpt"))[0]
+
+
+def checkpoint_logits(checkpoint, paths) -> np.ndarray:
+    """predict.py's logits (before its softmax): the same module, data module and Trainer, without TTA."""
+    module, _ = from_checkpoint(str(checkpoint))
+    module.tta = "none"
+    files = InputFilesDataModule(paths, module.input_config, batch_size=8, num_workers=0)
+    trainer = Trainer(
+        accelerator="cpu", precision=32, logger=False, enable_checkpointing=False, enable_progress_bar=False
+    )
+    return torch.cat([o["outputs"] for o in trainer.predict(module, datamodule=files)]).numpy()
+
+
+def test_timm_folder_loads_in_a_fresh_process_to_predicts_logits(resnet_checkpoint, photos, tmp_path):
+    folder = tmp_path / "export" / "timm"
+    cfg = compose_cfg(
+        "export", [f"ckpt_path={resnet_checkpoint}", "format=timm", "check_images=8"], tmp_path / "export"
+    )
+    result = export(cfg)
+    assert result["max_abs_diff"] <= 1e-5 and sorted(p.name for p in folder.iterdir()) == [
+        "config.json",
+        "model.safetensors",
+    ]
+    config = json.loads((folder / "config.json").read_text())
+    assert config["architecture"] == "resnet18" and config["num_classes"] == 3
+    assert config["label_names"] == list(CLASSES)
+    module, _ = from_checkpoint(str(resnet_checkpoint))
+    pretrained = config["pretrained_cfg"]
+    assert pretrained["input_size"] == [3, 32, 32] == module.input_config["input_size"]
+    for key in ("mean", "std", "interpolation", "crop_pct"):
+        assert pretrained[key] == module.input_config[key]
+
+    # timm's hub upload (push_to_hf_hub saves with save_for_hf) writes the loaded model back unchanged
+    loaded = timm.create_model(f"local-dir:{folder}", pretrained=True)
+    labels = loaded.pretrained_cfg["label_names"]
+    timm.models.save_for_hf(
+        loaded, tmp_path / "again", model_config={"label_names": labels}, safe_serialization=True
+    )
+    assert json.loads((tmp_path / "again" / "config.json").read_text()) == config
+    again, exported = (
+        load_file(tmp_path / "again" / "model.safetensors"),
+        load_file(folder / "model.safetensors"),
+    )
+    assert again.keys() == exported.keys() and all(torch.equal(again[k], exported[k]) for k in again)
+
+    paths = sorted(p for p in photos.rglob("*.*"))[:20]
+    listing = tmp_path / "images.txt"
+    listing.write_text("\n".join(str(p) for p in paths))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"HF_HUB_OFFLINE": "1"}
+    fresh = subprocess.run(
+        [sys.executable, "-c", TIMM_ALONE, str(folder), str(listing), str(tmp_path / "timm.npy")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert fresh.returncode == 0, fresh.stderr[-2000:]
+    report = json.loads(fresh.stdout.strip().splitlines()[-1])
+    assert report["leaked"] == [] and report["labels"] == list(CLASSES)
+    timm_logits = np.load(tmp_path / "timm.npy")
+    reference = checkpoint_logits(resnet_checkpoint, paths)
+    assert timm_logits.shape == (20, 3)
+    np.testing.assert_allclose(timm_logits, reference, atol=1e-5, rtol=0)
+
+    # predict.py itself (tta=none): its probabilities are the softmax of those logits
+    predicted = predict(
+        compose_cfg(
+            "predict",
+            [f"ckpt_path={resnet_checkpoint}", f"input={listing}", "tta=none", "top_k=3", "num_workers=0"]
+            + ["trainer.precision=32", "trainer.accelerator=cpu"],
+            tmp_path / "predict",
+        )
+    )
+    probs = torch.from_numpy(timm_logits).softmax(dim=1).numpy()
+    with open(predicted) as f:
+        for row, p in zip(csv.DictReader(f), probs, strict=True):
+            assert row["label_1"] == CLASSES[int(p.argmax())]
+            assert float(row["prob_1"]) == pytest.approx(float(p.max()), abs=2e-6)
+
+
+def test_an_existing_folder_is_never_overwritten(resnet_checkpoint, tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    cfg = compose_cfg(
+        "export",
+        [f"ckpt_path={resnet_checkpoint}", "format=timm", f"output={tmp_path / 'mine'}"],
+        tmp_path / "run",
+    )
+    with pytest.raises(SkuvisionError, match="not empty"):
+        export(cfg)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
+
+
+def test_architectures_outside_timm_are_refused_unless_allowed():
+    with pytest.raises(SkuvisionError, match=r"simple_cnn is registered by skuvision\.models\.simple_cnn"):
+        check_timm_architecture("simple_cnn", allow_non_timm=False)
+    check_timm_architecture("simple_cnn", allow_non_timm=True)
+    check_timm_architecture("resnet18", allow_non_timm=False)
+
+
+def test_unknown_format_is_refused(resnet_checkpoint, tmp_path):
+    cfg = compose_cfg("export", [f"ckpt_path={resnet_checkpoint}", "format=tflite"], tmp_path / "run")
+    with pytest.raises(SkuvisionError, match="format=tflite"):
+        export(cfg)
