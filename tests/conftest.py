@@ -18,6 +18,8 @@ from writers import (  # noqa: E402
     write_manifest,
 )
 
+pytest_plugins = ["serving_fixtures"]  # tests/test_serve.py and tests/test_demo_browser.py share them
+
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 
