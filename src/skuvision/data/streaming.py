@@ -17,7 +17,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
 from functools import cached_property
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from skuvision.data.datamodule import ImageDataModule
 from skuvision.data.images import DECODE_ERRORS, open_rgb
 from skuvision.data.transforms import scale_size
 from skuvision.errors import SkuvisionError
+from skuvision.runtime_guards import use_boto3_for_plain_http
 
 log = logging.getLogger(__name__)
 
@@ -43,23 +43,6 @@ def is_remote(root: str) -> bool:
 
 def join(root: str, name: str) -> str:
     return f"{str(root).rstrip('/')}/{name}" if is_remote(root) else str(Path(root) / name)
-
-
-def use_boto3_for_plain_http() -> None:
-    """litdata's obstore client refuses plain-http endpoints (an on-premises S3 such as MinIO, or an emulator
-    on 127.0.0.1); with AWS_ENDPOINT_URL=http://... litdata is switched to its boto3 client.
-
-    `_OBSTORE_AVAILABLE` is private to litdata (checked with litdata 0.2.76; tests/test_streaming.py
-    notices a change). Called at import, so litdata's spawned workers, which import this module to unpickle
-    what they run, take the same client.
-    """
-    if not os.environ.get("AWS_ENDPOINT_URL", "").startswith("http://"):
-        return
-    import litdata.streaming.downloader as downloader
-
-    if downloader._OBSTORE_AVAILABLE:
-        log.info("AWS_ENDPOINT_URL is plain http: litdata reads and writes it through boto3")
-        downloader._OBSTORE_AVAILABLE = False
 
 
 use_boto3_for_plain_http()

@@ -16,6 +16,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from skuvision.errors import SkuvisionError
+from skuvision.runtime_guards import LITSERVE_API_PROCESS
 from skuvision.serving.catalogue import CatalogueImages, index_folder, load_index
 from skuvision.serving.demo import use_private_gradio_dirs
 from skuvision.serving.predictor import BadImage, ModelCard, Predictor, model_card
@@ -25,9 +26,6 @@ log = logging.getLogger("skuvision")
 
 HOSTS = ("127.0.0.1", "0.0.0.0", "::")  # what LitServe binds
 LOOPBACK = {"127.0.0.1": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "[::1]"}
-# LitServe names its HTTP server processes LitServer-<n> (checked against litserve 0.2.19; the SIGTERM test
-# in tests/test_serve.py fails if that changes).
-API_SERVER_PROCESS = "LitServer-"
 DRAIN_SECONDS = 30
 
 
@@ -130,7 +128,7 @@ def drain_on_sigterm() -> None:
         if os.getpid() != owner:  # an HTTP process inherits this handler; uvicorn re-raises there on exit
             return
         log.info("SIGTERM: finishing requests in flight")
-        servers = [p for p in multiprocessing.active_children() if p.name.startswith(API_SERVER_PROCESS)]
+        servers = [p for p in multiprocessing.active_children() if p.name.startswith(LITSERVE_API_PROCESS)]
         for process in servers:
             process.terminate()
         for process in servers:

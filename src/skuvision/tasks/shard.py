@@ -21,12 +21,12 @@ from skuvision.data.streaming import (
     EncodeSample,
     join,
     read_metadata,
-    use_boto3_for_plain_http,
     write_metadata,
 )
 from skuvision.data.transforms import scale_size
 from skuvision.errors import SkuvisionError
 from skuvision.models.input_config import resolve_input
+from skuvision.runtime_guards import use_boto3_for_plain_http
 from skuvision.tasks.train import write_data_report
 from skuvision.tasks.utils import plain, set_threads, write_json
 
