@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 FMNIST_DEBIAN := /usr/share/datasets/fashion-mnist
 
-.PHONY: install data train test lint bench
+.PHONY: install data browser train test lint bench
 
 install: $(VENV)/.installed
 
@@ -28,11 +28,23 @@ data:
 		echo "Fashion-MNIST: no local copy and no apt; train.py downloads it if the network allows"; \
 	fi
 
+# Debian's headless Chromium and its driver, for the demo page's browser test (skipped, saying why, without them).
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then \
+		echo "chromium: found"; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	elif command -v apt-get >/dev/null && sudo -n true 2>/dev/null; then \
+		sudo -n apt-get update -qq && sudo -n DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	else \
+		echo "chromium: not installed and no apt; the browser test will skip"; \
+	fi
+
 # The default recipe on real Fashion-MNIST; extra overrides: make train ARGS="model=resnet18 data.image_size=64"
 train: install data
 	$(PY) train.py $(ARGS)
 
-test: install
+test: install browser
 	OMP_NUM_THREADS=2 $(PY) -m pytest -q $(ARGS)
 
 lint: install

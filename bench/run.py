@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import importlib
 import json
 import os
 import platform
@@ -263,10 +264,14 @@ def default_recipe(workdir: Path, data_root: Path) -> dict:
     )
     minutes = (time.time() - started) / 60
     metrics = json.loads((run_dir / "metrics.json").read_text())
+    # The calibration section evaluates this checkpoint instead of training one of its own.
+    os.environ.setdefault("SKUVISION_BENCH_CKPT", metrics["best_checkpoint"])
     curve = []
     for ckpt in sorted((run_dir / "checkpoints").glob("best-epoch*.ckpt")):
         cfg = compose_config(
-            "eval", [f"ckpt_path={ckpt}", f"threads={THREADS}"], workdir / f"eval-{ckpt.stem}"
+            "eval",
+            [f"ckpt_path={ckpt}", f"threads={THREADS}", "calibrate=false"],
+            workdir / f"eval-{ckpt.stem}",
         )
         report = evaluate(cfg)
         curve.append(((ckpt.stat().st_mtime - started) / 60, 100 * report["test/acc"]))
@@ -362,15 +367,32 @@ def write_results(path: Path, info: dict, rows: list[tuple], notes: list[str]) -
     print("\n".join(lines))
 
 
+SECTIONS = ("steps", "data", "recipe", "decode", "stream", "index", "serve", "audit", "calib")
+# Sections that live in their own module bench/<name>.py: bench_rows(workdir, quick) -> (rows, notes).
+MODULE_SECTIONS = ("decode", "stream", "index", "serve", "audit", "calib")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument(
+        "--sections",
+        default=",".join(SECTIONS),
+        help=f"comma-separated, any of: {', '.join(SECTIONS)} (default: all)",
+    )
+    parser.add_argument(
         "--skip-recipe", action="store_true", help="leave out the default-recipe training run"
     )
+    parser.add_argument("--quick", action="store_true", help="small sizes: checks that every section runs")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results.md")
     args = parser.parse_args()
+    sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    unknown = sorted(set(sections) - set(SECTIONS))
+    if unknown:
+        sys.exit(f"bench: unknown section(s) {unknown}; choose from {', '.join(SECTIONS)}")
+    if args.skip_recipe and "recipe" in sections:
+        sections.remove("recipe")
 
     info = machine()
     notes = []
@@ -383,6 +405,23 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     workdir = Path(tempfile.mkdtemp(prefix="skuvision-bench-"))
     rows = []
+    if "steps" in sections:
+        step_rows(data_root, args, device, info, workdir, rows, notes)
+    if "data" in sections:
+        data_rows(data_root, args, workdir, rows)
+    if "recipe" in sections:
+        recipe_rows(data_root, args, info, workdir, rows, notes)
+    for name in MODULE_SECTIONS:
+        if name in sections:
+            module = importlib.import_module(name)  # bench/ is the script's folder, first on sys.path
+            section_rows, section_notes = module.bench_rows(workdir / name, quick=args.quick)
+            rows += section_rows
+            notes += section_notes
+    write_results(args.out, info, rows, notes)
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+def step_rows(data_root, args, device, info, workdir, rows, notes) -> None:
     cost = framework_cost(data_root, args.repeats, device, workdir)
     added_ms = cost["skuvision"] - cost["raw"]
     rows.append(
@@ -413,6 +452,18 @@ def main() -> None:
                 ">= 0.97",
             )
         )
+    notes.append(
+        f"Train-step ratios: the median of {args.repeats} paired runs (skuvision and the plain loop one "
+        "after the other), with the lowest and highest pair in brackets."
+    )
+    notes.append(
+        "Train-step figures time steps 6 onwards of one epoch; the skuvision side is the real Trainer "
+        "with the default callbacks (checkpointing, early stopping, LR monitor, progress bar), metrics "
+        "and CSV logging."
+    )
+
+
+def data_rows(data_root, args, workdir, rows) -> None:
     d = data_pipeline(data_root, batches=20, repeats=args.repeats, workdir=workdir)
     rows.append(
         (
@@ -433,43 +484,33 @@ def main() -> None:
             "",
         )
     )
-    if not args.skip_recipe:
-        r = default_recipe(workdir, data_root)
-        plain = plain_loop_recipe(data_root)
-        rows.append(
-            (
-                "`make train` recipe on real Fashion-MNIST: test accuracy, wall time",
-                f"{100 * r['test_acc']:.2f} % in {r['minutes']:.1f} min",
-                f"{100 * plain['test_acc']:.2f} % in {plain['minutes']:.1f} min (plain loop, small CNN)",
-                f"{100 * (r['test_acc'] - plain['test_acc']):+.2f} points",
-                ">= 94.2 % in <= 6 min",
-            )
+
+
+def recipe_rows(data_root, args, info, workdir, rows, notes) -> None:
+    r = default_recipe(workdir, data_root)
+    plain = plain_loop_recipe(data_root)
+    rows.append(
+        (
+            "`make train` recipe on real Fashion-MNIST: test accuracy, wall time",
+            f"{100 * r['test_acc']:.2f} % in {r['minutes']:.1f} min",
+            f"{100 * plain['test_acc']:.2f} % in {plain['minutes']:.1f} min (plain loop, small CNN)",
+            f"{100 * (r['test_acc'] - plain['test_acc']):+.2f} points",
+            ">= 94.2 % in <= 6 min",
         )
-        png = args.out.with_name("recipe_vs_plain_loop.png")
-        plots.accuracy_curves_png(
-            {"make train (skuvision)": r["curve"], "plain PyTorch loop": plain["curve"]},
-            png,
-            f"real Fashion-MNIST test accuracy per epoch, {info['cpu']}, {THREADS} threads",
-        )
-        notes.append(f"Accuracy against minutes, per epoch, for both: [{png.name}]({png.name}).")
-    notes.append(
-        f"Train-step ratios: the median of {args.repeats} paired runs (skuvision and the plain loop one "
-        "after the other), with the lowest and highest pair in brackets."
     )
-    if not args.skip_recipe:
-        notes.append(
-            "Recipe row: both measured in this run, one after the other. The recipe's minutes run from the "
-            "command's start to its end (set-up, validation and the test included; the curve's points are "
-            "its checkpoints, evaluated afterwards as eval.py would); the plain loop trains on all 60k "
-            "training images (no validation split) and tests after every epoch on the clock."
-        )
-    notes.append(
-        "Train-step figures time steps 6 onwards of one epoch; the skuvision side is the real Trainer "
-        "with the default callbacks (checkpointing, early stopping, LR monitor, progress bar), metrics "
-        "and CSV logging."
+    png = args.out.with_name("recipe_vs_plain_loop.png")
+    plots.accuracy_curves_png(
+        {"make train (skuvision)": r["curve"], "plain PyTorch loop": plain["curve"]},
+        png,
+        f"real Fashion-MNIST test accuracy per epoch, {info['cpu']}, {THREADS} threads",
     )
-    write_results(args.out, info, rows, notes)
-    shutil.rmtree(workdir, ignore_errors=True)
+    notes.append(f"Accuracy against minutes, per epoch, for both: [{png.name}]({png.name}).")
+    notes.append(
+        "Recipe row: both measured in this run, one after the other. The recipe's minutes run from the "
+        "command's start to its end (set-up, validation and the test included; the curve's points are "
+        "its checkpoints, evaluated afterwards as eval.py would); the plain loop trains on all 60k "
+        "training images (no validation split) and tests after every epoch on the clock."
+    )
 
 
 if __name__ == "__main__":

@@ -10,7 +10,15 @@ from omegaconf import DictConfig
 from skuvision.config import compose_config
 
 sys.path.insert(0, str(Path(__file__).parent))
-from writers import write_cifar10, write_cifar100, write_fashion_mnist, write_image_folder  # noqa: E402
+from writers import (  # noqa: E402
+    write_cifar10,
+    write_cifar100,
+    write_fashion_mnist,
+    write_image_folder,
+    write_manifest,
+)
+
+pytest_plugins = ["serving_fixtures"]  # tests/test_serve.py and tests/test_demo_browser.py share them
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -22,13 +30,34 @@ os.environ.setdefault("WANDB_MODE", "offline")
 
 @pytest.fixture(scope="session")
 def data_root(tmp_path_factory) -> Path:
-    """One tree with every source in its real format: fashion_mnist/, cifar/, photos/."""
+    """One tree with every source in its real format: fashion_mnist/, cifar/, photos/, catalogue/styles.csv
+    (a manifest of photos/), shards/ (photos/ for data=streaming)."""
     root = tmp_path_factory.mktemp("data")
     write_fashion_mnist(root / "fashion_mnist")
     write_cifar10(root / "cifar")
     write_cifar100(root / "cifar")
     write_image_folder(root / "photos")
+    write_manifest(root / "catalogue" / "styles.csv", root / "photos")
+    write_photo_shards(root / "photos", root / "shards")
     return root
+
+
+def write_photo_shards(photos: Path, output: Path) -> None:
+    """photos/ as litdata shards for data=streaming, stored at 100 px: enough for every model config's resize
+    at the test sizes (input.image_size=32, or 80 for inception_v3)."""
+    from skuvision.tasks.shard import shard
+
+    overrides = [
+        "data=image_folder",
+        f"data.root={photos}",
+        "model=simple_cnn",
+        "input.image_size=80",
+        "input.crop_pct=0.8",
+        f"output={output}",
+        "encoding=png",
+        "workers=1",
+    ]
+    shard(compose_cfg("shard", overrides, output.parent / "shard_run"))
 
 
 DATA_ROOTS = {
@@ -36,6 +65,8 @@ DATA_ROOTS = {
     "cifar10": "cifar",
     "cifar100": "cifar",
     "image_folder": "photos",
+    "manifest": "catalogue/styles.csv",
+    "streaming": "shards",
 }
 
 

@@ -47,3 +47,30 @@ class FailJob(Callback):
 
         if HydraConfig.get().job.num == self.job:
             raise RuntimeError("CUDA out of memory (simulated by probes.FailJob)")
+
+
+class SeenLabels(Callback):
+    """Writes, per rank, the labels of every training batch of every epoch: seen_rank<r>.json."""
+
+    def __init__(self):
+        self.epochs: dict[int, list[list[int]]] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.epochs.setdefault(trainer.current_epoch, []).append(batch[1].tolist())
+
+    def on_train_end(self, trainer, pl_module):
+        out = Path(trainer.default_root_dir) / f"seen_rank{trainer.global_rank}.json"
+        out.write_text(json.dumps(self.epochs))
+
+
+class KillAtStep(Callback):
+    """Saves a checkpoint after optimizer step `step` and fails the run there, as a preempted job would."""
+
+    def __init__(self, step: int, path: str):
+        self.step = step
+        self.path = path
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            trainer.save_checkpoint(self.path)
+            raise RuntimeError(f"killed after step {self.step}")

@@ -8,9 +8,11 @@ import sys
 
 import numpy as np
 import pytest
+import timm
 import torch
 from conftest import compose_cfg, quick_overrides
 from pytorch_lightning import Trainer
+from safetensors.torch import load_file
 from writers import write_image_folder
 
 from skuvision.data.files import InputFilesDataModule
@@ -92,6 +94,19 @@ def test_timm_folder_loads_in_a_fresh_process_to_predicts_logits(resnet_checkpoi
     assert pretrained["input_size"] == [3, 32, 32] == module.input_config["input_size"]
     for key in ("mean", "std", "interpolation", "crop_pct"):
         assert pretrained[key] == module.input_config[key]
+
+    # timm's hub upload (push_to_hf_hub saves with save_for_hf) writes the loaded model back unchanged
+    loaded = timm.create_model(f"local-dir:{folder}", pretrained=True)
+    labels = loaded.pretrained_cfg["label_names"]
+    timm.models.save_for_hf(
+        loaded, tmp_path / "again", model_config={"label_names": labels}, safe_serialization=True
+    )
+    assert json.loads((tmp_path / "again" / "config.json").read_text()) == config
+    again, exported = (
+        load_file(tmp_path / "again" / "model.safetensors"),
+        load_file(folder / "model.safetensors"),
+    )
+    assert again.keys() == exported.keys() and all(torch.equal(again[k], exported[k]) for k in again)
 
     paths = sorted(p for p in photos.rglob("*.*"))[:20]
     listing = tmp_path / "images.txt"

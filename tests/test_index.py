@@ -227,3 +227,23 @@ def test_embed_writes_an_index_of_the_split_files(kind, checkpoint, shop, tmp_pa
         assert len(found) == 4 and i not in [j for j, _ in found]
         np.testing.assert_allclose([c for _, c in found], np.sort(sims[i])[::-1][:4], atol=1e-5)
         np.testing.assert_allclose([c for _, c in found], [sims[i, j] for j, _ in found], atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("index.kind=annoy", "index.kind=annoy: choose one of"),
+        ("+index.hnsw.ef=3", r"unknown parameter\(s\) \['ef'\]"),
+    ],
+)
+def test_embed_checks_the_index_config_before_embedding(override, message, checkpoint, shop, tmp_path):
+    overrides = [
+        f"ckpt_path={checkpoint}",
+        "data=image_folder",
+        f"data.root={shop}",
+        "index.kind=hnsw",
+        override,
+    ]
+    with pytest.raises(SkuvisionError, match=message):
+        embed(compose_cfg("embed", overrides, tmp_path / "run"))
+    assert not (tmp_path / "run" / "embeddings.npz").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 import pickle
 import struct
 from pathlib import Path
@@ -108,4 +109,48 @@ def write_image_folder(
             for i, img in enumerate(images):
                 suffix = ".png" if i % 2 == 0 else ".jpg"
                 Image.fromarray(img).save(base / name / f"{name}_{i:03d}{suffix}")
+    return root
+
+
+def write_manifest(path: Path, folder: Path, **columns) -> Path:
+    """A CSV (or Parquet, by suffix) of every image under folder/<class>/: `path` relative to the manifest's
+    folder, `label` the class folder, and any extra columns given as lists."""
+    import pandas as pd
+
+    files = sorted(p for p in folder.rglob("*") if p.suffix in (".png", ".jpg"))
+    table = pd.DataFrame(
+        {
+            "path": [os.path.relpath(p, path.parent) for p in files],
+            "label": [p.parent.name for p in files],
+            **columns,
+        }
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".parquet":
+        table.to_parquet(path)
+    else:
+        table.to_csv(path, index=False)
+    return path
+
+
+def write_photo_folder(root: Path, classes=("kettle", "shirt"), per_class: int = 6, seed: int = 0) -> Path:
+    """Real photo content (scikit-image's sample photos), cropped and resized to a different size and aspect
+    per file, saved as JPEG (quality 90) under root/<class>/; one PNG per class for the non-JPEG path."""
+    from skimage import data as photos
+
+    sources = [photos.astronaut(), photos.chelsea(), photos.coffee()]
+    rng = np.random.default_rng(seed)
+    for c, name in enumerate(classes):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            src = sources[(c + i) % len(sources)]
+            h, w = src.shape[:2]
+            top, left = rng.integers(0, h // 4), rng.integers(0, w // 4)
+            crop = Image.fromarray(src[top : top + 3 * h // 4, left : left + 3 * w // 4])
+            size = (int(rng.integers(150, 260)), int(rng.integers(150, 260)))
+            img = crop.resize(size, Image.BICUBIC)
+            if i == 0:
+                img.save(root / name / f"{name}_{i:03d}.png")
+            else:
+                img.save(root / name / f"{name}_{i:03d}.jpg", quality=90)
     return root

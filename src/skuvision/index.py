@@ -32,7 +32,7 @@ DEFAULTS = {
     # nlist null: 4 * sqrt(n) (the guide's lower end); m null: dim / 4 sub-quantizers of nbits each.
     # refine: re-rank k * k_factor PQ candidates with vectors stored as "Flat" (exact) or "SQ8" (1 byte per
     # dimension); PQ codes alone rank near neighbours coarsely.
-    "ivfpq": {"nlist": None, "m": None, "nbits": 8, "nprobe": 32, "refine": "Flat", "k_factor": 4},
+    "ivfpq": {"nlist": None, "m": None, "nbits": 8, "nprobe": 32, "refine": "SQ8", "k_factor": 8},
 }
 COMMON = {"recall_queries": 1000, "seed": 0}
 NORM_TOLERANCE = 1e-3

@@ -1,4 +1,5 @@
-"""The evaluation plots: confusion matrix, one-vs-rest ROC curves, and a gallery of confident mistakes."""
+"""The evaluation plots: confusion matrix, one-vs-rest ROC curves, a gallery of confident mistakes, and the
+calibration plots (reliability diagram, accuracy against coverage)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ matplotlib.use("Agg")  # files only: no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from sklearn.calibration import calibration_curve  # noqa: E402
 from torchmetrics.classification import MulticlassROC  # noqa: E402
 
 
@@ -67,6 +69,56 @@ def errors_png(
     if not images:
         axes.flat[0].text(0.5, 0.5, "no mistakes", ha="center", va="center")
     fig.suptitle("most confident mistakes", fontsize=10)
+    return save(fig, path)
+
+
+def reliability_png(panels: dict[str, tuple[np.ndarray, np.ndarray, float]], bins: int, path: Path) -> Path:
+    """One column per panel title -> (top-1 confidence, correct, ECE): accuracy against mean confidence per
+    equal-width bin (sklearn's calibration_curve), over a histogram of the confidences."""
+    fig, axes = plt.subplots(
+        2, len(panels), figsize=(4.6 * len(panels), 6), squeeze=False, height_ratios=[3, 1], sharex=True
+    )
+    for (title, (confidence, correct, error)), (top, bottom) in zip(panels.items(), axes.T, strict=True):
+        accuracy, mean_confidence = calibration_curve(correct, confidence, n_bins=bins, strategy="uniform")
+        top.plot([0, 1], [0, 1], "k--", lw=0.8, label="perfect calibration")
+        top.plot(mean_confidence, accuracy, marker="o", markersize=4, label="model")
+        top.fill_between(mean_confidence, mean_confidence, accuracy, alpha=0.2, color="tab:red", label="gap")
+        top.set(xlim=(0, 1), ylim=(0, 1.02), ylabel="accuracy", title=f"{title}\nECE {error:.4f}")
+        top.legend(fontsize=8, loc="upper left")
+        top.grid(alpha=0.3)
+        bottom.hist(confidence, bins=np.linspace(0, 1, bins + 1), color="gray")
+        bottom.set_yscale("log")
+        bottom.set(xlabel="top-1 confidence", ylabel="images")
+    fig.suptitle("reliability diagram (test split, top-1 class)", fontsize=10)
+    return save(fig, path)
+
+
+def coverage_png(
+    curves: dict[str, tuple[np.ndarray, np.ndarray]],
+    target: float,
+    chosen: tuple[float, float] | None,
+    on_test: tuple[float, float | None] | None,
+    path: Path,
+) -> Path:
+    """Accuracy of the accepted predictions against the share accepted, one line per split, with the
+    target, the threshold's point on val (`chosen`: coverage, accuracy) and on test (`on_test`)."""
+    fig, ax = plt.subplots(figsize=(7, 4.8))
+    for label, (coverage, accuracy) in curves.items():
+        ax.plot(coverage, accuracy, lw=1.2, label=label)
+    ax.axhline(target, color="k", ls="--", lw=0.8, label=f"target {target:.1%}")
+    if chosen is not None:
+        ax.plot(*chosen, "o", color="tab:blue", label=f"threshold on val ({chosen[0]:.1%} accepted)")
+    if on_test is not None and on_test[1] is not None:
+        ax.plot(
+            *on_test, "s", color="tab:orange", label=f"same threshold on test ({on_test[1]:.2%} accurate)"
+        )
+    lowest = min([target] + [float(np.min(a)) for _, a in curves.values() if len(a)])
+    ax.set(xlim=(0, 1.01), ylim=(max(0.0, lowest - 0.02), 1.002))
+    ax.set_xlabel("share of images accepted (calibrated confidence >= threshold)")
+    ax.set_ylabel("accuracy of the accepted images")
+    ax.set_title("accuracy vs coverage: auto-tag the confident, review the rest", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower left")
     return save(fig, path)
 
 

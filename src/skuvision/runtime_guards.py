@@ -178,3 +178,25 @@ def continue_csv_logs(loggers: list) -> None:
             if path.is_file():
                 header = path.read_text().splitlines()[0].split(",")
                 logger.experiment.metrics_keys = sorted(set(logger.experiment.metrics_keys) | set(header))
+
+
+# LitServe names its HTTP server processes LitServer-<n> (checked against litserve 0.2.19; the SIGTERM test
+# in tests/test_serve.py fails if that changes): tasks.serve drains them on SIGTERM.
+LITSERVE_API_PROCESS = "LitServer-"
+
+
+def use_boto3_for_plain_http() -> None:
+    """litdata's obstore client refuses plain-http endpoints (an on-premises S3 such as MinIO, or an emulator
+    on 127.0.0.1); with AWS_ENDPOINT_URL=http://... litdata is switched to its boto3 client.
+
+    `_OBSTORE_AVAILABLE` is private to litdata (checked with litdata 0.2.76; tests/test_streaming.py
+    notices a change). Called at import, so litdata's spawned workers, which import this module to unpickle
+    what they run, take the same client.
+    """
+    if not os.environ.get("AWS_ENDPOINT_URL", "").startswith("http://"):
+        return
+    import litdata.streaming.downloader as downloader
+
+    if downloader._OBSTORE_AVAILABLE:
+        log.info("AWS_ENDPOINT_URL is plain http: litdata reads and writes it through boto3")
+        downloader._OBSTORE_AVAILABLE = False

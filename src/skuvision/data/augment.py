@@ -31,6 +31,10 @@ class TrainAugment:
     def image_transform(self, input_config: dict):
         return None
 
+    def min_decode_side(self, input_config: dict) -> int | None:
+        """The shorter side a file must be decoded to for `image_transform`; None: full size."""
+        return None
+
     def on_batch(self, x: torch.Tensor) -> torch.Tensor:
         return x
 
@@ -127,6 +131,10 @@ class ImageAugment(TrainAugment):
             std=tuple(input_config["std"]),
             use_prefetcher=True,  # ends in a uint8 tensor: normalization runs on the batch
         )
+
+    def min_decode_side(self, input_config: dict) -> int:
+        # The smallest random crop (area fraction scale[0]) gets its pixels from the file, not upsampled.
+        return math.ceil(int(input_config["input_size"][-1]) / math.sqrt(self.scale[0]))
 
 
 class MixupCutmix(TrainAugment):

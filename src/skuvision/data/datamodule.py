@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -12,7 +13,9 @@ from pytorch_lightning import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, Subset, WeightedRandomSampler
 
 from skuvision.data.augment import TrainAugment
-from skuvision.data.transforms import ToModelInput, eval_image_transform
+from skuvision.data.image_cache import DecodedImageCache
+from skuvision.data.image_files import DECODE_ON, ImageFiles, collate_images, decode_batch_on_device
+from skuvision.data.transforms import ToModelInput, eval_image_transform, eval_min_side
 from skuvision.errors import SkuvisionError
 
 log = logging.getLogger(__name__)
@@ -115,11 +118,14 @@ class ImageDataModule(LightningDataModule):
         balance: str = "none",
         augment: TrainAugment | None = None,
         predict_split: str = "test",
+        cache: bool = False,
+        decode_on: str = "cpu",
     ):
         """`balance`: "none", "sampler" (class-balanced sampling of the training split) or "loss"
         (class-weighted cross-entropy, see `loss_class_weights`). `augment`: a training augmentation preset
         (conf/augment, see skuvision.data.augment); evaluation batches are never augmented.
-        `predict_split`: the split Trainer.predict runs over."""
+        `predict_split`: the split Trainer.predict runs over. File sources only: `cache` keeps each image
+        decoded once (skuvision.data.image_cache); `decode_on="gpu"` decodes JPEG batches on the device."""
         super().__init__()
         self.root = root
         self.input_config = dict(input_config)
@@ -140,7 +146,11 @@ class ImageDataModule(LightningDataModule):
                 )
             if batch_size % 2:
                 raise SkuvisionError(f"augment=mixup_cutmix needs an even data.batch_size, not {batch_size}")
+        if decode_on not in DECODE_ON:
+            raise SkuvisionError(f"data.decode_on={decode_on!r}: use one of {', '.join(DECODE_ON)}")
         self.balance = balance
+        self.cache = bool(cache)
+        self.decode_on = decode_on
         self.augment = augment
         self.predict_split = predict_split
         self.to_model_input = ToModelInput(self.input_config)
@@ -183,6 +193,8 @@ class ImageDataModule(LightningDataModule):
             # In-memory images are resized on the batch unless a per-image augmentation needs PIL.
             eval_transform = None if isinstance(base, InMemoryImages) else self.eval_transform
             base.transform = per_image or eval_transform
+            if isinstance(base, ImageFiles):
+                self._configure_files(split, dataset, base, augmented=per_image is not None)
         sizes = ", ".join(f"{k}={len(v)}" for k, v in self.splits.items())
         log.info(
             "data: %s, %d classes, %s; training images on the %s",
@@ -194,6 +206,37 @@ class ImageDataModule(LightningDataModule):
         for split, counts in self.class_counts().items():
             log.info("class counts %s: %s", split, dict(zip(self.class_names, counts, strict=True)))
 
+    @cached_property
+    def device_decoding(self) -> bool:
+        """decode_on=gpu where a CUDA device exists; else the CPU path, said once."""
+        if self.decode_on != "gpu":
+            return False
+        if not torch.cuda.is_available():
+            log.info("data.decode_on=gpu: no CUDA device here; JPEGs are decoded on the CPU instead")
+            return False
+        return True
+
+    def _configure_files(self, split: str, dataset: Dataset, base: ImageFiles, augmented: bool) -> None:
+        """Decoding of a file split: reduced-scale JPEGs always; the cache or device decoding where the split
+        uses the eval geometry (a per-image training augmentation needs the whole decoded image)."""
+        if augmented:
+            base.min_side = self.augment.min_decode_side(self.input_config)
+            if self.cache or self.decode_on == "gpu":
+                log.info(
+                    "data.cache/decode_on: the %s split's per-image augmentation needs whole images; it is "
+                    "decoded per epoch in the DataLoader workers",
+                    split,
+                )
+            return
+        base.min_side = eval_min_side(self.input_config)
+        base.interpolation = self.input_config["interpolation"]
+        if self.cache:
+            indices = dataset.indices if isinstance(dataset, Subset) else None
+            store = DecodedImageCache(self.input_config, base.channels)
+            base.cached = store.fill(base, indices, workers=max(2, self.num_workers), split=split)
+        elif self.decode_on == "gpu":
+            base.jpeg_bytes = self.device_decoding
+
     @property
     def training_path(self) -> str:
         """How training batches are made, read off the training split itself."""
@@ -201,7 +244,11 @@ class ImageDataModule(LightningDataModule):
         base = train.dataset if isinstance(train, Subset) else train
         if isinstance(base, InMemoryImages) and base.transform is None:
             return "in-memory batched path (resized on the device)"
-        return "per-image PIL path (DataLoader workers)"
+        if isinstance(base, ImageFiles) and base.cached is not None:
+            return "decoded-image cache (memory-mapped uint8, DataLoader workers)"
+        if isinstance(base, ImageFiles) and base.jpeg_bytes:
+            return "JPEG bytes read in DataLoader workers, decoded on the device"
+        return "per-image PIL path (DataLoader workers, JPEGs decoded at reduced scale)"
 
     def class_counts(self) -> dict[str, list[int]]:
         """Images per class in each split, in class-index order."""
@@ -251,6 +298,8 @@ class ImageDataModule(LightningDataModule):
             self.setup()
         dataset = self.splits[split]
         in_memory = isinstance(dataset, InMemoryImages)
+        base = dataset.dataset if isinstance(dataset, Subset) else dataset
+        jpeg_bytes = getattr(base, "jpeg_bytes", False)
         batched = in_memory and dataset.transform is None  # a gather by index: no worker processes needed
         training = split == "train"
         sampler = self._train_sampler(dataset) if training else None
@@ -266,7 +315,7 @@ class ImageDataModule(LightningDataModule):
             sampler=sampler,
             drop_last=training and (even_only or lone_last),
             num_workers=workers,
-            collate_fn=keep_batch if in_memory else None,
+            collate_fn=keep_batch if in_memory else collate_images if jpeg_bytes else None,
             persistent_workers=workers > 0,
             pin_memory=torch.cuda.is_available(),
         )
@@ -306,6 +355,13 @@ class ImageDataModule(LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         """`predict_split`, in order."""
         return self._loader(self.predict_split, shuffle=False)
+
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        images, labels = batch
+        if isinstance(images, list):  # JPEG bytes (decode_on=gpu): decoded on the training device
+            device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
+            images = decode_batch_on_device(images, device, self.to_model_input.resize_crop, self.in_chans)
+        return images, labels
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         images, labels = batch

@@ -11,11 +11,13 @@ from pathlib import Path
 
 import torch
 from pytorch_lightning import LightningDataModule
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
+from skuvision.data.image_cache import DecodedImageCache
+from skuvision.data.image_files import ImageFiles
 from skuvision.data.image_folder import IMAGE_SUFFIXES
-from skuvision.data.images import DECODE_ERRORS, open_rgb
-from skuvision.data.transforms import ToModelInput, eval_image_transform
+from skuvision.data.images import DECODE_ERRORS
+from skuvision.data.transforms import ToModelInput, eval_image_transform, eval_min_side
 from skuvision.errors import SkuvisionError
 
 LIST_SUFFIXES = {".txt", ".csv", ".lst"}
@@ -44,38 +46,49 @@ def collect_inputs(inputs: str | Sequence[str]) -> list[Path]:
     return paths
 
 
-class InputImageFiles(Dataset):
+class InputImageFiles(ImageFiles):
     """Unlabelled files to predict or embed: (uint8 CHW tensor at the model's size, error message or "")
     per path, so that one bad file becomes an error row instead of stopping the run."""
 
     def __init__(self, paths: list[Path], input_config: dict):
-        self.paths = paths
+        super().__init__(paths, eval_image_transform(input_config))
         self.input_config = input_config
-        self.transform = eval_image_transform(input_config)
-
-    def __len__(self) -> int:
-        return len(self.paths)
+        self.channels = int(input_config["input_size"][0])
+        self.min_side = eval_min_side(input_config)
+        self.interpolation = input_config["interpolation"]
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
         channels, size, _ = self.input_config["input_size"]
         try:
-            img = open_rgb(self.paths[index])
+            return self.image(index), ""
         except DECODE_ERRORS as err:
             return torch.zeros(channels, size, size, dtype=torch.uint8), f"{type(err).__name__}: {err}"[:200]
-        if channels == 1:
-            img = img.convert("L")
-        return self.transform(img), ""
 
 
 class InputFilesDataModule(LightningDataModule):
-    """Batches of files for Trainer.predict, normalized on the device like the training data."""
+    """Batches of files for Trainer.predict, normalized on the device like the training data.
 
-    def __init__(self, paths: list[Path], input_config: dict, batch_size: int = 64, num_workers: int = 2):
+    `cache`: read and fill the decoded-image cache (see skuvision.data.image_cache)."""
+
+    def __init__(
+        self,
+        paths: list[Path],
+        input_config: dict,
+        batch_size: int = 64,
+        num_workers: int = 2,
+        cache: bool = False,
+    ):
         super().__init__()
         self.dataset = InputImageFiles(paths, input_config)
         self.to_model_input = ToModelInput(input_config)
         self.batch_size = batch_size
         self.num_workers = num_workers
+        self.cache = cache
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.cache and self.dataset.cached is None:
+            store = DecodedImageCache(self.dataset.input_config, self.dataset.channels)
+            self.dataset.cached = store.fill(self.dataset, workers=max(2, self.num_workers))
 
     def predict_dataloader(self) -> DataLoader:
         return DataLoader(

@@ -14,10 +14,10 @@ from functools import cached_property
 from pathlib import Path
 
 import torch
-from torch.utils.data import Dataset
 
 from skuvision.data.datamodule import ImageDataModule, stratified_split
-from skuvision.data.images import DECODE_ERRORS, open_rgb, scan_images
+from skuvision.data.image_files import ImageFiles
+from skuvision.data.images import DECODE_ERRORS, scan_images
 from skuvision.errors import SkuvisionError
 
 log = logging.getLogger(__name__)
@@ -39,24 +39,20 @@ def class_folders(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-class LabelledImageFiles(Dataset):
-    """(path, label) pairs decoded with PIL into the model's uint8 input by timm's eval transform."""
+class LabelledImageFiles(ImageFiles):
+    """(path, label) pairs decoded into the model's uint8 input (see ImageFiles)."""
 
     def __init__(self, samples: list[tuple[Path, int]], transform=None):
+        super().__init__([path for path, _ in samples], transform)
         self.samples = samples
         self.targets = [label for _, label in samples]
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         path, label = self.samples[index]
         try:
-            img = open_rgb(path)
+            return self.image(index), label
         except DECODE_ERRORS as err:  # changed since the setup scan
             raise SkuvisionError(f"cannot read image {path}: {err}; remove or replace the file") from err
-        return self.transform(img), label
 
 
 class ImageFolderDataModule(ImageDataModule):

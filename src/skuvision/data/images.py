@@ -3,6 +3,10 @@
 Catalogue photos come as CMYK JPEGs, palette or 16-bit PNGs, and cut-outs with transparent backgrounds.
 Every one becomes 8-bit RGB: 16-bit values are scaled (not clipped), transparency is laid on white (the
 usual catalogue background). A truncated or non-image file is found once, at setup, and skipped.
+
+A JPEG much larger than the model's input is decoded at a reduced DCT scale (libjpeg's 1/2, 1/4, 1/8 through
+Pillow's `draft`): a fraction of the cost of a full decode, and nothing is lost once the image is resized
+down to the model's size anyway.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+from timm.data.transforms import str_to_pil_interp
 
 from skuvision.config import cache_dir
 
@@ -37,17 +42,71 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def open_rgb(path: str | Path) -> Image.Image:
-    """Decode the whole file (so truncation shows now, not mid-epoch) into 8-bit RGB."""
+DCT_SCALES = (8, 4, 2)  # the reductions libjpeg decodes to directly
+
+
+def resized_long_side(width: int, height: int, short_side: int) -> float:
+    """The longer side after resizing the shorter one to `short_side`, keeping the aspect ratio."""
+    return short_side * max(width, height) / min(width, height)
+
+
+def dct_scale(width: int, height: int, min_side: int) -> int:
+    """The largest JPEG reduction whose decoded image keeps a shorter side of at least `min_side` and, once
+    that side is resized to `min_side`, the full image's geometry within a pixel (libjpeg rounds the reduced
+    size up, which can stretch a thin image by a fraction of a pixel per side)."""
+    full = resized_long_side(width, height, min_side)
+    for scale in DCT_SCALES:
+        w, h = -(-width // scale), -(-height // scale)
+        if min(w, h) >= min_side and abs(resized_long_side(w, h, min_side) - full) <= 1:
+            return scale
+    return 1
+
+
+def resized_size(width: int, height: int, short_side: int) -> tuple[int, int]:
+    """(width, height) after resizing the shorter side to `short_side`, rounded as torchvision's Resize."""
+    long = int(resized_long_side(width, height, short_side))
+    return (short_side, long) if width <= height else (long, short_side)
+
+
+def open_rgb(path: str | Path, min_side: int | None = None, interpolation: str | None = None) -> Image.Image:
+    """Decode the whole file (so truncation shows now, not mid-epoch) into 8-bit RGB.
+
+    `min_side`: the shorter side the caller's transform needs; a JPEG is then decoded at the largest DCT
+    reduction that keeps it (see `dct_scale`). Other formats, and None, decode at full size.
+    `interpolation` (timm's name): a reduced JPEG is then resized at once to the size the full image's
+    shorter side would be resized to, from exactly the region the reduced decode covers (libjpeg rounds the
+    reduced size up, so its last row or column can be a partial pixel); the eval transform's own resize then
+    has nothing left to do, and the result matches a full decode within resampling noise."""
     with Image.open(path) as img:
+        width, height = img.size
+        scale = dct_scale(width, height, min_side) if min_side and img.format == "JPEG" else 1
+        if scale == 1:
+            img.load()
+            return to_rgb(img)
+        _, box = img.draft(img.mode, (width // scale, height // scale))
+        if img.size != (-(-width // scale), -(-height // scale)):  # the decoder chose another scale
+            return open_rgb(path)
         img.load()
-        return to_rgb(img)
+        rgb = to_rgb(img)
+    if interpolation is None:
+        return rgb
+    return rgb.resize(resized_size(width, height, min_side), str_to_pil_interp(interpolation), box=box)
+
+
+def check_decodes(path: str | Path) -> None:
+    """Decode the whole file at the smallest scale the format allows: every byte of a JPEG is still
+    entropy-decoded (a truncated file still fails), but at 1/8 the pixels."""
+    with Image.open(path) as img:
+        if img.format == "JPEG":
+            img.draft(img.mode, (1, 1))
+        img.load()
+        to_rgb(img)
 
 
 def decode_error(path: Path) -> str | None:
     """None if the file decodes fully, else a short reason."""
     try:
-        open_rgb(path)
+        check_decodes(path)
     except DECODE_ERRORS as err:
         return f"{type(err).__name__}: {err}"[:200] or type(err).__name__
     return None

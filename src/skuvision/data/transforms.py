@@ -31,6 +31,11 @@ def scale_size(image_size: int, crop_pct: float) -> int:
     return math.floor(image_size / crop_pct)
 
 
+def eval_min_side(input_config: dict) -> int:
+    """The shorter side timm's eval transform resizes every image to: what a file must be decoded to."""
+    return scale_size(int(input_config["input_size"][-1]), input_config["crop_pct"])
+
+
 class ToModelInput(nn.Module):
     """uint8 batch (B, C, h, w) -> float batch at the model's size, scaled to [0, 1] and normalized.
 

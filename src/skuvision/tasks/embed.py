@@ -11,6 +11,7 @@ import csv
 import logging
 from pathlib import Path
 
+import faiss
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -19,7 +20,7 @@ from omegaconf import DictConfig
 
 from skuvision.data.files import InputFilesDataModule, collect_inputs
 from skuvision.errors import SkuvisionError
-from skuvision.index import CatalogueIndex
+from skuvision.index import CatalogueIndex, index_params
 from skuvision.metrics import retrieval_report
 from skuvision.tasks.assembly import from_checkpoint
 from skuvision.tasks.evaluate import sample_paths
@@ -36,7 +37,10 @@ def features_of(trainer, module, datamodule) -> tuple[torch.Tensor, list]:
 
 def embed(cfg: DictConfig) -> dict:
     set_threads(cfg.get("threads"))
+    if cfg.get("threads"):
+        faiss.omp_set_num_threads(int(cfg.threads))  # FAISS has its own OpenMP pool
     output_dir = Path(cfg.paths.output_dir)
+    index_settings(cfg)
     split = None if cfg.get("input") else cfg.split
     module, datamodule = from_checkpoint(cfg.ckpt_path, cfg.get("data"), split=split)
     module.predict_embeddings = True
@@ -44,7 +48,11 @@ def embed(cfg: DictConfig) -> dict:
     if cfg.get("input"):
         items = [str(p) for p in collect_inputs(plain(cfg.input))]
         files = InputFilesDataModule(
-            [Path(p) for p in items], module.input_config, cfg.batch_size, cfg.num_workers
+            [Path(p) for p in items],
+            module.input_config,
+            cfg.batch_size,
+            cfg.num_workers,
+            cache=bool(cfg.get("cache", False)),
         )
         features, errors = features_of(trainer, module, files)
         keep = [i for i, e in enumerate(errors) if not e]
@@ -95,19 +103,19 @@ def embed(cfg: DictConfig) -> dict:
     return result
 
 
-def build_index(cfg: DictConfig, features: np.ndarray, items, labels, class_names) -> CatalogueIndex:
+def index_settings(cfg: DictConfig) -> tuple[str, dict]:
+    """index.kind and its parameters, checked before any image is embedded."""
     node = cfg.index
-    params = plain(node.get(node.kind)) or {}
+    params = {"recall_queries": node.recall_queries, "seed": cfg.seed, **(plain(node.get(node.kind)) or {})}
+    index_params(node.kind, dict(params))
+    return node.kind, params
+
+
+def build_index(cfg: DictConfig, features: np.ndarray, items, labels, class_names) -> CatalogueIndex:
+    kind, params = index_settings(cfg)
+    labels = labels.numpy() if labels is not None else None
     return CatalogueIndex.build(
-        features,
-        items,
-        labels.numpy() if labels is not None else None,
-        class_names,
-        kind=node.kind,
-        checkpoint=str(cfg.ckpt_path),
-        recall_queries=node.recall_queries,
-        seed=cfg.seed,
-        **params,
+        features, items, labels, class_names, kind=kind, checkpoint=str(cfg.ckpt_path), **params
     )
 
 

@@ -13,7 +13,8 @@ from omegaconf import DictConfig
 from pytorch_lightning import seed_everything
 from torch.utils.data import Subset
 
-from skuvision import plots
+from skuvision import calibration, plots
+from skuvision.errors import SkuvisionError
 from skuvision.metrics import evaluation_report
 from skuvision.tasks.assembly import from_checkpoint
 from skuvision.tasks.utils import (
@@ -45,11 +46,21 @@ def evaluate(cfg: DictConfig) -> dict:
         pngs = write_plots(
             report, logits, labels, test_set, module.class_names, output_dir, cfg.get("errors", 16)
         )
+        if cfg.get("calibrate", True):
+            report["calibration"], calibration_pngs = calibrate(
+                cfg, trainer, module, datamodule, (logits.cpu(), labels), output_dir
+            )
+            pngs += calibration_pngs
         write_json(
             output_dir / "metrics.json", {**report, "checkpoint": str(cfg.ckpt_path), "tta": module.tta}
         )
         write_predictions(output_dir / "predictions.csv", logits, labels, test_set, module.class_names)
         scalars = {k: v for k, v in report.items() if k.startswith("test/")}
+        scalars |= {
+            f"calibration/{k}": v
+            for k, v in report.get("calibration", {}).items()
+            if isinstance(v, float) and k != "target"
+        }
         for logger in loggers:
             logger.log_metrics(scalars)
         log_images(loggers, pngs)
@@ -57,6 +68,70 @@ def evaluate(cfg: DictConfig) -> dict:
         return report
     finally:
         close_loggers(loggers)
+
+
+def calibrate(cfg, trainer, module, datamodule, test: tuple, output_dir: Path) -> tuple[dict, list[Path]]:
+    """Temperature and threshold fitted on the val split's logits (same model, same TTA as test), reported
+    on val and test; calibration.json for predict.py, the reliability and coverage plots. Data without a
+    val split gets `{"skipped": why}` and a warning instead."""
+    target = float(cfg.get("target_precision", 0.99))
+    if not 0 < target <= 1:
+        raise SkuvisionError(f"target_precision={target} must be an accuracy in (0, 1], e.g. 0.99")
+    val_set = datamodule.splits.get("val")
+    if val_set is None or len(val_set) == 0:
+        why = (
+            "the data has no val split to fit the temperature and threshold on; give it one "
+            "(e.g. data.split_fractions with a val share, or a val/ folder), or pass calibrate=false"
+        )
+        log.warning("calibration skipped: %s", why)
+        return {"skipped": why}, []
+    # The same data module and Trainer as the test split: val gets the test images' transforms and TTA.
+    datamodule.predict_split = "val"
+    outputs = trainer.predict(module, datamodule=datamodule)
+    val = (torch.cat([o["outputs"] for o in outputs]).cpu(), torch.cat([o["meta"] for o in outputs]).cpu())
+    report = calibration.calibration_report(val, test, target)
+    print("\n".join(calibration.describe(report)))
+    if report["threshold_warning"]:
+        log.warning(report["threshold_warning"])
+    write_json(
+        output_dir / calibration.CALIBRATION_FILE,
+        {
+            "temperature": report["temperature"],
+            "threshold": report["threshold"],
+            "target": target,
+            "val_accuracy_at_threshold": report["val_accuracy_at_threshold"],
+            "val_coverage": report["val_coverage"],
+            "checkpoint": str(cfg.ckpt_path),
+            "checkpoint_sha256": calibration.file_sha256(cfg.ckpt_path),
+            "tta": module.tta,
+            "class_names": module.class_names,
+        },
+    )
+    return report, write_calibration_plots(report, val, test, output_dir)
+
+
+def write_calibration_plots(report: dict, val: tuple, test: tuple, output_dir: Path) -> list[Path]:
+    temperature = report["temperature"]
+    panels = {}
+    for title, t, key in (
+        ("before (T = 1)", 1.0, "before"),
+        (f"after (T = {temperature:.3f})", temperature, "after"),
+    ):
+        confidence, correct = calibration.top1(*test, t)
+        panels[title] = (confidence.numpy(), correct.numpy(), report[f"test_ece_{key}"])
+    reliability = plots.reliability_png(panels, calibration.ECE_BINS, output_dir / "reliability.png")
+    curves = {}
+    for split, data in (("val", val), ("test", test)):
+        _, accepted, accuracy = calibration.coverage_curve(*calibration.top1(*data, temperature))
+        curves[f"{split} ({len(data[1])} images)"] = ((accepted / len(data[1])).numpy(), accuracy.numpy())
+    chosen = None
+    if report["threshold"] is not None:
+        chosen = (report["val_coverage"], report["val_accuracy_at_threshold"])
+    on_test = (report["test_coverage"], report["test_accuracy_at_threshold"]) if chosen else None
+    return [
+        reliability,
+        plots.coverage_png(curves, report["target"], chosen, on_test, output_dir / "coverage.png"),
+    ]
 
 
 def write_plots(

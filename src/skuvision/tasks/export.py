@@ -174,11 +174,17 @@ def export_timm(cfg: DictConfig, module: Classifier, datamodule: ImageDataModule
     if out.exists() and any(out.iterdir()):
         raise SkuvisionError(f"output={out}: exists and is not empty; choose another folder")
     # A copy in the default memory layout: safetensors stores contiguous tensors only (channels_last is not).
+    names = module.class_names
     backbone = copy.deepcopy(module.backbone).to(memory_format=torch.contiguous_format).eval()
     timm.models.save_for_hf(
         backbone,
         str(out),
-        model_config={"label_names": module.class_names},
+        # label_names (and num_classes, without which save_for_hf drops them) in pretrained_cfg too, where
+        # timm puts them on loading: the folder is then what push_to_hf_hub writes for the loaded model.
+        model_config={
+            "label_names": names,
+            "pretrained_cfg": {"num_classes": len(names), "label_names": names},
+        },
         data_config=timm_data_config(module.input_config),
         safe_serialization=True,
     )

@@ -1,0 +1,237 @@
+"""Confidence for auto-tagging: temperature scaling fitted on val, its calibration error, and the confidence
+threshold above which accepted predictions reach a target accuracy.
+
+eval.py fits both on the val split and writes them to `calibration.json` in its run folder; predict.py
+applies them when given `calibration=<that folder or file>`. The file names the checkpoint (by content
+hash), the TTA mode and the classes it was fitted for, and predict.py refuses any other combination.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from scipy.optimize import minimize_scalar
+from torchmetrics.classification import MulticlassCalibrationError
+from torchmetrics.functional.classification import binary_precision_recall_curve
+
+from skuvision.errors import SkuvisionError
+
+log = logging.getLogger("skuvision")
+
+ECE_BINS = 15
+LOG_T_BOUNDS = (math.log(0.01), math.log(100.0))
+CALIBRATION_FILE = "calibration.json"
+
+
+def calibrated_probs(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """softmax(logits / T) in float64, the one way eval.py and predict.py turn logits into confidences, so a
+    threshold chosen by one means the same in the other."""
+    return (logits.double() / temperature).softmax(dim=1)
+
+
+def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """The T minimizing the mean NLL of softmax(logits / T) over [1/100, 100]. The NLL is convex in 1/T, so
+    one bounded scalar search on log T finds it (scipy's Brent). When every val prediction is right (or
+    every one wrong) the NLL has no minimum at a finite T: T is where the search stopped, with a warning."""
+    if len(labels) == 0:
+        raise ValueError("no logits to fit a temperature on")
+    logits, labels = logits.double(), labels.long()
+    result = minimize_scalar(
+        lambda log_t: F.cross_entropy(logits / math.exp(log_t), labels).item(),
+        bounds=LOG_T_BOUNDS,
+        method="bounded",
+        options={"xatol": 1e-6},
+    )
+    temperature = math.exp(result.x)
+    right = logits.argmax(dim=1) == labels
+    at_bound = min(abs(result.x - b) for b in LOG_T_BOUNDS) < 1e-3
+    if right.all() or not right.any() or at_bound:
+        log.warning(
+            "temperature %.3g is not a reliable fit: %s",
+            temperature,
+            "every val prediction is " + ("right" if right.all() else "wrong")
+            if right.all() or not right.any()
+            else "the NLL falls all the way to the search bound",
+        )
+    return temperature
+
+
+def nll(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> float:
+    return F.cross_entropy(logits.double() / temperature, labels.long()).item()
+
+
+def ece(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> float:
+    """Expected calibration error of the top-1 confidence (torchmetrics, 15 equal-width bins)."""
+    metric = MulticlassCalibrationError(num_classes=logits.shape[1], n_bins=ECE_BINS, norm="l1")
+    return metric(calibrated_probs(logits, temperature).float(), labels.long()).item()
+
+
+def coverage_curve(confidence: torch.Tensor, correct: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """For each distinct confidence t (descending): the threshold t, the number of images with
+    confidence >= t, and the accuracy of those images: the precision-recall curve of "accept" against
+    "the prediction is right" (torchmetrics)."""
+    precision, _, thresholds = binary_precision_recall_curve(confidence, correct.long())
+    precision = precision[:-1]  # the curve's last point (nothing accepted) has no threshold
+    accepted = len(confidence) - torch.searchsorted(confidence.sort().values, thresholds, side="left")
+    return thresholds.flip(0), accepted.flip(0), precision.double().flip(0)
+
+
+@dataclass
+class Threshold:
+    """The lowest confidence at which the accepted images reach `target` accuracy (None: no such one)."""
+
+    target: float
+    value: float | None
+    accuracy: float | None  # of the accepted images
+    coverage: float  # share of images accepted
+    accepted: int
+    best_accuracy: float  # the highest accuracy any threshold gives (what to aim for when none reaches)
+
+
+def choose_threshold(confidence: torch.Tensor, correct: torch.Tensor, target: float) -> Threshold:
+    """The lowest threshold whose accepted images (confidence >= threshold) are at least `target`
+    accurate: the one that accepts the most images while meeting the target."""
+    thresholds, accepted, accuracy = coverage_curve(confidence, correct)
+    meets = torch.nonzero(accuracy >= target).flatten()
+    best = accuracy.max().item() if len(accuracy) else 0.0
+    if len(meets) == 0:
+        return Threshold(target, None, None, 0.0, 0, best)
+    value = thresholds[meets[-1]].item()  # thresholds descend: the last one meeting the target is the lowest
+    exact = accepted_accuracy(confidence, correct, value)  # counted, not the curve's float32 ratio
+    return Threshold(target, value, exact["accuracy"], exact["coverage"], exact["accepted"], best)
+
+
+def accepted_accuracy(confidence: torch.Tensor, correct: torch.Tensor, threshold: float | None) -> dict:
+    """Accuracy and share of the images at or above `threshold` (None accepts nothing)."""
+    accept = confidence >= threshold if threshold is not None else torch.zeros_like(correct, dtype=torch.bool)
+    count = int(accept.sum())
+    return {
+        "accuracy": correct[accept].double().mean().item() if count else None,
+        "coverage": count / max(len(correct), 1),
+        "accepted": count,
+    }
+
+
+def file_sha256(path: str | Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def calibration_path(given: str | Path) -> Path:
+    """`calibration=`: an eval run folder (its calibration.json) or the file itself."""
+    path = Path(given).expanduser()
+    return path / CALIBRATION_FILE if path.is_dir() else path
+
+
+def load_calibration(given: str | Path, ckpt_path: str | Path, tta: str, class_names: list[str]) -> dict:
+    """The calibration eval.py wrote, checked to belong to this checkpoint, TTA mode and classes."""
+    path = calibration_path(given)
+    if not path.is_file():
+        raise SkuvisionError(
+            f"calibration={given}: no {CALIBRATION_FILE} there; pass the run folder of an eval.py run that "
+            "calibrated (one with a val split)"
+        )
+    try:
+        saved = json.loads(path.read_text())
+        temperature, threshold = float(saved["temperature"]), saved["threshold"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise SkuvisionError(f"calibration={path} is not a calibration file eval.py wrote ({err})") from err
+    if saved.get("checkpoint_sha256") != file_sha256(ckpt_path):
+        raise SkuvisionError(
+            f"calibration={path} was fitted for checkpoint {saved.get('checkpoint')}, not "
+            f"ckpt_path={ckpt_path}: run eval.py ckpt_path={ckpt_path} and pass its run folder"
+        )
+    if saved.get("tta") != tta:
+        raise SkuvisionError(
+            f"calibration={path} was fitted with tta={saved.get('tta')}; predict with tta={saved.get('tta')} "
+            f"or run eval.py tta={tta} and pass its run folder"
+        )
+    if saved.get("class_names") != list(class_names):
+        raise SkuvisionError(f"calibration={path} was fitted for other classes: {saved.get('class_names')}")
+    if not temperature > 0 or (threshold is not None and not 0 <= float(threshold) <= 1):
+        raise SkuvisionError(
+            f"calibration={path}: temperature {temperature} or threshold {threshold} is invalid"
+        )
+    return saved
+
+
+def top1(logits: torch.Tensor, labels: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(calibrated top-1 confidence, whether the top-1 class is right) per image."""
+    confidence, predicted = calibrated_probs(logits, temperature).max(dim=1)
+    return confidence, predicted == labels
+
+
+def calibration_report(val: tuple, test: tuple, target: float) -> dict:
+    """Temperature fitted on `val` (logits, labels); calibration error before and after on both splits;
+    the threshold for `target` accuracy chosen on val, and what it gives on test."""
+    temperature = fit_temperature(*val)
+    report: dict = {"temperature": temperature, "target": target, "ece_bins": ECE_BINS}
+    for split, (logits, labels) in (("val", val), ("test", test)):
+        report[f"{split}_images"] = len(labels)
+        for when, t in (("before", 1.0), ("after", temperature)):
+            report[f"{split}_ece_{when}"] = ece(logits, labels, t)
+            report[f"{split}_nll_{when}"] = nll(logits, labels, t)
+    chosen = choose_threshold(*top1(*val, temperature), target)
+    on_test = accepted_accuracy(*top1(*test, temperature), chosen.value)
+    report |= {
+        "threshold": chosen.value,
+        "val_accuracy_at_threshold": chosen.accuracy,
+        "val_coverage": chosen.coverage,
+        "val_accepted": chosen.accepted,
+        "val_best_accuracy": chosen.best_accuracy,
+        "test_accuracy_at_threshold": on_test["accuracy"],
+        "test_coverage": on_test["coverage"],
+        "test_accepted": on_test["accepted"],
+    }
+    report["threshold_warning"] = threshold_warning(report)
+    return report
+
+
+def describe(report: dict) -> list[str]:
+    """The lines eval.py prints (and logs) about calibration and the threshold."""
+    r = report
+    lines = [
+        f"temperature T = {r['temperature']:.4f} (fitted on {r['val_images']} val images)",
+        f"ECE ({r['ece_bins']} bins)  val {r['val_ece_before']:.4f} -> {r['val_ece_after']:.4f}   "
+        f"test {r['test_ece_before']:.4f} -> {r['test_ece_after']:.4f}",
+        f"NLL             val {r['val_nll_before']:.4f} -> {r['val_nll_after']:.4f}   "
+        f"test {r['test_nll_before']:.4f} -> {r['test_nll_after']:.4f}",
+    ]
+    target = f"{r['target']:.1%}"
+    if r["threshold"] is None:
+        return lines  # threshold_warning says why
+    lines.append(
+        f"threshold for {target} accuracy (chosen on val): {r['threshold']:.6f}, accepts "
+        f"{r['val_coverage']:.1%} of val ({r['val_accepted']} images) at {r['val_accuracy_at_threshold']:.2%}"
+    )
+    test_acc = r["test_accuracy_at_threshold"]
+    lines.append(
+        f"on test: accepts {r['test_coverage']:.1%} ({r['test_accepted']} images) at "
+        + (f"{test_acc:.2%} accuracy" if test_acc is not None else "no accuracy (none accepted)")
+    )
+    return lines
+
+
+def threshold_warning(report: dict) -> str | None:
+    """Why there is no threshold, or why it cannot be trusted (too few accepted val images to measure the
+    target); None when neither."""
+    target = f"{report['target']:.1%}"
+    if report["threshold"] is None:
+        return (
+            f"no confidence threshold reaches {target} accuracy on val (the best any threshold gives is "
+            f"{report['val_best_accuracy']:.2%}): every prediction needs review; lower target_precision"
+        )
+    needed = math.ceil(round(1 / max(1 - report["target"], 1e-9), 6))  # 1 / (1 - 0.9) is 10.000000000000002
+    if report["val_accepted"] < needed:
+        return (
+            f"only {report['val_accepted']} val images accepted at the threshold; {needed} or more are "
+            f"needed to tell {target} accuracy from 100%: the threshold is not trustworthy (add val images)"
+        )
+    return None

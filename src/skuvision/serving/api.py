@@ -1,0 +1,136 @@
+"""The HTTP API on LitServe: POST /predict with one image, answered by inference workers in dynamic batches.
+
+The upload is read and checked in the HTTP process (size, content type, empty body) before anything is queued;
+decoding happens per request in the worker, and an image that does not decode becomes that request's own 400,
+so one bad upload never fails the batch it shares with good ones.
+"""
+
+# No `from __future__ import annotations`: LitServe turns decode_request's annotation into the endpoint's
+# parameter, and FastAPI needs it as an object, not a string.
+
+import logging
+from dataclasses import dataclass
+from typing import Annotated
+
+import litserve as ls
+import torch
+from fastapi import Depends, HTTPException, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.datastructures import UploadFile
+
+from skuvision.serving.predictor import BadImage, ModelCard, Predictor
+from skuvision.tasks.utils import set_threads
+
+log = logging.getLogger("skuvision")
+
+UPLOAD_FIELD = "file"
+RAW_MEDIA_TYPES = ("application/octet-stream", "")  # "" : a raw body sent without a content type
+
+
+@dataclass
+class Upload:
+    """The bytes of one uploaded image, as queued to an inference worker."""
+
+    data: bytes
+    filename: str | None = None
+
+
+def media_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+async def read_upload(request: Request) -> Upload:
+    """One image from a multipart form (field `file`) or a raw body, refused with a 4xx when it cannot be one.
+
+    The declared length is checked before the body is read; LitServe's payload-size middleware stops a body
+    that grows past the limit while it streams in (sent without a length, or with a false one)."""
+    limit = request.app.state.max_upload_bytes
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > limit:
+        raise HTTPException(
+            413, f"upload of {int(length)} bytes is larger than serve.max_upload_mb ({limit} bytes)"
+        )
+    kind = media_type(request)
+    if kind == "multipart/form-data":
+        form = await request.form(max_files=1, max_fields=8)
+        upload = form.get(UPLOAD_FIELD)
+        if not isinstance(upload, UploadFile):
+            raise HTTPException(400, f"multipart upload without a file field named '{UPLOAD_FIELD}'")
+        data, name = await upload.read(), upload.filename
+        await form.close()
+    elif kind.startswith("image/") or kind in RAW_MEDIA_TYPES:
+        data, name = await request.body(), None
+    else:
+        raise HTTPException(
+            415,
+            f"content type {kind!r} is not an image: send multipart/form-data with a '{UPLOAD_FIELD}' field, "
+            "or the image bytes as the body (image/* or application/octet-stream)",
+        )
+    if not data:
+        raise HTTPException(400, "empty upload: no image bytes were sent")
+    return Upload(data=data, filename=name)
+
+
+@dataclass
+class Decoded:
+    """A worker's view of one request: the image at the model's size, or why it is not one."""
+
+    image: torch.Tensor | None
+    error: str = ""
+    status: int = 200
+
+
+class ImageAPI(ls.LitAPI):
+    """Labels (and similar catalogue items) for one image per request, batched across requests."""
+
+    def __init__(
+        self,
+        card: ModelCard,
+        index_dir: str | None = None,
+        top_k: int = 5,
+        k: int = 5,
+        threads: int | None = None,
+        max_batch_size: int = 1,
+        batch_timeout: float = 0.0,
+    ):
+        super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout)
+        self.card, self.index_dir, self.top_k, self.k, self.threads = card, index_dir, top_k, k, threads
+
+    def setup(self, device) -> None:
+        # Runs in each inference worker; LitServe's /health answers 200 only once every worker got here.
+        from skuvision.serving.catalogue import load_index
+
+        set_threads(self.threads)
+        index = load_index(self.index_dir) if self.index_dir else None
+        self.predictor = Predictor(self.card, index, self.top_k, self.k, device=str(device))
+
+    def decode_request(self, request: Annotated[Upload, Depends(read_upload)]) -> Decoded:
+        try:
+            return Decoded(self.predictor.decode(request.data))
+        except BadImage as err:
+            return Decoded(None, str(err), err.status)
+
+    def batch(self, inputs: list[Decoded]) -> list[Decoded]:
+        return list(inputs)  # predict stacks the good ones itself
+
+    def predict(self, x: Decoded | list[Decoded]) -> dict | list[dict]:
+        items = x if isinstance(x, list) else [x]
+        good = [d.image for d in items if d.image is not None]
+        answers = iter(self.predictor.answer(torch.stack(good)) if good else [])
+        out = [
+            {**next(answers), "batch": len(items)}  # requests decoded together: batching is visible
+            if d.image is not None
+            else {"status": d.status, "detail": d.error}
+            for d in items
+        ]
+        return out if isinstance(x, list) else out[0]
+
+    def unbatch(self, output: list[dict]) -> list[dict]:
+        return output
+
+    def encode_response(self, output: dict) -> Response:
+        # A response object, not a raised HTTPException: LitServe would send one raised error to the whole
+        # batch.
+        if "status" in output:
+            return JSONResponse({"detail": output["detail"]}, status_code=output["status"])
+        return JSONResponse(output)

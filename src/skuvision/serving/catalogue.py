@@ -1,0 +1,82 @@
+"""The catalogue behind similar-item answers: embed.py's index, and pictures of its items for the demo page.
+
+Pictures come only from the index's own items (a file it lists, or an item of the split it embedded), so the
+demo never opens a path a request names.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+from PIL import Image
+
+from skuvision.data.images import DECODE_ERRORS, open_rgb
+from skuvision.errors import SkuvisionError
+
+log = logging.getLogger("skuvision")
+
+SPLIT_ITEM = re.compile(r"^(?P<split>\w+)\[(?P<index>\d+)\]$")  # how embed.py names in-memory split items
+THUMBNAIL = 160
+
+
+def index_folder(path: str | Path) -> Path:
+    """`index=`: an embed.py run folder (its index/ subfolder is used) or the index folder itself."""
+    folder = Path(path).expanduser()
+    for candidate in (folder / "index", folder):
+        if candidate.is_dir() and candidate.name == "index":
+            return candidate.resolve()
+    raise SkuvisionError(
+        f"index={folder}: no index/ folder there; build one with `python embed.py ckpt_path=...` and give "
+        "its run folder"
+    )
+
+
+def load_index(folder: str | Path):
+    from skuvision.index import CatalogueIndex
+
+    return CatalogueIndex.load(folder)
+
+
+class CatalogueImages:
+    """Thumbnails of index items by id: files are opened from the index's list, split items from the
+    checkpoint's data set."""
+
+    def __init__(self, index, ckpt_path: str):
+        self.items = list(index.items)
+        self.ckpt_path = ckpt_path
+        self.splits: dict = {}
+
+    def split_image(self, split: str, i: int) -> Image.Image:
+        if split not in self.splits:
+            from skuvision.tasks.assembly import from_checkpoint
+
+            _, datamodule = from_checkpoint(self.ckpt_path, split=split)
+            datamodule.setup("predict")
+            self.splits[split] = datamodule.splits[split]
+        image = self.splits[split][i][0]  # uint8 (C, H, W)
+        array = image.permute(1, 2, 0).numpy()
+        return Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).convert("RGB")
+
+    def image(self, item_id: int) -> Image.Image | None:
+        """The item as stored (RGB), or None for an id outside the index or an unreadable file."""
+        if not 0 <= item_id < len(self.items):
+            return None
+        item = self.items[item_id]
+        match = SPLIT_ITEM.match(item)
+        try:
+            return self.split_image(match["split"], int(match["index"])) if match else open_rgb(item)
+        except (*DECODE_ERRORS, KeyError, IndexError) as err:
+            log.warning("no picture for catalogue item %s (%s)", item, err)
+            return None
+
+    def thumbnail(self, item_id: int) -> Image.Image | None:
+        img = self.image(item_id)
+        if img is None:
+            return None
+        if max(img.size) > THUMBNAIL:
+            img.thumbnail((THUMBNAIL, THUMBNAIL))
+        elif max(img.size) < 64:  # 28 px items would be specks in the gallery
+            img = img.resize((THUMBNAIL, THUMBNAIL), Image.NEAREST)
+        return img

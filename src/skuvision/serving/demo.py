@@ -1,0 +1,94 @@
+"""The demo page (Gradio): upload or pick an image -> the top-k labels as bars and the most similar items.
+
+Offline by construction: no analytics, no share link, no server-side rendering process; Gradio serves its own
+assets. Its file route serves only what Gradio itself wrote into this page's private temp folder (uploads,
+the example pictures, gallery thumbnails made from index items); the model's and the index's folders are
+blocked outright.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from PIL import Image
+
+ANSWER = Callable[[bytes], dict]  # image bytes -> the /predict JSON; raises ValueError with the reason
+
+
+def use_private_gradio_dirs(root: Path) -> None:
+    """Point Gradio's upload folder and example cache into `root` (a fresh temp folder), before gradio is
+    imported, so its file route cannot serve another app's uploads (the shared /tmp/gradio) or the cwd."""
+    os.environ["GRADIO_TEMP_DIR"] = str(root / "uploads")
+    os.environ["GRADIO_EXAMPLES_CACHE"] = str(root / "examples_cache")
+    os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+
+
+def build_demo(
+    answer: ANSWER,
+    thumbnail: Callable[[int], Image.Image | None] | None,
+    title: str,
+    top_k: int,
+    examples: list[str],
+):
+    import gradio as gr
+
+    def classify(path: str | None):
+        if not path:
+            return None, []
+        try:
+            result = answer(Path(path).read_bytes())
+        except ValueError as err:
+            raise gr.Error(str(err)) from None
+        labels = {item["label"]: item["prob"] for item in result["labels"]}
+        gallery = []
+        for item in result.get("similar", []):
+            picture = thumbnail(item["id"]) if thumbnail else None
+            if picture is not None:
+                gallery.append((picture, f"{item['label'] or item['path']} {item['score']:.2f}"))
+        return labels, gallery
+
+    with gr.Blocks(title=title, analytics_enabled=False) as demo:
+        gr.Markdown(f"## {title}")
+        with gr.Row():
+            with gr.Column():
+                image = gr.Image(
+                    type="filepath", label="Product photo", sources=["upload"], height=280, elem_id="query"
+                )
+                button = gr.Button("Classify", variant="primary", elem_id="classify")
+                if examples:
+                    gr.Examples(examples=[[p] for p in examples], inputs=[image], label="Catalogue examples")
+            with gr.Column():
+                labels = gr.Label(num_top_classes=top_k, label="Top labels", elem_id="labels")
+                gallery = gr.Gallery(
+                    label="Most similar catalogue items", columns=5, format="png", elem_id="similar"
+                )
+        button.click(classify, inputs=[image], outputs=[labels, gallery], api_name="classify")
+        image.upload(classify, inputs=[image], outputs=[labels, gallery], api_name=False)
+    return demo
+
+
+def write_examples(image: Callable[[int], Image.Image | None], ids: list[int], folder: Path) -> list[str]:
+    """A few index items as lossless PNGs (their own pixels) in the page's private folder, for gr.Examples."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in ids:
+        picture = image(i)
+        if picture is not None:
+            path = folder / f"item_{i}.png"
+            picture.save(path)
+            paths.append(str(path))
+    return paths
+
+
+def example_ids(labels, count: int = 6) -> list[int]:
+    """The first item of each of the first `count` labels (or the first items, unlabelled)."""
+    if labels is None or not len(labels):
+        return list(range(count))
+    first: dict[int, int] = {}
+    for i, label in enumerate(labels):
+        first.setdefault(int(label), i)
+        if len(first) == count:
+            break
+    return list(first.values())

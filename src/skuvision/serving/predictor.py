@@ -1,0 +1,206 @@
+"""One image's bytes -> its top-k labels and, with a catalogue index, its most similar catalogue items.
+
+The same steps as predict.py: decoded like `open_rgb`, timm's eval transform, the batched uint8 -> normalized
+step, and the checkpoint's test-time augmentation. Two backends run the model: the checkpoint in torch, or
+export.py's ONNX graph (which takes uint8 images at the model's size and normalizes them itself).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import UnidentifiedImageError
+
+from skuvision.checkpoints import load_classifier, read_checkpoint, upgraded_hparams
+from skuvision.data.files import InputImageFiles
+from skuvision.data.images import DECODE_ERRORS
+from skuvision.data.transforms import ToModelInput
+from skuvision.errors import SkuvisionError
+from skuvision.tta import check_tta, tta_logits, views
+
+log = logging.getLogger("skuvision")
+
+BACKENDS = ("torch", "onnx")
+
+
+class BadImage(ValueError):
+    """An upload that is not a decodable image: the client's fault, answered with `status`."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+def file_sha256(path: str | Path, length: int = 12) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:length]
+
+
+def find_onnx(ckpt_path: str | Path, onnx_path: str | None) -> Path:
+    """export.py's model.onnx: the one named, else beside the checkpoint or in its run folder."""
+    if onnx_path:
+        found = Path(onnx_path).expanduser()
+        if not found.is_file():
+            raise SkuvisionError(f"serve.onnx_path={found}: no such file; run export.py ckpt_path=... first")
+        candidates = [found]
+    else:
+        ckpt = Path(ckpt_path).expanduser()
+        candidates = [
+            p / "model.onnx" for p in (ckpt.parent, ckpt.parent.parent) if (p / "model.onnx").is_file()
+        ]
+        if not candidates:
+            raise SkuvisionError(
+                f"serve.backend=onnx: no model.onnx beside {ckpt} or in its run folder; run `python "
+                f"export.py ckpt_path={ckpt} output={ckpt.parent / 'model.onnx'}` or set serve.onnx_path"
+            )
+    if not candidates[0].with_suffix(".json").is_file():
+        raise SkuvisionError(f"{candidates[0]}: model.json is missing beside it (export.py writes both)")
+    return candidates[0]
+
+
+@dataclass
+class ModelCard:
+    """What a client and the demo page need to know about the model being served (plain values)."""
+
+    name: str
+    checkpoint: str
+    sha256: str
+    class_names: list[str]
+    input_config: dict
+    backend: str
+    tta: str
+    onnx_path: str | None = None
+
+
+def model_card(ckpt_path: str, backend: str = "torch", onnx_path: str | None = None, tta: str | None = None):
+    """Read from the checkpoint (memory-mapped, no model built), checked against model.json for ONNX."""
+    if backend not in BACKENDS:
+        raise SkuvisionError(f"serve.backend={backend}: use one of {', '.join(BACKENDS)}")
+    hparams = read_checkpoint(ckpt_path)["hyper_parameters"]
+    hparams = {**hparams, **upgraded_hparams(hparams)}
+    card = ModelCard(
+        name=str(hparams["model"].get("name", hparams["model"].get("_target_"))),
+        checkpoint=str(Path(ckpt_path).expanduser()),
+        sha256=file_sha256(Path(ckpt_path).expanduser()),
+        class_names=list(hparams["class_names"]),
+        input_config=dict(hparams["input_config"]),
+        backend=backend,
+        tta=check_tta(tta or hparams.get("tta") or "none"),
+    )
+    if backend == "onnx":
+        onnx = find_onnx(ckpt_path, onnx_path)
+        meta = json.loads(onnx.with_suffix(".json").read_text())
+        if meta.get("class_names") != card.class_names or meta.get("input") != card.input_config:
+            raise SkuvisionError(
+                f"{onnx}: its model.json (classes, input config) does not match ckpt_path={ckpt_path}; "
+                "export this checkpoint again"
+            )
+        card.onnx_path = str(onnx)
+    return card
+
+
+class Predictor:
+    """A model card's model on one device, and optionally a catalogue index: decode, then run in batches."""
+
+    def __init__(self, card: ModelCard, index=None, top_k: int = 5, k: int = 5, device: str = "cpu"):
+        self.card = card
+        self.index = index
+        self.top_k = min(int(top_k), len(card.class_names))
+        self.k = min(int(k), len(index)) if index is not None else int(k)
+        self.device = torch.device(device)
+        self.to_model_input = ToModelInput(card.input_config).to(self.device)
+        self.module = None
+        self.session = None
+        if card.backend == "torch" or index is not None:  # embeddings for the index come from torch
+            self.module = load_classifier(card.checkpoint, map_location=self.device).eval()
+        if card.backend == "onnx":
+            import onnxruntime as ort
+
+            providers = ["CPUExecutionProvider"]
+            if self.device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+                providers.insert(0, "CUDAExecutionProvider")
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = torch.get_num_threads()
+            self.session = ort.InferenceSession(card.onnx_path, options, providers=providers)
+        if index is not None and index.dim != self.embedding_dim():
+            raise SkuvisionError(
+                f"index: its vectors have {index.dim} dimensions, this model's embeddings "
+                f"{self.embedding_dim()}; build the index with embed.py from this checkpoint"
+            )
+
+    def embedding_dim(self) -> int:
+        c, h, w = self.card.input_config["input_size"]
+        with torch.inference_mode():
+            return int(self.module.embed(torch.zeros(1, c, h, w, device=self.device)).shape[1])
+
+    def decode(self, data: bytes) -> torch.Tensor:
+        """Image bytes -> uint8 (C, H, W) at the model's size, exactly as predict.py reads a file (the same
+        dataset class: reduced-scale JPEG decoding, the eval transform); BadImage if they are not one."""
+        if not data:
+            raise BadImage("empty body: no image bytes were sent")
+        try:
+            return InputImageFiles([io.BytesIO(data)], self.card.input_config).decode(0)
+        except UnidentifiedImageError:
+            raise BadImage("not an image: no image format recognized in the bytes sent") from None
+        except DECODE_ERRORS as err:
+            raise BadImage(f"not a decodable image ({type(err).__name__}: {err})"[:300]) from None
+
+    @torch.inference_mode()
+    def logits_and_features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """uint8 batch at the model's size -> float32 logits (TTA as configured), L2-normalized features."""
+        images = images.to(self.device)
+        features = None
+        if self.module is not None:
+            x = self.to_model_input(images)
+            if self.index is not None:
+                features = F.normalize(self.module.embed(x).float(), dim=1).cpu()
+        if self.session is not None:
+            # The graph takes uint8: views are made in float (replicate padding has no uint8 kernel) and are
+            # exact integers, so casting back loses nothing.
+            batches = [v.round().to(torch.uint8) for v in views(images.float(), self.card.tta)]
+            outputs = [
+                torch.from_numpy(self.session.run(None, {"images": b.cpu().numpy()})[0]) for b in batches
+            ]
+            logits = outputs[0] if len(outputs) == 1 else torch.stack(outputs).mean(0)
+        else:
+            logits = tta_logits(self.module, x, self.card.tta)
+        return logits.float().cpu(), features
+
+    def answer(self, images: torch.Tensor) -> list[dict]:
+        """One JSON-ready answer per image of the batch: labels best first, and similar items."""
+        logits, features = self.logits_and_features(images)
+        probs, top = logits.softmax(dim=1).topk(self.top_k, dim=1)
+        names = self.card.class_names
+        answers = [
+            {"labels": [{"label": names[j], "prob": round(p, 6)} for j, p in zip(t, q, strict=True)]}
+            for t, q in zip(top.tolist(), probs.tolist(), strict=True)
+        ]
+        if features is not None:
+            scores, indices = self.index.search(
+                np.ascontiguousarray(features.numpy(), dtype=np.float32), self.k
+            )
+            for answer, row_scores, row_indices in zip(answers, scores, indices, strict=True):
+                answer["similar"] = [
+                    self.catalogue_item(int(i), float(s))
+                    for s, i in zip(row_scores, row_indices, strict=True)
+                    if i >= 0
+                ]
+        for answer in answers:
+            answer.update(model=self.card.name, sha256=self.card.sha256, backend=self.card.backend)
+        return answers
+
+    def catalogue_item(self, i: int, score: float) -> dict:
+        labels = self.index.labels
+        label = self.index.class_names[labels[i]] if labels is not None and len(labels) else None
+        return {"id": i, "path": self.index.items[i], "label": label, "score": round(score, 6)}

@@ -1,0 +1,249 @@
+"""Confidence for auto-tagging: temperature scaling, the accuracy threshold, eval.py's report and plots, and
+predict.py's review column."""
+
+import csv
+import json
+import math
+
+import pytest
+import torch
+from conftest import compose_cfg, quick_overrides
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+from PIL import Image
+from writers import write_image_folder
+
+from skuvision import calibration
+from skuvision.checkpoints import load_classifier
+from skuvision.errors import SkuvisionError
+from skuvision.tasks import evaluate, train
+from skuvision.tasks.predict import predict
+
+CLASSES = ("kettle", "phone", "shirt", "toaster", "watch")
+
+
+def sampled(n: int = 4000, k: int = 10, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and labels drawn from softmax(logits): a perfectly calibrated model (T = 1)."""
+    generator = torch.Generator().manual_seed(seed)
+    logits = torch.randn(n, k, generator=generator, dtype=torch.float64) * 2
+    labels = torch.multinomial(logits.softmax(1), 1, generator=generator).flatten()
+    return logits, labels
+
+
+def test_temperature_minimizes_nll_like_a_grid_search():
+    logits, labels = sampled(n=2000)
+    logits = logits * 2.5  # over-confident by 2.5
+    fitted = calibration.fit_temperature(logits, labels)
+    # Brute force: a coarse grid over [0.2, 20], then a fine one around its best point.
+    coarse = torch.exp(torch.linspace(math.log(0.2), math.log(20), 101, dtype=torch.float64))
+    best = coarse[torch.tensor([calibration.nll(logits, labels, t.item()) for t in coarse]).argmin()]
+    fine = best * torch.exp(torch.linspace(-0.05, 0.05, 101, dtype=torch.float64))
+    nlls = torch.tensor([calibration.nll(logits, labels, t.item()) for t in fine], dtype=torch.float64)
+    assert fitted == pytest.approx(fine[nlls.argmin()].item(), rel=1e-3)
+    assert calibration.nll(logits, labels, fitted) <= nlls.min().item() + 1e-9
+    assert calibration.nll(logits, labels, fitted) < calibration.nll(logits, labels)
+
+
+def test_overconfident_model_gets_a_temperature_above_one_and_a_lower_ece():
+    logits, labels = sampled(seed=1)
+    calibrated_t = calibration.fit_temperature(logits, labels)
+    assert calibrated_t == pytest.approx(1.0, abs=0.1)  # already calibrated: nothing to fix
+    overconfident = logits * 5
+    t = calibration.fit_temperature(overconfident, labels)
+    assert t == pytest.approx(5.0, rel=0.1)
+    before, after = calibration.ece(overconfident, labels), calibration.ece(overconfident, labels, t)
+    assert before > 0.2 and after < before / 4
+
+
+def test_val_predictions_all_right_give_a_warned_temperature(caplog):
+    """All right: the NLL falls as T falls, with no minimum at a finite T; the fit says so."""
+    labels = torch.arange(20) % 4
+    logits = torch.nn.functional.one_hot(labels, 4).double() * 3
+    t = calibration.fit_temperature(logits, labels)
+    assert t < 0.1 and calibration.nll(logits, labels, t) < 1e-9
+    assert "is not a reliable fit: every val prediction is right" in caplog.text
+
+
+def brute_force_accuracy(confidence, correct, threshold):
+    accept = confidence >= threshold
+    return correct[accept].double().mean().item(), int(accept.sum())
+
+
+@pytest.mark.parametrize("target", [0.8, 0.95, 0.99])
+def test_threshold_is_the_lowest_that_meets_the_target(target):
+    logits, labels = sampled(n=3000, seed=2)
+    confidence, correct = calibration.top1(logits, labels, 1.0)
+    confidence = (confidence * 50).round() / 50  # ties: images at one confidence are accepted together
+    chosen = calibration.choose_threshold(confidence, correct, target)
+    assert chosen.value is not None
+    accuracy, accepted = brute_force_accuracy(confidence, correct, chosen.value)
+    assert accuracy >= target
+    assert chosen.accuracy == pytest.approx(accuracy) and chosen.accepted == accepted
+    assert chosen.coverage == pytest.approx(accepted / len(correct))
+    for lower in confidence[confidence < chosen.value].unique():
+        assert brute_force_accuracy(confidence, correct, lower)[0] < target, lower
+
+
+def test_no_threshold_reaching_the_target_is_said_and_not_invented():
+    confidence = torch.tensor([0.9, 0.8, 0.7, 0.6])
+    correct = torch.tensor([False, True, True, True])  # the most confident prediction is wrong
+    chosen = calibration.choose_threshold(confidence, correct, 0.99)
+    assert chosen.value is None and chosen.accepted == 0 and chosen.best_accuracy == 0.75
+    logits = torch.log(torch.tensor([[c, 1 - c] for c in confidence.tolist()], dtype=torch.float64))
+    labels = torch.tensor([1, 0, 0, 0])
+    report = calibration.calibration_report((logits, labels), (logits, labels), 0.99)
+    assert report["threshold"] is None and report["test_accepted"] == 0
+    assert report["threshold_warning"].startswith("no confidence threshold reaches 99.0% accuracy on val")
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shop")
+    write_image_folder(root, classes=CLASSES, per_class=20, size=32)
+    return root
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, photos):
+    run = tmp_path_factory.mktemp("train")
+    overrides = quick_overrides("image_folder", run) + [
+        f"data.root={photos}",
+        "trainer.max_epochs=1",
+        "optimizer.lr=0.01",  # a short run: its predictions are neither all right nor all one class
+        "trainer.precision=32",
+        "tta=none",  # direct_logits below is one plain pass
+    ]
+    train(compose_cfg("train", overrides, run / "run"))
+    return sorted((run / "run" / "checkpoints").glob("best-*.ckpt"))[0]
+
+
+@pytest.fixture(scope="module")
+def evaluation(tmp_path_factory, checkpoint):
+    out = tmp_path_factory.mktemp("eval") / "run"
+    overrides = [
+        f"ckpt_path={checkpoint}",
+        "trainer.accelerator=cpu",
+        "trainer.precision=32",
+        "threads=2",
+        "target_precision=0.9",
+    ]
+    return evaluate(compose_cfg("eval", overrides, out)), out
+
+
+def direct_logits(checkpoint, split: str):
+    """A split's logits and labels computed without the eval task."""
+    module = load_classifier(str(checkpoint)).eval()
+    datamodule = instantiate(OmegaConf.create(module.hparams.data), input_config=module.input_config)
+    datamodule.setup()
+    loader = datamodule.val_dataloader() if split == "val" else datamodule.test_dataloader()
+    logits, labels = [], []
+    with torch.inference_mode():
+        for images, y in loader:
+            logits.append(module(datamodule.to_model_input(images)).double())
+            labels.append(y)
+    return torch.cat(logits), torch.cat(labels)
+
+
+def test_eval_fits_on_val_and_reports_on_test(evaluation, checkpoint):
+    report, out = evaluation
+    written = json.loads((out / "metrics.json").read_text())["calibration"]
+    assert written == pytest.approx(report["calibration"])
+    val, test = direct_logits(checkpoint, "val"), direct_logits(checkpoint, "test")
+    assert written["val_images"] == len(val[1]) == 10 and written["test_images"] == len(test[1]) == 10
+    t = calibration.fit_temperature(*val)
+    assert written["temperature"] == pytest.approx(t, rel=1e-3)
+    for split, (logits, labels) in (("val", val), ("test", test)):
+        assert written[f"{split}_ece_before"] == pytest.approx(calibration.ece(logits, labels), abs=1e-5)
+        assert written[f"{split}_nll_after"] == pytest.approx(calibration.nll(logits, labels, t), rel=1e-4)
+    assert written["val_nll_after"] <= written["val_nll_before"] + 1e-9
+    chosen = calibration.choose_threshold(*calibration.top1(*val, t), 0.9)
+    assert written["target"] == 0.9
+    assert written["threshold"] == (pytest.approx(chosen.value, rel=1e-4) if chosen.value else None)
+    on_test = calibration.accepted_accuracy(*calibration.top1(*test, t), chosen.value)
+    assert written["test_coverage"] == on_test["coverage"]
+    assert written["test_accuracy_at_threshold"] == pytest.approx(on_test["accuracy"])
+    if written["threshold"] is None:
+        assert written["threshold_warning"].startswith("no confidence threshold")
+    elif written["val_accepted"] < 10:  # 1 / (1 - 0.9) images are needed to measure 90 %
+        assert written["threshold_warning"].startswith("only ")
+    else:
+        assert written["threshold_warning"] is None
+    saved = json.loads((out / "calibration.json").read_text())
+    assert saved["temperature"] == written["temperature"] and saved["threshold"] == written["threshold"]
+    assert saved["tta"] == "none" and saved["class_names"] == list(CLASSES)
+    for name in ("reliability.png", "coverage.png"):
+        with Image.open(out / name) as img:
+            assert img.format == "PNG" and min(img.size) > 300
+
+
+def run_predict(checkpoint, photos, tmp_path, calibration_given, extra=()):
+    overrides = [f"ckpt_path={checkpoint}", f"input={photos}", "num_workers=0", "trainer.accelerator=cpu"]
+    overrides += ["trainer.precision=32"]  # as direct_logits: this CPU would pick bf16 by itself
+    overrides += [f"calibration={calibration_given}"] if calibration_given else []
+    csv_path = predict(compose_cfg("predict", overrides + list(extra), tmp_path / "run"))
+    with open(csv_path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_predict_marks_exactly_the_rows_below_the_threshold(evaluation, checkpoint, tmp_path, capsys):
+    _, out = evaluation
+    saved = json.loads((out / "calibration.json").read_text())
+    with open(out / "predictions.csv") as f:
+        paths = [row["path"] for row in csv.DictReader(f)]  # the test split, in order
+    listing = tmp_path / "list.txt"
+    listing.write_text("\n".join(paths) + "\n")
+    logits, _ = direct_logits(checkpoint, "test")
+    expected = calibration.calibrated_probs(logits, saved["temperature"]).max(dim=1).values
+    # A threshold halfway between two of these images' distinct confidences, so both marks occur.
+    distinct = expected.unique()
+    assert len(distinct) > 1
+    threshold = (distinct[len(distinct) // 2 - 1] + distinct[len(distinct) // 2]).item() / 2
+    moved = tmp_path / "calibration.json"
+    moved.write_text(json.dumps({**saved, "threshold": threshold}))
+    plain = run_predict(checkpoint, listing, tmp_path / "plain", None)
+    assert "review" not in plain[0]
+    capsys.readouterr()
+    rows = run_predict(checkpoint, listing, tmp_path / "calibrated", moved)
+    assert [row["path"] for row in rows] == paths
+    for row, p in zip(rows, expected.tolist(), strict=True):
+        assert float(row["prob_1"]) == pytest.approx(p, abs=2e-6)
+        assert row["review"] == str(p < threshold).lower()
+    for row, z in zip(plain, logits, strict=True):
+        assert float(row["prob_1"]) == pytest.approx(z.softmax(0).max().item(), abs=2e-6)
+    marked = sum(row["review"] == "true" for row in rows)
+    assert marked == int((expected < threshold).sum()) and 0 < marked < len(rows)
+    assert f"review: {marked} of {len(rows)} rows marked" in capsys.readouterr().out
+    # The threshold eval.py chose marks the rows its own figures say it does.
+    rows = run_predict(checkpoint, listing, tmp_path / "eval", out)
+    accepted = sum(row["review"] == "false" for row in rows)
+    assert accepted == json.loads((out / "metrics.json").read_text())["calibration"]["test_accepted"]
+
+
+def test_predict_refuses_a_calibration_of_another_checkpoint_or_tta(evaluation, checkpoint, photos, tmp_path):
+    _, out = evaluation
+    with pytest.raises(SkuvisionError, match="was fitted with tta=none"):
+        run_predict(checkpoint, photos, tmp_path / "a", out, ["tta=flip"])
+    other = tmp_path / "other.ckpt"
+    other.write_bytes(checkpoint.read_bytes() + b"\0")
+    with pytest.raises(SkuvisionError, match="was fitted for checkpoint"):
+        run_predict(other, photos, tmp_path / "b", out)
+    with pytest.raises(SkuvisionError, match="no calibration.json"):
+        run_predict(checkpoint, photos, tmp_path / "c", tmp_path)
+
+
+def test_data_without_val_split_skips_calibration_and_says_so(checkpoint, photos, tmp_path, caplog):
+    overrides = [
+        f"ckpt_path={checkpoint}",
+        "data=image_folder",
+        f"data.root={photos}",
+        "data.split_fractions=[0.8,0,0.2]",
+        "data.num_workers=0",
+        "trainer.accelerator=cpu",
+    ]
+    report = evaluate(compose_cfg("eval", overrides, tmp_path / "run"))
+    assert "no val split" in report["calibration"]["skipped"]
+    assert "calibration skipped: the data has no val split" in caplog.text
+    assert "calibrate=false" in report["calibration"]["skipped"]
+    assert not (tmp_path / "run" / "calibration.json").exists()
+    report = evaluate(compose_cfg("eval", [*overrides, "calibrate=false"], tmp_path / "off"))
+    assert "calibration" not in report

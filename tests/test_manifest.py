@@ -1,0 +1,186 @@
+"""data=manifest: a CSV or Parquet catalogue export of paths, labels and splits."""
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from conftest import compose_cfg, quick_overrides
+from writers import write_image_folder
+
+from skuvision.data import ManifestDataModule
+from skuvision.errors import SkuvisionError
+from skuvision.tasks import train
+
+INPUT_32 = {
+    "input_size": [3, 32, 32],
+    "mean": [0.5] * 3,
+    "std": [0.5] * 3,
+    "interpolation": "bilinear",
+    "crop_pct": 1,
+}
+
+
+@pytest.fixture
+def shop(tmp_path) -> Path:
+    """12 images in each of 3 classes under tmp_path/shop/<class>/."""
+    return write_image_folder(tmp_path / "shop", per_class=12, size=32)
+
+
+def table_of(folder: Path, relative_to: Path | None = None) -> pd.DataFrame:
+    files = sorted(p for p in folder.rglob("*") if p.suffix in (".png", ".jpg"))
+    paths = [str(p.relative_to(relative_to)) if relative_to else str(p) for p in files]
+    return pd.DataFrame({"path": paths, "label": [p.parent.name for p in files]})
+
+
+def ready(dm: ManifestDataModule) -> ManifestDataModule:
+    dm.setup("fit")
+    return dm
+
+
+def files_in(dm: ManifestDataModule, split: str) -> set[Path]:
+    return {path for path, _ in dm.splits[split].samples}
+
+
+def test_relative_paths_resolve_against_the_manifest_and_absolute_ones_are_kept(tmp_path, shop):
+    table = table_of(shop, relative_to=tmp_path)  # shop/<class>/x.png, relative to tmp_path
+    table.loc[::2, "path"] = [str(tmp_path / p) for p in table["path"][::2]]  # every other row absolute
+    assert table["path"].str.startswith("/").sum() == 18
+    table.to_csv(tmp_path / "styles.csv", index=False)
+    dm = ready(ManifestDataModule(str(tmp_path / "styles.csv"), INPUT_32))
+    assert dm.class_names == ["phone", "shirt", "toaster"]
+    assert {k: len(v) for k, v in dm.splits.items()} == {"train": 30, "val": 3, "test": 3}  # 10/1/1 per class
+    used = set().union(*(files_in(dm, s) for s in dm.splits))
+    assert used == {p for p in shop.rglob("*") if p.is_file()}
+    assert dm.skipped == {}
+    image, label = dm.splits["train"][0]
+    assert image.dtype == torch.uint8 and image.shape == (3, 32, 32)
+    path, _ = dm.splits["train"].samples[0]
+    assert dm.class_names[label] == path.parent.name
+
+
+def test_missing_files_empty_labels_and_unreadable_files_are_skipped_and_listed(tmp_path, shop):
+    table = table_of(shop, relative_to=tmp_path)
+    missing = tmp_path / "shop" / "phone" / "gone.jpg"
+    (shop / "shirt" / "notes.jpg").write_text("not an image")
+    extra = pd.DataFrame(
+        {
+            "path": [
+                "shop/phone/gone.jpg",
+                "shop/shirt/notes.jpg",
+                str(shop / "toaster" / "toaster_000.png"),
+            ],
+            "label": ["phone", "shirt", ""],
+        }
+    )
+    table = pd.concat([table.iloc[1:], extra], ignore_index=True)  # toaster_000 appears only with no label
+    table = table[table["path"] != "shop/toaster/toaster_000.png"]
+    table.to_csv(tmp_path / "styles.csv", index=False)
+    dm = ready(ManifestDataModule(str(tmp_path / "styles.csv"), INPUT_32))
+    assert set(dm.skipped) == {
+        str(missing),
+        str(shop / "shirt" / "notes.jpg"),
+        str(shop / "toaster" / "toaster_000.png"),
+    }
+    assert "file not found" in dm.skipped[str(missing)] and "row 35 (line 36)" in dm.skipped[str(missing)]
+    assert dm.skipped[str(shop / "toaster" / "toaster_000.png")].startswith("empty label")
+    used = set().union(*(files_in(dm, s) for s in dm.splits))
+    assert len(used) == 36 - 2  # the first row (left out of the table) and the unlabelled one
+    assert not {Path(p) for p in dm.skipped} & used
+
+
+def test_a_chosen_label_column_and_a_split_column(tmp_path, shop):
+    table = table_of(shop)
+    table["masterCategory"] = "Apparel"
+    table = table.rename(columns={"label": "articleType"})
+    table["split"] = (["train"] * 8 + ["VAL"] * 2 + ["test"] * 2) * 3
+    table.to_csv(tmp_path / "styles.csv", index=False)
+    dm = ready(
+        ManifestDataModule(
+            str(tmp_path / "styles.csv"), INPUT_32, label_column="articleType", split_column="split"
+        )
+    )
+    assert dm.class_names == ["phone", "shirt", "toaster"]
+    for split in ("train", "val", "test"):
+        expected = {Path(p) for p, s in zip(table["path"], table["split"], strict=True) if s.lower() == split}
+        assert files_in(dm, split) == expected
+
+
+def test_classes_are_the_labels_of_the_training_rows(tmp_path, shop):
+    table = table_of(shop)
+    table["split"] = ["test" if label == "toaster" else "train" for label in table["label"]]
+    table.to_csv(tmp_path / "styles.csv", index=False)
+    dm = ManifestDataModule(str(tmp_path / "styles.csv"), INPUT_32, split_column="split")
+    assert dm.class_names == ["phone", "shirt"]
+    with pytest.raises(SkuvisionError, match=r"row 25 \(line 26\): label='toaster' \(test\) is not among"):
+        dm.setup("fit")
+
+
+def test_a_bad_split_value_names_its_row(tmp_path, shop):
+    table = table_of(shop)
+    table["split"] = "train"
+    table.loc[6, "split"] = "holdout"
+    table.to_csv(tmp_path / "styles.csv", index=False)
+    dm = ManifestDataModule(str(tmp_path / "styles.csv"), INPUT_32, split_column="split")
+    with pytest.raises(
+        SkuvisionError,
+        match=r"styles\.csv row 7 \(line 8\): split='holdout' is not a split; use one of train",
+    ):
+        dm.setup("fit")
+
+
+@pytest.mark.parametrize("key", ["label_column", "path_column", "split_column"])
+def test_a_missing_column_names_the_key_and_the_columns(tmp_path, shop, key):
+    table_of(shop).to_csv(tmp_path / "styles.csv", index=False)
+    dm = ManifestDataModule(str(tmp_path / "styles.csv"), INPUT_32, **{key: "gender"})
+    with pytest.raises(
+        SkuvisionError,
+        match=rf"^data\.{key}=gender is not a column of .*styles\.csv; its columns: path, label$",
+    ):
+        dm.setup("fit")
+
+
+def test_parquet_with_integer_labels(tmp_path, shop):
+    table = table_of(shop)
+    table["label"] = table["label"].map({"phone": 7, "shirt": 3, "toaster": 11})
+    table.to_parquet(tmp_path / "styles.parquet")
+    dm = ready(ManifestDataModule(str(tmp_path / "styles.parquet"), INPUT_32))
+    assert dm.class_names == ["11", "3", "7"]  # labels are names: sorted as text
+    assert sum(len(s) for s in dm.splits.values()) == 36
+
+
+def test_not_a_table(tmp_path):
+    with pytest.raises(SkuvisionError, match=r"data.root=.*nowhere.csv is not a file"):
+        _ = ManifestDataModule(str(tmp_path / "nowhere.csv"), INPUT_32).class_names
+    (tmp_path / "styles.json").write_text("{}")
+    with pytest.raises(SkuvisionError, match=r"a manifest is a .csv or .parquet file"):
+        _ = ManifestDataModule(str(tmp_path / "styles.json"), INPUT_32).class_names
+
+
+def test_training_on_a_manifest_writes_the_skipped_rows(tmp_path, data_root, monkeypatch):
+    monkeypatch.setenv("SKUVISION_CACHE", str(tmp_path / "cache"))
+    manifest = data_root / "catalogue" / "styles.csv"
+    table = pd.read_csv(manifest)
+    table.loc[len(table)] = ["../photos/phone/missing.jpg", "phone"]
+    (tmp_path / "catalogue").mkdir()
+    table.to_csv(tmp_path / "catalogue" / "styles.csv", index=False)
+    (tmp_path / "photos").symlink_to(data_root / "photos")  # ../photos/... resolves beside catalogue/
+    cfg = compose_cfg(
+        "train",
+        quick_overrides("manifest", data_root)
+        + [
+            f"data.root={tmp_path / 'catalogue' / 'styles.csv'}",
+            "trainer.max_epochs=1",
+            "trainer.limit_train_batches=2",
+            "data.cache=true",  # the file sources' decoded-image cache serves a manifest's files too
+        ],
+        tmp_path / "run",
+    )
+    metrics = train(cfg)
+    assert 0 <= metrics["test/acc"] <= 1
+    skipped = json.loads((tmp_path / "run" / "skipped_images.json").read_text())
+    assert [Path(p).name for p in skipped] == ["missing.jpg"]
+    counts = json.loads((tmp_path / "run" / "class_counts.json").read_text())
+    assert sum(sum(split.values()) for split in counts.values()) == 36
+    assert any((tmp_path / "cache" / "decoded").rglob("*")), "the decoded-image cache was not used"
