@@ -1,0 +1,270 @@
+"""audit.py: planted label flips are found (cleanlab on cross-fitted probabilities), planted copies of
+training images in the test split are reported as leakage (exact, resized + re-encoded, mirrored) and distinct
+images are not, planted dark, blurry and tiny images are flagged, and the report's files are written."""
+
+import csv
+import shutil
+
+import numpy as np
+import pytest
+from conftest import compose_cfg, quick_overrides
+from hydra.utils import instantiate
+from omegaconf import OmegaConf, open_dict
+from PIL import Image, ImageFilter, ImageOps
+from writers import balanced_labels, pattern_images, write_idx
+
+from skuvision.audit import labels as label_audit
+from skuvision.checkpoints import load_classifier
+from skuvision.errors import SkuvisionError
+from skuvision.tasks import train
+from skuvision.tasks.audit import audit
+
+N_TRAIN = 1000
+
+
+def flip_labels(
+    labels: np.ndarray, rate: float, num_classes: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """A copy of labels with a `rate` share changed to another class at random, and the changed indices."""
+    rng = np.random.default_rng(seed)
+    flipped = np.sort(rng.choice(len(labels), size=round(rate * len(labels)), replace=False))
+    noisy = labels.copy()
+    noisy[flipped] = (labels[flipped] + rng.integers(1, num_classes, size=len(flipped))) % num_classes
+    return noisy, flipped
+
+
+def write_noisy_fashion_mnist(root, rate: float, seed: int) -> np.ndarray:
+    """Fashion-MNIST files of pattern images whose training labels are flipped at `rate`: returns the noisy
+    labels (the clean test labels stay clean)."""
+    root.mkdir(parents=True, exist_ok=True)
+    labels = balanced_labels(N_TRAIN, 10, seed)
+    noisy, _ = flip_labels(labels, rate, 10, seed)
+    write_idx(root / "train-images-idx3-ubyte.gz", pattern_images(labels, 28, 1, seed)[..., 0])
+    write_idx(root / "train-labels-idx1-ubyte.gz", noisy)
+    test_labels = balanced_labels(100, 10, seed + 1)
+    write_idx(root / "t10k-images-idx3-ubyte.gz", pattern_images(test_labels, 28, 1, seed + 1)[..., 0])
+    write_idx(root / "t10k-labels-idx1-ubyte.gz", test_labels)
+    return labels, noisy
+
+
+def train_checkpoint(run, overrides):
+    cfg = compose_cfg("train", overrides, run)
+    train(cfg)
+    return cfg, sorted((run / "checkpoints").glob("best-*.ckpt"))[0]
+
+
+def audit_overrides(ckpt, extra=()):
+    return [f"ckpt_path={ckpt}", "trainer.accelerator=cpu", "trainer.precision=32", "threads=2", *extra]
+
+
+@pytest.fixture(scope="module", params=[0.1, 0.2], ids=["10pct", "20pct"])
+def noisy_audit(request, tmp_path_factory):
+    """A simple_cnn trained on labels flipped at 10 % / 20 %, then audited in cheap mode."""
+    rate = request.param
+    base = tmp_path_factory.mktemp(f"noisy{int(rate * 100)}")
+    clean, noisy = write_noisy_fashion_mnist(base / "fmnist", rate, seed=int(rate * 100))
+    overrides = quick_overrides("fashion_mnist", base) + [
+        f"data.root={base / 'fmnist'}",
+        "data.system_dirs=[]",
+        "data.batch_size=32",
+        "input.image_size=28",
+        "trainer.max_epochs=3",
+        "trainer.precision=32",
+        "tta=none",
+    ]
+    train_cfg, ckpt = train_checkpoint(base / "train", overrides)
+    out = base / "audit"
+    summary = audit(compose_cfg("audit", audit_overrides(ckpt, ["audit.quality=false"]), out))
+    # Which of the audited training split's images carry a flipped label: the split the data module made.
+    datamodule = instantiate(train_cfg.data, input_config=load_classifier(ckpt).input_config)
+    train_idx, _ = datamodule.split_train_val(noisy.tolist())
+    flipped = np.flatnonzero(clean[train_idx] != noisy[train_idx])
+    return summary, out / "audit", flipped, train_cfg, ckpt
+
+
+def test_cheap_mode_finds_planted_label_flips(noisy_audit):
+    summary, out, flipped, _, _ = noisy_audit
+    found = set(summary["label_issues"]["flagged_indices"])
+    hits = len(found & set(flipped.tolist()))
+    recall, precision = hits / len(flipped), hits / max(1, len(found))
+    print(f"flips {len(flipped)}, flagged {len(found)}: recall {recall:.3f}, precision {precision:.3f}")
+    assert recall >= 0.9
+    assert precision >= 0.65
+    with open(out / "label_issues.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["index"]) for r in rows] == summary["label_issues"]["flagged_indices"]
+    quality = [float(r["label_quality"]) for r in rows]
+    assert quality == sorted(quality)  # ranked: lowest label quality first
+    assert all(r["given"] != r["suggested"] for r in rows[: len(rows) // 2])
+    assert (out / "label_issues.png").stat().st_size > 0
+
+
+CLASSES = ("kettle", "phone", "shirt", "toaster")
+
+
+def distinct_image(label: int, size: int, rng: np.random.Generator) -> np.ndarray:
+    """A class bar (its row encodes the class) over random rectangles and noise: images that differ."""
+    image = rng.integers(0, 60, size=(size, size, 3), dtype=np.uint8)
+    for _ in range(4):
+        y, x = rng.integers(0, size - 8, size=2)
+        h, w = rng.integers(6, size // 2, size=2)
+        image[y : y + h, x : x + w] = rng.integers(60, 256, size=3, dtype=np.uint8)
+    band = size // len(CLASSES)
+    image[label * band : label * band + band // 2] = 235
+    return image
+
+
+def write_shop(root, size: int = 40, per_class: dict | None = None, seed: int = 0):
+    """root/train|val|test/<class>/NNN.png with distinct images."""
+    rng = np.random.default_rng(seed)
+    per_class = per_class or {"train": 15, "val": 4, "test": 4}
+    for split, n in per_class.items():
+        for label, name in enumerate(CLASSES):
+            (root / split / name).mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                Image.fromarray(distinct_image(label, size, rng)).save(root / split / name / f"{i:03d}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def shop_audit(tmp_path_factory):
+    """An image folder whose test split holds copies of training images (exact, resized and re-encoded as
+    JPEG quality 70, mirrored) and whose training split holds a dark, a blurry and a tiny image."""
+    base = tmp_path_factory.mktemp("shop")
+    shop = write_shop(base / "shop")
+    train_dir, test_dir = shop / "train", shop / "test"
+    overrides = quick_overrides("image_folder", base) + [
+        f"data.root={shop}",
+        "input.image_size=32",
+        "trainer.max_epochs=3",
+        "trainer.precision=32",
+        "tta=none",
+    ]
+    train_cfg, ckpt = train_checkpoint(base / "train", overrides)
+    # Planted after training, as a catalogue grows: the audit reads the folder as it is now.
+    copies = {}
+    shutil.copy(train_dir / "kettle" / "000.png", test_dir / "kettle" / "copy_exact.png")
+    copies["copy_exact.png"] = "kettle/000.png"
+    original = Image.open(train_dir / "phone" / "001.png")
+    original.resize((64, 64), Image.BICUBIC).save(test_dir / "phone" / "copy_resized.jpg", quality=70)
+    copies["copy_resized.jpg"] = "phone/001.png"
+    ImageOps.mirror(Image.open(train_dir / "shirt" / "002.png")).save(
+        test_dir / "shirt" / "copy_mirrored.png"
+    )
+    copies["copy_mirrored.png"] = "shirt/002.png"
+    rng = np.random.default_rng(7)
+    dark = (distinct_image(0, 40, rng) * 0.04).astype(np.uint8)
+    Image.fromarray(dark).save(train_dir / "kettle" / "planted_dark.png")
+    sharp = Image.fromarray(distinct_image(1, 40, rng))
+    sharp.filter(ImageFilter.GaussianBlur(4)).save(train_dir / "phone" / "planted_blurry.png")
+    Image.fromarray(distinct_image(2, 40, rng)).resize((8, 8)).save(train_dir / "shirt" / "planted_tiny.png")
+    out = base / "audit"
+    summary = audit(compose_cfg("audit", audit_overrides(ckpt, ["audit.folds=3"]), out))
+    return summary, out / "audit", copies, train_cfg, ckpt
+
+
+def read_csv(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_planted_copies_are_leakage_and_distinct_images_are_not(shop_audit):
+    summary, out, copies, _, _ = shop_audit
+    rows = read_csv(out / "duplicates.csv")
+    for r in rows:
+        print(r["kind"], r["item_a"][-24:], r["item_b"][-24:], r["similarity"], r["mirrored"], r["leakage"])
+    leaks = {r["item_b"].rsplit("/", 1)[-1]: r for r in rows if r["leakage"] == "True"}
+    assert set(leaks) == set(copies)  # every planted copy, and nothing else
+    for name, source in copies.items():
+        assert leaks[name]["item_a"].endswith("train/" + source)
+        assert leaks[name]["split_b"] == "test"
+    assert leaks["copy_exact.png"]["kind"] == "exact"
+    assert leaks["copy_mirrored.png"]["mirrored"] == "True"
+    planted = set(copies) | {"planted_dark.png", "planted_blurry.png", "planted_tiny.png"}
+    distinct = [
+        r for r in rows if not {r["item_a"].rsplit("/", 1)[-1], r["item_b"].rsplit("/", 1)[-1]} & planted
+    ]
+    assert distinct == []
+    assert summary["duplicates"]["leaked"]["test"]["images"] == 3
+    assert summary["duplicates"]["leaked"]["val"]["images"] == 0
+
+
+def test_planted_dark_blurry_and_tiny_images_are_flagged(shop_audit):
+    _, out, _, _, _ = shop_audit
+    rows = {r["item"].rsplit("/", 1)[-1]: r["issues"].split(";") for r in read_csv(out / "image_issues.csv")}
+    print(rows)
+    assert "dark" in rows["planted_dark.png"]
+    assert "blurry" in rows["planted_blurry.png"]
+    assert "odd_size" in rows["planted_tiny.png"]
+    ordinary = [name for name in rows if not name.startswith(("planted_", "copy_"))]
+    assert len(ordinary) <= 2  # the rest of the folder is ordinary
+
+
+def test_unknown_label_mode_is_refused(shop_audit, tmp_path):
+    ckpt = shop_audit[4]
+    with pytest.raises(SkuvisionError, match="audit.label_mode='bogus'"):
+        audit(compose_cfg("audit", audit_overrides(ckpt, ["audit.label_mode=bogus"]), tmp_path / "run"))
+
+
+def test_too_many_folds_for_a_class_is_refused(shop_audit, tmp_path):
+    ckpt = shop_audit[4]
+    overrides = audit_overrides(ckpt, ["audit.folds=40", "audit.quality=false"])
+    with pytest.raises(SkuvisionError, match="audit.folds=40: too few training images"):
+        audit(compose_cfg("audit", overrides, tmp_path / "run"))
+
+
+def test_full_mode_trains_one_model_per_fold(shop_audit, tmp_path, monkeypatch):
+    """Each fold's model trains on the other folds only, and every training image is predicted once."""
+    _, _, _, train_cfg, ckpt = shop_audit
+    saved = train_cfg.copy()
+    with open_dict(saved):
+        del saved["hydra"]
+    OmegaConf.save(saved, tmp_path / "config.yaml")  # what Hydra writes to the run's .hydra/config.yaml
+    trained_on = []
+    fit_fold = label_audit.fit_fold
+
+    def recording_fit_fold(cfg, train_idx, output_dir):
+        trained_on.append(set(train_idx.tolist()))
+        return fit_fold(cfg, train_idx, output_dir)
+
+    monkeypatch.setattr(label_audit, "fit_fold", recording_fit_fold)
+    overrides = audit_overrides(
+        ckpt,
+        [
+            "audit.label_mode=full",
+            "audit.folds=2",
+            f"audit.train_config={tmp_path / 'config.yaml'}",
+            "audit.full_overrides=['trainer.max_epochs=1']",
+            "audit.quality=false",
+        ],
+    )
+    summary = audit(compose_cfg("audit", overrides, tmp_path / "run"))
+    n_train = sum(summary["class_counts"]["train"].values())
+    assert summary["label_issues"]["mode"] == "full" and len(trained_on) == 2
+    held_out = [set(range(n_train)) - t for t in trained_on]
+    assert held_out[0].isdisjoint(held_out[1]) and held_out[0] | held_out[1] == set(range(n_train))
+    for k in range(2):
+        assert list((tmp_path / "run" / "audit" / "folds" / f"fold_{k}" / "checkpoints").glob("best-*.ckpt"))
+    assert (tmp_path / "run" / "audit" / "label_issues.csv").is_file()
+
+
+def test_full_mode_without_its_training_config_is_refused(shop_audit, tmp_path):
+    overrides = audit_overrides(shop_audit[4], ["audit.label_mode=full"])
+    with pytest.raises(SkuvisionError, match="audit.label_mode=full retrains"):
+        audit(compose_cfg("audit", overrides, tmp_path / "run"))
+
+
+def test_report_counts_classes_per_split_and_links_its_files(shop_audit):
+    summary, out, _, _, _ = shop_audit
+    train_counts = summary["class_counts"]["train"]
+    assert train_counts == {
+        "kettle": 16,
+        "phone": 16,
+        "shirt": 16,
+        "toaster": 15,
+    }  # 15 each, one planted in three
+    assert summary["class_counts"]["test"]["kettle"] == 5  # 4 + the exact copy
+    md = (out / "audit.md").read_text()
+    assert "| kettle | 16 | 4 | 5 |" in md
+    for name in ("label_issues.png", "duplicates.png", "label_issues.csv", "image_issues.csv"):
+        assert name in md and (out / name).stat().st_size > 0
