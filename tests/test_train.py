@@ -6,7 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import ROOT, compose_cfg, quick_overrides, run_cli
+from writers import write_image_folder
 
+from skuvision.errors import SkuvisionError
 from skuvision.tasks import evaluate, train
 
 # timm.yaml holds the settings the others share; it names no model by itself.
@@ -134,3 +136,10 @@ def test_pretrained_without_weights_fails_fast_naming_model_weights(data_root, t
         last.startswith("error: model.pretrained=true but no weights for resnet18")
         and "model.weights" in last
     )
+
+
+def test_an_empty_val_split_is_a_one_line_error(tmp_path, train_cfg):
+    photos = write_image_folder(tmp_path / "photos", per_class=6)  # 0.8/0.1/0.1 of 6 leaves val empty
+    cfg = train_cfg("image_folder", extra=[f"data.root={photos}"])
+    with pytest.raises(SkuvisionError, match=r"the val split is empty .* watch val/acc: add images"):
+        train(cfg)

@@ -57,6 +57,22 @@ def write_data_report(datamodule: LightningDataModule, output_dir: Path) -> None
         )
 
 
+def check_val_split(datamodule: LightningDataModule, trainer: Trainer) -> None:
+    """Early stopping and the best checkpoint watch val metrics; with an empty val split Lightning would stop
+    after the first epoch with a traceback (fast_dev_run switches both off)."""
+    if trainer.fast_dev_run:
+        return
+    monitors = {getattr(c, "monitor", None) for c in trainer.callbacks}
+    watched = sorted(m for m in monitors if isinstance(m, str) and m.startswith("val/"))
+    counts = datamodule.class_counts()
+    if watched and sum(counts.get("val", [])) == 0:
+        raise SkuvisionError(
+            f"the val split is empty ({sum(counts.get('train', []))} training images) but early stopping and "
+            f"the best checkpoint watch {', '.join(watched)}: add images, or give val a share "
+            "(data.val_fraction; data.split_fractions for image folders and manifests)"
+        )
+
+
 def find_lr(cfg: DictConfig, module: Classifier, datamodule: LightningDataModule) -> float:
     """Lightning's LR finder on the head phase (backbone frozen); sets optimizer.lr so the head gets the
     suggested LR and every other group keeps its configured ratio to it.
@@ -148,6 +164,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
             datamodule.batch_size,
         )
     keep_earlier_csv_rows(loggers)
+    check_val_split(datamodule, trainer)
     try:
         for logger in loggers:
             logger.log_hyperparams({**plain(cfg), "class_names": datamodule.class_names})
