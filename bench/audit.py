@@ -25,6 +25,7 @@ os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
+from table import print_section  # noqa: E402  (bench/ is on sys.path)
 
 from skuvision.config import compose_config  # noqa: E402
 from skuvision.data.datamodule import stratified_split  # noqa: E402
@@ -167,11 +168,7 @@ def main() -> None:
     torch.set_num_threads(THREADS)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="skuvision-bench-audit-"))
     rows, notes = bench_rows(workdir, quick=args.quick)
-    print("| measurement | skuvision | reference | ratio | target |\n|---|---|---|---|---|")
-    for row in rows:
-        print("| " + " | ".join(row) + " |")
-    for note in notes:
-        print(f"- {note}")
+    print_section(rows, notes)
 
 
 if __name__ == "__main__":

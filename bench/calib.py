@@ -20,6 +20,8 @@ from pathlib import Path
 THREADS = int(os.environ.get("BENCH_THREADS", "2"))
 os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
 
+from table import print_section  # noqa: E402  (bench/ is on sys.path)
+
 from skuvision.config import compose_config  # noqa: E402
 from skuvision.tasks import evaluate  # noqa: E402
 
@@ -106,10 +108,7 @@ def main() -> None:
     args = parser.parse_args()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="skuvision-bench-calib-"))
     rows, notes = bench_rows(workdir, args.quick, args.ckpt)
-    print("| measurement | skuvision | reference | ratio | target |\n|---|---|---|---|---|")
-    for row in rows:
-        print("| " + " | ".join(row) + " |")
-    print("\n".join(f"- {n}" for n in notes))
+    print_section(rows, notes)
 
 
 if __name__ == "__main__":

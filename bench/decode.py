@@ -29,6 +29,7 @@ os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
+from table import print_section  # noqa: E402  (bench/ is on sys.path)
 from torch.utils.data import DataLoader  # noqa: E402
 from torchvision import datasets  # noqa: E402
 from torchvision import transforms as T  # noqa: E402
@@ -203,10 +204,7 @@ def main() -> None:
     workdir = args.workdir or Path(tempfile.gettempdir()) / "skuvision_bench_decode"
     workdir.mkdir(parents=True, exist_ok=True)
     rows, notes = bench_rows(workdir, quick=args.quick)
-    for row in rows:
-        print(" | ".join(row))
-    for note in notes:
-        print(note)
+    print_section(rows, notes)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,8 @@ import faiss  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from table import print_section  # noqa: E402  (bench/ is on sys.path)
+
 from skuvision.index import CatalogueIndex  # noqa: E402
 
 DIM = 256
@@ -157,12 +159,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as workdir:
         rows, notes = bench_rows(Path(workdir), quick=args.quick)
-    print("| measurement | skuvision | reference | ratio | target |\n|---|---|---|---|---|")
-    for row in rows:
-        print("| " + " | ".join(row) + " |")
-    print()
-    for note in notes:
-        print(f"- {note}")
+    print_section(rows, notes)
 
 
 if __name__ == "__main__":

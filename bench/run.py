@@ -27,6 +27,7 @@ os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
 import torch  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 from pytorch_lightning import Callback  # noqa: E402
+from table import markdown_rows  # noqa: E402  (bench/ is the script's folder)
 
 from skuvision import plots  # noqa: E402
 from skuvision.config import auto_precision, compose_config  # noqa: E402
@@ -360,8 +361,7 @@ def write_results(path: Path, info: dict, rows: list[tuple], notes: list[str]) -
         "",
     ]
     lines += ["| machine | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in info.items()] + [""]
-    lines += ["| measurement | skuvision | reference | ratio | target |", "|---|---|---|---|---|"]
-    lines += [f"| {' | '.join(str(c) for c in row)} |" for row in rows]
+    lines += markdown_rows(rows)
     lines += [""] + [f"- {n}" for n in notes] + [""]
     path.write_text("\n".join(lines))
     print("\n".join(lines))

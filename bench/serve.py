@@ -23,6 +23,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 from PIL import Image
+from table import print_section  # noqa: E402  (bench/ is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
@@ -223,11 +224,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
         rows, notes = bench_rows(Path(tmp), quick=args.quick)
-    print("| measurement | skuvision | reference | ratio | target |\n|---|---|---|---|---|")
-    for row in rows:
-        print("| " + " | ".join(row) + " |")
-    for note in notes:
-        print(f"- {note}")
+    print_section(rows, notes)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ sys.path.insert(0, str(ROOT / "src"))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
+from table import print_section  # noqa: E402  (bench/ is on sys.path)
 
 from skuvision.config import compose_config  # noqa: E402
 from skuvision.data import StreamingDataModule  # noqa: E402
@@ -142,10 +143,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         rows, notes = bench_rows(Path(tmp), quick=args.quick)
-    for row in rows:
-        print(" | ".join(row))
-    for note in notes:
-        print("-", note)
+    print_section(rows, notes)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,14 @@
+"""The table every bench section prints: rows of (measurement, skuvision, reference, ratio, target)."""
+
+from __future__ import annotations
+
+HEADER = ["| measurement | skuvision | reference | ratio | target |", "|---|---|---|---|---|"]
+
+
+def markdown_rows(rows: list[tuple]) -> list[str]:
+    return HEADER + [f"| {' | '.join(str(c) for c in row)} |" for row in rows]
+
+
+def print_section(rows: list[tuple], notes: list[str]) -> None:
+    """A section run on its own (python bench/<name>.py): its rows and notes, as make bench writes them."""
+    print("\n".join(markdown_rows(rows) + [""] + [f"- {n}" for n in notes]))
