@@ -10,11 +10,9 @@ Alone: python bench/index.py [--quick]
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -25,7 +23,7 @@ import faiss  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from table import print_section  # noqa: E402  (bench/ is on sys.path)
+from table import run_section  # noqa: E402  (bench/ is on sys.path)
 
 from skuvision.index import CatalogueIndex  # noqa: E402
 
@@ -154,12 +152,7 @@ def bench_rows(workdir: Path, quick: bool = False) -> tuple[list[tuple], list[st
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="10k vectors instead of 100k")
-    args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as workdir:
-        rows, notes = bench_rows(Path(workdir), quick=args.quick)
-    print_section(rows, notes)
+    run_section(bench_rows, __doc__.splitlines()[0], "10k vectors instead of 100k")
 
 
 if __name__ == "__main__":

@@ -9,13 +9,11 @@ Figures: requests/s, p50/p95/p99 latency, errors. All four servers run in the sa
 
 from __future__ import annotations
 
-import argparse
 import os
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -23,7 +21,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 from PIL import Image
-from table import print_section  # noqa: E402  (bench/ is on sys.path)
+from table import run_section  # noqa: E402  (bench/ is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
@@ -219,12 +217,7 @@ def bench_rows(workdir: Path, quick: bool = False) -> tuple[list[tuple], list[st
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer requests and clients")
-    args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
-        rows, notes = bench_rows(Path(tmp), quick=args.quick)
-    print_section(rows, notes)
+    run_section(bench_rows, __doc__.splitlines()[0], "fewer requests and clients")
 
 
 if __name__ == "__main__":

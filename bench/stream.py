@@ -7,11 +7,9 @@ python bench/stream.py [--quick]
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -23,7 +21,7 @@ sys.path.insert(0, str(ROOT / "src"))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
-from table import print_section  # noqa: E402  (bench/ is on sys.path)
+from table import run_section  # noqa: E402  (bench/ is on sys.path)
 
 from skuvision.config import compose_config  # noqa: E402
 from skuvision.data import StreamingDataModule  # noqa: E402
@@ -138,12 +136,7 @@ def bench_rows(workdir: Path, quick: bool = False) -> tuple[list[tuple], list[st
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        rows, notes = bench_rows(Path(tmp), quick=args.quick)
-    print_section(rows, notes)
+    run_section(bench_rows, __doc__.splitlines()[0], "96 photos instead of 1000")
 
 
 if __name__ == "__main__":
