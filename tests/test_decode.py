@@ -15,7 +15,7 @@ from torchvision.transforms import Resize
 from writers import write_photo_folder
 
 from skuvision.data.files import InputFilesDataModule, InputImageFiles
-from skuvision.data.image_files import collate_images, decode_batch_on_device
+from skuvision.data.image_files import JpegBatch, collate_images, decode_batch_on_device
 from skuvision.data.image_folder import ImageFolderDataModule
 from skuvision.data.images import dct_scale, decode_error, open_rgb, resized_size, scan_images
 from skuvision.data.transforms import ToModelInput, eval_image_transform, eval_min_side
@@ -203,10 +203,14 @@ def test_device_batch_decoding_gives_the_eval_geometry(tmp_path):
     items = [files.image(0), files.image(1)]
     assert items[0].ndim == 1 and torch.equal(items[0], read_file(str(jpeg)))  # bytes from the worker
     assert items[1].shape == (3, 224, 224)  # a PNG is decoded in the worker
-    images, labels = collate_images([(items[0], 0), (items[1], 1)])
-    assert isinstance(images, list) and labels.tolist() == [0, 1]
+    images, labels = collate_images([(items[1], 1), (items[0], 0), (items[0], 0)])
+    # One tensor holds every JPEG: a batch leaves a worker in one shared-memory handle, not one per image.
+    assert images.data.numel() == 2 * items[0].numel() and images.num_images == 3
+    assert labels.tolist() == [1, 0, 0]
     batch = decode_batch_on_device(images, torch.device("cpu"), ToModelInput(INPUT_224).resize_crop)
-    assert batch.shape == (2, 3, 224, 224) and batch.dtype == torch.uint8
+    assert batch.shape == (3, 3, 224, 224) and batch.dtype == torch.uint8
+    assert torch.equal(batch[1], batch[2])
+    batch = batch[[1, 0]]  # the JPEG, then the PNG
     files.jpeg_bytes = False
     pil = files.image(0)
     # torchvision's tensor resize and PIL's differ slightly in their antialiasing filters.
@@ -287,7 +291,7 @@ def test_device_decoding_path_runs_through_lightning(tmp_path, data_root):
     datamodule.setup()
     assert "decoded on the device" in datamodule.training_path
     images, labels = next(iter(datamodule.test_dataloader()))
-    assert isinstance(images, list) and any(img.ndim == 1 for img in images)
+    assert isinstance(images, JpegBatch) and images.jpeg_positions.numel() == images.num_images
     decoded, _ = datamodule.on_before_batch_transfer((images, labels), 0)
     reference, _ = build(cfg)
     reference.__dict__["device_decoding"] = False  # the CPU path, on any machine

@@ -14,7 +14,13 @@ from torch.utils.data import DataLoader, Dataset, Subset, WeightedRandomSampler
 
 from skuvision.data.augment import TrainAugment
 from skuvision.data.image_cache import DecodedImageCache
-from skuvision.data.image_files import DECODE_ON, ImageFiles, collate_images, decode_batch_on_device
+from skuvision.data.image_files import (
+    DECODE_ON,
+    ImageFiles,
+    JpegBatch,
+    collate_images,
+    decode_batch_on_device,
+)
 from skuvision.data.transforms import ToModelInput, eval_image_transform, eval_min_side
 from skuvision.errors import SkuvisionError
 
@@ -358,7 +364,7 @@ class ImageDataModule(LightningDataModule):
 
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
         images, labels = batch
-        if isinstance(images, list):  # JPEG bytes (decode_on=gpu): decoded on the training device
+        if isinstance(images, JpegBatch):  # decode_on=gpu: decoded on the training device
             device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
             images = decode_batch_on_device(images, device, self.to_model_input.resize_crop, self.in_chans)
         return images, labels

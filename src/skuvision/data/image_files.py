@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import logging
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from PIL import Image
@@ -72,29 +73,59 @@ def device_decodable(data: torch.Tensor) -> bool:
         return img.mode in ("RGB", "L")
 
 
+class JpegBatch(NamedTuple):
+    """Images of a batch as they leave the DataLoader workers with `decode_on=gpu`: the JPEG files packed end
+    to end in one uint8 tensor, so a batch crosses from a worker in one shared-memory handle rather than one
+    per image (hundreds per batch exhaust the open-file limit); images the device decoder does not take
+    arrive decoded, at the model's size."""
+
+    data: torch.Tensor  # uint8: the JPEG files, end to end
+    lengths: torch.Tensor  # int64: bytes of each JPEG
+    jpeg_positions: torch.Tensor  # int64: where each JPEG sits in the batch
+    decoded: torch.Tensor  # uint8 NxCxHxW (N may be 0): the other images
+    decoded_positions: torch.Tensor  # int64
+
+    @property
+    def num_images(self) -> int:
+        return len(self.jpeg_positions) + len(self.decoded_positions)
+
+
 def collate_images(batch: list[tuple]) -> tuple:
-    """Like default_collate, but images stay a list when some are JPEG bytes (of different lengths)."""
+    """Like default_collate, but a batch holding JPEG bytes (1-D tensors) becomes a JpegBatch."""
     images, *rest = zip(*batch, strict=True)
+    rest = [default_collate(list(r)) for r in rest]
     if all(img.ndim == 3 for img in images):
-        return (torch.stack(images), *(default_collate(list(r)) for r in rest))
-    return (list(images), *(default_collate(list(r)) for r in rest))
-
-
-def decode_batch_on_device(images: list[torch.Tensor], device: torch.device, resize_crop, channels: int = 3):
-    """A list of JPEG bytes (1-D) and decoded uint8 CHW images -> a uint8 batch at the model's size on
-    `device`. JPEGs are decoded together (nvJPEG on CUDA), then each is resized and center-cropped on the
-    device by `resize_crop` (ToModelInput.resize_crop: the eval geometry). A JPEG the device decoder refuses
-    is decoded on the CPU instead."""
-    mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
+        return (torch.stack(images), *rest)
     jpegs = [i for i, img in enumerate(images) if img.ndim == 1]
-    out = [img.to(device, non_blocking=True) if img.ndim == 3 else None for img in images]
-    if jpegs:
-        data = [images[i] for i in jpegs]  # decode_jpeg takes the bytes on the CPU for every device
+    others = [i for i, img in enumerate(images) if img.ndim != 1]
+    packed = JpegBatch(
+        data=torch.cat([images[i] for i in jpegs]),
+        lengths=torch.tensor([len(images[i]) for i in jpegs], dtype=torch.int64),
+        jpeg_positions=torch.tensor(jpegs, dtype=torch.int64),
+        decoded=torch.stack([images[i] for i in others]) if others else torch.empty(0, dtype=torch.uint8),
+        decoded_positions=torch.tensor(others, dtype=torch.int64),
+    )
+    return (packed, *rest)
+
+
+def decode_batch_on_device(images: JpegBatch, device: torch.device, resize_crop, channels: int = 3):
+    """A JpegBatch -> a uint8 batch at the model's size on `device`. The JPEGs are decoded together (nvJPEG
+    on CUDA), then each is resized and center-cropped on the device by `resize_crop`
+    (ToModelInput.resize_crop: the eval geometry). A batch the device decoder refuses is decoded on the CPU
+    instead."""
+    mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
+    out: list[torch.Tensor | None] = [None] * images.num_images
+    for position, img in zip(images.decoded_positions.tolist(), images.decoded, strict=True):
+        out[position] = img.to(device, non_blocking=True)
+    data = list(
+        images.data.split(images.lengths.tolist())
+    )  # views; decode_jpeg takes CPU bytes for any device
+    if data:
         try:
             decoded = decode_jpeg(data, mode=mode, device=device)
         except RuntimeError as err:
             log.warning("device JPEG decoding failed for a batch (%s); decoding it on the CPU", err)
             decoded = [decode_jpeg(d, mode=mode).to(device) for d in data]
-        for i, img in zip(jpegs, decoded, strict=True):
-            out[i] = resize_crop(img.unsqueeze(0))[0]
+        for position, img in zip(images.jpeg_positions.tolist(), decoded, strict=True):
+            out[position] = resize_crop(img.unsqueeze(0))[0]
     return torch.stack(out)
