@@ -46,9 +46,12 @@ class TrainingThroughput(Callback):
         self._stop()
 
 
-def warmed_up_decay(decay: float, updates: int) -> float:
+def warmed_up_decay(decay: float, updates):
     """The EMA decay after `updates` updates: (1 + n) / (10 + n) until that reaches `decay`, so an average
-    over a short run does not stay anchored to the first weights."""
+    over a short run does not stay anchored to the first weights. A tensor `updates` gives a tensor, computed
+    where it lives (reading a GPU counter on the host would wait for the device every step)."""
+    if isinstance(updates, torch.Tensor):
+        return torch.clamp((1 + updates) / (10 + updates), max=decay)
     return min(decay, (1 + updates) / (10 + updates))
 
 
@@ -75,9 +78,10 @@ class WeightEMA(WeightAveraging):
             for average, current in zip(averages, currents, strict=True):
                 average.copy_(current)
             return
-        decay = warmed_up_decay(self.decay, int(num_averaged)) if self.warmup else self.decay
+        decay = warmed_up_decay(self.decay, num_averaged.to(averages[0].dtype)) if self.warmup else self.decay
+        weight = 1.0 - decay
         for average, current in zip(averages, currents, strict=True):
-            average.lerp_(current, 1.0 - decay)
+            average.lerp_(current, weight)
 
     def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
         return step_idx is not None and step_idx % self.every_n_steps == 0
