@@ -52,12 +52,24 @@ class StepTimer(Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if batch_idx == self.warmup:
+            synchronize(pl_module.device)
             self.start = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if batch_idx >= self.warmup:
             self.steps += 1
             self.end = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        # GPU steps run ahead of the host: the last timed step ends when the device is done with it.
+        if self.steps and pl_module.device.type == "cuda":
+            synchronize(pl_module.device)
+            self.end = time.perf_counter()
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def overrides_for(model: str, size: int, data_root: Path, device: str) -> list[str]:
@@ -367,9 +379,10 @@ def write_results(path: Path, info: dict, rows: list[tuple], notes: list[str]) -
     print("\n".join(lines))
 
 
-SECTIONS = ("steps", "data", "recipe", "decode", "stream", "index", "serve", "audit", "calib")
+SECTIONS = ("steps", "data", "recipe", "decode", "stream", "index", "serve", "audit", "calib", "gpu")
 # Sections that live in their own module bench/<name>.py: bench_rows(workdir, quick) -> (rows, notes).
-MODULE_SECTIONS = ("decode", "stream", "index", "serve", "audit", "calib")
+# gpu measures only where CUDA is available (else it adds a note).
+MODULE_SECTIONS = ("decode", "stream", "index", "serve", "audit", "calib", "gpu")
 
 
 def main() -> None:
