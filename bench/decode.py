@@ -15,6 +15,7 @@ The GPU rows (bench/gpu.py) reuse `photo_folder`, `skuvision_module` and `images
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -164,6 +165,21 @@ def skuvision_module(root: Path, cache: bool, batch: int = BATCH, workers: int =
     return module
 
 
+@contextlib.contextmanager
+def own_cache_folder(parent: Path):
+    """SKUVISION_CACHE set to a new folder under `parent` meanwhile: a fill is measured from empty, and the
+    user's cache is left alone."""
+    user_cache = os.environ.get("SKUVISION_CACHE")
+    os.environ["SKUVISION_CACHE"] = tempfile.mkdtemp(prefix="cache_", dir=parent)
+    try:
+        yield
+    finally:
+        if user_cache is None:
+            del os.environ["SKUVISION_CACHE"]
+        else:
+            os.environ["SKUVISION_CACHE"] = user_cache
+
+
 def bytes_per_pixel(root: Path) -> float:
     files = sorted(root.rglob("*.jpg"))
     pixels = 0
@@ -183,10 +199,7 @@ def bench_rows(workdir: Path, quick: bool = False) -> tuple[list[tuple], list[st
     root = photo_folder(workdir, count)
     noisy_root = photo_folder(workdir, count, style="noisy")
     generated = time.perf_counter() - started
-    # A cache folder of this bench's own: the fill is measured from empty, and the user's is left alone.
-    user_cache = os.environ.get("SKUVISION_CACHE")
-    os.environ["SKUVISION_CACHE"] = tempfile.mkdtemp(prefix="cache_", dir=workdir)
-    try:
+    with own_cache_folder(workdir):
         started = time.perf_counter()
         uncached = skuvision_module(root, cache=False)  # includes the one-time scan for unreadable files
         scan_s = time.perf_counter() - started
@@ -194,11 +207,6 @@ def bench_rows(workdir: Path, quick: bool = False) -> tuple[list[tuple], list[st
         cached = skuvision_module(root, cache=True)
         fill_s = time.perf_counter() - started
         noisy = skuvision_module(noisy_root, cache=False)
-    finally:
-        if user_cache is None:
-            del os.environ["SKUVISION_CACHE"]
-        else:
-            os.environ["SKUVISION_CACHE"] = user_cache
 
     loaders = {
         "reference": (reference_loader(root), None),

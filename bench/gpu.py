@@ -136,19 +136,12 @@ def photo_loader_rows(photos: Path, count: int, workers: int, repeats: int, devi
         sync(cuda)
         return x
 
-    user_cache = os.environ.get("SKUVISION_CACHE")
-    os.environ["SKUVISION_CACHE"] = tempfile.mkdtemp(prefix="cache_", dir=photos.parent)
-    try:
+    with decode.own_cache_folder(photos.parent):
         uncached = module(cache=False)
         on_device = module(cache=False, decode_on="gpu")
         started = time.perf_counter()
         cached = module(cache=True)
         fill_s = time.perf_counter() - started
-    finally:
-        if user_cache is None:
-            del os.environ["SKUVISION_CACHE"]
-        else:
-            os.environ["SKUVISION_CACHE"] = user_cache
     loaders = {
         "reference": (decode.reference_loader(photos, batch=BATCH, workers=workers), reference_finish),
         "cpu": (uncached.train_dataloader(), normalized_on_gpu(uncached)),
@@ -193,7 +186,8 @@ def photo_training_rows(photos: Path, workers: int, steps: int, warmup: int, dev
         "data.split_fractions=[0.9,0.05,0.05]",
         f"data.batch_size={BATCH}",
     ]
-    os.environ["SKUVISION_CACHE"] = tempfile.mkdtemp(prefix="train_cache_", dir=workdir)
+    import decode
+
     for label, extra in (
         ("data.decode_on=gpu", ["data.decode_on=gpu"]),
         ("CPU workers (reduced-scale decoding)", []),
@@ -201,7 +195,8 @@ def photo_training_rows(photos: Path, workers: int, steps: int, warmup: int, dev
     ):
         try:
             overrides = common + extra
-            rate = run.skuvision_steps("resnet50", 224, photos, steps, warmup, device, workdir, overrides)
+            with decode.own_cache_folder(workdir):
+                rate = run.skuvision_steps("resnet50", 224, photos, steps, warmup, device, workdir, overrides)
         except Exception as err:
             traceback.print_exc()
             rows.append((f"ResNet-50 trained from photos, {label}", f"failed: {err}"[:160], "", "", ""))
@@ -209,7 +204,7 @@ def photo_training_rows(photos: Path, workers: int, steps: int, warmup: int, dev
         rows.append(
             (
                 f"ResNet-50 @ 224 px trained from {len(list(photos.rglob('*.jpg')))} photo files, {label}, "
-                f"{workers} workers: img/s",
+                f"{workers} workers, first epoch (worker start-up and prefetch included): img/s",
                 f"{rate:.0f}",
                 f"{compute:.0f} (same Trainer, images already in GPU memory)",
                 f"{rate / compute:.2f}x",
