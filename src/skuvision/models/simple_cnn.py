@@ -20,7 +20,9 @@ def conv_bn_relu(in_ch: int, out_ch: int) -> list[nn.Module]:
 class SimpleCNN(nn.Module):
     """Three stages of 3x3 conv-BN-ReLU (two, two, one conv), max-pooled between, then the head: global
     average pooling and a linear classifier; or, with `head_hidden`, average pooling to `pooled` x `pooled`
-    cells, a hidden fully connected layer and the classifier (more parameters, little more compute)."""
+    cells, a hidden fully connected layer and the classifier (more parameters, little more compute).
+    `final_conv=False` leaves the third stage's conv out (widths[2] unused): the two-stage layout of the
+    usual hand-written Fashion-MNIST CNN, about a tenth less compute."""
 
     def __init__(
         self,
@@ -31,6 +33,7 @@ class SimpleCNN(nn.Module):
         global_pool: str = "avg",
         head_hidden: int = 0,
         pooled: int = 7,
+        final_conv: bool = True,
     ):
         super().__init__()
         w1, w2, w3 = widths
@@ -40,8 +43,9 @@ class SimpleCNN(nn.Module):
         self.stages = nn.Sequential(
             nn.Sequential(*conv_bn_relu(w1, w1), nn.MaxPool2d(2)),
             nn.Sequential(*conv_bn_relu(w1, w2), *conv_bn_relu(w2, w2), nn.MaxPool2d(2)),
-            nn.Sequential(*conv_bn_relu(w2, w3)),
+            *([nn.Sequential(*conv_bn_relu(w2, w3))] if final_conv else []),
         )
+        w3 = w3 if final_conv else w2
         self.num_features = w3
         if head_hidden:
             self.global_pool = nn.Sequential(nn.AdaptiveAvgPool2d(pooled), nn.Flatten(1))
