@@ -23,7 +23,10 @@ from pathlib import Path
 import torch
 from table import print_section  # bench/ is the script's folder
 
-BATCH = 256
+
+def batch_for(device: str) -> int:
+    """256 on a GPU; 16 in a CPU code-path check, where ResNet-50 steps at 256 would take minutes."""
+    return 256 if device == "cuda" else 16
 
 
 def _run_module():
@@ -39,7 +42,7 @@ def peak_memory_gib() -> float:
 def training_rate(kind: str, data_root: Path, steps: int, warmup: int, device: str, workdir: Path, extra=()):
     """(img/s, peak GiB) of ResNet-50 at 224 px, batch 256: kind "skuvision" (the Trainer) or "raw"."""
     run = _run_module()
-    extra = [f"data.batch_size={BATCH}", *extra]
+    extra = [f"data.batch_size={batch_for(device)}", *extra]
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -59,7 +62,8 @@ def step_rows(
     base = statistics.median(ours)
     rows.append(
         (
-            f"ResNet-50 @ 224 px train steps, batch {BATCH}, bf16-mixed + channels_last ({device}): img/s",
+            f"ResNet-50 @ 224 px train steps, batch {batch_for(device)}, bf16-mixed + channels_last "
+            f"({device}): img/s",
             f"{base:.0f}",
             f"{statistics.median(raw):.0f} (plain PyTorch loop)",
             f"{statistics.median(ratios):.3f} ({min(ratios):.2f}-{max(ratios):.2f})",
@@ -113,7 +117,7 @@ def photo_loader_rows(photos: Path, count: int, workers: int, repeats: int, devi
     to_gpu = {}
 
     def module(**kwargs):
-        m = decode.skuvision_module(photos, batch=BATCH, workers=workers, **kwargs)
+        m = decode.skuvision_module(photos, batch=batch_for(device), workers=workers, **kwargs)
         to_gpu[id(m)] = m.to_model_input.to(cuda)
         return m
 
@@ -143,7 +147,7 @@ def photo_loader_rows(photos: Path, count: int, workers: int, repeats: int, devi
         cached = module(cache=True)
         fill_s = time.perf_counter() - started
     loaders = {
-        "reference": (decode.reference_loader(photos, batch=BATCH, workers=workers), reference_finish),
+        "reference": (decode.reference_loader(photos, batch_for(device), workers), reference_finish),
         "cpu": (uncached.train_dataloader(), normalized_on_gpu(uncached)),
         "gpu": (on_device.train_dataloader(), normalized_on_gpu(on_device)),
         "cached": (cached.train_dataloader(), normalized_on_gpu(cached)),
@@ -156,7 +160,7 @@ def photo_loader_rows(photos: Path, count: int, workers: int, repeats: int, devi
             figures[name].append(decode.images_per_second(loader, finish))
     rate = {name: statistics.median(v) for name, v in figures.items()}
     ref = f"{rate['reference']:.0f} (torchvision ImageFolder, {workers} workers)"
-    setting = f"{count} JPEGs 1000-1600 px -> 224 px on the GPU, {workers} workers, batch {BATCH}"
+    setting = f"{count} JPEGs 1000-1600 px -> 224 px on the GPU, {workers} workers, batch {batch_for(device)}"
     for name, label in (
         ("gpu", "data.decode_on=gpu (nvJPEG batches)"),
         ("cpu", "CPU workers, reduced-scale decoding"),
@@ -184,7 +188,7 @@ def photo_training_rows(photos: Path, workers: int, steps: int, warmup: int, dev
         "data=image_folder",
         f"data.num_workers={workers}",
         "data.split_fractions=[0.9,0.05,0.05]",
-        f"data.batch_size={BATCH}",
+        f"data.batch_size={batch_for(device)}",
     ]
     import decode
 
@@ -230,9 +234,7 @@ def bench_rows(
     run = _run_module()
     import decode
 
-    global BATCH
     if device == "cpu":
-        BATCH = 16  # ResNet-50 steps at 256 take minutes on a CPU: enough to check the code paths
         quick = True
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -263,7 +265,8 @@ def bench_rows(
     section("photo loaders", photo_loader_rows, photos, count, workers, repeats, device, rows, notes)
     compute = next((float(r[1]) for r in rows if r[0].startswith("ResNet-50 @ 224 px train steps")), None)
     if compute:
-        train_steps = min(8, count * 9 // 10 // BATCH - 3)  # 90 % of the photos train; 3 warm-up steps
+        # 90 % of the photos train; 3 warm-up steps
+        train_steps = min(8, count * 9 // 10 // batch_for(device) - 3)
         args = (photos, workers, train_steps, 3, device, workdir, compute, rows)
         section("photo training", photo_training_rows, *args)
     return rows, notes
