@@ -6,6 +6,7 @@ import gzip
 import os
 import pickle
 import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -105,7 +106,9 @@ def write_image_folder(
         for label, name in zip(labels_all, classes, strict=True):
             (base / name).mkdir(parents=True, exist_ok=True)
             n = counts[split]
-            images = pattern_images(np.full(n, label), size, 3, seed=hash((split, name)) % 1000)
+            # zlib.crc32, not hash(): str hashes change with each process, and so would the images.
+            seed = zlib.crc32(f"{split}/{name}".encode()) % 1000
+            images = pattern_images(np.full(n, label), size, 3, seed=seed)
             for i, img in enumerate(images):
                 suffix = ".png" if i % 2 == 0 else ".jpg"
                 Image.fromarray(img).save(base / name / f"{name}_{i:03d}{suffix}")
