@@ -10,7 +10,12 @@ FMNIST_DEBIAN := /usr/share/datasets/fashion-mnist
 install: $(VENV)/.installed
 
 # Reinstalls when the dependencies change. The constraints file pins torch/torchvision.
+# torch's CUDA build and its libraries take about 7 GB; with less free, pip fails midway with ENOSPC.
 $(VENV)/.installed: pyproject.toml constraints.txt
+	@free_gb=$$(df -Pk . | awk 'NR==2 {print int($$4 / 1048576)}'); \
+	if [ "$$free_gb" -lt 8 ]; then \
+		echo "make install: $$free_gb GB free here, the environment needs about 7 GB; if pip stops with 'No space left on device', free disk and run it again" >&2; \
+	fi
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --upgrade --quiet pip
 	$(VENV)/bin/pip install --quiet -c constraints.txt -e ".[dev]"
