@@ -117,19 +117,26 @@ def test_simple_cnn_is_a_timm_model():
     assert np.isclose(timm.data.resolve_model_data_config(model)["crop_pct"], 1.0)
 
 
-def test_simple_cnn_without_its_final_conv_is_the_two_stage_net():
-    """final_conv=false: the two-stage layout (conv 32, 32, 64, 64 and the 7 px head) with one conv fewer;
-    its stages are still what the freezing strategies group by."""
-    full = timm.create_model("simple_cnn", widths=[32, 64, 64], head_hidden=256)
-    two_stage = timm.create_model("simple_cnn", widths=[32, 64, 64], head_hidden=256, final_conv=False)
-    convs = [m for m in two_stage.modules() if isinstance(m, torch.nn.Conv2d)]
-    assert [c.out_channels for c in convs] == [32, 32, 64, 64]
-    full_params = sum(p.numel() for p in full.parameters())
-    assert full_params - sum(p.numel() for p in two_stage.parameters()) == 64 * 64 * 9 + 2 * 64
+def test_simple_cnn_with_two_widths_is_the_two_stage_net():
+    """widths=[w1, w2]: the hand-written layout (conv w1, w1, w2, w2 and the 7 px head), one conv fewer than
+    with a third width; its stages are still what the freezing strategies group by."""
+    three = timm.create_model("simple_cnn", widths=[16, 64, 64], head_hidden=256)
+    two = timm.create_model("simple_cnn", widths=[16, 64], head_hidden=256)
+    convs = [m for m in two.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [16, 16, 64, 64]
+    assert sum(p.numel() for p in three.parameters()) - sum(p.numel() for p in two.parameters()) == (
+        64 * 64 * 9 + 2 * 64
+    )
     x = torch.rand(2, 1, 28, 28)
-    assert two_stage(x).shape == (2, 10) and two_stage.forward_features(x).shape == (2, 64, 7, 7)
-    groups = timm.models.group_parameters(two_stage, two_stage.group_matcher())
+    assert two(x).shape == (2, 10) and two.forward_features(x).shape == (2, 64, 7, 7)
+    groups = timm.models.group_parameters(two, two.group_matcher())
     assert len(groups) == 4  # stem, two stages, head
+
+
+@pytest.mark.parametrize("widths", [[32], [16, 32, 64, 128]])
+def test_simple_cnn_refuses_widths_it_has_no_layout_for(widths):
+    with pytest.raises(SkuvisionError, match=r"model\.kwargs\.widths=.*2 or 3 widths"):
+        timm.create_model("simple_cnn", widths=widths)
 
 
 def test_a_new_head_on_pretrained_features_starts_at_zero():

@@ -10,6 +10,8 @@ import torch
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
 
+from skuvision.errors import SkuvisionError
+
 __all__ = ["SimpleCNN"]
 
 
@@ -18,46 +20,50 @@ def conv_bn_relu(in_ch: int, out_ch: int) -> list[nn.Module]:
 
 
 class SimpleCNN(nn.Module):
-    """Three stages of 3x3 conv-BN-ReLU (two, two, one conv), max-pooled between, then the head: global
-    average pooling and a linear classifier; or, with `head_hidden`, average pooling to `pooled` x `pooled`
-    cells, a hidden fully connected layer and the classifier (more parameters, little more compute).
-    `final_conv=False` leaves the third stage's conv out (widths[2] unused): the two-stage layout of the
-    usual hand-written Fashion-MNIST CNN, about a tenth less compute."""
+    """3x3 conv-BN-ReLU stages, max-pooled between, then the head: global average pooling and a linear
+    classifier; or, with `head_hidden`, average pooling to `pooled` x `pooled` cells, a hidden fully connected
+    layer and the classifier (more parameters, little more compute).
+
+    `widths`: two entries give the usual hand-written Fashion-MNIST layout, two convs of widths[0] at full
+    size and two of widths[1] at half size; a third adds one conv of widths[2] at a quarter size."""
 
     def __init__(
         self,
         num_classes: int = 10,
         in_chans: int = 1,
-        widths: tuple[int, int, int] = (32, 64, 128),
+        widths: tuple[int, ...] = (32, 64, 128),
         drop_rate: float = 0.2,
         global_pool: str = "avg",
         head_hidden: int = 0,
         pooled: int = 7,
-        final_conv: bool = True,
     ):
         super().__init__()
-        w1, w2, w3 = widths
+        if len(widths) not in (2, 3):
+            raise SkuvisionError(
+                f"model.kwargs.widths={list(widths)}: simple_cnn takes 2 or 3 widths, e.g. [16, 64] (two "
+                "stages) or [32, 64, 128] (a third conv at a quarter size)"
+            )
+        w1, w2 = widths[:2]
         self.num_classes = num_classes
         self.drop_rate = drop_rate
         self.stem = nn.Sequential(*conv_bn_relu(in_chans, w1))
         self.stages = nn.Sequential(
             nn.Sequential(*conv_bn_relu(w1, w1), nn.MaxPool2d(2)),
             nn.Sequential(*conv_bn_relu(w1, w2), *conv_bn_relu(w2, w2), nn.MaxPool2d(2)),
-            *([nn.Sequential(*conv_bn_relu(w2, w3))] if final_conv else []),
+            *([nn.Sequential(*conv_bn_relu(w2, widths[2]))] if len(widths) == 3 else []),
         )
-        w3 = w3 if final_conv else w2
-        self.num_features = w3
+        self.num_features = widths[-1]
         if head_hidden:
             self.global_pool = nn.Sequential(nn.AdaptiveAvgPool2d(pooled), nn.Flatten(1))
             self.pre_logits = nn.Sequential(
-                nn.Linear(w3 * pooled * pooled, head_hidden),
+                nn.Linear(self.num_features * pooled * pooled, head_hidden),
                 nn.BatchNorm1d(head_hidden),
                 nn.ReLU(inplace=True),
             )
         else:
             self.global_pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
             self.pre_logits = nn.Identity()
-        self.head_hidden_size = head_hidden or w3
+        self.head_hidden_size = head_hidden or self.num_features
         self.head_drop = nn.Dropout(drop_rate)
         self.fc = nn.Linear(self.head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
 
