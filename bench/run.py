@@ -258,9 +258,10 @@ def locate_fashion(data_root: Path) -> Path:
 
 
 def default_recipe(workdir: Path, data_root: Path, seed: int | None = None, curve: bool = True) -> dict:
-    """`python train.py` (the make train recipe) on real Fashion-MNIST: test accuracy and wall time, and (with
-    `curve`) the test accuracy of every epoch's checkpoint (as eval.py reports it) against the minutes they
-    were saved. `seed`: the recipe's own seed when None."""
+    """`python train.py` (the make train recipe) on real Fashion-MNIST: test accuracy and wall time of the
+    training run (fit and test, as metrics.json times them: set-up excluded, like the plain loop's clock), and
+    (with `curve`) the test accuracy of every epoch's checkpoint (as eval.py reports it) against the minutes
+    they were saved. `seed`: the recipe's own seed when None."""
     run_dir = workdir / f"recipe-{seed}"
     started = time.time()
     subprocess.run(
@@ -278,10 +279,12 @@ def default_recipe(workdir: Path, data_root: Path, seed: int | None = None, curv
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
     )
-    minutes = (time.time() - started) / 60
+    finished = time.time()
     metrics = json.loads((run_dir / "metrics.json").read_text())
+    run_seconds = metrics["fit/time_s"] + metrics["test/time_s"]
+    fit_started = finished - run_seconds  # what follows the test (writing metrics.json) takes milliseconds
     # The calibration section evaluates this checkpoint instead of training one of its own.
-    os.environ.setdefault("SKUVISION_BENCH_CKPT", metrics["best_checkpoint"])
+    os.environ.setdefault("SKUVISION_BENCH_CKPT", metrics["checkpoint"])
     points = []
     for ckpt in sorted((run_dir / "checkpoints").glob("best-epoch*.ckpt")) if curve else []:
         cfg = compose_config(
@@ -290,8 +293,13 @@ def default_recipe(workdir: Path, data_root: Path, seed: int | None = None, curv
             workdir / f"eval-{ckpt.stem}",
         )
         report = evaluate(cfg)
-        points.append(((ckpt.stat().st_mtime - started) / 60, 100 * report["test/acc"]))
-    return {"test_acc": metrics["test/acc"], "minutes": minutes, "curve": points}
+        points.append(((ckpt.stat().st_mtime - fit_started) / 60, 100 * report["test/acc"]))
+    return {
+        "test_acc": metrics["test/acc"],
+        "minutes": run_seconds / 60,
+        "command_minutes": (finished - started) / 60,
+        "curve": points,
+    }
 
 
 def plain_cnn() -> torch.nn.Module:
@@ -505,6 +513,10 @@ def data_rows(data_root, args, workdir, rows) -> None:
     )
 
 
+def summary_minutes(runs: list[dict], key: str) -> str:
+    return f"{min(r[key] for r in runs):.2f}-{max(r[key] for r in runs):.2f}"
+
+
 def recipe_rows(data_root, args, info, workdir, rows, notes) -> None:
     """Both recipes over `args.recipe_seeds` seeds, alternating (so drifts in machine speed hit both)."""
     ours, plain = [], []
@@ -517,7 +529,7 @@ def recipe_rows(data_root, args, info, workdir, rows, notes) -> None:
 
     def summary(runs):
         accuracies = ", ".join(f"{100 * r['test_acc']:.2f}" for r in runs)
-        minutes = f"{min(r['minutes'] for r in runs):.1f}-{max(r['minutes'] for r in runs):.1f}"
+        minutes = summary_minutes(runs, "minutes")
         return f"{100 * mean(runs, 'test_acc'):.2f} % ({accuracies}) in {minutes} min"
 
     rows.append(
@@ -539,10 +551,12 @@ def recipe_rows(data_root, args, info, workdir, rows, notes) -> None:
     notes.append(f"Accuracy against minutes, per epoch, first seed of each: [{png.name}]({png.name}).")
     notes.append(
         "Recipe row: both measured in this run, alternating seeds (the recipe's own seed, then 1, 2; the "
-        "plain loop's 0, 1, 2). The recipe's minutes run from the command's start to its end (set-up, "
-        "validation and the test included; the curve's points are its checkpoints, evaluated afterwards as "
-        "eval.py would); the plain loop's clock starts after its data is loaded, it trains on all 60k "
-        "training images (no validation split) and tests after every epoch on the clock."
+        "plain loop's 0, 1, 2). Set-up is off both clocks: the recipe's minutes are its fit (validation and "
+        "checkpoints included) and its test, as metrics.json times them; the whole `python train.py` "
+        f"command, start-up and data loading included, took {summary_minutes(ours, 'command_minutes')} min. "
+        "The curve's points are the recipe's checkpoints, evaluated afterwards as eval.py would. The plain "
+        "loop's clock starts after its data is loaded; it trains on all 60k training images (no validation "
+        "split) and tests after every epoch on the clock."
     )
 
 

@@ -89,7 +89,7 @@ def test_tta_reaches_test_eval_and_metrics_json(tmp_path, data_root):
     metrics = train(compose_cfg("train", overrides, tmp_path / "run"))
     written = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert written["tta"] == "flip" and written["test/acc"] == pytest.approx(metrics["test/acc"])
-    checkpoint = written["best_checkpoint"]
+    checkpoint = written["checkpoint"]
     assert load_classifier(checkpoint).tta == "flip"
     as_trained = evaluate(
         compose_cfg("eval", [f"ckpt_path={checkpoint}", "trainer.precision=32"], tmp_path / "e1")

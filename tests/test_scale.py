@@ -57,7 +57,7 @@ def test_two_process_ddp_run_matches_a_single_process_eval(data_root, tmp_path, 
     eval_cfg = compose_cfg(
         "eval",
         [
-            f"ckpt_path={written['best_checkpoint']}",
+            f"ckpt_path={written['checkpoint']}",
             "trainer.accelerator=cpu",
             "trainer.precision=32",
             "threads=2",

@@ -205,7 +205,7 @@ def test_test_metrics_equal_those_of_the_same_photos_read_as_an_image_folder(
 ):
     overrides = quick_overrides("image_folder", data_root) + ["trainer.max_epochs=1", "trainer.precision=32"]
     trained = train(compose_cfg("train", overrides, tmp_path / "run"))
-    best = json.loads((tmp_path / "run" / "metrics.json").read_text())["best_checkpoint"]
+    best = json.loads((tmp_path / "run" / "metrics.json").read_text())["checkpoint"]
     streamed = evaluate(
         compose_cfg(
             "eval",
@@ -311,7 +311,7 @@ def test_shards_in_a_bucket_train_like_the_same_shards_in_a_folder(
     with hang_guard(240):
         metrics = train(compose_cfg("train", overrides, tmp_path / "run"))
     assert list((tmp_path / "chunks").rglob("chunk-*.bin")), "nothing was downloaded from the bucket"
-    best = json.loads((tmp_path / "run" / "metrics.json").read_text())["best_checkpoint"]
+    best = json.loads((tmp_path / "run" / "metrics.json").read_text())["checkpoint"]
     local = evaluate(
         compose_cfg(
             "eval",

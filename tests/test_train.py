@@ -51,13 +51,14 @@ def test_fast_dev_run(train_cfg, model, data):
     assert ("test/acc_top5" in metrics) == (not photos)  # 3 photo classes: no top-5
     written = json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())
     assert written["test/acc"] == pytest.approx(metrics["test/acc"])
+    assert written["fit/time_s"] > 0 and written["test/time_s"] > 0  # make bench's clock excludes set-up
 
 
 def test_checkpoint_reloads_to_the_same_test_metrics(train_cfg, tmp_path):
     cfg = train_cfg("fashion_mnist", "simple_cnn", ["trainer.max_epochs=2", "trainer.deterministic=true"])
     metrics = train(cfg)
     written = json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())
-    ckpt = written["best_checkpoint"]
+    ckpt = written["checkpoint"]
     assert ckpt and ckpt.endswith(".ckpt")
     checkpoint = torch.load(ckpt, weights_only=True, map_location="cpu")  # plain values only
     assert checkpoint["hyper_parameters"]["class_names"][0] == "T-shirt/top"
@@ -71,6 +72,35 @@ def test_checkpoint_reloads_to_the_same_test_metrics(train_cfg, tmp_path):
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["test/acc"] == pytest.approx(
         metrics["test/acc"]
     )
+
+
+def test_test_ckpt_names_the_checkpoint_that_is_tested(train_cfg):
+    """Default last: the every-epoch checkpoint of the final epoch; best: the one the val/acc monitor kept."""
+    cfg = train_cfg("fashion_mnist", "simple_cnn", ["trainer.max_epochs=3"])
+    train(cfg)
+    written = json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())
+    assert Path(written["checkpoint"]).name == "last.ckpt"
+    assert torch.load(written["checkpoint"], weights_only=True, map_location="cpu")["epoch"] == 2
+    assert Path(written["best_checkpoint"]).name.startswith("best-epoch")
+
+    cfg = train_cfg("fashion_mnist", "simple_cnn", ["trainer.max_epochs=3", "test_ckpt=best"])
+    train(cfg)
+    written = json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())
+    assert written["checkpoint"] == written["best_checkpoint"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["test_ckpt=middle"], r"test_ckpt=middle: choose best"),
+        (["~callbacks.last_checkpoint"], r"test_ckpt=last needs a checkpoint saved every epoch"),
+    ],
+)
+def test_a_test_ckpt_the_run_cannot_give_is_refused_before_the_fit(train_cfg, overrides, message):
+    cfg = train_cfg("fashion_mnist", "simple_cnn", ["trainer.max_epochs=1", *overrides])
+    with pytest.raises(SkuvisionError, match=message):
+        train(cfg)
+    assert not (Path(cfg.paths.output_dir) / "checkpoints").exists()
 
 
 def test_training_learns_the_pattern(train_cfg):

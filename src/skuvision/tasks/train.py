@@ -73,6 +73,24 @@ def check_val_split(datamodule: LightningDataModule, trainer: Trainer) -> None:
         )
 
 
+def checkpoint_to_test(cfg: DictConfig, trainer: Trainer) -> str:
+    """The checkpoint `test_ckpt` names: best (highest val/acc; a tie keeps the earlier epoch) or last (the
+    every-epoch checkpoint, as the fit ended). "" when the run saved none (fast_dev_run): the weights in
+    memory. Called before the fit too, so a config that cannot give it fails at once."""
+    choice = cfg.get("test_ckpt", "best")
+    if choice not in ("best", "last"):
+        raise SkuvisionError(f"test_ckpt={choice}: choose best (highest val/acc) or last (as the fit ended)")
+    if choice == "best":
+        return trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    every_epoch = [c for c in trainer.checkpoint_callbacks if c.monitor is None]
+    if trainer.checkpoint_callbacks and not every_epoch:
+        raise SkuvisionError(
+            "test_ckpt=last needs a checkpoint saved every epoch (callbacks.last_checkpoint): add it back, "
+            "or test the best with test_ckpt=best"
+        )
+    return every_epoch[0].best_model_path if every_epoch else ""
+
+
 def find_lr(cfg: DictConfig, module: Classifier, datamodule: LightningDataModule) -> float:
     """Lightning's LR finder on the head phase (backbone frozen); sets optimizer.lr so the head gets the
     suggested LR and every other group keeps its configured ratio to it.
@@ -114,14 +132,14 @@ def find_lr(cfg: DictConfig, module: Classifier, datamodule: LightningDataModule
     return base_lr
 
 
-def test_best(
-    cfg: DictConfig, trainer: Trainer, module: Classifier, datamodule, loggers: list, best: str
+def test_checkpoint(
+    cfg: DictConfig, trainer: Trainer, module: Classifier, datamodule, loggers: list, checkpoint: str
 ) -> Trainer | None:
-    """Test the best checkpoint (the weights in memory after fast_dev_run, which saves none) on one
-    process. Returns the Trainer that tested; None on the other ranks of a multi-process run."""
+    """Test `checkpoint` (the weights in memory after fast_dev_run, which saves none) on one process.
+    Returns the Trainer that tested; None on the other ranks of a multi-process run."""
     tester = solo_tester(cfg, trainer, loggers)
     if tester is not None:
-        tester.test(module, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
+        tester.test(module, datamodule=datamodule, ckpt_path=checkpoint or None, weights_only=True)
     return tester
 
 
@@ -165,6 +183,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         )
     keep_earlier_csv_rows(loggers)
     check_val_split(datamodule, trainer)
+    checkpoint_to_test(cfg, trainer)  # refuses a test_ckpt the callbacks cannot give before the fit starts
     try:
         for logger in loggers:
             logger.log_hyperparams({**plain(cfg), "class_names": datamodule.class_names})
@@ -184,16 +203,20 @@ def train(cfg: DictConfig) -> dict[str, float]:
             **fit_stats(trainer, module, time.perf_counter() - started),
         }
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        tested = checkpoint_to_test(cfg, trainer)
         if cfg.get("test", True):
-            tester = test_best(cfg, trainer, module, datamodule, loggers, best)
+            test_started = time.perf_counter()
+            tester = test_checkpoint(cfg, trainer, module, datamodule, loggers, tested)
             if tester is None:
                 return metrics  # a non-zero DDP rank: rank zero tests and writes the files
             metrics.update(stage_metrics(tester, "test/"))
+            metrics["test/time_s"] = round(time.perf_counter() - test_started, 2)
         if trainer.is_global_zero:
-            record = {**metrics, "best_checkpoint": best or None, "tta": module.tta}
+            record = {**metrics, "checkpoint": tested or None, "best_checkpoint": best or None}
+            record["tta"] = module.tta
             write_json(output_dir / "metrics.json", record)
         if "test/acc" in metrics:
-            log.info("test accuracy %.4f (best checkpoint: %s)", metrics["test/acc"], best or "none")
+            log.info("test accuracy %.4f (checkpoint: %s)", metrics["test/acc"], tested or "none")
             print(f"test/acc = {metrics['test/acc']:.4f}   run folder: {output_dir}")
         return metrics
     finally:
