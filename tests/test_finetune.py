@@ -220,6 +220,7 @@ def test_gradual_unfreezes_each_stage_at_its_epoch(tmp_path, data_root):
         tmp_path,
         data_root,
         [
+            "model.kwargs.widths=[32,64,128]",  # stem and three stages below the head
             "finetune=gradual",
             "finetune.unfreeze_at=[1,2,3]",
             "trainer.max_epochs=5",
@@ -245,6 +246,7 @@ class StopAt(Callback):
 
 def test_resume_mid_gradual_ends_like_an_uninterrupted_run(tmp_path, data_root):
     overrides = [
+        "model.kwargs.widths=[32,64,128]",  # stem and three stages below the head
         "finetune=gradual",
         "finetune.unfreeze_at=[1,3]",
         "trainer.max_epochs=4",

@@ -54,6 +54,7 @@ def test_two_process_ddp_run_matches_a_single_process_eval(data_root, tmp_path, 
     assert last["global_step"] == math.ceil(train_images / 2 / 4)
 
     written = json.loads((run / "metrics.json").read_text())
+    assert written["checkpoint"] == str(run / "checkpoints" / "last.ckpt")  # ddp_spawn too: test_ckpt=last
     eval_cfg = compose_cfg(
         "eval",
         [

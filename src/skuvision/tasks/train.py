@@ -88,7 +88,15 @@ def checkpoint_to_test(cfg: DictConfig, trainer: Trainer) -> str:
             "test_ckpt=last needs a checkpoint saved every epoch (callbacks.last_checkpoint): add it back, "
             "or test the best with test_ckpt=best"
         )
-    return every_epoch[0].best_model_path if every_epoch else ""
+    if not every_epoch:
+        return ""
+    saved = every_epoch[0]
+    if saved.best_model_path:
+        return saved.best_model_path
+    # ddp_spawn hands only the first checkpoint callback's path back to the main process: the file is where
+    # the callback's fixed name puts it
+    fixed_name = Path(saved.dirpath or "") / f"{saved.filename}{saved.FILE_EXTENSION}"
+    return str(fixed_name) if saved.dirpath and saved.filename and fixed_name.is_file() else ""
 
 
 def find_lr(cfg: DictConfig, module: Classifier, datamodule: LightningDataModule) -> float:
