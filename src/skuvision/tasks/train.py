@@ -94,9 +94,9 @@ def checkpoint_to_test(cfg: DictConfig, trainer: Trainer) -> str:
     if saved.best_model_path:
         return saved.best_model_path
     # ddp_spawn hands only the first checkpoint callback's path back to the main process: the file is where
-    # the callback's fixed name puts it
-    fixed_name = Path(saved.dirpath or "") / f"{saved.filename}{saved.FILE_EXTENSION}"
-    return str(fixed_name) if saved.dirpath and saved.filename and fixed_name.is_file() else ""
+    # the callback's own naming puts it (a fixed name such as "last"; a templated one is not found)
+    named = saved.format_checkpoint_name({}) if saved.dirpath else ""
+    return named if named and Path(named).is_file() else ""
 
 
 def find_lr(cfg: DictConfig, module: Classifier, datamodule: LightningDataModule) -> float:
