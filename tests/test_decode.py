@@ -700,3 +700,23 @@ def test_server_decoding_sees_a_phone_photo_as_its_upright_twin(predictor, tmp_p
     assert big.shape == (3, 32, 32)
     upright_phone = InputImageFiles([phone_jpeg], predictor.card.input_config)[0][0]
     assert torch.equal(big, upright_phone)
+
+
+@pytest.mark.parametrize(
+    "exif",
+    [
+        b"Exif\x00\x00II*\x00\xff\xff\xff\x7f",  # its first directory lies past the end
+        b"Exif\x00\x00MM\x00*\x00\x00\x00\x08\x00\x05\x01\x12",  # cut inside an entry
+        b"Exif\x00\x00II*\x00\x08\x00\x00\x00\x01\x00\x12\x01\x03\x00\x01\x00\x00\x00\x09\x00\x00\x00",  # 9
+    ],
+)
+def test_broken_or_unknown_exif_orientation_leaves_the_image_as_stored(tmp_path, exif):
+    from skuvision.data.image_files import device_orientation
+
+    path = tmp_path / "odd_exif.jpg"
+    photo((640, 480)).save(path, quality=95, exif=exif)
+    plain = tmp_path / "plain.jpg"
+    photo((640, 480)).save(plain, quality=95)
+    for args in ((), (eval_min_side(INPUT_32), "bicubic")):
+        assert np.array_equal(np.asarray(open_rgb(path, *args)), np.asarray(open_rgb(plain, *args)))
+    assert device_orientation(read_file(str(path))) == 1
