@@ -8,17 +8,25 @@ import numpy as np
 import pytest
 import torch
 from conftest import compose_cfg, quick_overrides
-from PIL import Image
+from PIL import ExifTags, Image, ImageFile, ImageOps
 from skimage import data as photos
 from torchvision.io import read_file
 from torchvision.transforms import Resize
-from writers import write_photo_folder
+from writers import write_huge_png, write_oriented_jpeg, write_photo_folder
 
 from skuvision.data.files import InputFilesDataModule, InputImageFiles
-from skuvision.data.image_files import JpegBatch, collate_images, decode_batch_on_device
+from skuvision.data.image_files import JpegBatch, JpegFile, collate_images, decode_batch_on_device
 from skuvision.data.image_folder import ImageFolderDataModule
-from skuvision.data.images import dct_scale, decode_error, open_rgb, resized_size, scan_images
-from skuvision.data.transforms import ToModelInput, eval_image_transform, eval_min_side
+from skuvision.data.images import (
+    ImageOverBudget,
+    dct_scale,
+    decode_error,
+    open_rgb,
+    pixel_budget,
+    resized_size,
+    scan_images,
+)
+from skuvision.data.transforms import ToModelInput, eval_image_transform, eval_min_side, eval_pixel_budget
 from skuvision.errors import SkuvisionError
 from skuvision.tasks import train
 
@@ -201,11 +209,12 @@ def test_device_batch_decoding_gives_the_eval_geometry(tmp_path):
     files = InputImageFiles([jpeg, png], INPUT_224)
     files.jpeg_bytes = True
     items = [files.image(0), files.image(1)]
-    assert items[0].ndim == 1 and torch.equal(items[0], read_file(str(jpeg)))  # bytes from the worker
+    assert isinstance(items[0], JpegFile) and torch.equal(items[0].data, read_file(str(jpeg)))  # bytes
+    assert items[0].orientation == 1
     assert items[1].shape == (3, 224, 224)  # a PNG is decoded in the worker
     images, labels = collate_images([(items[1], 1), (items[0], 0), (items[0], 0)])
     # One tensor holds every JPEG: a batch leaves a worker in one shared-memory handle, not one per image.
-    assert images.data.numel() == 2 * items[0].numel() and images.num_images == 3
+    assert images.data.numel() == 2 * items[0].data.numel() and images.num_images == 3
     assert labels.tolist() == [1, 0, 0]
     batch = decode_batch_on_device(images, torch.device("cpu"), ToModelInput(INPUT_224).resize_crop)
     assert batch.shape == (3, 3, 224, 224) and batch.dtype == torch.uint8
@@ -302,3 +311,412 @@ def test_device_decoding_path_runs_through_lightning(tmp_path, data_root):
     trainer = Trainer(accelerator="cpu", fast_dev_run=True, **options)
     trainer.fit(module, datamodule=datamodule)
     assert trainer.state.finished
+
+
+# --- EXIF orientation: every decode path sees a phone photo the way a person does
+
+
+def photo(size: tuple[int, int] = (1333, 1001), name: str = "astronaut") -> Image.Image:
+    """An asymmetric real photo at `size` (odd sides: the reduced decode ends in a partial pixel)."""
+    return Image.fromarray(getattr(photos, name)()).resize(size, Image.BICUBIC)
+
+
+def oriented_twins(folder: Path, upright: Image.Image, orientation: int = 6) -> dict[str, Path]:
+    """The same picture three ways: upright (no tag), stored turned with the EXIF tag that turns it back
+    (as a phone writes it), and the same stored pixels without the tag (what a decoder ignoring EXIF sees)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {"upright": folder / "upright.jpg", "oriented": folder / f"oriented_{orientation}.jpg"}
+    upright.save(paths["upright"], quality=95)
+    write_oriented_jpeg(paths["oriented"], upright, orientation)
+    paths["sideways"] = folder / f"sideways_{orientation}.jpg"
+    with Image.open(paths["oriented"]) as stored:
+        stored.convert("RGB").save(paths["sideways"], quality=95)  # no exif= : the tag is gone
+    return paths
+
+
+def mean_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return (a.int() - b.int()).abs().float().mean().item()
+
+
+@pytest.mark.parametrize("orientation", range(2, 9))
+@pytest.mark.parametrize("decoding", ["full", "reduced", "reduced, resized"])
+def test_oriented_jpeg_decodes_as_its_upright_twin(tmp_path, orientation, decoding):
+    """Full decoding (eval of small files, the demo's pictures), reduced and resized from the decoded region
+    (eval, predict, serve: odd sides, so the region ends in a partial pixel whose edge turns with the image),
+    and reduced alone (the augmented training split; even sides: without the resize, a partial last pixel
+    stretches any odd-sided image, turned or not, by half a reduced pixel, unseen by random crops)."""
+    size = (1334, 1002) if decoding == "reduced" else (1333, 1001)
+    twins = oriented_twins(tmp_path, photo(size), orientation)
+    with Image.open(twins["oriented"]) as stored:  # the file says what Pillow's own exif_transpose says
+        assert stored.getexif()[ExifTags.Base.Orientation] == orientation
+        seen = np.asarray(ImageOps.exif_transpose(stored)).astype(int)
+    assert np.abs(seen - np.asarray(photo(size)).astype(int)).mean() < MAX_MEAN_ABS_DIFF
+    transform, min_side = eval_image_transform(INPUT_224), eval_min_side(INPUT_224)
+    args = {"full": (), "reduced": (min_side,), "reduced, resized": (min_side, "bicubic")}[decoding]
+    if args:
+        assert dct_scale(*size[::-1], min_side) == dct_scale(*size, min_side) == 2
+    upright = transform(open_rgb(twins["upright"], *args))
+    oriented = transform(open_rgb(twins["oriented"], *args))
+    assert open_rgb(twins["oriented"], *args).size == open_rgb(twins["upright"], *args).size
+    assert mean_abs_diff(oriented, upright) < MAX_MEAN_ABS_DIFF
+    # What the model saw before: the stored pixels, far from the upright picture.
+    assert mean_abs_diff(transform(open_rgb(twins["sideways"], *args)), upright) > 10
+
+
+def test_folder_dataset_and_its_cache_see_phone_photos_upright(tmp_path):
+    """The train/eval path: an ImageFolder's items, uncached and from the decoded-image cache."""
+    root = tmp_path / "shop"
+    twins = oriented_twins(root / "portrait", photo())
+    other = root / "other"
+    other.mkdir()
+    photo((900, 700), "coffee").save(other / "coffee.jpg", quality=90)
+    for cache in (False, True):
+        train = folder_module(root, split_fractions=(1, 0, 0), cache=cache).splits["train"]
+        if cache:
+            assert train.cached.count == len(train) == 4
+        items = {path.stem.split("_")[0]: train[i][0] for i, path in enumerate(train.paths)}
+        assert mean_abs_diff(items["oriented"], items["upright"]) < MAX_MEAN_ABS_DIFF
+        assert mean_abs_diff(items["sideways"], items["upright"]) > 10
+        oriented = train.paths.index(twins["oriented"])
+        assert torch.equal(train.image(oriented), train.decode(oriented))  # the cache holds the upright crop
+
+
+def test_decoded_cache_from_before_orientation_is_not_reused():
+    """Crops cached before orientation was applied are sideways: their folder (geometry key) is not read."""
+    import hashlib
+    import json
+
+    import PIL
+    import torchvision
+
+    from skuvision.data.image_cache import geometry_key
+
+    before = {  # what format 1 hashed
+        "format": 1,
+        "input_size": [224, 224],
+        "crop_pct": 0.875,
+        "interpolation": "bicubic",
+        "channels": 3,
+        "decode": "pillow-dct-draft",
+        "pillow": PIL.__version__,
+        "torchvision": torchvision.__version__,
+    }
+    old_key = hashlib.sha1(json.dumps(before, sort_keys=True).encode()).hexdigest()[:16]
+    assert geometry_key(INPUT_224, 3) != old_key
+
+
+def test_prediction_inputs_see_phone_photos_upright(tmp_path):
+    twins = oriented_twins(tmp_path, photo())
+    files = InputImageFiles([twins["upright"], twins["oriented"], twins["sideways"]], INPUT_224)
+    (upright, e0), (oriented, e1), (sideways, e2) = files[0], files[1], files[2]
+    assert e0 == e1 == e2 == ""
+    assert mean_abs_diff(oriented, upright) < MAX_MEAN_ABS_DIFF
+    assert mean_abs_diff(sideways, upright) > 10
+
+
+def test_upright_table_matches_torchvision_and_pillow(tmp_path):
+    """The device path's orientation step (tensor ops that run on the decoding device) against torchvision's
+    CPU decoder with apply_exif_orientation and against Pillow's exif_transpose, for every orientation."""
+    from torchvision.io import decode_jpeg
+
+    from skuvision.data.image_files import ORIENTATIONS, device_orientation, upright
+
+    assert set(ORIENTATIONS) == set(range(1, 9))
+    picture = photo((64, 48))
+    for orientation in range(1, 9):
+        path = tmp_path / f"o{orientation}.jpg"
+        if orientation == 1:
+            exif = Image.Exif()
+            exif[ExifTags.Base.Orientation] = 1
+            picture.save(path, quality=95, exif=exif)
+        else:
+            write_oriented_jpeg(path, picture, orientation)
+        data = read_file(str(path))
+        assert device_orientation(data) == orientation
+        stored = decode_jpeg(data)
+        turned = upright(stored, orientation)
+        assert torch.equal(turned, decode_jpeg(data, apply_exif_orientation=True)), orientation
+        with Image.open(path) as img:
+            expected = torch.from_numpy(np.asarray(ImageOps.exif_transpose(img.convert("RGB")))).permute(
+                2, 0, 1
+            )
+            raw = torch.from_numpy(np.asarray(img.convert("RGB"))).permute(2, 0, 1)
+        assert torch.equal(upright(raw, orientation), expected), orientation
+        assert turned.shape[-2:] == (48, 64)
+
+
+def device_batch(paths: list[Path], device: torch.device) -> torch.Tensor:
+    """decode_on=gpu's steps: worker items (JpegFile), the collated batch, the device decode."""
+    files = InputImageFiles(paths, INPUT_224)
+    files.jpeg_bytes = True
+    items = [files.image(i) for i in range(len(paths))]
+    assert all(isinstance(item, JpegFile) for item in items)
+    images, _ = collate_images([(item, 0) for item in items])
+    return decode_batch_on_device(images, device, ToModelInput(INPUT_224).to(device).resize_crop).cpu()
+
+
+def test_device_path_turns_phone_photos_upright(tmp_path):
+    """decode_on=gpu with the CPU standing in for the device: the JPEG's EXIF orientation travels from the
+    worker with its bytes and is applied after decoding."""
+    twins = oriented_twins(tmp_path, photo())
+    paths = [twins["upright"], twins["oriented"], twins["sideways"]]
+    files = InputImageFiles(paths, INPUT_224)
+    files.jpeg_bytes = True
+    assert [files.image(i).orientation for i in range(3)] == [1, 6, 1]
+    batch = device_batch(paths, torch.device("cpu"))
+    assert mean_abs_diff(batch[1], batch[0]) < MAX_MEAN_ABS_DIFF
+    assert mean_abs_diff(batch[2], batch[0]) > 10
+    files.jpeg_bytes = False
+    assert mean_abs_diff(batch[1], files.image(1)) < 3  # the PIL path (tensor vs PIL antialiasing)
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="nvJPEG decoding needs a CUDA device; the CPU tests above check the same orientation step",
+)
+def test_nvjpeg_path_turns_phone_photos_upright(tmp_path):
+    twins = oriented_twins(tmp_path, photo())
+    paths = [twins["upright"], twins["oriented"], twins["sideways"]]
+    on_gpu = device_batch(paths, torch.device("cuda"))
+    assert mean_abs_diff(on_gpu[1], on_gpu[0]) < MAX_MEAN_ABS_DIFF
+    assert mean_abs_diff(on_gpu[2], on_gpu[0]) > 10
+    assert mean_abs_diff(on_gpu[1], device_batch(paths, torch.device("cpu"))[1]) < 3
+
+
+# --- the pixel budget: what a file would decode to, checked from its header
+
+
+@pytest.fixture(scope="module")
+def huge_png(tmp_path_factory) -> Path:
+    """The 0.5 MB, 13000 x 13000 px PNG (under Pillow's bomb limit) that cost 6 s and 2.4 GB per decode."""
+    return write_huge_png(tmp_path_factory.mktemp("huge") / "huge.png")
+
+
+@pytest.fixture(scope="module")
+def phone_jpeg(tmp_path_factory) -> Path:
+    """A 24 Mpx phone JPEG (6000 x 4000 px, stored turned with Orientation=6): over the 16 Mpx budget in
+    full, within it at reduced scale."""
+    path = tmp_path_factory.mktemp("phone") / "phone.jpg"
+    return write_oriented_jpeg(path, photo((6000, 4000)), 6, quality=90)
+
+
+@pytest.fixture
+def decoded_sizes(monkeypatch) -> list[tuple[int, int]]:
+    """The size of every image Pillow loads from a file (after any reduction): what was actually decoded."""
+    sizes = []
+    load = ImageFile.ImageFile.load
+
+    def recording_load(self):
+        if self.tile:  # something left to decode (a loaded image's load() does nothing)
+            sizes.append(self.size)
+        return load(self)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", recording_load)
+    return sizes
+
+
+def test_pixel_budget_follows_the_model_input():
+    assert eval_pixel_budget(INPUT_32) == eval_pixel_budget(INPUT_224) == 4096 * 4096  # the floor
+    assert pixel_budget(1024) == 8192 * 8192  # 8 x the shorter side the eval resize needs, each way
+    assert pixel_budget(eval_min_side({**INPUT_224, "input_size": (3, 896, 896)})) == 8192 * 8192
+
+
+def test_huge_png_is_refused_from_its_header(huge_png, decoded_sizes):
+    with pytest.raises(
+        ImageOverBudget, match=r"13000x13000 px image decodes to 169,000,000 pixels.* budget of 16,777,216"
+    ):
+        open_rgb(huge_png, eval_min_side(INPUT_224), "bicubic", eval_pixel_budget(INPUT_224))
+    assert decoded_sizes == []  # refused before anything was decoded
+
+
+def test_a_big_phone_jpeg_decodes_at_reduced_scale_within_the_budget(phone_jpeg, decoded_sizes):
+    budget = eval_pixel_budget(INPUT_224)
+    image = open_rgb(phone_jpeg, eval_min_side(INPUT_224), "bicubic", budget)
+    assert image.size == (384, 256)  # upright: 6000 x 4000 seen, resized to a shorter side of 256
+    assert decoded_sizes and all(w * h <= budget for w, h in decoded_sizes)
+    assert max(decoded_sizes) == (500, 750)  # the stored 4000 x 6000 at 1/8
+    item, error = InputImageFiles([phone_jpeg], INPUT_224)[0]
+    assert error == "" and item.shape == (3, 224, 224)
+    decoded_sizes.clear()
+    with pytest.raises(ImageOverBudget, match="4000x6000 px image decodes to 24,000,000 pixels"):
+        open_rgb(phone_jpeg, max_pixels=budget)  # in full it would be over: the budget counts what decodes
+    assert decoded_sizes == []
+
+
+def test_prediction_input_over_the_budget_is_an_error_item(huge_png, phone_jpeg, decoded_sizes):
+    files = InputImageFiles([huge_png, phone_jpeg], INPUT_224)
+    (blank, error), (image, fine) = files[0], files[1]
+    assert error.startswith("ImageOverBudget: 13000x13000 px") and "16,777,216" in error
+    assert blank.shape == image.shape == (3, 224, 224) and fine == ""
+    assert (13000, 13000) not in decoded_sizes
+
+
+def test_device_path_leaves_over_budget_and_cmyk_jpegs_to_the_cpu(tmp_path, phone_jpeg):
+    from skuvision.data.image_files import device_orientation
+
+    data = read_file(str(phone_jpeg))
+    assert device_orientation(data) == 6
+    assert device_orientation(data, max_pixels=eval_pixel_budget(INPUT_224)) is None  # 24 Mpx in full
+    cmyk = tmp_path / "cmyk.jpg"
+    photo((300, 200)).convert("CMYK").save(cmyk)
+    assert device_orientation(read_file(str(cmyk))) is None
+    files = InputImageFiles([phone_jpeg], INPUT_224)
+    files.jpeg_bytes = True
+    assert files.image(0).shape == (3, 224, 224)  # decoded in the worker, at reduced scale
+
+
+def test_the_scan_skips_files_over_the_budget_without_decoding_them(tmp_path, decoded_sizes):
+    """The unreadable-file scan reads the budget off each file's (cached) header: a file over this model's
+    budget is reported without being decoded, one under a later, larger budget is decoded then."""
+    png = tmp_path / "wide.png"
+    Image.new("RGB", (3000, 2000)).save(png)  # 6 Mpx
+    reason = scan_images(tmp_path, [png], max_pixels=2_000_000)[png]
+    assert "3000x2000 px image decodes to 6,000,000 pixels" in reason and "2,000,000" in reason
+    assert decoded_sizes == []
+    assert scan_images(tmp_path, [png], max_pixels=None) == {}  # decoded now
+    assert decoded_sizes == [(3000, 2000)]
+    assert png in scan_images(tmp_path, [png], max_pixels=2_000_000)  # from the cache: no decode again
+    assert scan_images(tmp_path, [png]) == {} and decoded_sizes == [(3000, 2000)]
+
+
+def test_training_skips_an_image_over_the_budget_and_lists_why(
+    tmp_path, data_root, huge_png, phone_jpeg, decoded_sizes
+):
+    import json
+    import shutil
+
+    from writers import write_image_folder
+
+    root = write_image_folder(tmp_path / "shop", classes=("kettle", "shirt"), per_class=6, size=40)
+    shutil.copy(huge_png, root / "shirt" / "huge.png")
+    shutil.copy(phone_jpeg, root / "kettle" / "phone.jpg")
+    overrides = quick_overrides("image_folder", data_root) + [
+        f"data.root={root}",
+        "trainer.fast_dev_run=true",
+        "test=false",
+    ]
+    train(compose_cfg("train", overrides, tmp_path / "run"))
+    skipped = json.loads((tmp_path / "run" / "skipped_images.json").read_text())
+    assert list(skipped) == [str(root / "shirt" / "huge.png")]
+    assert "13000x13000 px image decodes to 169,000,000 pixels" in skipped[str(root / "shirt" / "huge.png")]
+    counts = json.loads((tmp_path / "run" / "class_counts.json").read_text())
+    assert sum(sum(split.values()) for split in counts.values()) == 13  # the phone photo is used
+    assert (13000, 13000) not in decoded_sizes
+
+
+# --- what the model answers: predict.py and the server's decoding, with a trained checkpoint
+
+
+def pattern_photo() -> Image.Image:
+    """A picture of one class of the serving tests' model (a bright horizontal bar on noise), at a photo's
+    aspect: turned sideways the bar stands upright, and the model sees another picture."""
+    from writers import pattern_images
+
+    bar = pattern_images(np.array([1]), 40, 3, seed=5)[0]
+    return Image.fromarray(bar).resize((200, 160), Image.BICUBIC)
+
+
+def label_probs(labels: list[dict]) -> dict[str, float]:
+    return {item["label"]: item["prob"] for item in labels}
+
+
+def csv_probs(row: dict) -> dict[str, float]:
+    ranks = range(1, 1 + sum(key.startswith("label_") for key in row))
+    return {row[f"label_{i}"]: float(row[f"prob_{i}"]) for i in ranks}
+
+
+def max_prob_change(a: dict[str, float], b: dict[str, float]) -> float:
+    assert set(a) == set(b)
+    return max(abs(a[k] - b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def predicted_rows(serve_checkpoint, huge_png, tmp_path_factory) -> dict[str, dict]:
+    """predict.py over a folder holding the phone-photo twins and the huge PNG: its CSV rows by file."""
+    import csv
+    import shutil
+
+    from skuvision.tasks.predict import predict
+
+    folder = tmp_path_factory.mktemp("predict_inputs") / "new"
+    oriented_twins(folder, pattern_photo())
+    shutil.copy(huge_png, folder / "huge.png")
+    overrides = [
+        f"ckpt_path={serve_checkpoint}",
+        f"input={folder}",
+        "num_workers=0",
+        "trainer.accelerator=cpu",
+        "trainer.precision=32",
+    ]
+    with open(predict(compose_cfg("predict", overrides, folder.parent / "run"))) as f:
+        return {Path(row["path"]).stem.split("_")[0]: row for row in csv.DictReader(f)}
+
+
+def test_predict_sees_a_phone_photo_as_its_upright_twin(predicted_rows):
+    upright, oriented = csv_probs(predicted_rows["upright"]), csv_probs(predicted_rows["oriented"])
+    assert predicted_rows["oriented"]["error"] == "" and oriented
+    assert predicted_rows["oriented"]["label_1"] == predicted_rows["upright"]["label_1"]
+    assert max_prob_change(oriented, upright) < 0.02
+    assert max_prob_change(csv_probs(predicted_rows["sideways"]), upright) > 0.1  # the model can tell
+
+
+def test_predict_gives_an_image_over_the_budget_its_error_row(predicted_rows):
+    row = predicted_rows["huge"]
+    assert row["error"].startswith("ImageOverBudget: 13000x13000 px image decodes to 169,000,000 pixels")
+    assert "16,777,216" in row["error"] and row["label_1"] == ""
+
+
+@pytest.fixture(scope="module")
+def predictor(serve_checkpoint):
+    from skuvision.serving.predictor import Predictor, model_card
+
+    return Predictor(model_card(str(serve_checkpoint)))
+
+
+def test_server_decoding_refuses_an_image_over_the_budget_with_413(predictor, huge_png, decoded_sizes):
+    from skuvision.serving.predictor import BadImage
+
+    with pytest.raises(
+        BadImage, match=r"13000x13000 px image decodes to .* pixel budget of 16,777,216"
+    ) as err:
+        predictor.decode(huge_png.read_bytes())
+    assert err.value.status == 413
+    assert decoded_sizes == []
+    with pytest.raises(BadImage) as bomb:  # over Pillow's own ceiling: still the 400 it was
+        predictor.decode(write_huge_png(huge_png.with_name("bomb.png"), 14000, 14000).read_bytes())
+    assert bomb.value.status == 400 and "DecompressionBombError" in str(bomb.value)
+
+
+def test_server_decoding_sees_a_phone_photo_as_its_upright_twin(predictor, tmp_path, phone_jpeg):
+    twins = oriented_twins(tmp_path, pattern_photo())
+    images = {name: predictor.decode(path.read_bytes()) for name, path in twins.items()}
+    assert mean_abs_diff(images["oriented"], images["upright"]) < MAX_MEAN_ABS_DIFF
+    answers = predictor.answer(torch.stack([images["upright"], images["oriented"], images["sideways"]]))
+    upright, oriented, sideways = (label_probs(a["labels"]) for a in answers)
+    assert max_prob_change(oriented, upright) < 0.02
+    assert max_prob_change(sideways, upright) > 0.1
+    big = predictor.decode(phone_jpeg.read_bytes())  # a 24 Mpx phone JPEG is answered, upright
+    assert big.shape == (3, 32, 32)
+    upright_phone = InputImageFiles([phone_jpeg], predictor.card.input_config)[0][0]
+    assert torch.equal(big, upright_phone)
+
+
+@pytest.mark.parametrize(
+    "exif",
+    [
+        b"Exif\x00\x00II*\x00\xff\xff\xff\x7f",  # its first directory lies past the end
+        b"Exif\x00\x00MM\x00*\x00\x00\x00\x08\x00\x05\x01\x12",  # cut inside an entry
+        b"Exif\x00\x00II*\x00\x08\x00\x00\x00\x01\x00\x12\x01\x03\x00\x01\x00\x00\x00\x09\x00\x00\x00",  # 9
+    ],
+)
+def test_broken_or_unknown_exif_orientation_leaves_the_image_as_stored(tmp_path, exif):
+    from skuvision.data.image_files import device_orientation
+
+    path = tmp_path / "odd_exif.jpg"
+    photo((640, 480)).save(path, quality=95, exif=exif)
+    plain = tmp_path / "plain.jpg"
+    photo((640, 480)).save(plain, quality=95)
+    for args in ((), (eval_min_side(INPUT_32), "bicubic")):
+        assert np.array_equal(np.asarray(open_rgb(path, *args)), np.asarray(open_rgb(plain, *args)))
+    assert device_orientation(read_file(str(path))) == 1

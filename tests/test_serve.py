@@ -272,3 +272,34 @@ def test_sigterm_finishes_the_request_in_flight(servers, query_files, predicted_
     assert server.process.wait(timeout=60) == 0, server.log_tail()
     with pytest.raises(httpx.TransportError):
         httpx.get(server.url + "/health", timeout=5)
+
+
+def test_huge_png_is_refused_fast_and_phone_photos_are_seen_upright(servers, query_files, tmp_path):
+    """A 13000 x 13000 px PNG (0.5 MB, under Pillow's bomb limit; decoding it took 6 s and 2.4 GB in a
+    worker) gets its 413 from its header, and the next request is served; a phone JPEG stored turned with
+    Orientation=6 gets its upright twin's answer."""
+    import numpy as np
+    from writers import pattern_images, write_huge_png, write_oriented_jpeg
+
+    url = servers["torch"].url
+    huge = write_huge_png(tmp_path / "huge.png")
+    started = time.monotonic()
+    response = post_file(url, huge)
+    assert response.status_code == 413, response.text
+    assert time.monotonic() - started < 3  # answered from the header
+    assert "13000x13000 px image decodes to 169,000,000 pixels" in response.json()["detail"]
+    assert "pixel budget of 16,777,216" in response.json()["detail"]
+    assert post_file(url, query_files[0]).status_code == 200
+
+    upright = Image.fromarray(pattern_images(np.array([1]), 40, 3, seed=5)[0]).resize((200, 160))
+    upright.save(tmp_path / "upright.jpg", quality=95)
+    oriented = write_oriented_jpeg(tmp_path / "oriented.jpg", upright, 6)
+    with Image.open(oriented) as stored:
+        stored.convert("RGB").save(tmp_path / "sideways.jpg", quality=95)  # the same pixels, no tag
+    probs = {}
+    for name in ("upright", "oriented", "sideways"):
+        response = post_file(url, tmp_path / f"{name}.jpg")
+        assert response.status_code == 200, response.text
+        probs[name] = {item["label"]: item["prob"] for item in response.json()["labels"]}
+    assert max(abs(probs["oriented"][k] - p) for k, p in probs["upright"].items()) < 0.02
+    assert max(abs(probs["sideways"][k] - p) for k, p in probs["upright"].items()) > 0.1

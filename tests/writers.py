@@ -157,3 +157,42 @@ def write_photo_folder(root: Path, classes=("kettle", "shirt"), per_class: int =
             else:
                 img.save(root / name / f"{name}_{i:03d}.jpg", quality=90)
     return root
+
+
+def write_huge_png(path: Path, width: int = 13000, height: int = 13000) -> Path:
+    """An all-black 8-bit RGB PNG of width x height px, compressed row by row (the image is never in memory):
+    13000 x 13000 px (169 Mpx, under Pillow's decompression-bomb limit of 179 Mpx) in 0.5 MB."""
+    compress = zlib.compressobj(9)
+    row = b"\0" * (1 + 3 * width)  # filter type 0, then the pixels
+    idat = b"".join([compress.compress(row) for _ in range(height)] + [compress.flush()])
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB, no interlace
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+    )
+    return path
+
+
+# How to store an upright image so that an EXIF orientation turns it back (the inverse of each transpose
+# ImageOps.exif_transpose applies); tests check the files against exif_transpose itself.
+STORED_FOR_ORIENTATION = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_90,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_270,
+}
+
+
+def write_oriented_jpeg(path: Path, upright: Image.Image, orientation: int = 6, quality: int = 95) -> Path:
+    """A JPEG as a phone writes it: the pixels stored turned (Orientation=6: as the sensor saw a portrait
+    shot, 90 degrees anticlockwise), with the EXIF Orientation tag that says how to show them."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation  # ExifTags.Base.Orientation
+    upright.transpose(STORED_FOR_ORIENTATION[orientation]).save(path, quality=quality, exif=exif)
+    return path

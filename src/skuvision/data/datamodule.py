@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from functools import cached_property
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -21,7 +22,8 @@ from skuvision.data.image_files import (
     collate_images,
     decode_batch_on_device,
 )
-from skuvision.data.transforms import ToModelInput, eval_image_transform, eval_min_side
+from skuvision.data.images import scan_images
+from skuvision.data.transforms import ToModelInput, eval_image_transform, eval_min_side, eval_pixel_budget
 from skuvision.errors import SkuvisionError
 
 log = logging.getLogger(__name__)
@@ -222,9 +224,35 @@ class ImageDataModule(LightningDataModule):
             return False
         return True
 
+    @property
+    def pixel_budget(self) -> int:
+        """The most pixels one file may decode to, from the model's input size (images.pixel_budget)."""
+        return eval_pixel_budget(self.input_config)
+
+    @property
+    def largest_decode_side(self) -> int | None:
+        """The shorter side the most demanding split decodes files at (None: in full)."""
+        if self.train_transform is None:
+            return eval_min_side(self.input_config)
+        train_side = self.augment.min_decode_side(self.input_config)
+        return None if train_side is None else max(train_side, eval_min_side(self.input_config))
+
+    def find_unreadable(self, root: Path, paths: list[Path]) -> dict[Path, str]:
+        """{path: reason} for the files of a file source that do not decode, or that would decode to more
+        pixels than the budget in some split: found once, at setup, and skipped."""
+        return scan_images(
+            root,
+            paths,
+            workers=max(2, self.num_workers),
+            min_side=self.largest_decode_side,
+            max_pixels=self.pixel_budget,
+        )
+
     def _configure_files(self, split: str, dataset: Dataset, base: ImageFiles, augmented: bool) -> None:
-        """Decoding of a file split: reduced-scale JPEGs always; the cache or device decoding where the split
-        uses the eval geometry (a per-image training augmentation needs the whole decoded image)."""
+        """Decoding of a file split: reduced-scale JPEGs within the pixel budget always; the cache or device
+        decoding where the split uses the eval geometry (a per-image training augmentation needs the whole
+        decoded image)."""
+        base.max_pixels = self.pixel_budget
         if augmented:
             base.min_side = self.augment.min_decode_side(self.input_config)
             if self.cache or self.decode_on == "gpu":

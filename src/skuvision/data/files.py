@@ -17,7 +17,7 @@ from skuvision.data.image_cache import DecodedImageCache
 from skuvision.data.image_files import ImageFiles
 from skuvision.data.image_folder import IMAGE_SUFFIXES
 from skuvision.data.images import DECODE_ERRORS
-from skuvision.data.transforms import ToModelInput, eval_image_transform, eval_min_side
+from skuvision.data.transforms import ToModelInput, eval_image_transform, eval_min_side, eval_pixel_budget
 from skuvision.errors import SkuvisionError
 
 LIST_SUFFIXES = {".txt", ".csv", ".lst"}
@@ -48,7 +48,8 @@ def collect_inputs(inputs: str | Sequence[str]) -> list[Path]:
 
 class InputImageFiles(ImageFiles):
     """Unlabelled files to predict or embed: (uint8 CHW tensor at the model's size, error message or "")
-    per path, so that one bad file becomes an error row instead of stopping the run."""
+    per path, so that one bad file (or one over the model's pixel budget) becomes an error row instead of
+    stopping the run."""
 
     def __init__(self, paths: list[Path], input_config: dict):
         super().__init__(paths, eval_image_transform(input_config))
@@ -56,6 +57,7 @@ class InputImageFiles(ImageFiles):
         self.channels = int(input_config["input_size"][0])
         self.min_side = eval_min_side(input_config)
         self.interpolation = input_config["interpolation"]
+        self.max_pixels = eval_pixel_budget(input_config)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
         channels, size, _ = self.input_config["input_size"]

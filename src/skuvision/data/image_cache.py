@@ -3,10 +3,10 @@ transform makes of it, kept in memory-mapped shards that later epochs and later 
 
 Layout: `<cache_dir>/decoded/<geometry key>/<shard>.u8` (raw uint8, rows of C x H x W) and
 `<shard>.json` (the file key of each row). The geometry key hashes the input size, crop_pct, interpolation,
-channels, the decoding policy and the Pillow version: another model geometry gets its own folder. A file's
-key is its absolute path, size and mtime_ns, so a changed file misses and is decoded again: nothing stale is
-served, and nothing is ever overwritten (a shard is written under a temporary name, then renamed; its .json
-is published last, so readers only see complete shards).
+channels, the decoding policy (reduced-scale JPEGs, EXIF orientation) and the Pillow version: another model
+geometry gets its own folder. A file's key is its absolute path, size and mtime_ns, so a changed file misses
+and is decoded again: nothing stale is served, and nothing is ever overwritten (a shard is written under a
+temporary name, then renamed; its .json is published last, so readers only see complete shards).
 
 Filling happens once per split in the main process at setup, with a thread pool (Pillow decodes and resizes
 without holding the GIL). DataLoader workers only read: each opens the shards itself, read-only, on first
@@ -35,7 +35,7 @@ from skuvision.data.images import DECODE_ERRORS
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1  # bump when what a row holds changes
+CACHE_FORMAT = 2  # bump when what a row holds changes (2: images turned by their EXIF orientation)
 
 
 def geometry_key(input_config: dict, channels: int) -> str:
@@ -46,7 +46,7 @@ def geometry_key(input_config: dict, channels: int) -> str:
         "crop_pct": float(input_config["crop_pct"]),
         "interpolation": str(input_config["interpolation"]),
         "channels": int(channels),
-        "decode": "pillow-dct-draft",  # reduced-scale JPEG decoding changes pixels slightly
+        "decode": "pillow-dct-draft-exif",  # reduced-scale JPEG decoding changes pixels slightly
         "pillow": PIL.__version__,
         "torchvision": torchvision.__version__,  # its Resize and CenterCrop run in timm's eval transform
     }

@@ -17,7 +17,7 @@ import torch
 
 from skuvision.data.datamodule import ImageDataModule, stratified_split
 from skuvision.data.image_files import ImageFiles
-from skuvision.data.images import DECODE_ERRORS, scan_images
+from skuvision.data.images import DECODE_ERRORS
 from skuvision.errors import SkuvisionError
 
 log = logging.getLogger(__name__)
@@ -106,9 +106,7 @@ class ImageFolderDataModule(ImageDataModule):
                     f"add it to train/ or remove it"
                 )
             files[name] = list_images(base / name)
-        bad = scan_images(
-            self.folder, [p for paths in files.values() for p in paths], workers=max(2, self.num_workers)
-        )
+        bad = self.find_unreadable(self.folder, [p for paths in files.values() for p in paths])
         for path, reason in bad.items():
             log.warning("skipping unreadable image %s (%s)", path, reason)
             self.skipped[str(path)] = reason

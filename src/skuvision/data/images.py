@@ -7,6 +7,13 @@ usual catalogue background). A truncated or non-image file is found once, at set
 A JPEG much larger than the model's input is decoded at a reduced DCT scale (libjpeg's 1/2, 1/4, 1/8 through
 Pillow's `draft`): a fraction of the cost of a full decode, and nothing is lost once the image is resized
 down to the model's size anyway.
+
+A pixel budget per model bounds what one file may cost: the pixels that would actually be decoded (after the
+JPEG reduction) are read from the header and a file over the budget is refused before anything is decoded
+(see `pixel_budget`). Pillow's MAX_IMAGE_PIXELS stays the global ceiling above it.
+
+EXIF orientation (phone photos store their sensor's pixels and a tag saying how to turn them) is applied by
+`ImageOps.exif_transpose`, so every decode path sees the image as a person does.
 """
 
 from __future__ import annotations
@@ -14,12 +21,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import IO
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from timm.data.transforms import str_to_pil_interp
 
 from skuvision.config import cache_dir
@@ -27,7 +36,25 @@ from skuvision.config import cache_dir
 log = logging.getLogger(__name__)
 
 SIXTEEN_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
+
+
+class ImageOverBudget(ValueError):
+    """A file that would decode to more pixels than the model's pixel budget: refused from its header."""
+
+
 DECODE_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+# A model whose eval transform resizes the shorter side to S decodes at most (8 S)^2 pixels: an image up to 8
+# times its needed side each way, which libjpeg's 1/8 scale brings back to about S. Never under 16 Mpx, so a
+# 12 Mpx phone photo in any format (PNG, TIFF, WebP: decoded in full) works with a 28 px model too; a 16 Mpx
+# decode costs about 0.15 s and 130 MB here, a 169 Mpx one 6 s and 2.2 GB.
+BUDGET_SIDE_FACTOR = 8
+MIN_PIXEL_BUDGET = 4096 * 4096
+
+
+def pixel_budget(min_side: int) -> int:
+    """The most pixels a file may decode to for a transform that needs a shorter side of `min_side`."""
+    return max(MIN_PIXEL_BUDGET, (BUDGET_SIDE_FACTOR * int(min_side)) ** 2)
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -68,29 +95,59 @@ def resized_size(width: int, height: int, short_side: int) -> tuple[int, int]:
     return (short_side, long) if width <= height else (long, short_side)
 
 
-def open_rgb(path: str | Path, min_side: int | None = None, interpolation: str | None = None) -> Image.Image:
-    """Decode the whole file (so truncation shows now, not mid-epoch) into 8-bit RGB.
+def decode_scale(width: int, height: int, image_format: str | None, min_side: int | None) -> int:
+    """The reduction `open_rgb` decodes a file of this size and format at (1: in full)."""
+    return dct_scale(width, height, min_side) if min_side and image_format == "JPEG" else 1
+
+
+def check_pixel_budget(width: int, height: int, scale: int, max_pixels: int | None) -> None:
+    """ImageOverBudget if a width x height image decoded at 1/scale has more than `max_pixels` pixels."""
+    pixels = -(-width // scale) * -(-height // scale)
+    if max_pixels is not None and pixels > max_pixels:
+        at = f" at 1/{scale} scale" if scale > 1 else ""
+        side = math.isqrt(max_pixels)
+        raise ImageOverBudget(
+            f"{width}x{height} px image decodes to {pixels:,} pixels{at}, over this model's pixel budget of "
+            f"{max_pixels:,}: resize it (e.g. to {side}x{side} px or less)"
+        )
+
+
+def open_rgb(
+    path: str | Path | IO[bytes],
+    min_side: int | None = None,
+    interpolation: str | None = None,
+    max_pixels: int | None = None,
+) -> Image.Image:
+    """Decode the whole file (so truncation shows now, not mid-epoch) into 8-bit RGB, turned the way its EXIF
+    orientation says.
 
     `min_side`: the shorter side the caller's transform needs; a JPEG is then decoded at the largest DCT
     reduction that keeps it (see `dct_scale`). Other formats, and None, decode at full size.
     `interpolation` (timm's name): a reduced JPEG is then resized at once to the size the full image's
     shorter side would be resized to, from exactly the region the reduced decode covers (libjpeg rounds the
     reduced size up, so its last row or column can be a partial pixel); the eval transform's own resize then
-    has nothing left to do, and the result matches a full decode within resampling noise."""
+    has nothing left to do, and the result matches a full decode within resampling noise.
+    `max_pixels`: the pixel budget (see `pixel_budget`); a file that would decode to more is refused with
+    ImageOverBudget from its header, before any decoding."""
     with Image.open(path) as img:
         width, height = img.size
-        scale = dct_scale(width, height, min_side) if min_side and img.format == "JPEG" else 1
+        scale = decode_scale(width, height, img.format, min_side)
+        check_pixel_budget(width, height, scale, max_pixels)
         if scale == 1:
             img.load()
+            ImageOps.exif_transpose(img, in_place=True)  # reads the tag; transposes only when it says so
             return to_rgb(img)
         _, box = img.draft(img.mode, (width // scale, height // scale))
         if img.size != (-(-width // scale), -(-height // scale)):  # the decoder chose another scale
-            return open_rgb(path)
+            return open_rgb(path, max_pixels=max_pixels)
         img.load()
         rgb = to_rgb(img)
-    if interpolation is None:
-        return rgb
-    return rgb.resize(resized_size(width, height, min_side), str_to_pil_interp(interpolation), box=box)
+    if interpolation is not None:
+        # In the stored orientation, where the box and the sizes were computed.
+        rgb = rgb.resize(resized_size(width, height, min_side), str_to_pil_interp(interpolation), box=box)
+    # A JPEG's EXIF and XMP travel in `info` through convert and resize: the small result is turned upright.
+    ImageOps.exif_transpose(rgb, in_place=True)
+    return rgb
 
 
 def check_decodes(path: str | Path) -> None:
@@ -103,18 +160,58 @@ def check_decodes(path: str | Path) -> None:
         to_rgb(img)
 
 
+def short_reason(err: Exception) -> str:
+    return f"{type(err).__name__}: {err}"[:200] or type(err).__name__
+
+
 def decode_error(path: Path) -> str | None:
     """None if the file decodes fully, else a short reason."""
     try:
         check_decodes(path)
     except DECODE_ERRORS as err:
-        return f"{type(err).__name__}: {err}"[:200] or type(err).__name__
+        return short_reason(err)
     return None
 
 
-def scan_images(root: Path, paths: list[Path], workers: int = 4) -> dict[Path, str]:
-    """{path: reason} for the files that do not decode. Results are cached by file size and mtime, so a
-    folder is decoded once, and again only where files changed."""
+def over_budget(facts: dict, min_side: int | None, max_pixels: int | None) -> str | None:
+    """Why a file with these header facts (see `scan_facts`) is over the pixel budget; None if it is not."""
+    if not facts.get("header"):
+        return None
+    image_format, width, height = facts["header"]
+    try:
+        check_pixel_budget(width, height, decode_scale(width, height, image_format, min_side), max_pixels)
+    except ImageOverBudget as err:
+        return short_reason(err)
+    return None
+
+
+def scan_facts(path: Path, facts: dict, min_side: int | None, max_pixels: int | None) -> dict:
+    """What the scan knows of a file: "header" (format, width, height; None if even the header does not
+    read) and "error" (the decode check's reason or None), left out while the file is over the budget: the
+    header says so without decoding, and a later, larger budget still decodes it then."""
+    facts = dict(facts)
+    if "header" not in facts:
+        try:
+            with Image.open(path) as img:
+                facts["header"] = [img.format, *img.size]
+        except DECODE_ERRORS as err:
+            return {**facts, "header": None, "error": short_reason(err)}
+    if "error" not in facts and over_budget(facts, min_side, max_pixels) is None:
+        facts["error"] = decode_error(path)
+    return facts
+
+
+def scan_images(
+    root: Path,
+    paths: list[Path],
+    workers: int = 4,
+    min_side: int | None = None,
+    max_pixels: int | None = None,
+) -> dict[Path, str]:
+    """{path: reason} for the files that do not decode, or that would decode to more than `max_pixels` at a
+    shorter side of `min_side` (the most any split decodes them at). Results are cached by file size and
+    mtime, so a folder is decoded once, and again only where files changed; the budget is checked against
+    the cached header every time, so another model's budget needs no decoding."""
     if not paths:
         return {}
     root_key = hashlib.sha1(str(Path(root).resolve()).encode()).hexdigest()[:16]
@@ -123,18 +220,28 @@ def scan_images(root: Path, paths: list[Path], workers: int = 4) -> dict[Path, s
         cache = json.loads(cache_file.read_text())
     except (OSError, ValueError):
         cache = {}
-    stamps = {}
+    known = {}
     for p in paths:
         st = p.stat()
-        stamps[p] = f"{st.st_size}:{st.st_mtime_ns}"
-    todo = [p for p in paths if cache.get(str(p), {}).get("stamp") != stamps[p]]
+        stamp = f"{st.st_size}:{st.st_mtime_ns}"
+        entry = cache.get(str(p), {})
+        known[p] = entry if entry.get("stamp") == stamp and "header" in entry else {"stamp": stamp}
+
+    def settled(facts: dict) -> bool:  # nothing left to decode under this budget
+        if "header" not in facts:
+            return False
+        return "error" in facts or over_budget(facts, min_side, max_pixels) is not None
+
+    todo = [p for p in paths if not settled(known[p])]
     if todo:
         log.info("checking %d image file(s) for decode errors (cached for next time)", len(todo))
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:  # PIL decodes without the GIL
-            for p, reason in zip(todo, pool.map(decode_error, todo), strict=True):
-                cache[str(p)] = {"stamp": stamps[p], "error": reason}
+            checked = pool.map(lambda p: scan_facts(p, known[p], min_side, max_pixels), todo)
+            for p, facts in zip(todo, checked, strict=True):
+                cache[str(p)] = known[p] = facts
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache_file.with_suffix(f".tmp{os.getpid()}")
         tmp.write_text(json.dumps(cache))
         tmp.replace(cache_file)
-    return {p: cache[str(p)]["error"] for p in paths if cache[str(p)]["error"]}
+    reasons = {p: known[p].get("error") or over_budget(known[p], min_side, max_pixels) for p in paths}
+    return {p: reason for p, reason in reasons.items() if reason}

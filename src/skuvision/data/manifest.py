@@ -21,7 +21,6 @@ import pandas as pd
 
 from skuvision.data.datamodule import ImageDataModule, stratified_split
 from skuvision.data.image_folder import SPLITS, LabelledImageFiles
-from skuvision.data.images import scan_images
 from skuvision.errors import SkuvisionError
 
 log = logging.getLogger(__name__)
@@ -138,9 +137,7 @@ class ManifestDataModule(ImageDataModule):
                 reasons[str(path)] = f"file not found ({self.row_name(i)})"
             else:
                 rows.append((i, path, label))
-        unreadable = scan_images(
-            self.manifest.parent, sorted({p for _, p, _ in rows}), workers=max(2, self.num_workers)
-        )
+        unreadable = self.find_unreadable(self.manifest.parent, sorted({p for _, p, _ in rows}))
         reasons.update({str(p): reason for p, reason in unreadable.items()})
         for where, reason in reasons.items():
             log.warning("skipping %s (%s)", where, reason)

@@ -116,15 +116,17 @@ class EncodeSample:
 
 class DecodeSample:
     """litdata's per-item transform: a stored item -> (uint8 CHW at the model's size, label), through the same
-    per-image transform as the file sources (eval, or the training augmentation)."""
+    per-image transform as the file sources (eval, or the training augmentation), within the model's pixel
+    budget like every file read."""
 
-    def __init__(self, image_transform, channels: int):
+    def __init__(self, image_transform, channels: int, max_pixels: int | None = None):
         self.image_transform = image_transform
         self.channels = channels
+        self.max_pixels = max_pixels
 
     def __call__(self, item: dict) -> tuple[torch.Tensor, int]:
         try:
-            image = open_rgb(io.BytesIO(item["image"]))
+            image = open_rgb(io.BytesIO(item["image"]), max_pixels=self.max_pixels)
         except DECODE_ERRORS as err:
             raise SkuvisionError(
                 f"a stored image (index {item.get('index')}) does not decode: {err}"
@@ -233,7 +235,7 @@ class StreamingDataModule(ImageDataModule):
             drop_last=training,  # equal full batches on every rank: uneven ones hang DDP
             seed=self.seed,
             max_cache_size=self.max_cache_size,
-            transform=DecodeSample(per_image or self.eval_transform, self.in_chans),
+            transform=DecodeSample(per_image or self.eval_transform, self.in_chans, self.pixel_budget),
         )
         self.splits[split] = dataset
         return dataset

@@ -14,6 +14,8 @@ from timm.data import create_transform, str_to_interp_mode
 from torch import nn
 from torchvision.transforms.v2 import functional as TF
 
+from skuvision.data.images import pixel_budget
+
 
 def eval_image_transform(input_config: dict):
     """timm's deterministic eval transform ending in a uint8 tensor (normalization happens on the batch)."""
@@ -34,6 +36,11 @@ def scale_size(image_size: int, crop_pct: float) -> int:
 def eval_min_side(input_config: dict) -> int:
     """The shorter side timm's eval transform resizes every image to: what a file must be decoded to."""
     return scale_size(int(input_config["input_size"][-1]), input_config["crop_pct"])
+
+
+def eval_pixel_budget(input_config: dict) -> int:
+    """The most pixels one file may decode to for this model (images.pixel_budget of its eval resize)."""
+    return pixel_budget(eval_min_side(input_config))
 
 
 class ToModelInput(nn.Module):

@@ -21,7 +21,7 @@ from PIL import UnidentifiedImageError
 
 from skuvision.checkpoints import load_classifier, read_checkpoint, upgraded_hparams
 from skuvision.data.files import InputImageFiles
-from skuvision.data.images import DECODE_ERRORS
+from skuvision.data.images import DECODE_ERRORS, ImageOverBudget
 from skuvision.data.transforms import ToModelInput
 from skuvision.errors import SkuvisionError
 from skuvision.tta import check_tta, tta_logits, views
@@ -146,11 +146,14 @@ class Predictor:
 
     def decode(self, data: bytes) -> torch.Tensor:
         """Image bytes -> uint8 (C, H, W) at the model's size, exactly as predict.py reads a file (the same
-        dataset class: reduced-scale JPEG decoding, the eval transform); BadImage if they are not one."""
+        dataset class: reduced-scale JPEG decoding, EXIF orientation, the pixel budget, the eval transform);
+        BadImage if they are not one (413 if they would decode to more pixels than the budget)."""
         if not data:
             raise BadImage("empty body: no image bytes were sent")
         try:
             return InputImageFiles([io.BytesIO(data)], self.card.input_config).decode(0)
+        except ImageOverBudget as err:
+            raise BadImage(str(err), status=413) from None
         except UnidentifiedImageError:
             raise BadImage("not an image: no image format recognized in the bytes sent") from None
         except DECODE_ERRORS as err:
