@@ -4,6 +4,7 @@ predict.py's review column."""
 import csv
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -55,13 +56,79 @@ def test_overconfident_model_gets_a_temperature_above_one_and_a_lower_ece():
     assert before > 0.2 and after < before / 4
 
 
-def test_val_predictions_all_right_give_a_warned_temperature(caplog):
-    """All right: the NLL falls as T falls, with no minimum at a finite T; the fit says so."""
-    labels = torch.arange(20) % 4
+def test_val_predictions_all_right_give_a_temperature_that_is_not_used():
+    """All right: the NLL falls as T falls, with no minimum at a finite T; T = 1 is used, and said."""
+    labels = torch.arange(400) % 4
     logits = torch.nn.functional.one_hot(labels, 4).double() * 3
     t = calibration.fit_temperature(logits, labels)
     assert t < 0.1 and calibration.nll(logits, labels, t) < 1e-9
-    assert "is not a reliable fit: every val prediction is right" in caplog.text
+    report = calibration.calibration_report((logits, labels), (logits, labels), 0.9)
+    assert report["temperature"] == 1.0 and report["temperature_fitted"] == pytest.approx(t)
+    assert report["temperature_warning"] == (
+        f"T = {t:.3g} fitted on 400 val images is not used (T = 1 instead): every val prediction is right, "
+        "so no finite T minimizes the NLL"
+    )
+
+
+def small_val(n: int = 100, k: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
+    """99 of 100 right by clear margins and one wrong by a hair: T fits to about 0.2 and the lowest threshold
+    for 99 % accepts all 100 at 99 % accuracy, which one more error among them would undo."""
+    labels = torch.arange(n) % k
+    logits = torch.zeros(n, k, dtype=torch.float64)
+    logits[torch.arange(n), labels] = torch.linspace(2, 4, n, dtype=torch.float64)
+    logits[0, labels[0]], logits[0, (labels[0] + 1) % k] = 1.0, 1.05
+    return logits, labels
+
+
+def test_a_small_val_split_backs_neither_the_temperature_nor_a_99_percent_threshold():
+    val = small_val()
+    fitted = calibration.fit_temperature(*val)
+    assert fitted < 0.3  # what an unguarded fit would apply: every confidence near 1
+    report = calibration.calibration_report(val, val, 0.99)
+    assert report["temperature"] == 1.0 and report["temperature_fitted"] == pytest.approx(fitted)
+    assert report["val_wrong"] == 1
+    assert report["temperature_warning"] == (
+        f"T = {fitted:.3g} fitted on 100 val images is not used (T = 1 instead): it rests on 1 wrong and 99 "
+        "right predictions, and a temperature needs 30 or more of each to be measured (add val images)"
+    )
+    assert report["val_ece_after"] == report["val_ece_before"]  # nothing applied
+    assert report["threshold"] is None and report["threshold_chosen"] is not None
+    assert report["val_accepted"] == 100 and report["val_accuracy_at_threshold"] == pytest.approx(0.99)
+    assert report["threshold_needs"] == 299 and report["test_accepted"] == 0
+    assert report["threshold_warning"] == (
+        f"the threshold {report['threshold_chosen']:.6f} chosen on val is not used: it accepts only 100 of "
+        "100 val images, and 299 or more accepted images are needed before 99.0% accuracy can be shown (all "
+        "100 right would show only 97.0% at 95% confidence); add val images or lower target_precision"
+    )
+    lines = calibration.describe(report)
+    assert lines[0] == f"temperature: {report['temperature_warning']}"
+    assert lines[-1] == (
+        "threshold for 99.0% accuracy: none, so every prediction goes to review: "
+        + report["threshold_warning"]
+    )
+
+
+def test_a_large_val_split_gets_its_temperature_and_threshold():
+    (logits, labels), (test_logits, test_labels) = sampled(n=4000, seed=3), sampled(n=2000, seed=4)
+    report = calibration.calibration_report((logits * 2.5, labels), (test_logits * 2.5, test_labels), 0.9)
+    assert report["temperature_warning"] is None and report["threshold_warning"] is None
+    assert report["temperature"] == report["temperature_fitted"] == pytest.approx(2.5, rel=0.1)
+    assert report["val_wrong"] > 1000
+    assert report["threshold"] == report["threshold_chosen"] is not None
+    assert report["val_accepted"] >= report["threshold_needs"] == 29
+    accuracy, bound = report["val_accuracy_at_threshold"], report["val_accuracy_lower_bound"]
+    assert 0.9 <= accuracy and accuracy - 0.03 < bound < accuracy
+    assert report["test_accepted"] > 0
+    assert "(95% lower bound " in calibration.describe(report)[3]
+
+
+@pytest.mark.parametrize(("target", "needed"), [(0.9, 29), (0.99, 299), (0.999, 2995)])
+def test_a_threshold_needs_the_count_at_which_a_clean_record_first_shows_the_target(target, needed):
+    assert calibration.needed_for(target) == needed
+    assert calibration.accuracy_lower_bound(needed, needed) >= target
+    assert calibration.accuracy_lower_bound(needed - 1, needed - 1) < target
+    # scipy's exact interval, as the rule states it: all right gives (1 - confidence) ** (1 / n)
+    assert calibration.accuracy_lower_bound(needed, needed) == pytest.approx(0.05 ** (1 / needed))
 
 
 def brute_force_accuracy(confidence, correct, threshold):
@@ -150,26 +217,39 @@ def test_eval_fits_on_val_and_reports_on_test(evaluation, checkpoint):
     assert written == pytest.approx(report["calibration"])
     val, test = direct_logits(checkpoint, "val"), direct_logits(checkpoint, "test")
     assert written["val_images"] == len(val[1]) == 10 and written["test_images"] == len(test[1]) == 10
-    t = calibration.fit_temperature(*val)
-    assert written["temperature"] == pytest.approx(t, rel=1e-3)
+    fitted = calibration.fit_temperature(*val)
+    assert written["temperature_fitted"] == pytest.approx(fitted, rel=1e-3)
+    # 10 val images: too few wrong and right ones to measure T, too few to show 90 % (29 are needed)
+    assert (
+        written["temperature"] == 1.0
+        and "fitted on 10 val images is not used" in written["temperature_warning"]
+    )
     for split, (logits, labels) in (("val", val), ("test", test)):
         assert written[f"{split}_ece_before"] == pytest.approx(calibration.ece(logits, labels), abs=1e-5)
-        assert written[f"{split}_nll_after"] == pytest.approx(calibration.nll(logits, labels, t), rel=1e-4)
-    assert written["val_nll_after"] <= written["val_nll_before"] + 1e-9
-    chosen = calibration.choose_threshold(*calibration.top1(*val, t), 0.9)
-    assert written["target"] == 0.9
-    assert written["threshold"] == (pytest.approx(chosen.value, rel=1e-4) if chosen.value else None)
-    on_test = calibration.accepted_accuracy(*calibration.top1(*test, t), chosen.value)
-    assert written["test_coverage"] == on_test["coverage"]
-    assert written["test_accuracy_at_threshold"] == pytest.approx(on_test["accuracy"])
-    if written["threshold"] is None:
+        assert written[f"{split}_nll_after"] == pytest.approx(calibration.nll(logits, labels), rel=1e-4)
+    chosen = calibration.choose_threshold(*calibration.top1(*val, 1.0), 0.9)
+    assert written["target"] == 0.9 and written["threshold"] is None
+    assert written["threshold_chosen"] == (pytest.approx(chosen.value, rel=1e-4) if chosen.value else None)
+    assert written["test_accepted"] == 0 and written["test_accuracy_at_threshold"] is None
+    if chosen.value is None:
         assert written["threshold_warning"].startswith("no confidence threshold")
-    elif written["val_accepted"] < 10:  # 1 / (1 - 0.9) images are needed to measure 90 %
-        assert written["threshold_warning"].startswith("only ")
     else:
-        assert written["threshold_warning"] is None
+        assert written["threshold_warning"].startswith(
+            f"the threshold {chosen.value:.6f} chosen on val is not used"
+        )
+        assert (
+            f"accepts only {chosen.accepted} of 10 val images, and 29 or more" in written["threshold_warning"]
+        )
     saved = json.loads((out / "calibration.json").read_text())
-    assert saved["temperature"] == written["temperature"] and saved["threshold"] == written["threshold"]
+    assert saved["temperature"] == 1.0 and saved["threshold"] is None
+    for key in (
+        "temperature_fitted",
+        "temperature_warning",
+        "threshold_warning",
+        "val_images",
+        "val_accepted",
+    ):
+        assert saved[key] == written[key]
     assert saved["tta"] == "none" and saved["class_names"] == list(CLASSES)
     for name in ("reliability.png", "coverage.png"):
         with Image.open(out / name) as img:
@@ -199,7 +279,8 @@ def test_predict_marks_exactly_the_rows_below_the_threshold(evaluation, checkpoi
     assert len(distinct) > 1
     threshold = (distinct[len(distinct) // 2 - 1] + distinct[len(distinct) // 2]).item() / 2
     moved = tmp_path / "calibration.json"
-    moved.write_text(json.dumps({**saved, "threshold": threshold}))
+    # as from a val split large enough to back a threshold (this one has 10 images)
+    moved.write_text(json.dumps({**saved, "threshold": threshold, "val_accepted": 1000}))
     plain = run_predict(checkpoint, listing, tmp_path / "plain", None)
     assert "review" not in plain[0]
     capsys.readouterr()
@@ -213,10 +294,53 @@ def test_predict_marks_exactly_the_rows_below_the_threshold(evaluation, checkpoi
     marked = sum(row["review"] == "true" for row in rows)
     assert marked == int((expected < threshold).sum()) and 0 < marked < len(rows)
     assert f"review: {marked} of {len(rows)} rows marked" in capsys.readouterr().out
-    # The threshold eval.py chose marks the rows its own figures say it does.
+    # eval.py's own calibration: too few val images for a threshold, so nothing is accepted, and said why.
+    capsys.readouterr()
     rows = run_predict(checkpoint, listing, tmp_path / "eval", out)
-    accepted = sum(row["review"] == "false" for row in rows)
-    assert accepted == json.loads((out / "metrics.json").read_text())["calibration"]["test_accepted"]
+    assert all(row["review"] == "true" for row in rows)
+    for row, p in zip(rows, logits.softmax(1).max(1).values.tolist(), strict=True):
+        assert float(row["prob_1"]) == pytest.approx(p, abs=2e-6)  # T = 1: the fitted T was not trustworthy
+    assert json.loads((out / "metrics.json").read_text())["calibration"]["test_accepted"] == 0
+    assert f"review: all {len(rows)} rows marked: {saved['threshold_warning']}" in capsys.readouterr().out
+
+
+def test_predict_refuses_a_threshold_too_few_val_images_back(evaluation, checkpoint, photos, tmp_path):
+    """A calibration.json edited by hand, or written before eval.py checked the count, is not used."""
+    _, out = evaluation
+    saved = json.loads((out / "calibration.json").read_text())
+    thin = tmp_path / "thin.json"
+    thin.write_text(json.dumps({**saved, "threshold": 0.5, "val_accepted": 28}))
+    with pytest.raises(
+        SkuvisionError,
+        match=r"thin\.json: its threshold for 90\.0% accuracy rests on only 28 accepted val images, and 29 ",
+    ):
+        run_predict(checkpoint, photos, tmp_path / "a", thin)
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({k: v for k, v in {**saved, "threshold": 0.5}.items() if k != "val_accepted"}))
+    with pytest.raises(
+        SkuvisionError, match=r"old\.json does not say how many val images back its threshold"
+    ):
+        run_predict(checkpoint, photos, tmp_path / "b", old)
+    enough = tmp_path / "enough.json"
+    enough.write_text(json.dumps({**saved, "threshold": 0.5, "val_accepted": 29}))
+    assert run_predict(checkpoint, photos, tmp_path / "c", enough)
+
+
+def test_eval_says_plainly_that_a_small_val_split_backs_no_threshold(checkpoint, tmp_path, caplog, capsys):
+    """What an eval run prints and logs: the counts, and that every prediction goes to review."""
+    overrides = [f"ckpt_path={checkpoint}", "trainer.accelerator=cpu", "threads=2", "target_precision=0.9"]
+    evaluate(compose_cfg("eval", overrides, tmp_path / "run"))
+    printed = capsys.readouterr().out
+    assert re.search(
+        r"^temperature: T = \S+ fitted on 10 val images is not used \(T = 1 instead\)", printed, re.M
+    )
+    assert re.search(
+        r"^threshold for 90\.0% accuracy: none, so every prediction goes to review: ", printed, re.M
+    )
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any(w.startswith("calibration: T = ") and "10 val images" in w for w in warnings)
+    saved = json.loads((tmp_path / "run" / "calibration.json").read_text())
+    assert f"calibration: {saved['threshold_warning']}" in warnings
 
 
 def test_predict_refuses_a_calibration_of_another_checkpoint_or_tta(evaluation, checkpoint, photos, tmp_path):

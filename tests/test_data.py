@@ -114,6 +114,26 @@ def test_image_folder_presplit(tmp_path):
     assert {k: len(v) for k, v in dm.splits.items()} == {"train": 18, "val": 6, "test": 6}
 
 
+def test_the_train_folder_of_a_split_folder_is_named_with_the_parent_to_use(tmp_path, caplog):
+    shop = write_image_folder(tmp_path / "shop", presplit=True, per_class=6)
+    dm = ready(ImageFolderDataModule(str(shop / "train"), input_config=INPUT_32))
+    assert {k: len(v) for k, v in dm.splits.items()} == {"train": 15, "val": 0, "test": 3}  # split again
+    warned = [
+        r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "data.root=" in r.message
+    ]
+    assert warned == [
+        f"data.root={shop / 'train'} is the train/ folder of {shop}, which has train/, val/ and test/: it is "
+        "split again by data.split_fractions and the folder's own val/ and test/ are never used; to train on "
+        f"that split, use data.root={shop}"
+    ]
+    caplog.clear()
+    ready(ImageFolderDataModule(str(shop), input_config=INPUT_32))  # the whole split folder: no warning
+    (tmp_path / "photos" / "train").mkdir(parents=True)  # a folder named train without val/ test/ beside it
+    write_image_folder(tmp_path / "photos" / "train", per_class=6)
+    ready(ImageFolderDataModule(str(tmp_path / "photos" / "train"), input_config=INPUT_32))
+    assert "data.root=" not in caplog.text
+
+
 def test_image_folder_class_missing_from_train_is_named(tmp_path):
     write_image_folder(tmp_path / "shop", presplit=True, per_class=6)
     (tmp_path / "shop" / "val" / "kettle").mkdir()

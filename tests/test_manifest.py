@@ -1,6 +1,8 @@
 """data=manifest: a CSV or Parquet catalogue export of paths, labels and splits."""
 
+import csv
 import json
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -158,11 +160,116 @@ def test_not_a_table(tmp_path):
         _ = ManifestDataModule(str(tmp_path / "styles.json"), INPUT_32).class_names
 
 
+def write_csv(path: Path, rows: list[tuple[str, ...]], header=("path", "label")) -> Path:
+    """The manifest as an export writes it: csv text, cells as given (spaces included)."""
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+def shop_rows(shop: Path, split=None) -> list[tuple[str, ...]]:
+    """(relative path, class[, split]) of every image, the path relative to shop's parent."""
+    files = sorted(p for p in shop.rglob("*") if p.suffix in (".png", ".jpg"))
+    rows = [(str(p.relative_to(shop.parent)), p.parent.name) for p in files]
+    return [(*row, split(k)) for k, row in enumerate(rows)] if split else rows
+
+
+def test_a_file_listed_again_is_used_once_in_its_first_rows_split(tmp_path, shop, caplog):
+    """The same file, spelled five other ways, on rows for val and test: it stays in train only."""
+    # 8 train, 2 val, 2 test per class (rows are sorted by class, 12 each)
+    rows = shop_rows(shop, split=lambda k: ("train",) * 8 + ("val",) * 2 + ("test",) * 2)
+    rows = [(p, label, split[k % 12]) for k, (p, label, split) in enumerate(rows)]
+    phone = shop / "phone" / "phone_000.png"
+    (tmp_path / "links").mkdir()
+    (tmp_path / "links" / "soft.png").symlink_to(phone)
+    os.link(phone, tmp_path / "links" / "hard.png")
+    again = [
+        ("./shop/phone/phone_000.png", "phone", "test"),
+        (str(phone), "phone", "val"),  # absolute
+        ("shop/shirt/../phone/phone_000.png", "phone", "test"),
+        ("links/soft.png", "phone", "test"),
+        ("links/hard.png", "phone", "train"),
+    ]
+    manifest = write_csv(tmp_path / "styles.csv", rows + again, header=("path", "label", "split"))
+    dm = ready(ManifestDataModule(str(manifest), INPUT_32, split_column="split"))
+    splits = {s: {p.resolve() for p in files_in(dm, s)} for s in ("train", "val", "test")}
+    assert phone.resolve() in splits["train"]
+    assert phone.resolve() not in splits["val"] | splits["test"]
+    assert {s: len(v) for s, v in splits.items()} == {"train": 24, "val": 6, "test": 6}
+    assert sum(len(dm.splits[s]) for s in splits) == 36  # each file once, no second copy under a new name
+    repeated = {f"{manifest} row {k} (line {k + 1})" for k in range(37, 42)}
+    assert set(dm.skipped) == repeated
+    assert dm.skipped[f"{manifest} row 37 (line 38)"] == (
+        f"the same file as row 1 (line 2): {phone}, used once (this row says test; kept in train)"
+    )
+    warning = "5 rows name a file an earlier row names, 4 of them for another split"
+    assert warning in caplog.text
+    assert "row 37 (line 38) = row 1 (line 2)" in caplog.text
+
+
+def test_files_listed_twice_without_a_split_column_land_in_one_split(tmp_path, shop, caplog):
+    """Every row twice (once with ./): a split by fractions must still hold each file in one split."""
+    rows = shop_rows(shop)
+    manifest = write_csv(tmp_path / "styles.csv", rows + [(f"./{p}", label) for p, label in rows])
+    dm = ready(ManifestDataModule(str(manifest), INPUT_32))
+    splits = [files_in(dm, s) for s in ("train", "val", "test")]
+    assert [len(s) for s in splits] == [30, 3, 3]
+    assert not (splits[0] & splits[1] or splits[0] & splits[2] or splits[1] & splits[2])
+    assert len(dm.skipped) == 36 and "36 rows name a file an earlier row names;" in caplog.text
+
+
+def test_the_same_file_under_two_labels_names_both_rows(tmp_path, shop):
+    rows = shop_rows(shop) + [("./shop/phone/phone_003.jpg", "shirt")]
+    manifest = write_csv(tmp_path / "styles.csv", rows)
+    with pytest.raises(
+        SkuvisionError,
+        match=(
+            r"^.*styles\.csv: row 4 \(line 5\) \(label='phone'\) and row 37 \(line 38\) \(label='shirt'\) "
+            r"name the same file .*shop/phone/phone_003\.jpg; a file has one label"
+        ),
+    ):
+        ready(ManifestDataModule(str(manifest), INPUT_32))
+
+
+def test_labels_that_differ_only_in_case_are_refused_with_their_counts(tmp_path, shop):
+    rows = shop_rows(shop)
+    rows[30] = (rows[30][0], "Toaster")  # one of the 12 toasters, as a second spelling
+    manifest = write_csv(tmp_path / "styles.csv", rows)
+    dm = ManifestDataModule(str(manifest), INPUT_32)
+    with pytest.raises(
+        SkuvisionError,
+        match=(
+            r"styles\.csv: label values 'toaster' \(11 rows: row 25 \(line 26\), row 26 \(line 27\), row 27 "
+            r"\(line 28\), \.\.\.\) and 'Toaster' \(1 row: row 31 \(line 32\)\) differ only in case"
+        ),
+    ):
+        _ = dm.class_names  # before any image is read
+
+
+def test_surrounding_spaces_are_removed_from_labels_and_said(tmp_path, shop, caplog):
+    rows = shop_rows(shop)
+    rows[0] = (rows[0][0], "phone ")
+    rows[1] = (rows[1][0], " phone")
+    rows[2] = (rows[2][0], "phone ")
+    manifest = write_csv(tmp_path / "styles.csv", rows)
+    assert ",phone \n" in manifest.read_text()  # the file really holds the spaces
+    dm = ready(ManifestDataModule(str(manifest), INPUT_32))
+    assert dm.class_names == ["phone", "shirt", "toaster"]
+    assert dm.class_counts()["train"] == [10, 10, 10]
+    assert (
+        "3 values of label had surrounding spaces, removed: 'phone ' -> 'phone' (2 rows), ' phone' -> "
+        in (caplog.text)
+    )
+
+
 def test_training_on_a_manifest_writes_the_skipped_rows(tmp_path, data_root, monkeypatch):
     monkeypatch.setenv("SKUVISION_CACHE", str(tmp_path / "cache"))
     manifest = data_root / "catalogue" / "styles.csv"
     table = pd.read_csv(manifest)
     table.loc[len(table)] = ["../photos/phone/missing.jpg", "phone"]
+    table.loc[len(table)] = ["./" + table.iloc[0]["path"], table.iloc[0]["label"]]  # a row listed twice
     (tmp_path / "catalogue").mkdir()
     table.to_csv(tmp_path / "catalogue" / "styles.csv", index=False)
     (tmp_path / "photos").symlink_to(data_root / "photos")  # ../photos/... resolves beside catalogue/
@@ -180,7 +287,10 @@ def test_training_on_a_manifest_writes_the_skipped_rows(tmp_path, data_root, mon
     metrics = train(cfg)
     assert 0 <= metrics["test/acc"] <= 1
     skipped = json.loads((tmp_path / "run" / "skipped_images.json").read_text())
-    assert [Path(p).name for p in skipped] == ["missing.jpg"]
+    assert sorted(Path(p).name for p in skipped) == ["missing.jpg", "styles.csv row 38 (line 39)"]
+    assert skipped[f"{tmp_path / 'catalogue' / 'styles.csv'} row 38 (line 39)"].startswith(
+        "the same file as row 1 (line 2):"
+    )
     counts = json.loads((tmp_path / "run" / "class_counts.json").read_text())
     assert sum(sum(split.values()) for split in counts.values()) == 36
     assert any((tmp_path / "cache" / "decoded").rglob("*")), "the decoded-image cache was not used"

@@ -4,13 +4,25 @@ threshold above which accepted predictions reach a target accuracy.
 eval.py fits both on the val split and writes them to `calibration.json` in its run folder; predict.py
 applies them when given `calibration=<that folder or file>`. The file names the checkpoint (by content
 hash), the TTA mode and the classes it was fitted for, and predict.py refuses any other combination.
+
+Both are estimates from a sample, and a small val split makes them mean nothing, so each is used only when val
+can carry it:
+
+- The threshold claims that accepted images are `target` accurate. With n accepted val images all right, the
+  one-sided 95 % (Clopper-Pearson) lower bound on their accuracy is 0.05 ** (1 / n); below
+  n = log(0.05) / log(target) (299 for 99 %, 29 for 90 %) no val result, not even a perfect one, can show the
+  target, and the threshold is not used: calibration.json holds none and predict marks every row for review.
+  The lower bound itself is reported beside the val accuracy.
+- The temperature is measured by the wrong predictions (and the right ones): with all right the NLL falls as T
+  falls and has no minimum, and with a handful wrong T follows those few images (its spread shrinks about as
+  1 / sqrt(wrong)). A fitted T is applied only with `MIN_EACH_FOR_TEMPERATURE` or more wrong and right val
+  predictions and a minimum inside the search range; otherwise T = 1 is used and the fitted value reported.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,16 +30,19 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from scipy.optimize import minimize_scalar
+from scipy.stats import binomtest
 from torchmetrics.classification import MulticlassCalibrationError
 from torchmetrics.functional.classification import binary_precision_recall_curve
 
 from skuvision.errors import SkuvisionError
 
-log = logging.getLogger("skuvision")
-
 ECE_BINS = 15
 LOG_T_BOUNDS = (math.log(0.01), math.log(100.0))
 CALIBRATION_FILE = "calibration.json"
+CONFIDENCE = 0.95  # of the one-sided lower bound on the accepted images' accuracy
+# With 30 wrong val predictions the fitted T of one model varies by about +-25 % (95 %) between val sets
+# (simulated: the standard deviation of log T is about 0.6-0.7 / sqrt(wrong)).
+MIN_EACH_FOR_TEMPERATURE = 30
 
 
 def calibrated_probs(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -39,7 +54,8 @@ def calibrated_probs(logits: torch.Tensor, temperature: float = 1.0) -> torch.Te
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
     """The T minimizing the mean NLL of softmax(logits / T) over [1/100, 100]. The NLL is convex in 1/T, so
     one bounded scalar search on log T finds it (scipy's Brent). When every val prediction is right (or
-    every one wrong) the NLL has no minimum at a finite T: T is where the search stopped, with a warning."""
+    every one wrong) the NLL has no minimum at a finite T: T is where the search stopped (see
+    `temperature_warning`)."""
     if len(labels) == 0:
         raise ValueError("no logits to fit a temperature on")
     logits, labels = logits.double(), labels.long()
@@ -49,18 +65,26 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
         method="bounded",
         options={"xatol": 1e-6},
     )
-    temperature = math.exp(result.x)
-    right = logits.argmax(dim=1) == labels
-    at_bound = min(abs(result.x - b) for b in LOG_T_BOUNDS) < 1e-3
-    if right.all() or not right.any() or at_bound:
-        log.warning(
-            "temperature %.3g is not a reliable fit: %s",
-            temperature,
-            "every val prediction is " + ("right" if right.all() else "wrong")
-            if right.all() or not right.any()
-            else "the NLL falls all the way to the search bound",
+    return math.exp(result.x)
+
+
+def temperature_warning(logits: torch.Tensor, labels: torch.Tensor, temperature: float) -> str | None:
+    """Why a temperature fitted on these val logits cannot be used (see the module's rule); None if it can."""
+    wrong = int((logits.argmax(dim=1) != labels).sum())
+    right = len(labels) - wrong
+    fitted = f"T = {temperature:.3g} fitted on {len(labels)} val images is not used (T = 1 instead): "
+    if right == 0 or wrong == 0:
+        return fitted + (
+            f"every val prediction is {'right' if wrong == 0 else 'wrong'}, so no finite T minimizes the NLL"
         )
-    return temperature
+    if min(abs(math.log(temperature) - b) for b in LOG_T_BOUNDS) < 1e-3:
+        return fitted + "the NLL falls all the way to the search bound"
+    if min(right, wrong) < MIN_EACH_FOR_TEMPERATURE:
+        return fitted + (
+            f"it rests on {wrong} wrong and {right} right predictions, and a temperature needs "
+            f"{MIN_EACH_FOR_TEMPERATURE} or more of each to be measured (add val images)"
+        )
+    return None
 
 
 def nll(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> float:
@@ -108,6 +132,22 @@ def choose_threshold(confidence: torch.Tensor, correct: torch.Tensor, target: fl
     return Threshold(target, value, exact["accuracy"], exact["coverage"], exact["accepted"], best)
 
 
+def needed_for(target: float) -> int:
+    """The fewest accepted val images whose accuracy can show `target` at all: all of them right gives the
+    one-sided Clopper-Pearson lower bound (1 - CONFIDENCE) ** (1 / n), which must reach the target."""
+    if not 0 < target < 1:
+        raise ValueError(f"target accuracy {target} must be in (0, 1)")
+    return math.ceil(math.log(1 - CONFIDENCE) / math.log(target))
+
+
+def accuracy_lower_bound(right: int, count: int) -> float | None:
+    """One-sided CONFIDENCE lower bound on the accuracy behind `right` of `count` (Clopper-Pearson)."""
+    if count == 0:
+        return None
+    result = binomtest(right, count, alternative="greater")
+    return float(result.proportion_ci(confidence_level=CONFIDENCE, method="exact").low)
+
+
 def accepted_accuracy(confidence: torch.Tensor, correct: torch.Tensor, threshold: float | None) -> dict:
     """Accuracy and share of the images at or above `threshold` (None accepts nothing)."""
     accept = confidence >= threshold if threshold is not None else torch.zeros_like(correct, dtype=torch.bool)
@@ -141,6 +181,7 @@ def load_calibration(given: str | Path, ckpt_path: str | Path, tta: str, class_n
     try:
         saved = json.loads(path.read_text())
         temperature, threshold = float(saved["temperature"]), saved["threshold"]
+        target = float(saved["target"])
     except (ValueError, KeyError, TypeError) as err:
         raise SkuvisionError(f"calibration={path} is not a calibration file eval.py wrote ({err})") from err
     if saved.get("checkpoint_sha256") != file_sha256(ckpt_path):
@@ -159,6 +200,17 @@ def load_calibration(given: str | Path, ckpt_path: str | Path, tta: str, class_n
         raise SkuvisionError(
             f"calibration={path}: temperature {temperature} or threshold {threshold} is invalid"
         )
+    accepted = saved.get("val_accepted")
+    if threshold is not None and not (0 < target < 1 and isinstance(accepted, int)):
+        raise SkuvisionError(
+            f"calibration={path} does not say how many val images back its threshold (written by an earlier "
+            "version): run eval.py again and pass its run folder"
+        )
+    if threshold is not None and accepted < needed_for(target):
+        raise SkuvisionError(
+            f"calibration={path}: its threshold for {target:.1%} accuracy rests on only {accepted} accepted "
+            f"val images, and {needed_for(target)} are needed: run eval.py with a larger val split"
+        )
     return saved
 
 
@@ -169,23 +221,42 @@ def top1(logits: torch.Tensor, labels: torch.Tensor, temperature: float) -> tupl
 
 
 def calibration_report(val: tuple, test: tuple, target: float) -> dict:
-    """Temperature fitted on `val` (logits, labels); calibration error before and after on both splits;
-    the threshold for `target` accuracy chosen on val, and what it gives on test."""
-    temperature = fit_temperature(*val)
-    report: dict = {"temperature": temperature, "target": target, "ece_bins": ECE_BINS}
+    """Temperature fitted on `val` (logits, labels) and applied where val can carry it; calibration error
+    before and after on both splits; the threshold for `target` accuracy chosen on val, used where enough val
+    images back it, and what it gives on test."""
+    fitted = fit_temperature(*val)
+    temperature_reason = temperature_warning(*val, fitted)
+    temperature = 1.0 if temperature_reason else fitted
+    report: dict = {
+        "temperature": temperature,
+        "temperature_fitted": fitted,
+        "temperature_warning": temperature_reason,
+        "target": target,
+        "ece_bins": ECE_BINS,
+        "val_wrong": int((val[0].argmax(dim=1) != val[1]).sum()),
+    }
     for split, (logits, labels) in (("val", val), ("test", test)):
         report[f"{split}_images"] = len(labels)
         for when, t in (("before", 1.0), ("after", temperature)):
             report[f"{split}_ece_{when}"] = ece(logits, labels, t)
             report[f"{split}_nll_{when}"] = nll(logits, labels, t)
-    chosen = choose_threshold(*top1(*val, temperature), target)
-    on_test = accepted_accuracy(*top1(*test, temperature), chosen.value)
+    confidence, correct = top1(*val, temperature)
+    chosen = choose_threshold(confidence, correct, target)
+    needed = needed_for(target)
+    supported = chosen.value is not None and chosen.accepted >= needed
+    right = int(correct[confidence >= chosen.value].sum()) if chosen.value is not None else 0
     report |= {
-        "threshold": chosen.value,
+        "threshold": chosen.value if supported else None,
+        "threshold_chosen": chosen.value,
+        "threshold_needs": needed,
         "val_accuracy_at_threshold": chosen.accuracy,
+        "val_accuracy_lower_bound": accuracy_lower_bound(right, chosen.accepted),
         "val_coverage": chosen.coverage,
         "val_accepted": chosen.accepted,
         "val_best_accuracy": chosen.best_accuracy,
+    }
+    on_test = accepted_accuracy(*top1(*test, temperature), report["threshold"])
+    report |= {
         "test_accuracy_at_threshold": on_test["accuracy"],
         "test_coverage": on_test["coverage"],
         "test_accepted": on_test["accepted"],
@@ -197,8 +268,14 @@ def calibration_report(val: tuple, test: tuple, target: float) -> dict:
 def describe(report: dict) -> list[str]:
     """The lines eval.py prints (and logs) about calibration and the threshold."""
     r = report
+    temperature = (
+        f"temperature T = {r['temperature']:.4f} (fitted on {r['val_images']} val images, {r['val_wrong']} "
+        "wrong)"
+    )
+    if r["temperature_warning"]:
+        temperature = f"temperature: {r['temperature_warning']}"
     lines = [
-        f"temperature T = {r['temperature']:.4f} (fitted on {r['val_images']} val images)",
+        temperature,
         f"ECE ({r['ece_bins']} bins)  val {r['val_ece_before']:.4f} -> {r['val_ece_after']:.4f}   "
         f"test {r['test_ece_before']:.4f} -> {r['test_ece_after']:.4f}",
         f"NLL             val {r['val_nll_before']:.4f} -> {r['val_nll_after']:.4f}   "
@@ -206,10 +283,16 @@ def describe(report: dict) -> list[str]:
     ]
     target = f"{r['target']:.1%}"
     if r["threshold"] is None:
-        return lines  # threshold_warning says why
+        return [
+            *lines,
+            f"threshold for {target} accuracy: none, so every prediction goes to review: "
+            + r["threshold_warning"],
+        ]
     lines.append(
         f"threshold for {target} accuracy (chosen on val): {r['threshold']:.6f}, accepts "
-        f"{r['val_coverage']:.1%} of val ({r['val_accepted']} images) at {r['val_accuracy_at_threshold']:.2%}"
+        f"{r['val_coverage']:.1%} of val ({r['val_accepted']} images) at "
+        f"{r['val_accuracy_at_threshold']:.2%} ({CONFIDENCE:.0%} lower bound "
+        f"{r['val_accuracy_lower_bound']:.2%})"
     )
     test_acc = r["test_accuracy_at_threshold"]
     lines.append(
@@ -220,18 +303,20 @@ def describe(report: dict) -> list[str]:
 
 
 def threshold_warning(report: dict) -> str | None:
-    """Why there is no threshold, or why it cannot be trusted (too few accepted val images to measure the
-    target); None when neither."""
-    target = f"{report['target']:.1%}"
-    if report["threshold"] is None:
+    """Why there is no threshold, or why the one val gave is not used (too few accepted val images for the
+    target to mean anything); None when neither."""
+    target, accepted = f"{report['target']:.1%}", report["val_accepted"]
+    if report["threshold_chosen"] is None:
         return (
             f"no confidence threshold reaches {target} accuracy on val (the best any threshold gives is "
             f"{report['val_best_accuracy']:.2%}): every prediction needs review; lower target_precision"
         )
-    needed = math.ceil(round(1 / max(1 - report["target"], 1e-9), 6))  # 1 / (1 - 0.9) is 10.000000000000002
-    if report["val_accepted"] < needed:
+    if report["threshold"] is None:
         return (
-            f"only {report['val_accepted']} val images accepted at the threshold; {needed} or more are "
-            f"needed to tell {target} accuracy from 100%: the threshold is not trustworthy (add val images)"
+            f"the threshold {report['threshold_chosen']:.6f} chosen on val is not used: it accepts only "
+            f"{accepted} of {report['val_images']} val images, and {report['threshold_needs']} or more "
+            f"accepted images are needed before {target} accuracy can be shown (all {accepted} right would "
+            f"show only {accuracy_lower_bound(accepted, accepted):.1%} at {CONFIDENCE:.0%} confidence); add "
+            "val images or lower target_precision"
         )
     return None

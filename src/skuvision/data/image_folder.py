@@ -123,6 +123,22 @@ class ImageFolderDataModule(ImageDataModule):
             samples += [(p, index[name]) for p in good]
         return samples
 
+    def warn_if_split_part(self) -> None:
+        """data.root naming the train/ (or val/, test/) of a split folder would be split again by fraction,
+        and the folder's own val and test never seen."""
+        folder = self.folder.resolve()
+        parent = folder.parent
+        if folder.name in SPLITS and all((parent / s).is_dir() for s in SPLITS):
+            log.warning(
+                "data.root=%s is the %s/ folder of %s, which has train/, val/ and test/: it is split again "
+                "by data.split_fractions and the folder's own val/ and test/ are never used; to train on "
+                "that split, use data.root=%s",
+                self.root,
+                folder.name,
+                parent,
+                parent,
+            )
+
     def load_splits(self) -> dict[str, LabelledImageFiles]:
         self.skipped = {}
         if self.presplit:
@@ -130,6 +146,7 @@ class ImageFolderDataModule(ImageDataModule):
             if missing:
                 raise SkuvisionError(f"{self.folder} has train/ but not {', '.join(missing)}/; add them")
             return {s: LabelledImageFiles(self._samples(self.folder / s, s)) for s in SPLITS}
+        self.warn_if_split_part()
         samples = self._samples(self.folder, "train")
         labels = [label for _, label in samples]
         parts = stratified_split(labels, self.split_fractions, self.seed)

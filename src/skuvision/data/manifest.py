@@ -7,6 +7,14 @@ skipped with a warning and listed in `skipped` (the train task writes it to the 
 image folder source reports unreadable files. A split column holds train/val/test; without one, the rows are
 split by `split_fractions`, stratified and seeded. Class indices follow the sorted labels of the training
 rows.
+
+Exports repeat themselves. Rows naming the same file (compared as files: relative or absolute, `./`, `..`,
+symbolic and hard links alike) are used once, in the first such row's split, so no image is both trained and
+tested on; the later rows are listed in `skipped`. The same file under two labels stops the run, naming both
+rows. Surrounding spaces are removed from every cell ("Red " is Red, with a warning when a label had them);
+labels that differ only in case ("Two", "two") stop the run, naming the spellings and their counts: which
+spelling is right, or whether they are one class at all, is the catalogue owner's call, and a guess would name
+a class in the checkpoint and in every prediction.
 """
 
 from __future__ import annotations
@@ -28,8 +36,11 @@ log = logging.getLogger(__name__)
 TABLE_SUFFIXES = {".csv": "CSV", ".parquet": "Parquet", ".pq": "Parquet"}
 
 
+EXAMPLES = 3  # rows quoted in a warning or an error; the rest are counted
+
+
 def read_table(path: Path) -> pd.DataFrame:
-    """Every column as text, blanks and nulls as ""."""
+    """Every column as text, blanks and nulls as "", as written (spaces included)."""
     kind = TABLE_SUFFIXES.get(path.suffix.lower())
     if kind is None:
         raise SkuvisionError(f"data.root={path}: a manifest is a .csv or .parquet file")
@@ -37,7 +48,18 @@ def read_table(path: Path) -> pd.DataFrame:
         table = pd.read_csv(path, dtype=str, keep_default_na=False)
     else:
         table = pd.read_parquet(path)
-    return table.apply(lambda column: column.astype("string").fillna("").str.strip())
+    return table.reset_index(drop=True).apply(lambda column: column.astype("string").fillna(""))
+
+
+def file_identity(path: Path) -> tuple | Path:
+    """What makes two paths one file: device and inode (links and spellings alike), else the resolved path
+    where the file system has no inode numbers."""
+    st = path.stat()
+    return (st.st_dev, st.st_ino) if st.st_ino else path.resolve()
+
+
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
 class ManifestDataModule(ImageDataModule):
@@ -85,12 +107,57 @@ class ManifestDataModule(ImageDataModule):
                 raise SkuvisionError(
                     f"{key}={column} is not a column of {self.manifest}; its columns: {columns}"
                 )
+        given_labels = table[self.label_column]
+        table = table.apply(lambda column: column.str.strip())
+        self._report_spaced_labels(given_labels, table[self.label_column])
+        self._refuse_case_variants(table[self.label_column])
         return table
 
-    def row_name(self, i: int) -> str:
-        """How a user finds row i (0-based) of the table: its data row, and its line in a CSV."""
+    def _report_spaced_labels(self, given: pd.Series, stripped: pd.Series) -> None:
+        changed = given[(given != stripped) & (stripped != "")]
+        if changed.empty:
+            return
+        counts = changed.value_counts()
+        shown = ", ".join(
+            f"{value!r} -> {value.strip()!r} ({plural(count, 'row')})"
+            for value, count in counts.head(EXAMPLES).items()
+        )
+        more = f" and {len(counts) - EXAMPLES} more" if len(counts) > EXAMPLES else ""
+        log.warning(
+            "%s: %s of %s had surrounding spaces, removed: %s%s",
+            self.manifest,
+            plural(len(changed), "value"),
+            self.label_column,
+            shown,
+            more,
+        )
+
+    def _refuse_case_variants(self, labels: pd.Series) -> None:
+        """Labels equal but for case would be separate classes (one of them often a single mistyped row)."""
+        labelled = labels[labels != ""]
+        clashes = [group for _, group in labelled.groupby(labelled.str.casefold()) if group.nunique() > 1]
+        if not clashes:
+            return
+
+        def counted(group: pd.Series, value: str) -> str:
+            rows = group.index[group == value]
+            where = ", ".join(self.row_place(i) for i in rows[:EXAMPLES])
+            return f"{value!r} ({plural(len(rows), 'row')}: {where}{', ...' if len(rows) > EXAMPLES else ''})"
+
+        first = " and ".join(counted(clashes[0], value) for value in clashes[0].value_counts().index)
+        more = f"; {plural(len(clashes) - 1, 'more label')} with case variants" if len(clashes) > 1 else ""
+        raise SkuvisionError(
+            f"{self.manifest}: {self.label_column} values {first} differ only in case and would be separate "
+            f"classes{more}; write each label with one spelling in the manifest"
+        )
+
+    def row_place(self, i: int) -> str:
+        """Row i (0-based) as a user finds it: its data row, and its line in a CSV."""
         line = f" (line {i + 2})" if self.manifest.suffix.lower() == ".csv" else ""
-        return f"{self.manifest} row {i + 1}{line}"
+        return f"row {i + 1}{line}"
+
+    def row_name(self, i: int) -> str:
+        return f"{self.manifest} {self.row_place(i)}"
 
     @cached_property
     def row_splits(self) -> list[str] | None:
@@ -121,8 +188,12 @@ class ManifestDataModule(ImageDataModule):
         return names
 
     def _rows(self) -> list[tuple[int, Path, str]]:
-        """(row, resolved path, label) of the rows with a label and a readable file; the rest are skipped."""
+        """(row, resolved path, label) of the rows with a label and a readable file, one row per file; the
+        rest are skipped."""
         rows, reasons = [], {}
+        first_row: dict = {}  # file identity -> its first row in `rows`
+        repeats: list[tuple[int, tuple]] = []  # (row, the earlier row naming the same file)
+        conflicts: list[tuple[int, str, tuple]] = []  # (row, its label, the earlier row with another label)
         for i, (raw_path, label) in enumerate(
             zip(self.table[self.path_column], self.table[self.label_column], strict=True)
         ):
@@ -136,13 +207,60 @@ class ManifestDataModule(ImageDataModule):
             elif not path.is_file():
                 reasons[str(path)] = f"file not found ({self.row_name(i)})"
             else:
-                rows.append((i, path, label))
+                earlier = first_row.setdefault(file_identity(path), (i, path, label))
+                if earlier[0] == i:
+                    rows.append(earlier)
+                elif earlier[2] != label:
+                    conflicts.append((i, label, earlier))
+                else:
+                    repeats.append((i, earlier))
+        if conflicts:
+            self._refuse_two_labels(conflicts)
+        reasons.update(self._report_repeats(repeats))
         unreadable = self.find_unreadable(self.manifest.parent, sorted({p for _, p, _ in rows}))
         reasons.update({str(p): reason for p, reason in unreadable.items()})
         for where, reason in reasons.items():
             log.warning("skipping %s (%s)", where, reason)
         self.skipped.update(reasons)
         return [row for row in rows if row[1] not in unreadable]
+
+    def split_of(self, i: int) -> str | None:
+        return self.row_splits[i] if self.row_splits is not None else None
+
+    def _refuse_two_labels(self, conflicts: list[tuple[int, str, tuple]]) -> None:
+        i, label, (j, path, earlier_label) = conflicts[0]
+        more = f" ({plural(len(conflicts) - 1, 'more row')} like it)" if len(conflicts) > 1 else ""
+        raise SkuvisionError(
+            f"{self.manifest}: {self.row_place(j)} ({self.label_column}={earlier_label!r}) and "
+            f"{self.row_place(i)} ({self.label_column}={label!r}) name the same file {path}{more}; a file "
+            f"has one label: correct or drop one of the rows"
+        )
+
+    def _report_repeats(self, repeats: list[tuple[int, tuple]]) -> dict[str, str]:
+        """Warn once about rows naming a file an earlier row names; {row: why} for `skipped`."""
+        if not repeats:
+            return {}
+        reasons, examples = {}, []
+        across = 0
+        for i, (j, path, _) in repeats:
+            kept, given = self.split_of(j), self.split_of(i)
+            moved = kept != given
+            across += moved
+            where = f" (this row says {given}; kept in {kept})" if moved else ""
+            reasons[self.row_name(i)] = f"the same file as {self.row_place(j)}: {path}, used once{where}"
+            if len(examples) < EXAMPLES:
+                examples.append(f"{self.row_place(i)} = {self.row_place(j)} ({path}{where})")
+        in_splits = f", {across} of them for another split" if across else ""
+        log.warning(
+            "%s: %s a file an earlier row names%s; each file is used once, in its first row's split: "
+            "%s%s (all listed with the skipped rows)",
+            self.manifest,
+            plural(len(repeats), "row") + (" names" if len(repeats) == 1 else " name"),
+            in_splits,
+            "; ".join(examples),
+            ", ..." if len(repeats) > EXAMPLES else "",
+        )
+        return reasons
 
     def load_splits(self) -> dict[str, LabelledImageFiles]:
         self.skipped = {}

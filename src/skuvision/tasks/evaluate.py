@@ -72,11 +72,15 @@ def evaluate(cfg: DictConfig) -> dict:
 
 def calibrate(cfg, trainer, module, datamodule, test: tuple, output_dir: Path) -> tuple[dict, list[Path]]:
     """Temperature and threshold fitted on the val split's logits (same model, same TTA as test), reported
-    on val and test; calibration.json for predict.py, the reliability and coverage plots. Data without a
-    val split gets `{"skipped": why}` and a warning instead."""
+    on val and test; calibration.json for predict.py (with T = 1 and no threshold where val is too small to
+    back them: see skuvision.calibration), the reliability and coverage plots. Data without a val split gets
+    `{"skipped": why}` and a warning instead."""
     target = float(cfg.get("target_precision", 0.99))
-    if not 0 < target <= 1:
-        raise SkuvisionError(f"target_precision={target} must be an accuracy in (0, 1], e.g. 0.99")
+    if not 0 < target < 1:
+        raise SkuvisionError(
+            f"target_precision={target} must be an accuracy in (0, 1), e.g. 0.99: no count of val images can "
+            "show 100 %"
+        )
     val_set = datamodule.splits.get("val")
     if val_set is None or len(val_set) == 0:
         why = (
@@ -91,14 +95,29 @@ def calibrate(cfg, trainer, module, datamodule, test: tuple, output_dir: Path) -
     val = (torch.cat([o["outputs"] for o in outputs]).cpu(), torch.cat([o["meta"] for o in outputs]).cpu())
     report = calibration.calibration_report(val, test, target)
     print("\n".join(calibration.describe(report)))
-    if report["threshold_warning"]:
-        log.warning(report["threshold_warning"])
+    for warning in (report["temperature_warning"], report["threshold_warning"]):
+        if warning:
+            log.warning("calibration: %s", warning)
     write_json(
         output_dir / calibration.CALIBRATION_FILE,
         {
-            "temperature": report["temperature"],
-            "threshold": report["threshold"],
+            "temperature": report["temperature"],  # the one to apply: 1 where the fit was not trustworthy
+            "threshold": report["threshold"],  # null: none that val can back, every row goes to review
             "target": target,
+            **{
+                key: report[key]
+                for key in (
+                    "temperature_fitted",
+                    "temperature_warning",
+                    "threshold_chosen",
+                    "threshold_needs",
+                    "threshold_warning",
+                    "val_images",
+                    "val_wrong",
+                    "val_accepted",
+                    "val_accuracy_lower_bound",
+                )
+            },
             "val_accuracy_at_threshold": report["val_accuracy_at_threshold"],
             "val_coverage": report["val_coverage"],
             "checkpoint": str(cfg.ckpt_path),

@@ -79,7 +79,9 @@ def report_review(calibrated: dict, review: list[bool], failed: int) -> None:
     marked = sum(review)
     target = f"{calibrated['target']:.1%}"
     if calibrated["threshold"] is None:
-        line = f"review: all {marked} rows marked: no confidence threshold reached {target} accuracy on val"
+        why = calibrated.get("threshold_warning")  # eval.py's reason; files without one had no threshold
+        why = why or f"no confidence threshold reached {target} accuracy on val"
+        line = f"review: all {marked} rows marked: {why}"
     else:
         line = (
             f"review: {marked} of {len(review)} rows marked (calibrated top-1 probability below "
