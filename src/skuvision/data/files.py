@@ -35,7 +35,7 @@ def collect_inputs(inputs: str | Sequence[str]) -> list[Path]:
             paths += sorted(
                 p
                 for p in path.rglob("*")
-                if (p.is_file() or p.is_symlink())
+                if (p.is_file() or broken_link(p))
                 and p.suffix.lower() in IMAGE_SUFFIXES
                 and not p.name.startswith(".")
             )

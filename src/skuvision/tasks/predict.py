@@ -14,6 +14,7 @@ from omegaconf import DictConfig
 
 from skuvision.calibration import calibrated_probs, load_calibration
 from skuvision.data.files import InputFilesDataModule, collect_inputs
+from skuvision.errors import SkuvisionError
 from skuvision.outputs import refuse_existing, write_csv
 from skuvision.tasks.assembly import from_checkpoint
 from skuvision.tasks.utils import plain, set_threads
@@ -25,6 +26,10 @@ log = logging.getLogger("skuvision")
 def predict(cfg: DictConfig) -> Path:
     set_threads(cfg.get("threads"))
     out = Path(cfg.output) if cfg.get("output") else Path(cfg.paths.output_dir) / "predictions.csv"
+    if out.is_dir() and not any(out.iterdir()):
+        raise SkuvisionError(
+            f"output={out} is a folder: name the CSV file, e.g. output={out / 'predictions.csv'}"
+        )
     refuse_existing([out], "give another output=, or remove it")
     module, _ = from_checkpoint(cfg.ckpt_path)
     module.tta = check_tta(cfg.get("tta") or module.tta)
