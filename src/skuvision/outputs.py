@@ -104,6 +104,33 @@ def new_file(path) -> Iterator[Path]:
 
 
 @contextmanager
+def new_file_with_companions(path) -> Iterator[Path]:
+    """As new_file, for a writer that puts files beside its file and names them after it (ONNX's external
+    weights, `<name>.data`, which the model names): the block writes `path`'s name in a temporary folder; its
+    companions get their names beside `path` first, then `path` itself; a taken name or an error publishes
+    nothing."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if taken(path):
+        raise SkuvisionError(f"{path} exists (an earlier result): not replaced; remove it or write elsewhere")
+    partial = partial_name(path.with_suffix(""))
+    partial.mkdir()
+    published: list[Path] = []
+    try:
+        yield partial / path.name
+        companions = sorted(f for f in partial.iterdir() if f.name != path.name)
+        for written in [*companions, partial / path.name]:
+            publish_file(written, path.with_name(written.name))
+            published.append(path.with_name(written.name))
+    except BaseException:
+        for done in published:
+            os.unlink(done)
+        raise
+    finally:
+        shutil.rmtree(partial)
+
+
+@contextmanager
 def new_folder(path) -> Iterator[Path]:
     """A temporary folder to fill; renamed to `path` (which may exist only as an empty folder) when the block
     ends without an error, removed when it raises."""

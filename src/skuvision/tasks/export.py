@@ -28,7 +28,7 @@ from skuvision.data.datamodule import ImageDataModule
 from skuvision.data.transforms import ToModelInput
 from skuvision.errors import SkuvisionError
 from skuvision.models.classifier import Classifier
-from skuvision.outputs import new_file, new_folder, refuse_existing, write_new_json
+from skuvision.outputs import new_file_with_companions, new_folder, refuse_existing, write_new_json
 from skuvision.tasks.assembly import from_checkpoint
 from skuvision.tasks.utils import set_threads
 
@@ -84,7 +84,13 @@ def export(cfg: DictConfig) -> dict:
         written = [out]
     else:
         out = Path(cfg.output) if cfg.get("output") else run_dir / "model.onnx"
-        written = [out, out.with_suffix(".json"), run_dir / "export_check.json"]
+        # <name>.data: the external weights torch's exporter writes beside the model, named in it
+        written = [
+            out,
+            out.with_name(out.name + ".data"),
+            out.with_suffix(".json"),
+            run_dir / "export_check.json",
+        ]
     refuse_existing(written, "give another output=, or remove it")
     module, datamodule = from_checkpoint(cfg.ckpt_path, cfg.get("data"), split="test")
     if fmt == "timm":
@@ -96,7 +102,7 @@ def export_onnx(cfg: DictConfig, module: Classifier, datamodule: ImageDataModule
     """The model is written under a temporary name and checked there: only one within tolerance is kept."""
     model = Deployable(module).eval()
     images = check_images(datamodule, cfg.check_images)
-    with new_file(out) as partial:
+    with new_file_with_companions(out) as partial:
         result = write_and_check_onnx(cfg, model, module, images, partial)
     result["onnx"] = str(out)
     write_new_json(
