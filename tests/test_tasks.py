@@ -495,3 +495,11 @@ def test_predict_cli_into_an_earlier_run_folder_changes_nothing(checkpoint, phot
         line.startswith(f"error: hydra.run.dir={tmp_path / 'run'} already holds .hydra") and "nothing" in line
     )
     assert snapshot(tmp_path / "run") == before
+
+
+@pytest.mark.parametrize("task", ["audit", "embed", "eval", "export", "predict", "shard"])
+def test_every_task_but_train_refuses_an_earlier_run_folder(task, tmp_path):
+    """The Hydra callback the predict.py test above runs is the one every such task's config names."""
+    cfg = compose_cfg(task, [], tmp_path / "run")
+    assert cfg.hydra.callbacks.new_run_folder._target_ == "skuvision.tasks.utils.NewRunFolder"
+    assert "new_run_folder" not in compose_cfg("train", [], tmp_path / "train").hydra.callbacks
