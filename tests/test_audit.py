@@ -4,8 +4,10 @@ images are not, planted dark, blurry and tiny images are flagged, and the report
 
 import csv
 import shutil
+from types import SimpleNamespace
 
 import numpy as np
+import pandas as pd
 import pytest
 from conftest import compose_cfg, quick_overrides
 from hydra.utils import instantiate
@@ -14,6 +16,7 @@ from PIL import Image, ImageFilter, ImageOps
 from writers import balanced_labels, pattern_images, write_idx
 
 from skuvision.audit import labels as label_audit
+from skuvision.audit import report
 from skuvision.checkpoints import load_classifier
 from skuvision.errors import SkuvisionError
 from skuvision.tasks import train
@@ -268,3 +271,42 @@ def test_report_counts_classes_per_split_and_links_its_files(shop_audit):
     assert "| kettle | 16 | 4 | 5 |" in md
     for name in ("label_issues.png", "duplicates.png", "label_issues.csv", "image_issues.csv"):
         assert name in md and (out / name).stat().st_size > 0
+
+
+def test_second_audit_into_the_same_folder_changes_nothing(shop_audit):
+    _, out, _, _, ckpt = shop_audit
+    run = out.parent
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) if p.is_file() else None for p in run.rglob("*")}
+    assert out / "audit.md" in before
+    with pytest.raises(
+        SkuvisionError, match=r"audit exists and is not empty .*nothing was written"
+    ) as refused:
+        audit(compose_cfg("audit", audit_overrides(ckpt, ["audit.folds=3"]), run))
+    assert "\n" not in str(refused.value)
+    after = {p: (p.read_bytes(), p.stat().st_mtime_ns) if p.is_file() else None for p in run.rglob("*")}
+    assert after == before
+
+
+def test_audit_tables_quote_cells_a_spreadsheet_would_run(tmp_path):
+    """Class names and item names come from folder and file names: none may run as a formula."""
+    rows = [{"rank": 1, "item": "=HYPERLINK(1).png", "given": "+SUM(1,2)", "suggested": "@x", "score": -1.5}]
+    report.write_csv(tmp_path / "label_issues.csv", rows, ["rank", "item", "given", "suggested", "score"])
+    assert read_csv(tmp_path / "label_issues.csv") == [
+        {
+            "rank": "1",
+            "item": "'=HYPERLINK(1).png",
+            "given": "'+SUM(1,2)",
+            "suggested": "'@x",
+            "score": "-1.5",
+        }
+    ]
+    catalogue = SimpleNamespace(
+        items=["-x.png", "\tcat/a.png", 'a, "b"\nc.png'], splits=["train"] * 3, index=[0, 1, 2]
+    )
+    issues = pd.DataFrame({"dark_score": [0.1, 0.2, -0.5]})
+    issues.attrs["checks"] = ["dark"]
+    failed = pd.Series(["dark", "dark", "dark"])
+    assert report.write_image_issues(tmp_path / "image_issues.csv", catalogue, issues, failed) == 3
+    written = pd.read_csv(tmp_path / "image_issues.csv", keep_default_na=False)
+    assert written["item"].tolist() == ["'-x.png", "'\tcat/a.png", 'a, "b"\nc.png']
+    assert written["dark_score"].tolist() == [0.1, 0.2, -0.5]

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -155,6 +156,25 @@ def test_an_existing_folder_is_never_overwritten(resnet_checkpoint, tmp_path):
     with pytest.raises(SkuvisionError, match="not empty"):
         export(cfg)
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
+
+
+def test_a_folder_that_misses_the_tolerance_or_crashes_half_way_is_not_kept(
+    resnet_checkpoint, tmp_path, monkeypatch
+):
+    """Written and checked under a temporary name: only a complete folder within tolerance gets the name."""
+    overrides = [f"ckpt_path={resnet_checkpoint}", "format=timm", "check_images=8"]
+    with pytest.raises(SkuvisionError, match=r"differs by .* nothing was written"):
+        export(compose_cfg("export", overrides + ["tolerance=-1"], tmp_path / "strict"))
+    assert list((tmp_path / "strict").iterdir()) == []
+
+    def half_save_for_hf(model, save_directory, **kwargs):
+        (Path(save_directory) / "config.json").write_text("{}")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(timm.models, "save_for_hf", half_save_for_hf)
+    with pytest.raises(OSError, match="No space left"):
+        export(compose_cfg("export", overrides, tmp_path / "crash"))
+    assert list((tmp_path / "crash").iterdir()) == []
 
 
 def test_architectures_outside_timm_are_refused_unless_allowed():

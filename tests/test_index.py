@@ -6,6 +6,7 @@ import json
 
 import faiss
 import numpy as np
+import pandas as pd
 import pytest
 from conftest import compose_cfg, quick_overrides
 from writers import write_image_folder
@@ -78,6 +79,50 @@ def test_save_load_round_trip(kind, tmp_path):
     assert rows[3] == {"id": "3", "item": "test[3]", "label": "3"}
     with pytest.raises(SkuvisionError, match="already holds an index"):
         index.save(tmp_path / "index")  # an earlier index is never overwritten
+
+
+# Item names a spreadsheet would run as formulas, one starting with the escape quote, and awkward ones.
+TRICKY_ITEMS = [
+    '=HYPERLINK("http://example.com","x").png', "+SUM(1,2).png", "-x.png", "@x.png", "\tx.png", "\rx.png",
+    "'quoted.png", "''.png", "-1.5", 'a, "b"\nc.png', "čaj ☕ 茶.png", "plain.png",
+]  # fmt: skip
+
+
+def test_items_csv_is_safe_in_a_spreadsheet_and_reads_back_exactly(tmp_path):
+    catalogue = unit_rows(len(TRICKY_ITEMS), 8, seed=3)
+    CatalogueIndex.build(catalogue, TRICKY_ITEMS, None, []).save(tmp_path / "index")
+    assert CatalogueIndex.load(tmp_path / "index").items == TRICKY_ITEMS
+    with open(tmp_path / "index" / "items.csv", newline="") as f:
+        cells = [row["item"] for row in csv.DictReader(f)]
+    assert cells == ["'" + item for item in TRICKY_ITEMS[:8]] + TRICKY_ITEMS[8:]  # "-1.5" is a number
+    assert pd.read_csv(tmp_path / "index" / "items.csv", keep_default_na=False)["item"].tolist() == cells
+
+
+def test_an_index_written_before_the_quoting_reads_as_it_was(tmp_path):
+    """Format 1 folders hold item names unquoted: a name that starts with a quote keeps it."""
+    catalogue = unit_rows(3, 8, seed=4)
+    CatalogueIndex.build(catalogue, ["a.png", "b.png", "c.png"], None, []).save(tmp_path / "index")
+    meta = json.loads((tmp_path / "index" / "index.json").read_text())
+    (tmp_path / "index" / "index.json").write_text(json.dumps(meta | {"format": 1}))
+    (tmp_path / "index" / "items.csv").write_text("id,item,label\n0,'a.png,\n1,=b.png,\n2,c.png,\n")
+    assert CatalogueIndex.load(tmp_path / "index").items == ["'a.png", "=b.png", "c.png"]
+    (tmp_path / "index" / "index.json").write_text(json.dumps(meta | {"format": 99}))
+    with pytest.raises(SkuvisionError, match="index format 99 is newer"):
+        CatalogueIndex.load(tmp_path / "index")
+
+
+def test_an_earlier_index_folder_is_kept_whole(tmp_path):
+    """A folder holding anything is refused, and a save that fails leaves no folder under the name."""
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "notes.txt").write_text("keep")
+    index = CatalogueIndex.build(unit_rows(5, 8, seed=5), items_of(5), None, [])
+    with pytest.raises(SkuvisionError, match="nothing was written"):
+        index.save(tmp_path / "taken")
+    assert [p.name for p in (tmp_path / "taken").iterdir()] == ["notes.txt"]
+    index.labels = [0, 1]  # inconsistent: the save fails half-way through
+    with pytest.raises((ValueError, IndexError)):
+        index.save(tmp_path / "broken")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
 
 
 @pytest.mark.parametrize("kind", ["hnsw", "ivfpq"])

@@ -5,8 +5,10 @@ import json
 import shutil
 from pathlib import Path
 
+import faiss
 import numpy as np
 import onnxruntime as ort
+import pandas as pd
 import pytest
 import torch
 from conftest import compose_cfg, quick_overrides, run_cli
@@ -22,7 +24,10 @@ from torchmetrics.functional.classification import (
 from writers import write_image_folder
 
 from skuvision.checkpoints import load_classifier
+from skuvision.errors import SkuvisionError
+from skuvision.index import CatalogueIndex
 from skuvision.tasks import evaluate, train
+from skuvision.tasks.compare import write_leaderboard
 from skuvision.tasks.embed import embed
 from skuvision.tasks.export import export
 from skuvision.tasks.predict import predict
@@ -220,3 +225,281 @@ def test_onnx_matches_pytorch(checkpoint, tmp_path):
     for batch in (1, 5):  # the batch dimension is dynamic
         out = session.run(None, {"images": np.zeros((batch, c, h, w), dtype=np.uint8)})[0]
         assert out.shape == (batch, len(meta["class_names"]))
+
+
+# ---- earlier results are never replaced, and nothing is left half-written ----
+
+# File names a spreadsheet would run as formulas (relative to input=), and awkward ones that must still parse.
+FORMULA_NAMES = [
+    '=HYPERLINK("evil","click").png',
+    "+SUM(1,2).png",
+    "-x.png",
+    "@x.png",
+    "\tx.png",
+    "\rx.png",
+    "'quoted.png",
+]
+AWKWARD_NAMES = ['a, "b"\nc.png', "čaj ☕ 茶.png"]
+
+
+def snapshot(folder: Path) -> dict:
+    """Every entry under `folder`: its bytes and mtime, or None for a folder (what a refused run keeps)."""
+    return {
+        p: (p.read_bytes(), p.stat().st_mtime_ns) if p.is_file() else None
+        for p in sorted(Path(folder).rglob("*"))
+    }
+
+
+def one_line_refusal(run, match: str, says_nothing_written: bool = True) -> str:
+    with pytest.raises(SkuvisionError, match=match) as refused:
+        run()
+    message = str(refused.value)
+    assert "\n" not in message and ("nothing was written" in message or not says_nothing_written), message
+    return message
+
+
+def predict_cfg(checkpoint, input, folder, extra=()):
+    overrides = [f"ckpt_path={checkpoint}", f"input={input}", "num_workers=0", "trainer.accelerator=cpu"]
+    return compose_cfg("predict", overrides + list(extra), folder)
+
+
+def embed_cfg(checkpoint, input, folder, extra=()):
+    overrides = [f"ckpt_path={checkpoint}", f"input={input}", "num_workers=0", "trainer.accelerator=cpu"]
+    return compose_cfg("embed", overrides + ["k=2", *extra], folder)
+
+
+class FailingCsvWriter:
+    """csv.writer that writes `rows` rows, then fails as a full disk would."""
+
+    def __init__(self, f, rows: int):
+        self.writer, self.left = csv_writer(f), rows
+
+    def writerow(self, row):
+        if self.left == 0:
+            raise OSError(28, "No space left on device")
+        self.left -= 1
+        return self.writer.writerow(row)
+
+    def writerows(self, rows):
+        for row in rows:
+            self.writerow(row)
+
+
+csv_writer = csv.writer
+
+
+def test_second_eval_into_the_same_folder_changes_nothing(evaluation, checkpoint):
+    _, out = evaluation
+    before = snapshot(out)
+    overrides = [f"ckpt_path={checkpoint}", "trainer.accelerator=cpu", "trainer.precision=32", "threads=2"]
+    message = one_line_refusal(lambda: evaluate(compose_cfg("eval", overrides, out)), "metrics.json exists")
+    assert "new run folder" in message
+    assert snapshot(out) == before
+
+
+def test_second_predict_into_the_same_folder_or_output_changes_nothing(checkpoint, photos, tmp_path):
+    first = predict(predict_cfg(checkpoint, photos / "phone", tmp_path / "run"))
+    before = snapshot(tmp_path / "run")
+    one_line_refusal(
+        lambda: predict(predict_cfg(checkpoint, photos / "kettle", tmp_path / "run")),
+        "predictions.csv exists",
+    )
+    message = one_line_refusal(
+        lambda: predict(predict_cfg(checkpoint, photos / "kettle", tmp_path / "other", [f"output={first}"])),
+        "predictions.csv exists",
+    )
+    assert "another output=" in message
+    assert snapshot(tmp_path / "run") == before
+
+
+def test_a_crash_while_writing_predictions_leaves_no_file(checkpoint, photos, tmp_path, monkeypatch):
+    monkeypatch.setattr(csv, "writer", lambda f, *a, **k: FailingCsvWriter(f, rows=3))
+    with pytest.raises(OSError, match="No space left"):
+        predict(predict_cfg(checkpoint, photos / "phone", tmp_path / "run"))
+    assert list((tmp_path / "run").iterdir()) == []
+
+
+def test_dangling_and_looping_links_get_their_own_error_rows(checkpoint, photos, tmp_path):
+    folder = tmp_path / "new"
+    shutil.copytree(photos / "phone", folder)
+    (folder / "dangling.png").symlink_to(tmp_path / "gone.png")
+    (folder / "loop.png").symlink_to(folder / "loop.png")
+    (folder / "ping.jpg").symlink_to(folder / "pong.jpg")
+    (folder / "pong.jpg").symlink_to(folder / "ping.jpg")
+    (folder / "album.png").symlink_to(photos / "kettle")  # a link to a folder is not an image file
+    with open(predict(predict_cfg(checkpoint, folder, tmp_path / "run"))) as f:
+        rows = {row["path"].split("/")[-1]: row for row in csv.DictReader(f)}
+    assert "album.png" not in rows
+    assert "No such file" in rows["dangling.png"]["error"] and "gone.png" in rows["dangling.png"]["error"]
+    for name in ("loop.png", "ping.jpg", "pong.jpg"):
+        assert "symbolic link" in rows[name]["error"] and "levels of symbolic links" in rows[name]["error"]
+        assert rows[name]["label_1"] == ""
+    good = [r for name, r in rows.items() if not name.startswith(("dangling", "loop", "ping", "pong"))]
+    assert len(good) == 16 and all(r["error"] == "" and r["label_1"] for r in good)
+
+
+@pytest.fixture
+def tricky_names(photos, tmp_path, monkeypatch):
+    """A folder of real images under formula-like and awkward names, as the working folder (input=.)."""
+    folder = tmp_path / "tricky"
+    folder.mkdir()
+    names = FORMULA_NAMES + AWKWARD_NAMES
+    sources = sorted((photos / "shirt").iterdir())[: len(names)]  # PNGs and JPEGs: read by their content
+    for name, source in zip(names, sources, strict=True):
+        shutil.copy(source, folder / name)
+    monkeypatch.chdir(folder)
+    return sorted(FORMULA_NAMES + AWKWARD_NAMES)
+
+
+def quoted(name: str) -> str:
+    return "'" + name if name.startswith(("=", "+", "-", "@", "\t", "\r", "'")) else name
+
+
+def test_predictions_csv_quotes_formula_names_and_parses(checkpoint, tricky_names, tmp_path):
+    out = predict(predict_cfg(checkpoint, ".", tmp_path / "run"))
+    with open(out, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(r["path"] for r in rows) == sorted(quoted(n) for n in tricky_names)
+    assert all(r["error"] == "" and r["label_1"] for r in rows)  # every file was read under its real name
+    table = pd.read_csv(out, keep_default_na=False)
+    assert sorted(table["path"]) == sorted(quoted(n) for n in tricky_names)
+
+
+def test_index_and_neighbours_of_formula_names(checkpoint, tricky_names, tmp_path):
+    """neighbours.csv quotes them; the index's items.csv is quoted too and reads back to the exact names."""
+    embed(embed_cfg(checkpoint, ".", tmp_path / "run"))
+    assert sorted(CatalogueIndex.load(tmp_path / "run" / "index").items) == tricky_names
+    with open(tmp_path / "run" / "index" / "items.csv", newline="") as f:
+        assert sorted(r["item"] for r in csv.DictReader(f)) == sorted(quoted(n) for n in tricky_names)
+    with open(tmp_path / "run" / "neighbours.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["query"] for r in rows} == {quoted(n) for n in tricky_names} >= {r["item"] for r in rows}
+    assert sorted(np.load(tmp_path / "run" / "embeddings.npz")["items"].tolist()) == tricky_names
+
+
+def test_second_embed_into_the_same_folder_changes_nothing(checkpoint, photos, tmp_path):
+    """The earlier embeddings.npz included: it used to be replaced before the index was refused."""
+    embed(embed_cfg(checkpoint, photos / "phone", tmp_path / "run"))
+    before = snapshot(tmp_path / "run")
+    assert tmp_path / "run" / "index" / "items.csv" in before
+    one_line_refusal(
+        lambda: embed(embed_cfg(checkpoint, photos / "kettle", tmp_path / "run")), "embeddings.npz exists"
+    )
+    assert snapshot(tmp_path / "run") == before
+
+
+def half_savez(file, *args, **kwargs):
+    Path(file).write_bytes(b"PK\x03\x04 half an archive")
+    raise OSError(28, "No space left on device")
+
+
+def half_write_index(index, name):
+    Path(name).write_bytes(b"IxF2 half an index")
+    raise OSError(28, "No space left on device")
+
+
+@pytest.mark.parametrize("failing", ["embeddings", "index"])
+def test_a_crash_while_embedding_leaves_no_half_written_result(
+    failing, checkpoint, photos, tmp_path, monkeypatch
+):
+    if failing == "embeddings":
+        monkeypatch.setattr(np, "savez", half_savez)
+    else:
+        monkeypatch.setattr(faiss, "write_index", half_write_index)
+    with pytest.raises(OSError, match="No space left"):
+        embed(embed_cfg(checkpoint, photos / "phone", tmp_path / "run"))
+    left = sorted(p.name for p in (tmp_path / "run").iterdir())
+    assert left == ([] if failing == "embeddings" else ["embeddings.npz"])  # complete, from this run
+    if left:
+        assert len(np.load(tmp_path / "run" / "embeddings.npz")["items"]) == 16
+
+
+def test_embedding_one_image_is_refused_in_one_line(checkpoint, photos, tmp_path):
+    image = sorted((photos / "phone").glob("*.png"))[0]
+    message = one_line_refusal(
+        lambda: embed(embed_cfg(checkpoint, image, tmp_path / "run")), "one image has no neighbours", False
+    )
+    assert str(image) in message and "query=" in message
+    assert list((tmp_path / "run").iterdir()) == []
+    # one catalogue image searched with a query is a sensible request: its one neighbour
+    query = sorted((photos / "kettle").glob("*.png"))[0]
+    embed(embed_cfg(checkpoint, image, tmp_path / "query", [f"query={query}"]))
+    with open(tmp_path / "query" / "neighbours.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["query"], r["rank"], r["item"]) for r in rows] == [(str(query), "1", str(image))]
+
+
+def test_second_export_into_the_same_folder_or_output_changes_nothing(checkpoint, tmp_path):
+    overrides = [f"ckpt_path={checkpoint}", "check_images=8", "batch_size=8"]
+    export(compose_cfg("export", overrides, tmp_path / "run"))
+    before = snapshot(tmp_path / "run")
+    results = {"model.onnx", "model.json", "export_check.json"}
+    assert results <= {p.name for p in before} <= results | {"model.onnx.data"}  # its external weights
+    one_line_refusal(lambda: export(compose_cfg("export", overrides, tmp_path / "run")), "model.onnx exists")
+    output = [f"output={tmp_path / 'run' / 'model.onnx'}"]
+    message = one_line_refusal(
+        lambda: export(compose_cfg("export", overrides + output, tmp_path / "other")), "model.onnx exists"
+    )
+    assert "another output=" in message
+    assert snapshot(tmp_path / "run") == before
+
+
+def half_onnx_export(model, args, f, *rest, **kwargs):
+    Path(f).write_bytes(b"\x08\x07 half a model")
+    raise RuntimeError("exporter crashed\nwith a long story")
+
+
+def test_an_onnx_export_that_fails_or_misses_the_tolerance_leaves_nothing(checkpoint, tmp_path, monkeypatch):
+    overrides = [f"ckpt_path={checkpoint}", "check_images=8", "batch_size=8"]
+    with pytest.raises(SkuvisionError, match=r"differs from PyTorch .* nothing was written"):
+        export(compose_cfg("export", overrides + ["tolerance=-1"], tmp_path / "strict"))
+    assert list((tmp_path / "strict").iterdir()) == []
+    monkeypatch.setattr(torch.onnx, "export", half_onnx_export)
+    with pytest.raises(SkuvisionError, match="ONNX export of simple_cnn failed: exporter crashed"):
+        export(compose_cfg("export", overrides, tmp_path / "crash"))
+    assert list((tmp_path / "crash").iterdir()) == []
+
+
+def write_sweep(sweep: Path) -> None:
+    """A sweep folder of one failed job whose backbone and error read as formulas."""
+    job = sweep / "0"
+    (job / ".hydra").mkdir(parents=True)
+    OmegaConf.save(OmegaConf.create({"model": {"name": "=HYPERLINK(1)"}}), job / ".hydra" / "config.yaml")
+    (job / "failed.json").write_text(json.dumps({"error": "-boom"}))
+
+
+def test_leaderboard_is_never_replaced_and_quotes_formulas(tmp_path):
+    write_sweep(tmp_path / "sweep")
+    write_leaderboard(tmp_path / "sweep")
+    with open(tmp_path / "sweep" / "leaderboard.csv", newline="") as f:
+        (row,) = list(csv.DictReader(f))
+    assert (row["backbone"], row["error"], row["status"]) == ("'=HYPERLINK(1)", "'-boom", "failed")
+    before = snapshot(tmp_path / "sweep")
+    one_line_refusal(lambda: write_leaderboard(tmp_path / "sweep"), "leaderboard.md exists")
+    assert snapshot(tmp_path / "sweep") == before
+
+
+def test_predict_cli_into_an_earlier_run_folder_changes_nothing(checkpoint, photos, tmp_path):
+    """Hydra's own .hydra/ config and log of the earlier run included: refused before Hydra writes them."""
+    image = sorted((photos / "phone").glob("*.png"))[0]
+    overrides = [f"ckpt_path={checkpoint}", f"input={image}", "trainer.accelerator=cpu", "num_workers=0"]
+    run = [f"hydra.run.dir={tmp_path / 'run'}"]
+    first = run_cli("predict.py", overrides + run, tmp_path)
+    assert first.returncode == 0, first.stderr[-2000:]
+    before = snapshot(tmp_path / "run")
+    assert {".hydra", "predictions.csv"} <= {p.name for p in before}
+    again = run_cli("predict.py", overrides + run, tmp_path)
+    assert again.returncode == 2 and again.stdout == ""
+    (line,) = again.stderr.strip().splitlines()
+    assert (
+        line.startswith(f"error: hydra.run.dir={tmp_path / 'run'} already holds .hydra") and "nothing" in line
+    )
+    assert snapshot(tmp_path / "run") == before
+
+
+@pytest.mark.parametrize("task", ["audit", "embed", "eval", "export", "predict", "shard"])
+def test_every_task_but_train_refuses_an_earlier_run_folder(task, tmp_path):
+    """The Hydra callback the predict.py test above runs is the one every such task's config names."""
+    cfg = compose_cfg(task, [], tmp_path / "run")
+    assert cfg.hydra.callbacks.new_run_folder._target_ == "skuvision.tasks.utils.NewRunFolder"
+    assert "new_run_folder" not in compose_cfg("train", [], tmp_path / "train").hydra.callbacks

@@ -5,7 +5,9 @@ Kinds: `flat` (exact, FAISS's IndexFlatIP; the default, fine up to ~100k items),
 approximate index measures its recall@10 against exact search on a sample of catalogue items when built.
 
 On disk, a folder: index.faiss (FAISS's own format), items.csv (id,item,label: row id == FAISS id) and
-index.json (kind, parameters, counts, class names, recall, build time).
+index.json (kind, parameters, counts, class names, recall, build time). items.csv is safe to open in a
+spreadsheet (skuvision.outputs.spreadsheet_cell) and reads back to the exact item names (format 2; format 1
+folders were written unescaped and are read as they are).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import faiss
 import numpy as np
 
 from skuvision.errors import SkuvisionError
+from skuvision.outputs import from_spreadsheet_cell, new_folder, taken, write_csv
 
 log = logging.getLogger("skuvision")
 
@@ -36,7 +39,7 @@ DEFAULTS = {
 }
 COMMON = {"recall_queries": 1000, "seed": 0}
 NORM_TOLERANCE = 1e-3
-FORMAT = 1
+FORMAT = 2  # 2: items.csv cells escaped for spreadsheets
 
 
 def check_normalized(vectors: np.ndarray, what: str) -> np.ndarray:
@@ -220,18 +223,20 @@ class CatalogueIndex:
             set_search_params(self.index, self.kind, self.info["params"])
 
     def save(self, folder) -> None:
+        """A new folder (or an empty one), written whole or not at all."""
         folder = Path(folder)
-        if (folder / "index.faiss").exists():
-            raise SkuvisionError(f"{folder}: already holds an index; choose another folder")
-        folder.mkdir(parents=True, exist_ok=True)
-        faiss.write_index(self.index, str(folder / "index.faiss"))
-        with open(folder / "items.csv", "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["id", "item", "label"])
-            for i, item in enumerate(self.items):
-                writer.writerow([i, item, "" if self.labels is None else self.labels[i]])
-        meta = self.info | {"class_names": self.class_names}
-        (folder / "index.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        if taken(folder):
+            raise SkuvisionError(
+                f"{folder}: already holds an index (or other files): nothing was written; choose another "
+                "folder, or remove it"
+            )
+        with new_folder(folder) as partial:
+            faiss.write_index(self.index, str(partial / "index.faiss"))
+            labels = [""] * len(self.items) if self.labels is None else self.labels
+            rows = zip(range(len(self)), self.items, labels, strict=True)
+            write_csv(partial / "items.csv", ["id", "item", "label"], rows)
+            meta = self.info | {"format": FORMAT, "class_names": self.class_names}
+            (partial / "index.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
 
     @classmethod
     def load(cls, folder) -> CatalogueIndex:
@@ -246,10 +251,16 @@ class CatalogueIndex:
             meta = json.loads(files[2].read_text())
             kind, count, params = meta["kind"], int(meta["count"]), meta["params"]
             class_names = meta["class_names"]
+            written_format = int(meta.get("format", 1))
         except (ValueError, KeyError, TypeError) as err:
             raise SkuvisionError(
                 f"{files[2]}: unreadable index description ({err}); rebuild the index"
             ) from err
+        if written_format > FORMAT:
+            raise SkuvisionError(
+                f"{files[2]}: index format {written_format} is newer than this skuvision reads ({FORMAT}); "
+                "upgrade skuvision or rebuild the index"
+            )
         if kind not in KINDS:
             raise SkuvisionError(f"{files[2]}: unknown index kind {kind!r}; rebuild the index")
         try:
@@ -261,6 +272,8 @@ class CatalogueIndex:
                 rows = list(csv.DictReader(f))
             ids = [int(r["id"]) for r in rows]
             items = [r["item"] for r in rows]
+            if written_format >= 2:
+                items = [from_spreadsheet_cell(item) for item in items]
             labels = [int(r["label"]) for r in rows] if rows and rows[0]["label"] != "" else None
         except (ValueError, KeyError, TypeError) as err:
             raise SkuvisionError(f"{files[1]}: unreadable item list ({err}); rebuild the index") from err

@@ -24,7 +24,7 @@ class LeaderboardCallback(Callback):
         from skuvision.tasks.compare import write_leaderboard
 
         sweep_dir = Path(config.hydra.sweep.dir)
-        rows = write_leaderboard(sweep_dir)
+        rows = write_leaderboard(sweep_dir, replace=True)  # the sweep's own, rewritten when it resumes
         failed = [r for r in rows if r["status"] != "completed"]
         print(f"leaderboard: {sweep_dir}/leaderboard.md ({len(rows)} jobs, {len(failed)} without a result)")
         for row in failed:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +10,8 @@ import pandas as pd
 from skuvision.audit.catalogue import Catalogue
 from skuvision.audit.duplicates import Pair, is_leakage
 from skuvision.data.images import open_rgb
+from skuvision.outputs import new_file, spreadsheet_cell
+from skuvision.outputs import write_csv as write_rows
 from skuvision.plots import plt  # pyplot on the file-only backend the evaluation plots set
 from skuvision.tasks.evaluate import as_picture
 
@@ -39,9 +40,11 @@ def gallery_png(images: list[np.ndarray], titles: list[str], path: Path, title: 
         axes.flat[0].text(0.5, 0.5, "nothing found", ha="center", va="center")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 / fig.get_figheight()))  # room for the title above the tiles
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
+    try:
+        with new_file(path) as partial:
+            fig.savefig(partial, dpi=DPI)
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -108,10 +111,8 @@ def duplicate_rows(pairs: list[Pair], catalogue: Catalogue, class_names: list[st
 
 
 def write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
+    """`columns` of each row (other keys are left out), as a new spreadsheet-safe CSV file."""
+    write_rows(path, columns, ([row.get(c, "") for c in columns] for row in rows))
 
 
 def write_image_issues(path: Path, catalogue: Catalogue, issues: pd.DataFrame, failed: pd.Series) -> int:
@@ -125,8 +126,12 @@ def write_image_issues(path: Path, catalogue: Catalogue, issues: pd.DataFrame, f
             **{f"{c}_score": issues[f"{c}_score"].round(6).to_numpy() for c in checks},
         }
     )
-    table = table[table["issues"] != ""]
-    table.to_csv(path, index=False)
+    table = table[table["issues"] != ""].copy()
+    for column in table.columns:
+        if pd.api.types.is_string_dtype(table[column]):
+            table[column] = table[column].map(spreadsheet_cell)
+    with new_file(path) as partial:
+        table.to_csv(partial, index=False)
     return len(table)
 
 

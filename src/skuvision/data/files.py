@@ -6,6 +6,7 @@ in its own row.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,7 +26,7 @@ LIST_SUFFIXES = {".txt", ".csv", ".lst"}
 
 def collect_inputs(inputs: str | Sequence[str]) -> list[Path]:
     """Image paths from a folder (recursively), an image file, a text file with one path per line, or a list
-    of any of these; in a stable order."""
+    of any of these; in a stable order. A broken symbolic link in a folder is kept, for its error row."""
     items = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
     paths: list[Path] = []
     for item in items:
@@ -34,7 +35,9 @@ def collect_inputs(inputs: str | Sequence[str]) -> list[Path]:
             paths += sorted(
                 p
                 for p in path.rglob("*")
-                if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+                if (p.is_file() or broken_link(p))
+                and p.suffix.lower() in IMAGE_SUFFIXES
+                and not p.name.startswith(".")
             )
         elif path.suffix.lower() in LIST_SUFFIXES and path.is_file():
             lines = [line.strip().split(",")[0] for line in path.read_text().splitlines() if line.strip()]
@@ -64,7 +67,19 @@ class InputImageFiles(ImageFiles):
         try:
             return self.image(index), ""
         except DECODE_ERRORS as err:
-            return torch.zeros(channels, size, size, dtype=torch.uint8), f"{type(err).__name__}: {err}"[:200]
+            error = broken_link(self.paths[index]) or f"{type(err).__name__}: {err}"
+            return torch.zeros(channels, size, size, dtype=torch.uint8), error[:200]
+
+
+def broken_link(path) -> str | None:
+    """What is wrong with a symbolic link that leads to no file (dangling, or a loop); None otherwise."""
+    if not os.path.islink(path):
+        return None
+    try:
+        os.stat(path)
+    except OSError as err:
+        return f"symbolic link to {os.readlink(path)}: {err.strerror}"
+    return None
 
 
 class InputFilesDataModule(LightningDataModule):

@@ -27,6 +27,7 @@ from skuvision.data.datamodule import ImageDataModule
 from skuvision.data.images import DECODE_ERRORS, open_rgb
 from skuvision.data.transforms import scale_size
 from skuvision.errors import SkuvisionError
+from skuvision.outputs import write_new_text
 from skuvision.runtime_guards import use_boto3_for_plain_http
 
 log = logging.getLogger(__name__)
@@ -81,9 +82,7 @@ def write_metadata(root: str, metadata: dict) -> None:
         client, bucket, key = s3_object(url)
         client.put_object(Bucket=bucket, Key=key, Body=text.encode())
         return
-    path = Path(url).expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    write_new_text(Path(url).expanduser(), text)
 
 
 def encode_image(image: torch.Tensor, encoding: str, quality: int) -> bytes:

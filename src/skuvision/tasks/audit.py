@@ -25,8 +25,9 @@ from skuvision.audit.duplicates import EVALUATION_SPLITS, find_duplicates
 from skuvision.audit.quality import flagged, meaningful_checks, run_imagelab
 from skuvision.data.datamodule import dataset_labels
 from skuvision.errors import SkuvisionError
+from skuvision.outputs import refuse_existing, write_new_json, write_new_text
 from skuvision.tasks.assembly import from_checkpoint
-from skuvision.tasks.utils import plain, set_threads, write_json
+from skuvision.tasks.utils import plain, set_threads
 
 log = logging.getLogger("skuvision")
 
@@ -55,7 +56,7 @@ def audit(cfg: DictConfig) -> dict:
     if options.descriptor not in DESCRIPTORS:
         raise SkuvisionError(f"audit.descriptor={options.descriptor!r}: use one of {', '.join(DESCRIPTORS)}")
     out = Path(cfg.paths.output_dir) / "audit"
-    out.mkdir(parents=True, exist_ok=True)
+    refuse_existing([out], "run it into a new run folder, or remove it")
     module, datamodule = from_checkpoint(cfg.ckpt_path, cfg.get("data"), split="train")
     datamodule.prepare_data()
     datamodule.setup("predict")
@@ -120,9 +121,9 @@ def audit(cfg: DictConfig) -> dict:
 
     if options.label_mode != "none":
         summary["label_issues"] = audit_labels(cfg, train_cfg, catalogue, datamodule, out, md)
-    write_json(out / "audit.json", summary)
+    write_new_json(out / "audit.json", summary)
     md.append("Files: " + ", ".join(f"`{p.name}`" for p in sorted(out.iterdir()) if p.is_file()) + ".\n")
-    (out / "audit.md").write_text("\n".join(md))
+    write_new_text(out / "audit.md", "\n".join(md))
     print(f"audit written to {out}")
     return summary
 

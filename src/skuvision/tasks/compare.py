@@ -1,12 +1,12 @@
 """compare(cfg): the leaderboard of a multirun, one row per job, failed jobs included.
 
 Reads each job folder of the sweep (its .hydra config, metrics.json, failed.json) and writes leaderboard.md,
-leaderboard.csv and leaderboard.png into the sweep folder.
+leaderboard.csv and leaderboard.png into the sweep folder. compare.py never replaces a leaderboard; the
+sweep's own end-of-multirun callback rewrites it when the sweep goes on (a resumed Optuna study).
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 from pathlib import Path
@@ -14,6 +14,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from skuvision.errors import SkuvisionError
+from skuvision.outputs import new_file, refuse_existing, replacing_file, write_csv
 from skuvision.plots import leaderboard_png
 
 log = logging.getLogger("skuvision")
@@ -146,8 +147,13 @@ def point_label(row: dict, rows: list[dict]) -> str:
     return " / ".join(parts)
 
 
-def write_leaderboard(sweep_dir: Path) -> list[dict]:
-    """leaderboard.md, .csv and .png in the sweep folder; returns the rows, best first."""
+LEADERBOARD_FILES = ("leaderboard.md", "leaderboard.csv", "leaderboard.png")
+
+
+def write_leaderboard(sweep_dir: Path, replace: bool = False) -> list[dict]:
+    """leaderboard.md, .csv and .png in the sweep folder; returns the rows, best first. `replace`: the
+    sweep's own rewrite of its leaderboard; otherwise an existing one is refused before anything is
+    written."""
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
         raise SkuvisionError(
@@ -160,12 +166,19 @@ def write_leaderboard(sweep_dir: Path) -> list[dict]:
             f"sweep_dir={sweep_dir} holds no job folders (<job>/.hydra/config.yaml): "
             "pass the folder of a `python train.py -m ...` run"
         )
+    if not replace:
+        earlier = [sweep_dir / name for name in LEADERBOARD_FILES]
+        refuse_existing(earlier, "remove the leaderboard files to write them again")
     rows = ranked([job_row(d) for d in jobs])
-    (sweep_dir / "leaderboard.md").write_text(markdown(rows, sweep_dir))
-    with open(sweep_dir / "leaderboard.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow([h for h, _ in COLUMNS + CSV_ONLY])
-        writer.writerows([[cell(row[k]) for _, k in COLUMNS + CSV_ONLY] for row in rows])
+    writing = replacing_file if replace else new_file
+    with writing(sweep_dir / "leaderboard.md") as partial:
+        partial.write_text(markdown(rows, sweep_dir))
+    write_csv(
+        sweep_dir / "leaderboard.csv",
+        [h for h, _ in COLUMNS + CSV_ONLY],
+        [[cell(row[k]) for _, k in COLUMNS + CSV_ONLY] for row in rows],
+        replace=replace,
+    )
     points = [
         {
             "accuracy_pct": r["test_acc"] if r["test_acc"] is not None else r["val_acc_best"],
@@ -175,7 +188,8 @@ def write_leaderboard(sweep_dir: Path) -> list[dict]:
         for r in rows
     ]
     title = f"test accuracy vs training throughput: {sweep_dir.parent.name}/{sweep_dir.name}"
-    leaderboard_png(points, sweep_dir / "leaderboard.png", title)
+    with writing(sweep_dir / "leaderboard.png") as partial:
+        leaderboard_png(points, partial, title)
     return rows
 
 

@@ -7,7 +7,6 @@ index, and, for a labelled split, retrieval quality by exact search: recall@1/5/
 
 from __future__ import annotations
 
-import csv
 import logging
 from pathlib import Path
 
@@ -22,11 +21,14 @@ from skuvision.data.files import InputFilesDataModule, collect_inputs
 from skuvision.errors import SkuvisionError
 from skuvision.index import CatalogueIndex, index_params
 from skuvision.metrics import retrieval_report
+from skuvision.outputs import new_file, refuse_existing, write_csv, write_new_json
 from skuvision.tasks.assembly import from_checkpoint
 from skuvision.tasks.evaluate import sample_paths
-from skuvision.tasks.utils import plain, set_threads, write_json
+from skuvision.tasks.utils import plain, set_threads
 
 log = logging.getLogger("skuvision")
+
+RESULTS = ("embeddings.npz", "index", "neighbours.csv", "retrieval.json")  # in the run folder
 
 
 def features_of(trainer, module, datamodule) -> tuple[torch.Tensor, list]:
@@ -40,6 +42,8 @@ def embed(cfg: DictConfig) -> dict:
     if cfg.get("threads"):
         faiss.omp_set_num_threads(int(cfg.threads))  # FAISS has its own OpenMP pool
     output_dir = Path(cfg.paths.output_dir)
+    written = {name: output_dir / name for name in RESULTS}
+    refuse_existing(written.values(), "run it into a new run folder, or remove it")
     index_settings(cfg)
     split = None if cfg.get("input") else cfg.split
     module, datamodule = from_checkpoint(cfg.ckpt_path, cfg.get("data"), split=split)
@@ -59,6 +63,7 @@ def embed(cfg: DictConfig) -> dict:
         for i in set(range(len(items))) - set(keep):
             log.warning("skipping unreadable %s (%s)", items[i], errors[i])
         features, items, labels = features[keep], [items[i] for i in keep], None
+        source = f"input={cfg.input}"
     else:
         datamodule.prepare_data()
         datamodule.setup("predict")
@@ -68,39 +73,57 @@ def embed(cfg: DictConfig) -> dict:
         labels = torch.as_tensor(labels)
         dataset = datamodule.splits[cfg.split]
         items = sample_paths(dataset) or [f"{cfg.split}[{i}]" for i in range(len(dataset))]
-    np.savez(
-        output_dir / "embeddings.npz",
-        features=features.numpy(),
-        items=np.array(items),
-        labels=labels.numpy() if labels is not None else np.array([]),
-        class_names=np.array(module.class_names),
-    )
-    result: dict = {"embeddings": str(output_dir / "embeddings.npz"), "dim": features.shape[1]}
+        source = f"split={cfg.split}"
+    check_enough_items(len(items), source, bool(cfg.get("query")), labels is not None)
+    result: dict = {"embeddings": str(written["embeddings.npz"]), "dim": features.shape[1]}
     index = build_index(cfg, features.numpy(), items, labels, module.class_names)
-    index.save(output_dir / "index")
-    result["index"] = str(output_dir / "index")
-    result["index_info"] = index.info
     if cfg.get("query"):
         query_files = InputFilesDataModule(collect_inputs(str(cfg.query)), module.input_config, 1, 0)
         query, errors = features_of(trainer, module, query_files)
         if errors[0]:
             raise SkuvisionError(f"query={cfg.query}: cannot read it ({errors[0]})")
+        queries = [str(cfg.query)]
         scores, indices = index.search(query.numpy(), min(cfg.k, len(index)))
-        write_neighbours(output_dir / "neighbours.csv", [str(cfg.query)], scores, indices, items)
-        for rank, (s, i) in enumerate(zip(scores[0].tolist(), indices[0].tolist(), strict=True), 1):
-            print(f"{rank:3d}. {s:.4f}  {items[i]}")
     else:
+        queries = items
         scores, indices = neighbours_of_items(index, features.numpy(), cfg.k)
-        write_neighbours(output_dir / "neighbours.csv", items, scores, indices, items)
     if labels is not None:
         result["retrieval"] = retrieval_report(features, labels, cfg.queries, cfg.seed)
-        write_json(output_dir / "retrieval.json", result["retrieval"])
+    # Everything is computed: a refusal or an unreadable query above has written nothing.
+    with new_file(written["embeddings.npz"]) as partial:
+        np.savez(
+            partial,
+            features=features.numpy(),
+            items=np.array(items),
+            labels=labels.numpy() if labels is not None else np.array([]),
+            class_names=np.array(module.class_names),
+        )
+    index.save(written["index"])
+    result["index"] = str(written["index"])
+    result["index_info"] = index.info
+    write_neighbours(written["neighbours.csv"], queries, scores, indices, items)
+    if cfg.get("query"):
+        for rank, (s, i) in enumerate(zip(scores[0].tolist(), indices[0].tolist(), strict=True), 1):
+            print(f"{rank:3d}. {s:.4f}  {items[i]}")
+    if labels is not None:
+        write_new_json(written["retrieval.json"], result["retrieval"])
         r = result["retrieval"]
         print(
             f"retrieval on {cfg.split}: recall@1 {r['recall@1']:.4f}  recall@5 {r['recall@5']:.4f}  "
             f"recall@10 {r['recall@10']:.4f}  mAP {r['mAP']:.4f}"
         )
     return result
+
+
+def check_enough_items(count: int, source: str, query: bool, labelled: bool) -> None:
+    """An index needs an item; each item's neighbours, and retrieval quality, need another one."""
+    if count == 0:
+        raise SkuvisionError(f"{source}: no readable image to embed")
+    if count == 1 and (labelled or not query):
+        raise SkuvisionError(
+            f"{source}: one image has no neighbours; embed at least 2"
+            + ("" if labelled else ", or search this one with query=<image>")
+        )
 
 
 def index_settings(cfg: DictConfig) -> tuple[str, dict]:
@@ -132,9 +155,9 @@ def neighbours_of_items(index: CatalogueIndex, features: np.ndarray, k: int) -> 
 
 
 def write_neighbours(path: Path, queries: list[str], scores, indices, items: list[str]) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["query", "rank", "item", "cosine"])
-        for query, row_scores, row_indices in zip(queries, scores.tolist(), indices.tolist(), strict=True):
-            for rank, (s, i) in enumerate(zip(row_scores, row_indices, strict=True), 1):
-                writer.writerow([query, rank, items[i], f"{s:.6f}"])
+    rows = [
+        [query, rank, items[i], f"{s:.6f}"]
+        for query, row_scores, row_indices in zip(queries, scores.tolist(), indices.tolist(), strict=True)
+        for rank, (s, i) in enumerate(zip(row_scores, row_indices, strict=True), 1)
+    ]
+    write_csv(path, ["query", "rank", "item", "cosine"], rows)

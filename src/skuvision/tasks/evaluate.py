@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import logging
 from pathlib import Path
 
@@ -16,26 +15,34 @@ from torch.utils.data import Subset
 from skuvision import calibration, plots
 from skuvision.errors import SkuvisionError
 from skuvision.metrics import evaluation_report
+from skuvision.outputs import new_file, refuse_existing, write_csv, write_new_json
 from skuvision.tasks.assembly import from_checkpoint
 from skuvision.tasks.utils import (
     close_loggers,
     instantiate_loggers,
     log_images,
     set_threads,
-    write_json,
 )
 from skuvision.tta import check_tta
 
 log = logging.getLogger("skuvision")
+
+RESULTS = ("metrics.json", "predictions.csv", "confusion_matrix.png", "roc.png", "errors.png")
+CALIBRATION_RESULTS = (calibration.CALIBRATION_FILE, "reliability.png", "coverage.png")
 
 
 def evaluate(cfg: DictConfig) -> dict:
     set_threads(cfg.get("threads"))
     seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
+    names = RESULTS + (CALIBRATION_RESULTS if cfg.get("calibrate", True) else ())
+    refuse_existing([output_dir / name for name in names], "run it into a new run folder, or remove it")
     module, datamodule = from_checkpoint(cfg.ckpt_path, cfg.get("data"), split="test")
     module.tta = check_tta(cfg.get("tta") or module.tta)
     loggers = instantiate_loggers(cfg.get("logger"))
+    # A logger writing into a fixed folder (the CSV logger's version "") would empty an earlier run's file.
+    logger_dirs = [Path(d) for d in (getattr(logger, "log_dir", None) for logger in loggers) if d]
+    refuse_existing(logger_dirs, "run it into a new run folder, or remove it")
     trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=[])
     try:
         outputs = trainer.predict(module, datamodule=datamodule)
@@ -51,7 +58,7 @@ def evaluate(cfg: DictConfig) -> dict:
                 cfg, trainer, module, datamodule, (logits.cpu(), labels), output_dir
             )
             pngs += calibration_pngs
-        write_json(
+        write_new_json(
             output_dir / "metrics.json", {**report, "checkpoint": str(cfg.ckpt_path), "tta": module.tta}
         )
         write_predictions(output_dir / "predictions.csv", logits, labels, test_set, module.class_names)
@@ -98,7 +105,7 @@ def calibrate(cfg, trainer, module, datamodule, test: tuple, output_dir: Path) -
     for warning in (report["temperature_warning"], report["threshold_warning"]):
         if warning:
             log.warning("calibration: %s", warning)
-    write_json(
+    write_new_json(
         output_dir / calibration.CALIBRATION_FILE,
         {
             "temperature": report["temperature"],  # the one to apply: 1 where the fit was not trustworthy
@@ -138,7 +145,9 @@ def write_calibration_plots(report: dict, val: tuple, test: tuple, output_dir: P
     ):
         confidence, correct = calibration.top1(*test, t)
         panels[title] = (confidence.numpy(), correct.numpy(), report[f"test_ece_{key}"])
-    reliability = plots.reliability_png(panels, calibration.ECE_BINS, output_dir / "reliability.png")
+    reliability = new_png(
+        output_dir / "reliability.png", lambda to: plots.reliability_png(panels, calibration.ECE_BINS, to)
+    )
     curves = {}
     for split, data in (("val", val), ("test", test)):
         _, accepted, accuracy = calibration.coverage_curve(*calibration.top1(*data, temperature))
@@ -149,7 +158,10 @@ def write_calibration_plots(report: dict, val: tuple, test: tuple, output_dir: P
     on_test = (report["test_coverage"], report["test_accuracy_at_threshold"]) if chosen else None
     return [
         reliability,
-        plots.coverage_png(curves, report["target"], chosen, on_test, output_dir / "coverage.png"),
+        new_png(
+            output_dir / "coverage.png",
+            lambda to: plots.coverage_png(curves, report["target"], chosen, on_test, to),
+        ),
     ]
 
 
@@ -162,31 +174,44 @@ def write_plots(
     worst = wrong[confidence[wrong].argsort(descending=True)][:num_errors].tolist()
     images = [as_picture(dataset[i][0]) for i in worst]
     return [
-        plots.confusion_matrix_png(
-            report["confusion_matrix"], class_names, output_dir / "confusion_matrix.png"
+        new_png(
+            output_dir / "confusion_matrix.png",
+            lambda to: plots.confusion_matrix_png(report["confusion_matrix"], class_names, to),
         ),
-        plots.roc_png(probs, labels, class_names, report["per_class"], output_dir / "roc.png"),
-        plots.errors_png(
-            images,
-            [class_names[labels[i]] for i in worst],
-            [class_names[predicted[i]] for i in worst],
-            [confidence[i].item() for i in worst],
+        new_png(
+            output_dir / "roc.png",
+            lambda to: plots.roc_png(probs, labels, class_names, report["per_class"], to),
+        ),
+        new_png(
             output_dir / "errors.png",
+            lambda to: plots.errors_png(
+                images,
+                [class_names[labels[i]] for i in worst],
+                [class_names[predicted[i]] for i in worst],
+                [confidence[i].item() for i in worst],
+                to,
+            ),
         ),
     ]
+
+
+def new_png(path: Path, draw) -> Path:
+    """`draw(to)` saves a figure at `to`: here into a new file `path`, complete or not at all."""
+    with new_file(path) as partial:
+        draw(partial)
+    return path
 
 
 def write_predictions(path: Path, logits, labels, dataset, class_names: list[str]) -> None:
     """One row per test image: its index (and file), true and predicted class, confidence."""
     confidence, predicted = logits.softmax(dim=1).max(dim=1)
     files = sample_paths(dataset)
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["index", "path", "true", "predicted", "confidence"])
-        for i, (t, p, c) in enumerate(
-            zip(labels.tolist(), predicted.tolist(), confidence.tolist(), strict=True)
-        ):
-            writer.writerow([i, files[i] if files else "", class_names[t], class_names[p], f"{c:.6f}"])
+    columns = zip(labels.tolist(), predicted.tolist(), confidence.tolist(), strict=True)
+    rows = [
+        [i, files[i] if files else "", class_names[t], class_names[p], f"{c:.6f}"]
+        for i, (t, p, c) in enumerate(columns)
+    ]
+    write_csv(path, ["index", "path", "true", "predicted", "confidence"], rows)
 
 
 def sample_paths(dataset) -> list[str] | None:

@@ -28,8 +28,9 @@ from skuvision.data.datamodule import ImageDataModule
 from skuvision.data.transforms import ToModelInput
 from skuvision.errors import SkuvisionError
 from skuvision.models.classifier import Classifier
+from skuvision.outputs import new_file_with_companions, new_folder, refuse_existing, write_new_json
 from skuvision.tasks.assembly import from_checkpoint
-from skuvision.tasks.utils import set_threads, write_json
+from skuvision.tasks.utils import set_threads
 
 log = logging.getLogger("skuvision")
 
@@ -77,17 +78,48 @@ def export(cfg: DictConfig) -> dict:
     fmt = cfg.get("format", "onnx")
     if fmt not in FORMATS:
         raise SkuvisionError(f"format={fmt}: choose one of {', '.join(FORMATS)}")
+    run_dir = Path(cfg.paths.output_dir)
+    if fmt == "timm":
+        out = Path(cfg.output) if cfg.get("output") else run_dir / "timm"
+        written = [out]
+    else:
+        out = Path(cfg.output) if cfg.get("output") else run_dir / "model.onnx"
+        # <name>.data: the external weights torch's exporter writes beside the model, named in it
+        written = [
+            out,
+            out.with_name(out.name + ".data"),
+            out.with_suffix(".json"),
+            run_dir / "export_check.json",
+        ]
+    refuse_existing(written, "give another output=, or remove it")
     module, datamodule = from_checkpoint(cfg.ckpt_path, cfg.get("data"), split="test")
     if fmt == "timm":
-        return export_timm(cfg, module, datamodule)
-    return export_onnx(cfg, module, datamodule)
+        return export_timm(cfg, module, datamodule, out)
+    return export_onnx(cfg, module, datamodule, out)
 
 
-def export_onnx(cfg: DictConfig, module: Classifier, datamodule: ImageDataModule) -> dict:
+def export_onnx(cfg: DictConfig, module: Classifier, datamodule: ImageDataModule, out: Path) -> dict:
+    """The model is written under a temporary name and checked there: only one within tolerance is kept."""
     model = Deployable(module).eval()
-    out = Path(cfg.output) if cfg.get("output") else Path(cfg.paths.output_dir) / "model.onnx"
-    out.parent.mkdir(parents=True, exist_ok=True)
     images = check_images(datamodule, cfg.check_images)
+    with new_file_with_companions(out) as partial:
+        result = write_and_check_onnx(cfg, model, module, images, partial)
+    result["onnx"] = str(out)
+    write_new_json(
+        out.with_suffix(".json"),
+        {
+            "class_names": module.class_names,
+            "input": module.input_config,
+            "input_dtype": "uint8",
+            "checkpoint": str(cfg.ckpt_path),
+        },
+    )
+    write_new_json(Path(cfg.paths.output_dir) / "export_check.json", result)
+    print(f"ONNX: {out}")
+    return result
+
+
+def write_and_check_onnx(cfg: DictConfig, model: Deployable, module: Classifier, images, out: Path) -> dict:
     try:
         torch.onnx.export(
             model,
@@ -103,15 +135,6 @@ def export_onnx(cfg: DictConfig, module: Classifier, datamodule: ImageDataModule
         raise SkuvisionError(
             f"ONNX export of {module.hparams.model['name']} failed: {str(err).splitlines()[0]}"
         ) from err
-    write_json(
-        out.with_suffix(".json"),
-        {
-            "class_names": module.class_names,
-            "input": module.input_config,
-            "input_dtype": "uint8",
-            "checkpoint": str(cfg.ckpt_path),
-        },
-    )
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     with torch.inference_mode():
         reference = model(images).numpy()
@@ -125,23 +148,21 @@ def export_onnx(cfg: DictConfig, module: Classifier, datamodule: ImageDataModule
     with torch.inference_mode():
         torch_speed = images_per_second(model, images, cfg.batch_size)
     onnx_speed = images_per_second(lambda x: session.run(None, {"images": x.numpy()}), images, cfg.batch_size)
-    result = {
-        "onnx": str(out),
+    print(
+        f"max |onnxruntime - pytorch| = {max_diff:.2e} over {len(images)} real test images\n"
+        f"img/s: pytorch {torch_speed:.0f}, onnxruntime {onnx_speed:.0f} (batch {cfg.batch_size}, CPU)"
+    )
+    if max_diff > cfg.tolerance:
+        raise SkuvisionError(
+            f"onnxruntime differs from PyTorch by {max_diff:.2e} > tolerance={cfg.tolerance}: "
+            "nothing was written"
+        )
+    return {
         "max_abs_diff": max_diff,
         "images": len(images),
         "pytorch_img_per_s": torch_speed,
         "onnxruntime_img_per_s": onnx_speed,
     }
-    write_json(out.with_name("export_check.json"), result)
-    print(
-        f"ONNX: {out}\nmax |onnxruntime - pytorch| = {max_diff:.2e} over {len(images)} real test images\n"
-        f"img/s: pytorch {torch_speed:.0f}, onnxruntime {onnx_speed:.0f} (batch {cfg.batch_size}, CPU)"
-    )
-    if max_diff > cfg.tolerance:
-        raise SkuvisionError(
-            f"onnxruntime differs from PyTorch by {max_diff:.2e} > tolerance={cfg.tolerance}"
-        )
-    return result
 
 
 def timm_data_config(input_config: dict) -> dict:
@@ -167,12 +188,27 @@ def check_timm_architecture(name: str, allow_non_timm: bool) -> None:
         )
 
 
-def export_timm(cfg: DictConfig, module: Classifier, datamodule: ImageDataModule) -> dict:
+def export_timm(cfg: DictConfig, module: Classifier, datamodule: ImageDataModule, out: Path) -> dict:
+    """The folder is written under a temporary name and checked there: only one within tolerance is kept."""
     name = module.hparams.model["name"]
     check_timm_architecture(name, bool(cfg.get("allow_non_timm")))
-    out = Path(cfg.output) if cfg.get("output") else Path(cfg.paths.output_dir) / "timm"
-    if out.exists() and any(out.iterdir()):
-        raise SkuvisionError(f"output={out}: exists and is not empty; choose another folder")
+    with new_folder(out) as partial:
+        max_diff, count = write_and_check_timm(cfg, module, datamodule, partial)
+    result = {
+        "timm": str(out),
+        "architecture": name,
+        "max_abs_diff": max_diff,
+        "images": count,
+        "checkpoint": str(cfg.ckpt_path),
+    }
+    print(
+        f"timm: {out}\nmax |timm.create_model('local-dir:...') - checkpoint| = {max_diff:.2e} over "
+        f"{count} real test images"
+    )
+    return result
+
+
+def write_and_check_timm(cfg: DictConfig, module: Classifier, datamodule: ImageDataModule, out: Path):
     # A copy in the default memory layout: safetensors stores contiguous tensors only (channels_last is not).
     names = module.class_names
     backbone = copy.deepcopy(module.backbone).to(memory_format=torch.contiguous_format).eval()
@@ -195,17 +231,9 @@ def export_timm(cfg: DictConfig, module: Classifier, datamodule: ImageDataModule
     with torch.inference_mode():
         x = to_model_input(images)
         max_diff = float((loaded(x) - module.eval()(x)).abs().max())
-    result = {
-        "timm": str(out),
-        "architecture": name,
-        "max_abs_diff": max_diff,
-        "images": len(images),
-        "checkpoint": str(cfg.ckpt_path),
-    }
-    print(
-        f"timm: {out}\nmax |timm.create_model('local-dir:...') - checkpoint| = {max_diff:.2e} over "
-        f"{len(images)} real test images"
-    )
     if max_diff > cfg.tolerance:
-        raise SkuvisionError(f"the exported timm model differs by {max_diff:.2e} > tolerance={cfg.tolerance}")
-    return result
+        raise SkuvisionError(
+            f"the exported timm model differs by {max_diff:.2e} > tolerance={cfg.tolerance}: "
+            "nothing was written"
+        )
+    return max_diff, len(images)

@@ -5,7 +5,6 @@ rows below the auto-tagging threshold eval.py chose on val."""
 
 from __future__ import annotations
 
-import csv
 import logging
 from pathlib import Path
 
@@ -15,6 +14,8 @@ from omegaconf import DictConfig
 
 from skuvision.calibration import calibrated_probs, load_calibration
 from skuvision.data.files import InputFilesDataModule, collect_inputs
+from skuvision.errors import SkuvisionError
+from skuvision.outputs import refuse_existing, write_csv
 from skuvision.tasks.assembly import from_checkpoint
 from skuvision.tasks.utils import plain, set_threads
 from skuvision.tta import check_tta
@@ -24,6 +25,12 @@ log = logging.getLogger("skuvision")
 
 def predict(cfg: DictConfig) -> Path:
     set_threads(cfg.get("threads"))
+    out = Path(cfg.output) if cfg.get("output") else Path(cfg.paths.output_dir) / "predictions.csv"
+    if out.is_dir() and not any(out.iterdir()):
+        raise SkuvisionError(
+            f"output={out} is a folder: name the CSV file, e.g. output={out / 'predictions.csv'}"
+        )
+    refuse_existing([out], "give another output=, or remove it")
     module, _ = from_checkpoint(cfg.ckpt_path)
     module.tta = check_tta(cfg.get("tta") or module.tta)
     paths = collect_inputs(plain(cfg.input))
@@ -44,23 +51,17 @@ def predict(cfg: DictConfig) -> Path:
     k = min(int(cfg.top_k), probs.shape[1])
     top_probs, top_index = probs.topk(k, dim=1)
     review = needs_review(top_probs[:, 0], errors, calibrated["threshold"]) if calibrated else None
-    out = Path(cfg.output) if cfg.get("output") else Path(cfg.paths.output_dir) / "predictions.csv"
-    out.parent.mkdir(parents=True, exist_ok=True)
     names = module.class_names
-    with open(out, "w", newline="") as f:
-        writer = csv.writer(f)
-        ranked_header = [f"{kind}_{i}" for i in range(1, k + 1) for kind in ("label", "prob")]
-        writer.writerow(["path", "error", *(["review"] if calibrated else []), *ranked_header])
-        for i, (path, error, p, idx) in enumerate(
-            zip(paths, errors, top_probs.tolist(), top_index.tolist(), strict=True)
-        ):
-            ranked = (
-                [""] * 2 * k
-                if error
-                else [v for j, q in zip(idx, p, strict=True) for v in (names[j], f"{q:.6f}")]
-            )
-            marked = [str(review[i]).lower()] if calibrated else []
-            writer.writerow([str(path), error, *marked, *ranked])
+    ranked_header = [f"{kind}_{i}" for i in range(1, k + 1) for kind in ("label", "prob")]
+    rows = []
+    for i, (path, error, p, idx) in enumerate(
+        zip(paths, errors, top_probs.tolist(), top_index.tolist(), strict=True)
+    ):
+        ranked = [v for j, q in zip(idx, p, strict=True) for v in (names[j], f"{q:.6f}")]
+        ranked = [""] * 2 * k if error else ranked
+        marked = [str(review[i]).lower()] if calibrated else []
+        rows.append([str(path), error, *marked, *ranked])
+    write_csv(out, ["path", "error", *(["review"] if calibrated else []), *ranked_header], rows)
     failed = sum(bool(e) for e in errors)
     log.info("predicted %d image(s), %d unreadable", len(paths) - failed, failed)
     print(f"predictions: {out}  ({len(paths) - failed} images, {failed} unreadable)")

@@ -19,6 +19,7 @@ from skuvision.data.streaming import (
     METADATA_FILE,
     SHARD_FORMAT,
     EncodeSample,
+    is_remote,
     join,
     read_metadata,
     write_metadata,
@@ -26,9 +27,10 @@ from skuvision.data.streaming import (
 from skuvision.data.transforms import scale_size
 from skuvision.errors import SkuvisionError
 from skuvision.models.input_config import resolve_input
+from skuvision.outputs import refuse_existing, taken, write_new_json
 from skuvision.runtime_guards import use_boto3_for_plain_http
 from skuvision.tasks.train import write_data_report
-from skuvision.tasks.utils import plain, set_threads, write_json
+from skuvision.tasks.utils import plain, set_threads
 
 log = logging.getLogger("skuvision")
 
@@ -67,6 +69,11 @@ def shard(cfg: DictConfig) -> dict:
     output = str(cfg.output)
     if read_metadata(output) is not None:  # nothing written earlier is overwritten
         raise SkuvisionError(f"output={output} already holds shards ({METADATA_FILE}): choose a new output")
+    if not is_remote(output) and taken(Path(output).expanduser()):  # an unfinished write, or other files
+        raise SkuvisionError(f"output={output} is not empty: nothing was written; choose a new output")
+    output_dir = Path(cfg.paths.output_dir)
+    run_files = ("class_counts.json", "skipped_images.json", METADATA_FILE)
+    refuse_existing([output_dir / name for name in run_files], "run it into a new run folder, or remove it")
     source = get_class(cfg.data._target_)
     model_input = resolve_input(plain(cfg.model), source.in_chans, **(plain(cfg.get("input")) or {}))
     stored_input = shard_input(model_input)
@@ -96,9 +103,8 @@ def shard(cfg: DictConfig) -> dict:
         "skipped": len(getattr(datamodule, "skipped", {}) or {}),
     }
     write_metadata(output, metadata)  # last: shards without it are an unfinished write
-    output_dir = Path(cfg.paths.output_dir)
     write_data_report(datamodule, output_dir)
-    write_json(output_dir / METADATA_FILE, metadata)
+    write_new_json(output_dir / METADATA_FILE, metadata)
     sizes = ", ".join(f"{split}={sum(c)}" for split, c in counts.items())
     print(f"shards: {sizes} at {stored_input['input_size'][-1]} px in {output}")
     return metadata

@@ -1,9 +1,11 @@
-"""What every task shares: plain configs, callbacks and loggers from config, closing loggers, JSON out."""
+"""What every task shares: plain configs, callbacks and loggers from config, closing loggers, JSON out, and
+the command line's one-line errors and new run folders."""
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import traceback
 from collections.abc import Callable
@@ -14,6 +16,7 @@ import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
+from hydra.experimental.callback import Callback as HydraCallback
 from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from PIL import Image
@@ -23,6 +26,7 @@ from pytorch_lightning.loggers import Logger
 from skuvision.checkpoints import read_checkpoint
 from skuvision.config import in_multirun
 from skuvision.errors import SkuvisionError
+from skuvision.outputs import replacing_file, taken
 
 log = logging.getLogger("skuvision")
 
@@ -92,8 +96,10 @@ def log_images(loggers: list[Logger], pngs: list[Path]) -> None:
 
 
 def write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    """A file the run may write again (train's, when it resumes), replaced whole; results of the other tasks
+    go through skuvision.outputs.write_new_json, which never replaces."""
+    with replacing_file(path) as partial:
+        partial.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def stage_metrics(trainer, prefix: str) -> dict[str, float]:
@@ -116,6 +122,31 @@ def run_cli(task: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
             raise
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+
+
+class NewRunFolder(HydraCallback):
+    """Every task but train (which re-enters its own run folder to resume) starts in a new or empty folder:
+    checked before Hydra writes its .hydra/ config and the log there, so an earlier run's files stay as they
+    were (`hydra.run.dir=<an earlier run>` would otherwise replace its config)."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        refuse_used_folder(Path(config.hydra.run.dir), "hydra.run.dir")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        refuse_used_folder(Path(config.hydra.sweep.dir), "hydra.sweep.dir")
+
+
+def refuse_used_folder(folder: Path, key: str) -> None:
+    if not taken(folder):
+        return
+    held = sorted(os.listdir(folder)) if folder.is_dir() else []
+    shown = ", ".join(held[:3]) + (", ..." if len(held) > 3 else "")
+    print(
+        f"error: {key}={folder} already holds {shown or 'a file'}: nothing was written; leave {key} at its "
+        "default (a new folder for every run) or give a new folder",
+        file=sys.stderr,
+    )
+    sys.exit(2)
 
 
 def unwrapped(err: Exception) -> Exception:
