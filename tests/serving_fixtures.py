@@ -1,6 +1,7 @@
 """Fixtures of the server and browser tests (a plugin named in conftest.py, so the session ones are built
 once for both): one small checkpoint, its ONNX export and catalogue index, predict.py's answers for a few
-real image files, and, per test module, serve.py running as a user starts it."""
+real image files, and, per test module, serve.py running as a user starts it (each server with a temp folder
+of its own, so a test sees every file it writes there)."""
 
 from __future__ import annotations
 
@@ -112,17 +113,79 @@ def predicted_top1(serve_checkpoint, query_files, tmp_path_factory) -> dict[str,
         return {row["path"]: row["label_1"] for row in csv.DictReader(f)}
 
 
-class RunningServer:
-    """serve.py in its own process group; stopped (SIGTERM, then SIGKILL) whatever the test did."""
+def processes_below(pid: int) -> set[tuple[int, str]]:
+    """Every live descendant of `pid` as (pid, start time), from /proc (the start time tells a reused pid)."""
+    parents: dict[int, list[tuple[int, str]]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            fields = process_stat(int(entry.name))
+            if fields and fields[0] != "Z":
+                parents.setdefault(int(fields[1]), []).append((int(entry.name), fields[19]))
+    found, todo = set(), [pid]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child[0])
+    return found
 
-    def __init__(self, overrides: list[str], cwd: Path, name: str):
+
+def process_stat(pid: int) -> list[str] | None:
+    """/proc/<pid>/stat after the command name: state, ppid, ..., start time at [19]; None when gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat[stat.rfind(")") + 2 :].split()
+
+
+def still_running(processes: set[tuple[int, str]]) -> set[tuple[int, str]]:
+    """Those not ended: a process that exited but was not reaped yet (a zombie) has ended."""
+    running = set()
+    for pid, start in processes:
+        fields = process_stat(pid)
+        if fields and fields[19] == start and fields[0] != "Z":
+            running.add((pid, start))
+    return running
+
+
+def wait_ended(processes: set[tuple[int, str]], seconds: float) -> set[tuple[int, str]]:
+    deadline = time.monotonic() + seconds
+    while still_running(processes) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return still_running(processes)
+
+
+class RunningServer:
+    """serve.py (or demo.py) in its own process group, with its own temp folder (TMPDIR); stopped (SIGTERM,
+    then SIGKILL) whatever the test did."""
+
+    def __init__(
+        self,
+        overrides: list[str],
+        cwd: Path,
+        name: str,
+        env: dict | None = None,
+        script: str = "serve.py",
+        ready_path: str = "/health",
+    ):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = cwd / f"{name}.log"
-        env = {**os.environ, "SKUVISION_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        self.tmp = cwd / f"{name}-tmp"
+        self.tmp.mkdir()
+        self.ready_path = ready_path
+        self.key = (env or {}).get("LIT_SERVER_API_KEY")
+        env = {
+            **os.environ,
+            "SKUVISION_OFFLINE": "1",
+            "OMP_NUM_THREADS": "1",
+            "PYTHONUNBUFFERED": "1",
+            "TMPDIR": str(self.tmp),
+            **(env or {}),
+        }
         with open(self.log, "w") as log:
             self.process = subprocess.Popen(
-                [sys.executable, str(ROOT / "serve.py"), f"serve.port={self.port}", "threads=1", *overrides],
+                [sys.executable, str(ROOT / script), f"serve.port={self.port}", "threads=1", *overrides],
                 cwd=cwd,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
@@ -140,12 +203,13 @@ class RunningServer:
             if self.process.poll() is not None:
                 raise AssertionError(f"serve.py exited with {self.process.returncode}:\n{self.log_tail()}")
             try:
-                if httpx.get(self.url + "/health", timeout=5).status_code == 200:
+                headers = {"X-API-Key": self.key} if self.key else {}
+                if httpx.get(self.url + self.ready_path, headers=headers, timeout=5).status_code == 200:
                     return
             except httpx.TransportError:
                 pass
             time.sleep(0.5)
-        raise AssertionError(f"no 200 from /health within {STARTUP_SECONDS} s:\n{self.log_tail()}")
+        raise AssertionError(f"no 200 from {self.ready_path} within {STARTUP_SECONDS} s:\n{self.log_tail()}")
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -162,7 +226,9 @@ class RunningServer:
             self.process.wait(timeout=30)
 
 
-def torch_server(serve_checkpoint, catalogue_index, cwd: Path) -> RunningServer:
+def torch_server(
+    serve_checkpoint, catalogue_index, cwd: Path, name: str = "torch", env=None
+) -> RunningServer:
     """torch with the index, the demo page and light batching."""
     overrides = [
         f"ckpt_path={serve_checkpoint}",
@@ -171,7 +237,7 @@ def torch_server(serve_checkpoint, catalogue_index, cwd: Path) -> RunningServer:
         "serve.max_batch_size=4",
         "serve.batch_timeout=0.05",
     ]
-    return RunningServer(overrides, cwd, "torch")
+    return RunningServer(overrides, cwd, name, env=env)
 
 
 def stop_all(running: dict) -> None:
@@ -213,6 +279,36 @@ def servers(serve_checkpoint, onnx_model, catalogue_index, tmp_path_factory):
 @pytest.fixture(scope="module")
 def demo_server(serve_checkpoint, catalogue_index, tmp_path_factory):
     server = torch_server(serve_checkpoint, catalogue_index, tmp_path_factory.mktemp("demo_cwd"))
+    try:
+        server.wait_healthy()
+        yield server
+    finally:
+        server.stop()
+
+
+API_KEY = "test-key-7f3a91c2"
+
+
+@pytest.fixture(scope="module")
+def keyed_server(serve_checkpoint, catalogue_index, tmp_path_factory):
+    """torch_server with LIT_SERVER_API_KEY set."""
+    cwd = tmp_path_factory.mktemp("keyed_cwd")
+    server = torch_server(
+        serve_checkpoint, catalogue_index, cwd, "keyed", env={"LIT_SERVER_API_KEY": API_KEY}
+    )
+    try:
+        server.wait_healthy()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def demo_alone(serve_checkpoint, catalogue_index, tmp_path_factory):
+    """demo.py: the page alone, the model in its process."""
+    overrides = [f"ckpt_path={serve_checkpoint}", f"index={catalogue_index}", "k=3"]
+    cwd = tmp_path_factory.mktemp("demo_alone_cwd")
+    server = RunningServer(overrides, cwd, "demo_alone", script="demo.py", ready_path="/config")
     try:
         server.wait_healthy()
         yield server

@@ -1,5 +1,5 @@
-"""The behaviours of Lightning and torch that skuvision.runtime_guards works around, at the versions named
-there. A failure here means the behaviour changed: adapt or drop the workaround, then this test."""
+"""The behaviours of Lightning, torch and Gradio that skuvision.runtime_guards works around, at the versions
+named there. A failure here means the behaviour changed: adapt or drop the workaround, then this test."""
 
 import csv
 
@@ -12,9 +12,11 @@ from skuvision.finetune import Full, Gradual
 from skuvision.models import create_backbone
 from skuvision.runtime_guards import (
     NATIVE_BF16_CHECKS,
+    check_file_payloads,
     continue_csv_logs,
     cpu_has_native_bf16,
     ddp_strategy,
+    end_page_streams,
     keep_earlier_csv_rows,
 )
 
@@ -85,3 +87,68 @@ def test_ddp_finds_unused_parameters_only_when_stages_freeze():
         ddp_strategy(trainer, Gradual(unfreeze_at=[1]), backbone) == "ddp_spawn_find_unused_parameters_true"
     )
     assert ddp_strategy(OmegaConf.create({"strategy": "auto"}), Gradual(), backbone) == "auto"
+
+
+def mounted_page(tmp_path, monkeypatch):
+    """A one-input Gradio page mounted on a FastAPI app as serve.py mounts its demo; uploads in tmp_path."""
+    import gradio as gr
+    from fastapi import FastAPI
+
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "uploads"))
+    with gr.Blocks(analytics_enabled=False) as page:
+        image = gr.Image(type="filepath")
+        text = gr.Textbox()
+        gr.Button().click(lambda path: "read", [image], [text], api_name="read")
+    app = FastAPI()
+    gr.mount_gradio_app(app, page, path="/page", show_error=False)
+    return app, page
+
+
+@pytest.mark.parametrize("guarded", [False, True])
+def test_gradio_checks_file_payloads_of_a_mounted_page_once_marked_launched(tmp_path, monkeypatch, guarded):
+    from fastapi.testclient import TestClient
+
+    secret = tmp_path / "elsewhere" / "secret.txt"
+    secret.parent.mkdir()
+    secret.write_text("SECRET-BYTES\n")
+    app, page = mounted_page(tmp_path, monkeypatch)
+    assert page.has_launched is False  # mount_gradio_app leaves it unset; when it does not, drop the guard
+    if guarded:
+        check_file_payloads(page)
+    payload = {"data": [{"path": str(secret), "meta": {"_type": "gradio.FileData"}}]}
+    with TestClient(app) as client:
+        event = client.post("/page/gradio_api/call/read", json=payload).json()["event_id"]
+        stream = client.get(f"/page/gradio_api/call/read/{event}").text
+    copies = [p for p in (tmp_path / "uploads").rglob("*") if p.is_file() and b"SECRET" in p.read_bytes()]
+    if guarded:
+        assert "event: error" in stream and "event: complete" not in stream, stream
+        assert not copies and str(secret) not in stream
+    else:  # gradio 6.31.0 copies any readable file a mounted page is sent into the page's cache
+        assert copies
+
+
+def test_setting_a_mounted_apps_stop_event_ends_its_heartbeat_streams(tmp_path, monkeypatch):
+    import asyncio
+    import threading
+
+    from fastapi.testclient import TestClient
+    from starlette.routing import Mount
+
+    app, _ = mounted_page(tmp_path, monkeypatch)
+    mounted = next(r.app for r in app.routes if isinstance(r, Mount))
+    lines: list[str] = []
+    with TestClient(app) as client:
+        loop = client.portal.call(asyncio.get_running_loop)
+        with client.stream("GET", "/page/gradio_api/heartbeat/session") as stream:
+
+            def read() -> None:
+                lines.extend(stream.iter_lines())
+
+            reader = threading.Thread(target=read, daemon=True)
+            reader.start()
+            reader.join(2)
+            assert reader.is_alive()  # a page's heartbeat stream stays open...
+            end_page_streams(mounted, loop)
+            reader.join(10)
+            assert not reader.is_alive()  # ...until the stop event is set
+    assert "data: ALIVE" in lines

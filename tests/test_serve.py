@@ -6,8 +6,13 @@ from __future__ import annotations
 
 import http.client
 import io
+import os
+import re
 import shutil
 import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -15,8 +20,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import compose_cfg
+from conftest import ROOT, compose_cfg
 from PIL import Image
+from serving_fixtures import processes_below, torch_server, wait_ended
 
 from skuvision.errors import SkuvisionError
 from skuvision.index import CatalogueIndex
@@ -51,7 +57,7 @@ def test_health_and_info(servers, serve_checkpoint):
         info = httpx.get(url + "/info").json()["model"]
         assert info["backend"] == backend
         assert info["classes"] == ["kettle", "phone", "shirt", "toaster"]
-        assert info["name"] == "simple_cnn" and info["checkpoint"] == str(serve_checkpoint)
+        assert info["name"] == "simple_cnn" and info["checkpoint"] == serve_checkpoint.name
         assert info["tta"] == "flip"
 
 
@@ -143,8 +149,9 @@ def test_onnx_backend_without_an_export_says_what_to_run(serve_checkpoint, tmp_p
         model_card(str(lonely / "best.ckpt"), "tensorrt")
 
 
-def test_similar_items_come_from_the_index(servers, catalogue_index):
-    """A catalogue photo sent as a query finds itself first (cosine 1), with its path and label."""
+def test_similar_items_come_from_the_index(servers, catalogue_index, shop):
+    """A catalogue photo sent as a query finds itself first (cosine 1), with its path relative to the
+    catalogue's folder and its label."""
     url = servers["torch"].url
     info = httpx.get(url + "/info").json()["model"]
     index = CatalogueIndex.load(catalogue_index / "index")
@@ -153,7 +160,7 @@ def test_similar_items_come_from_the_index(servers, catalogue_index):
     answer = post_file(url, query).json()
     similar = answer["similar"]
     assert len(similar) == 3
-    assert similar[0]["path"] == str(query) and similar[0]["label"] == query.parent.name
+    assert similar[0]["path"] == str(query.relative_to(shop)) and similar[0]["label"] == query.parent.name
     assert similar[0]["score"] == pytest.approx(1.0, abs=1e-4)
     scores = [s["score"] for s in similar]
     assert scores == sorted(scores, reverse=True)
@@ -239,6 +246,280 @@ def test_config_mistakes_get_one_line_errors(serve_checkpoint, tmp_path):
         prepare(f"index={tmp_path}")
     with pytest.raises(SkuvisionError, match=r"tta='sideways'"):
         prepare("tta=sideways")
+
+
+# --- What a client can reach: the demo's event API, server paths in answers, the API key, and how the
+# server's processes end. Each test here attacks the server from outside, as a client would.
+
+PASSWD_LINE = b"root:x:0:0"
+
+
+def demo_event(client: httpx.Client, page: str, data: list) -> str:
+    """One call of the page's `classify` event over Gradio's event API: the whole event stream as text."""
+    started = client.post(f"{page}/gradio_api/call/classify", json={"data": data}, timeout=60)
+    assert started.status_code == 200, started.text
+    return client.get(f"{page}/gradio_api/call/classify/{started.json()['event_id']}", timeout=60).text
+
+
+def file_data(path) -> dict:
+    return {"path": str(path), "meta": {"_type": "gradio.FileData"}}
+
+
+def files_holding(folder: Path, *needles: bytes) -> list[Path]:
+    """Every file under `folder` that contains one of `needles`."""
+    found = []
+    for path in folder.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            data = path.read_bytes()
+            if any(needle in data for needle in needles):
+                found.append(path)
+    return found
+
+
+def planted_files(server, name: str) -> dict[Path, bytes]:
+    """Files someone else left in the server's temp folder, outside and inside its own private folder, but
+    never uploaded through the page."""
+    private = next(server.tmp.glob("skuvision-*"))
+    planted = {}
+    for path in (server.tmp / f"{name}.txt", private / f"{name}.txt", private / "examples" / f"{name}.txt"):
+        secret = f"PLANTED-{name}-{path.parent.name}".encode()
+        path.write_bytes(secret)
+        planted[path] = secret
+    return planted
+
+
+def assert_attack_refused(client, server, page: str, serve_checkpoint, extra: tuple[bytes, ...] = ()) -> None:
+    """FileData payloads naming server files are each refused with an error event that names no server
+    path, and no copy of any of them appears anywhere in the server's temp folder (Gradio's cache in it)."""
+    planted = planted_files(server, f"p{server.port}")
+    targets = ["/etc/passwd", str(serve_checkpoint), "/proc/self/environ", *map(str, planted)]
+    checkpoint = serve_checkpoint.read_bytes()
+    for target in targets:
+        stream = demo_event(client, page, [file_data(target)])
+        assert "event: error" in stream and "event: complete" not in stream, (target, stream)
+        for server_path in (target, str(server.tmp), str(serve_checkpoint.parent)):
+            assert server_path not in stream, (target, stream)
+    for variant in (  # the same file named other ways
+        {"path": "/etc/../etc/passwd", "meta": {"_type": "gradio.FileData"}},
+        {"path": "file:///etc/passwd", "meta": {"_type": "gradio.FileData"}},
+        {"path": "/etc/passwd", "url": "file:///etc/passwd", "meta": {"_type": "gradio.FileData"}},
+    ):
+        stream = demo_event(client, page, [variant])
+        assert "event: complete" not in stream, (variant, stream)
+    copies = [
+        p for p in files_holding(server.tmp, PASSWD_LINE, *planted.values(), *extra) if p not in planted
+    ]
+    copies += [p for p in server.tmp.rglob("*") if p.is_file() and p.read_bytes() == checkpoint]
+    assert not copies, copies
+
+
+def test_demo_event_api_copies_no_server_file(servers, serve_checkpoint, catalogue_index):
+    """The mounted page, sent FileData naming /etc/passwd, the served checkpoint, the process environment and
+    files planted in the server's temp folder: each refused before anything is copied, and the page still
+    classifies an image uploaded through it."""
+    server = servers["torch"]
+    with httpx.Client(base_url=server.url) as client:
+        assert_attack_refused(client, server, "/demo", serve_checkpoint, extra=(b"PYTHONUNBUFFERED=1",))
+
+    from gradio_client import Client, handle_file
+
+    query = Path(CatalogueIndex.load(catalogue_index / "index").items[0])
+    page = Client(server.url + "/demo/", verbose=False, download_files=str(server.tmp / "downloads"))
+    labels, _ = page.predict(handle_file(str(query)), api_name="/classify")
+    assert labels["label"] == post_file(server.url, query).json()["labels"][0]["label"]
+    # A cut PNG passes Gradio's own checks and is refused by the server: the page shows the server's reason.
+    png = next(p for p in query.parent.parent.rglob("*.png")).read_bytes()
+    cut = server.tmp / "cut.png"
+    cut.write_bytes(png[: len(png) // 2])
+    with pytest.raises(Exception, match="not a decodable image|not an image") as shown:
+        page.predict(handle_file(str(cut)), api_name="/classify")
+    assert str(server.tmp) not in str(shown.value)
+
+
+def test_demo_alone_copies_no_server_file(demo_alone, serve_checkpoint):
+    """demo.py alone, the same attack: refused, nothing copied, no server path in the error events."""
+    with httpx.Client(base_url=demo_alone.url) as client:
+        assert_attack_refused(client, demo_alone, "", serve_checkpoint, extra=(b"PYTHONUNBUFFERED=1",))
+
+
+def strings_in(value) -> list[str]:
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in strings_in(v)]
+    if isinstance(value, list):
+        return [s for v in value for s in strings_in(v)]
+    return [value] if isinstance(value, str) else []
+
+
+def test_answers_name_no_server_path(servers, catalogue_index, shop, serve_checkpoint):
+    """/info and /predict (with similar items) carry no absolute path, and nothing of where the catalogue,
+    the checkpoint or the run folders lie on the server."""
+    server = servers["torch"]
+    query = Path(CatalogueIndex.load(catalogue_index / "index").items[0])
+    answers = [httpx.get(server.url + "/info").json(), post_file(server.url, query).json()]
+    answers.append(httpx.get(servers["onnx"].url + "/info").json())
+    assert answers[1]["similar"]
+    server_folders = (str(shop), str(serve_checkpoint.parent), str(catalogue_index), str(Path.home()))
+    leaks = [
+        s for s in strings_in(answers) if s.startswith("/") or any(folder in s for folder in server_folders)
+    ]
+    assert not leaks, leaks
+
+
+def test_api_docs_are_off_and_nothing_points_outside(servers):
+    """FastAPI's /docs and /redoc load their scripts from a CDN: they, and the schema they read, are off."""
+    url = servers["torch"].url
+    for path in ("/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect"):
+        assert httpx.get(url + path).status_code == 404, path
+    for path in ("/", "/info", "/demo/"):
+        body = httpx.get(url + path, follow_redirects=True).text
+        assert "cdn.jsdelivr.net" not in body and "unpkg.com" not in body, path
+
+
+def test_api_key_guards_the_api_and_the_page(keyed_server, query_files, predicted_top1, serve_checkpoint):
+    """With LIT_SERVER_API_KEY set: /predict, /info and /health refuse a missing or wrong key and answer the
+    right one; the page and its event API refuse a visitor who has not logged in with the key, and classify
+    for one who has; a logged-in visitor still gets no server file (the environment holds the key)."""
+    server, key = keyed_server, keyed_server.key
+    image = query_files[0]
+    data = image.read_bytes()
+    for route in ("/predict", "/info", "/health"):
+        for headers in ({}, {"X-API-Key": "wrong"}, {"X-API-Key": key[:-1]}):
+            if route == "/predict":
+                response = httpx.post(server.url + route, files={"file": (image.name, data)}, headers=headers)
+            else:
+                response = httpx.get(server.url + route, headers=headers)
+            assert response.status_code == 401, (route, headers, response.status_code)
+    answer = httpx.post(
+        server.url + "/predict", files={"file": (image.name, data)}, headers={"X-API-Key": key}
+    )
+    assert answer.status_code == 200 and answer.json()["labels"][0]["label"] == predicted_top1[str(image)]
+
+    with httpx.Client(base_url=server.url) as visitor:  # no login
+        for path in ("/demo/config", "/demo/gradio_api/info", f"/demo/gradio_api/file={image}"):
+            assert visitor.get(path).status_code == 401, path
+        refused = visitor.post("/demo/gradio_api/call/classify", json={"data": [file_data(image)]})
+        assert refused.status_code == 401
+        wrong = visitor.post("/demo/login", data={"username": "anyone", "password": "wrong"})
+        assert wrong.status_code >= 400 and visitor.get("/demo/config").status_code == 401
+        assert visitor.post("/demo/login", data={"username": "anyone", "password": key}).status_code == 200
+        assert visitor.get("/demo/config").status_code == 200
+        assert_attack_refused(visitor, server, "/demo", serve_checkpoint, extra=(key.encode(),))
+
+    from gradio_client import Client, handle_file
+
+    page = Client(
+        server.url + "/demo/", auth=("anyone", key), verbose=False, download_files=str(server.tmp / "dl")
+    )
+    labels, gallery = page.predict(handle_file(str(image)), api_name="/classify")
+    assert labels["label"] == predicted_top1[str(image)] and len(gallery) == 3
+
+
+def running_processes_of(server) -> set:
+    processes = processes_below(server.process.pid)
+    assert len(processes) >= 2, "the server started no worker processes"  # an inference and an HTTP one
+    return processes
+
+
+def test_sigterm_ends_every_server_process_promptly_with_a_page_open(
+    serve_checkpoint, catalogue_index, tmp_path
+):
+    """SIGTERM while a demo page is open (its heartbeat stream held) and nothing is in flight: serve.py and
+    every process it started are gone within a few seconds, exit status 0."""
+    server = torch_server(serve_checkpoint, catalogue_index, tmp_path, "sigterm")
+    try:
+        server.wait_healthy()
+        processes = running_processes_of(server)
+        lines: list[str] = []
+
+        def open_page() -> None:
+            try:
+                with httpx.stream("GET", server.url + "/demo/gradio_api/heartbeat/page", timeout=120) as beat:
+                    lines.extend(beat.iter_lines())
+            except httpx.TransportError:
+                pass
+
+        page = threading.Thread(target=open_page, daemon=True)
+        page.start()
+        time.sleep(1)
+        assert page.is_alive()  # the page's stream is open
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(timeout=20) == 0, server.log_tail()
+        assert not wait_ended(processes, 10), server.log_tail()
+        page.join(10)
+        assert not page.is_alive()
+    finally:
+        server.stop()
+
+
+def test_sigkill_of_the_server_process_ends_its_workers(serve_checkpoint, catalogue_index, tmp_path):
+    """serve.py killed without a chance to drain (SIGKILL, the OOM killer): its inference worker, HTTP
+    processes and queue manager, re-parented, end on their own; the port is free again."""
+    server = torch_server(serve_checkpoint, catalogue_index, tmp_path, "sigkill")
+    try:
+        server.wait_healthy()
+        processes = running_processes_of(server)
+        os.kill(server.process.pid, signal.SIGKILL)
+        server.process.wait(timeout=10)
+        left = wait_ended(processes, 20)
+        assert not left, [Path(f"/proc/{pid}/cmdline").read_bytes()[:200] for pid, _ in left]
+        with pytest.raises(httpx.TransportError):
+            httpx.get(server.url + "/health", timeout=5)
+    finally:
+        server.stop()
+
+
+def serve_py(*overrides: str, cwd: Path, script: str = "serve.py") -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / script), *overrides],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "SKUVISION_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
+    )
+
+
+def assert_one_line_error(run: subprocess.CompletedProcess, pattern: str) -> None:
+    assert run.returncode == 2, run.stderr[-3000:]
+    lines = run.stderr.strip().splitlines()
+    assert lines and re.search(pattern, lines[-1]), run.stderr[-3000:]
+    assert "Traceback" not in run.stderr, run.stderr[-3000:]
+
+
+def test_serve_mistakes_get_one_line_errors(serve_checkpoint, tmp_path):
+    """Settings a user gets wrong, a port someone else holds, and no checkpoint at all: one line each."""
+
+    def prepare(*overrides):
+        prepared(compose_cfg("serve", [f"ckpt_path={serve_checkpoint}", *overrides], tmp_path / "run"))
+
+    mistakes = {
+        "serve.port=80": r"serve.port=80: use a whole number from 1024 to 65535",
+        "serve.port=abc": r"serve.port=abc: use a whole number",
+        "serve.max_batch_size=0": r"serve.max_batch_size=0: use a whole number 1 or more",
+        "serve.batch_timeout=-1": r"serve.batch_timeout=-1: use a number 0 or more",
+        "serve.timeout=0": r"serve.timeout=0: use a number above 0",
+        "serve.max_upload_mb=0": r"serve.max_upload_mb=0: use a number above 0",
+        "serve.workers_per_device=0": r"serve.workers_per_device=0",
+        "serve.log_level=loud": r"serve.log_level=loud: use one of critical",
+        "serve.accelerator=tpu": r"serve.accelerator=tpu: use one of auto, cpu, cuda",
+        "top_k=0": r"top_k=0: use a whole number 1 or more",
+        "k=-2": r"k=-2",
+        "threads=0": r"threads=0: use a whole number 1 or more or null",
+    }
+    for override, message in mistakes.items():
+        with pytest.raises(SkuvisionError, match=message):
+            prepare(override)
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        overrides = (f"ckpt_path={serve_checkpoint}", f"serve.port={port}", "serve.demo=false")
+        run = serve_py(*overrides, cwd=tmp_path)
+        alone = serve_py(*overrides, cwd=tmp_path, script="demo.py")
+    assert_one_line_error(run, rf"error: serve.port={port}: 127.0.0.1:{port} is taken")
+    assert_one_line_error(alone, rf"error: serve.port={port}: 127.0.0.1:{port} is taken")
+    assert_one_line_error(serve_py(cwd=tmp_path), r"error: ckpt_path is missing")
 
 
 def test_sigterm_finishes_the_request_in_flight(servers, query_files, predicted_top1):

@@ -10,11 +10,15 @@
   - the test after a fit runs on a Trainer of its own: alone on rank zero (a distributed test pads the test
     set), and without the weight-averaging callback (which would load the raw weights; 2.6.6);
   - torch names no public check for native bf16 on the CPU (torch 2.14.1:
-    `torch.cpu._is_avx512_bf16_supported`, `torch.cpu._is_amx_tile_supported`, in `cpu_has_native_bf16`).
+    `torch.cpu._is_avx512_bf16_supported`, `torch.cpu._is_amx_tile_supported`, in `cpu_has_native_bf16`);
+  - a Gradio page mounted with `gr.mount_gradio_app` is never marked as launched, so Gradio skips its path
+    checks on file payloads, and nothing ends its pages' heartbeat streams on shutdown (gradio 6.31.0:
+    `Blocks.has_launched`, `App.stop_event`, in `check_file_payloads` and `end_page_streams`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from pathlib import Path
@@ -200,3 +204,20 @@ def use_boto3_for_plain_http() -> None:
     if downloader._OBSTORE_AVAILABLE:
         log.info("AWS_ENDPOINT_URL is plain http: litdata reads and writes it through boto3")
         downloader._OBSTORE_AVAILABLE = False
+
+
+def check_file_payloads(blocks) -> None:
+    """Make Gradio check every file payload sent to a mounted page's event API as it does for a launched one:
+    only files uploaded through the page pass (blocked_paths first), before anything is copied.
+
+    Gradio reads `Blocks.has_launched` for this, and only `launch()` sets it (gradio 6.31.0,
+    processing_utils._check_allowed); without it a FileData naming any readable file is copied into the
+    page's cache and served. tests/test_runtime_guards.py notices a change."""
+    blocks.has_launched = True
+
+
+def end_page_streams(gradio_app, loop: asyncio.AbstractEventLoop) -> None:
+    """End the heartbeat stream each open page of a mounted Gradio app holds, so a graceful shutdown does not
+    wait out uvicorn's timeout for them. Gradio ends them on `App.stop_event`, which only its own server sets
+    (gradio 6.31.0). Safe in a signal handler: the event is set on the app's event loop `loop`."""
+    loop.call_soon_threadsafe(gradio_app.stop_event.set)

@@ -9,6 +9,10 @@ so one bad upload never fails the batch it shares with good ones.
 # parameter, and FastAPI needs it as an object, not a string.
 
 import logging
+import multiprocessing
+import os
+import threading
+import time
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -18,13 +22,32 @@ from fastapi import Depends, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.datastructures import UploadFile
 
+from skuvision.errors import SkuvisionError
 from skuvision.serving.predictor import BadImage, ModelCard, Predictor
 from skuvision.tasks.utils import set_threads
 
 log = logging.getLogger("skuvision")
 
+PARENT_POLL_SECONDS = 0.5
 UPLOAD_FIELD = "file"
 RAW_MEDIA_TYPES = ("application/octet-stream", "")  # "" : a raw body sent without a content type
+
+
+def end_with_parent(parent: int) -> None:
+    """End this process soon after process `parent` is gone, however it ended (SIGKILL, the OOM killer): a
+    server's worker re-parented to init would go on holding its model, its port or its queue.
+
+    A watch thread rather than Linux's PR_SET_PDEATHSIG, which fires when the parent *thread* that started
+    this process ends. The parent is named by its pid, taken before this process started, so a parent that
+    died before the watch began is noticed too."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_POLL_SECONDS)
+        log.warning("process %d: the server process %d is gone; exiting", os.getpid(), parent)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 @dataclass
@@ -100,9 +123,16 @@ class ImageAPI(ls.LitAPI):
         # Runs in each inference worker; LitServe's /health answers 200 only once every worker got here.
         from skuvision.serving.catalogue import load_index
 
+        parent = multiprocessing.parent_process()  # serve.py's process, which started this worker
+        if parent is not None:
+            end_with_parent(parent.pid)
         set_threads(self.threads)
-        index = load_index(self.index_dir) if self.index_dir else None
-        self.predictor = Predictor(self.card, index, self.top_k, self.k, device=str(device))
+        try:
+            index = load_index(self.index_dir) if self.index_dir else None
+            self.predictor = Predictor(self.card, index, self.top_k, self.k, device=str(device))
+        except SkuvisionError as err:
+            log.error("error: %s", err)  # the one line to read above LitServe's traceback
+            raise
 
     def decode_request(self, request: Annotated[Upload, Depends(read_upload)]) -> Decoded:
         try:

@@ -1,12 +1,14 @@
 """The catalogue behind similar-item answers: embed.py's index, and pictures of its items for the demo page.
 
 Pictures come only from the index's own items (a file it lists, or an item of the split it embedded), so the
-demo never opens a path a request names.
+demo never opens a path a request names. Answers name a file item by its path relative to the catalogue's
+root (the deepest folder holding every file the index lists), never by where it lies on the server.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import re
 from pathlib import Path
 
@@ -31,6 +33,18 @@ def index_folder(path: str | Path) -> Path:
         f"index={folder}: no index/ folder there; build one with `python embed.py ckpt_path=...` and give "
         "its run folder"
     )
+
+
+def catalogue_root(items: list[str]) -> str | None:
+    """The deepest folder that holds every file item listed by absolute path (None when there are none)."""
+    folders = [os.path.dirname(item) for item in items if os.path.isabs(item)]
+    return os.path.commonpath(folders) if folders else None
+
+
+def public_name(item: str, root: str | None) -> str:
+    """How an answer names an index item: a file relative to the catalogue's root; a split item (`test[3]`)
+    or a relative path as the index lists it."""
+    return os.path.relpath(item, root) if root and os.path.isabs(item) else item
 
 
 def load_index(folder: str | Path):

@@ -24,6 +24,7 @@ from skuvision.data.files import InputImageFiles
 from skuvision.data.images import DECODE_ERRORS, ImageOverBudget
 from skuvision.data.transforms import ToModelInput
 from skuvision.errors import SkuvisionError
+from skuvision.serving.catalogue import catalogue_root, public_name
 from skuvision.tta import check_tta, tta_logits, views
 
 log = logging.getLogger("skuvision")
@@ -116,6 +117,7 @@ class Predictor:
     def __init__(self, card: ModelCard, index=None, top_k: int = 5, k: int = 5, device: str = "cpu"):
         self.card = card
         self.index = index
+        self.catalogue_root = catalogue_root(index.items) if index is not None else None
         self.top_k = min(int(top_k), len(card.class_names))
         self.k = min(int(k), len(index)) if index is not None else int(k)
         self.device = torch.device(device)
@@ -206,4 +208,5 @@ class Predictor:
     def catalogue_item(self, i: int, score: float) -> dict:
         labels = self.index.labels
         label = self.index.class_names[labels[i]] if labels is not None and len(labels) else None
-        return {"id": i, "path": self.index.items[i], "label": label, "score": round(score, 6)}
+        path = public_name(self.index.items[i], self.catalogue_root)
+        return {"id": i, "path": path, "label": label, "score": round(score, 6)}

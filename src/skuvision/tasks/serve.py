@@ -1,22 +1,34 @@
 """serve(cfg): the HTTP API (LitServe) with the demo page mounted at /demo; demo(cfg): the demo page alone.
 
-SIGTERM drains: the HTTP processes stop accepting, finish the requests in flight, and exit; then LitServe
-stops its inference workers.
+SIGTERM drains: the HTTP processes stop accepting, end the demo pages' heartbeat streams, finish the requests
+in flight, and exit; then LitServe stops its inference workers. Every process the server starts ends on its
+own when serve.py's process dies without draining (SIGKILL, the OOM killer).
+
+With LIT_SERVER_API_KEY set, LitServe refuses /predict, /health and /info without that key in X-API-Key, and
+the demo page asks for the same key (as the password, any user name) before it shows or answers anything.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import gc
+import hmac
 import logging
 import multiprocessing
 import os
 import signal
+import socket
 import tempfile
+import threading
 from pathlib import Path
 
-from omegaconf import DictConfig
+import torch
+from omegaconf import DictConfig, OmegaConf
 
 from skuvision.errors import SkuvisionError
-from skuvision.runtime_guards import LITSERVE_API_PROCESS
+from skuvision.runtime_guards import LITSERVE_API_PROCESS, check_file_payloads, end_page_streams
+from skuvision.serving.api import end_with_parent
 from skuvision.serving.catalogue import CatalogueImages, index_folder, load_index
 from skuvision.serving.demo import use_private_gradio_dirs
 from skuvision.serving.predictor import BadImage, ModelCard, Predictor, model_card
@@ -26,19 +38,24 @@ log = logging.getLogger("skuvision")
 
 HOSTS = ("127.0.0.1", "0.0.0.0", "::")  # what LitServe binds
 LOOPBACK = {"127.0.0.1": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "[::1]"}
+ACCELERATORS = ("auto", "cpu", "cuda")
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")  # uvicorn's
 DRAIN_SECONDS = 30
+DEMO_PATH = "/demo"
+API_KEY_VARIABLE = "LIT_SERVER_API_KEY"  # LitServe's; it reads it when imported
+API_KEY_HEADER = "X-API-Key"
 
 
 def model_info(card: ModelCard, index, cfg: DictConfig) -> dict:
-    """GET /info's "model" part."""
+    """GET /info's "model" part: files by name and hash, never by where they lie on the server."""
     return {
         "name": card.name,
-        "checkpoint": card.checkpoint,
+        "checkpoint": Path(card.checkpoint).name,
         "sha256": card.sha256,
         "classes": card.class_names,
         "input_size": list(card.input_config["input_size"]),
         "backend": card.backend,
-        "onnx": card.onnx_path,
+        "onnx": Path(card.onnx_path).name if card.onnx_path else None,
         "tta": card.tta,
         "top_k": int(cfg.top_k),
         "k": int(cfg.k),
@@ -54,6 +71,70 @@ def check_host(host: str) -> str:
     return host
 
 
+def whole_number(cfg: DictConfig, key: str, low: int, high: int | None = None, optional: bool = False):
+    """cfg[key] as an int in [low, high] (None allowed when optional), else a one-line error naming it."""
+    value = cfg.get(key.split(".")[-1])
+    if optional and value is None:
+        return None
+    within = isinstance(value, int) and not isinstance(value, bool) and low <= value <= (high or value)
+    if not within:
+        bound = f"from {low} to {high}" if high else f"{low} or more"
+        raise SkuvisionError(f"{key}={value}: use a whole number {bound}" + (" or null" if optional else ""))
+    return value
+
+
+def positive_number(cfg: DictConfig, key: str, zero: bool = False) -> float:
+    value = cfg.get(key.split(".")[-1])
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not number or value < 0 or (value == 0 and not zero):
+        raise SkuvisionError(f"{key}={value}: use a number {'0 or more' if zero else 'above 0'}")
+    return float(value)
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Every serve/demo key a user sets, checked before anything loads or binds, each in one line."""
+    if OmegaConf.is_missing(cfg, "ckpt_path") or not cfg.get("ckpt_path"):
+        raise SkuvisionError(
+            "ckpt_path is missing: give the checkpoint to serve, e.g. "
+            "ckpt_path=outputs/<run>/checkpoints/best-....ckpt"
+        )
+    s = cfg.serve
+    check_host(s.host)
+    whole_number(s, "serve.port", 1024, 65535)
+    whole_number(cfg, "top_k", 1)
+    whole_number(cfg, "k", 1)
+    whole_number(cfg, "threads", 1, optional=True)
+    whole_number(s, "serve.workers_per_device", 1)
+    whole_number(s, "serve.api_servers", 1, optional=True)
+    whole_number(s, "serve.max_batch_size", 1)
+    positive_number(s, "serve.batch_timeout", zero=True)
+    positive_number(s, "serve.timeout")
+    positive_number(s, "serve.max_upload_mb")
+    if s.log_level not in LOG_LEVELS:
+        raise SkuvisionError(f"serve.log_level={s.log_level}: use one of {', '.join(LOG_LEVELS)}")
+    if s.accelerator not in ACCELERATORS:
+        raise SkuvisionError(f"serve.accelerator={s.accelerator}: use one of {', '.join(ACCELERATORS)}")
+    if s.accelerator == "cuda" and not torch.cuda.is_available():
+        raise SkuvisionError("serve.accelerator=cuda but no GPU is visible: use serve.accelerator=cpu")
+    if isinstance(s.devices, int):  # or auto, or a list of GPU ids; the CPU counts as one device
+        on_gpu = s.accelerator != "cpu" and torch.cuda.is_available()
+        whole_number(s, "serve.devices", 1, torch.cuda.device_count() if on_gpu else None)
+
+
+def check_port_free(host: str, port: int) -> None:
+    """A port another program holds is refused here, in one line, before any model is loaded."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds it
+        try:
+            probe.bind((host, port))
+        except OSError as err:
+            raise SkuvisionError(
+                f"serve.port={port}: {host}:{port} is taken ({err.strerror}); stop what listens there or "
+                "choose another serve.port"
+            ) from None
+
+
 def blocked_paths(card: ModelCard, index_dir: Path | None) -> list[str]:
     """The model's and the index's folders: never served by the demo's file route, whatever else changes."""
     folders = {Path(card.checkpoint).resolve().parent}
@@ -65,8 +146,8 @@ def blocked_paths(card: ModelCard, index_dir: Path | None) -> list[str]:
 
 
 def prepared(cfg: DictConfig):
+    check_config(cfg)
     serve_cfg = cfg.serve
-    check_host(serve_cfg.host)
     card = model_card(cfg.ckpt_path, serve_cfg.backend, serve_cfg.get("onnx_path"), cfg.get("tta"))
     index_dir = index_folder(cfg.index) if cfg.get("index") else None
     index = load_index(index_dir) if index_dir else None
@@ -75,8 +156,46 @@ def prepared(cfg: DictConfig):
     return card, index_dir, index
 
 
+def api_key() -> str | None:
+    return os.environ.get(API_KEY_VARIABLE) or None
+
+
+def key_login(key: str):
+    """Gradio's login for the demo page: any user name, the API key as the password."""
+
+    def check(username: str, password: str) -> bool:
+        return hmac.compare_digest(password.encode(), key.encode())
+
+    return check
+
+
+def end_page_streams_on_sigterm(app, gradio_app) -> None:
+    """In each HTTP process, SIGTERM first ends the demo pages' heartbeat streams, then starts uvicorn's
+    graceful shutdown; one open page would otherwise hold that shutdown for its whole timeout."""
+    outer = app.router.lifespan_context
+
+    @contextlib.asynccontextmanager
+    async def lifespan(served):
+        async with outer(served) as state:
+            # Startup runs after uvicorn installed its SIGTERM handler; it is chained here, and uvicorn puts
+            # back the one before it when it stops.
+            uvicorn_handler = signal.getsignal(signal.SIGTERM)
+            if threading.current_thread() is threading.main_thread() and callable(uvicorn_handler):
+                loop = asyncio.get_running_loop()
+
+                def handler(signum, frame):
+                    end_page_streams(gradio_app, loop)
+                    uvicorn_handler(signum, frame)
+
+                signal.signal(signal.SIGTERM, handler)
+            yield state
+
+    app.router.lifespan_context = lifespan
+
+
 def mount_demo(app, cfg, card, index_dir, index, answer, private: Path):
     import gradio as gr
+    from starlette.routing import Mount
 
     from skuvision.serving.demo import build_demo, example_ids, write_examples
 
@@ -94,10 +213,21 @@ def mount_demo(app, cfg, card, index_dir, index, answer, private: Path):
         blocked_paths=blocked_paths(card, index_dir),
         max_file_size=f"{int(cfg.serve.max_upload_mb)}mb",
         ssr_mode=False,
+        show_error=False,  # Gradio's own errors name server paths; the page's gr.Error messages still show
     )
+    key = api_key()
+    if key:
+        options.update(
+            auth=key_login(key),
+            auth_message=f"This server needs its API key ({API_KEY_VARIABLE}): any user name, the key as the "
+            "password.",
+        )
     if app is None:
         return demo, options
-    gr.mount_gradio_app(app, demo, path="/demo", **options)
+    gr.mount_gradio_app(app, demo, path=DEMO_PATH, **options)
+    check_file_payloads(demo)
+    mounted = next(r.app for r in app.routes if isinstance(r, Mount) and r.path == DEMO_PATH)
+    end_page_streams_on_sigterm(app, mounted)
     return demo, options
 
 
@@ -106,27 +236,42 @@ def http_answer(host: str, port: int):
     import httpx
 
     url = f"http://{LOOPBACK[host]}:{port}/predict"
+    headers = {"content-type": "application/octet-stream"}
+    key = api_key()
+    if key:  # the page asked its user for the key already (Gradio's login)
+        headers[API_KEY_HEADER] = key
 
     def answer(data: bytes) -> dict:
-        response = httpx.post(
-            url, content=data, headers={"content-type": "application/octet-stream"}, timeout=120
-        )
+        response = httpx.post(url, content=data, headers=headers, timeout=120)
         if response.status_code != 200:
-            raise ValueError(response.json().get("detail", f"HTTP {response.status_code}"))
+            try:
+                detail = response.json().get("detail")
+            except ValueError:
+                detail = None
+            raise ValueError(detail if isinstance(detail, str) else f"HTTP {response.status_code}")
         return response.json()
 
     return answer
+
+
+def end_children_with_this_process() -> None:
+    """Every process forked from here from now on (LitServe's HTTP servers, its queue manager) ends when this
+    one is gone, and on SIGTERM rather than with this process's drain handler. The inference workers,
+    started fresh (spawn), watch for it themselves (ImageAPI.setup)."""
+    server = os.getpid()
+
+    def in_child() -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        end_with_parent(server)
+
+    os.register_at_fork(after_in_child=in_child)
 
 
 def drain_on_sigterm() -> None:
     """SIGTERM -> let each HTTP process finish its requests in flight (uvicorn's graceful shutdown), then
     leave LitServer.run through its KeyboardInterrupt path, which stops the inference workers."""
 
-    owner = os.getpid()
-
     def handler(signum, frame):
-        if os.getpid() != owner:  # an HTTP process inherits this handler; uvicorn re-raises there on exit
-            return
         log.info("SIGTERM: finishing requests in flight")
         servers = [p for p in multiprocessing.active_children() if p.name.startswith(LITSERVE_API_PROCESS)]
         for process in servers:
@@ -166,6 +311,9 @@ def build_server(cfg: DictConfig, card: ModelCard, index_dir: Path | None, index
         timeout=float(s.timeout),
         model_metadata=model_info(card, index, cfg),
         max_payload_size=limit,
+        # FastAPI's /docs and /redoc pages fetch Swagger UI and ReDoc from a CDN: they are off, and so is
+        # the /openapi.json they read.
+        disable_openapi_url=True,
     )
     server.app.state.max_upload_bytes = limit
     if s.demo:
@@ -176,6 +324,7 @@ def build_server(cfg: DictConfig, card: ModelCard, index_dir: Path | None, index
 def serve(cfg: DictConfig) -> None:
     card, index_dir, index = prepared(cfg)
     s = cfg.serve
+    check_port_free(s.host, int(s.port))
     with tempfile.TemporaryDirectory(prefix="skuvision-serve-") as tmp:
         private = Path(tmp)
         if s.demo:
@@ -188,20 +337,37 @@ def serve(cfg: DictConfig) -> None:
             + (f"   {where}/demo" if s.demo else "")
         )
         drain_on_sigterm()
-        server.run(
-            host=s.host,
-            port=int(s.port),
-            num_api_servers=s.get("api_servers"),
-            log_level=s.log_level,
-            generate_client_file=False,
-        )
+        end_children_with_this_process()
+        try:
+            server.run(
+                host=s.host,
+                port=int(s.port),
+                num_api_servers=s.get("api_servers"),
+                log_level=s.log_level,
+                generate_client_file=False,
+            )
+        except RuntimeError:
+            if not worker_failed(server):
+                raise
+            raise SkuvisionError(
+                "serve: the inference worker could not start (its error is logged above); the checkpoint, "
+                "the index and serve.accelerator must suit each other"
+            ) from None
     print("server stopped")
+    gc.freeze()  # the collection at exit would take seconds of a SIGTERM's grace period, for nothing
+
+
+def worker_failed(server) -> bool:
+    from litserve.utils import WorkerSetupStatus
+
+    return any(status == WorkerSetupStatus.ERROR for status in server.workers_setup_status.values())
 
 
 def demo(cfg: DictConfig) -> None:
     """The page alone: the model runs in this process."""
     set_threads(cfg.get("threads"))
     card, index_dir, index = prepared(cfg)
+    check_port_free(cfg.serve.host, int(cfg.serve.port))
     predictor = Predictor(card, index, cfg.top_k, cfg.k)
 
     def answer(data: bytes) -> dict:
@@ -220,6 +386,6 @@ def demo(cfg: DictConfig) -> None:
             server_name=cfg.serve.host,
             server_port=int(cfg.serve.port),
             share=False,
-            show_error=True,
             **options,
         )
+    gc.freeze()  # as serve()
