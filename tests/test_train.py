@@ -1,6 +1,7 @@
 """End to end on small data in the real formats: every model config x every data config, train -> eval."""
 
 import json
+import pickle
 from pathlib import Path
 
 import pytest
@@ -173,3 +174,40 @@ def test_an_empty_val_split_is_a_one_line_error(tmp_path, train_cfg):
     cfg = train_cfg("image_folder", extra=[f"data.root={photos}"])
     with pytest.raises(SkuvisionError, match=r"the val split is empty .* watch val/acc: add images"):
         train(cfg)
+
+
+class RunsCode:
+    """A pickle payload: unpickling it would write `marker`."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').write('ran')",)
+
+
+@pytest.mark.parametrize("form", ["torch.save", "pickle"])
+def test_a_planted_last_ckpt_runs_nothing_when_a_run_resumes(data_root, tmp_path, form):
+    """A run re-entering its folder (a requeued job) resumes from checkpoints/last.ckpt: a file planted there,
+    as a zip torch.save wrote or as a bare pickle, is refused in one line before anything unpickles it."""
+    run = tmp_path / "run"
+    last = run / "checkpoints" / "last.ckpt"
+    last.parent.mkdir(parents=True)
+    marker = tmp_path / "ran.txt"
+    payload = {"state_dict": {}, "hyper_parameters": RunsCode(marker), "epoch": 0}
+    if form == "torch.save":
+        torch.save(payload, last)
+    else:
+        last.write_bytes(pickle.dumps(payload))
+    planted = last.read_bytes()
+    overrides = quick_overrides("fashion_mnist", data_root) + [f"hydra.run.dir={run}", "trainer.max_epochs=1"]
+    result = run_cli("train.py", overrides, tmp_path)
+    assert not marker.exists()
+    assert result.returncode == 2, result.stderr[-2000:]
+    line = result.stderr.strip().splitlines()[-1]
+    assert (
+        line.startswith(f"error: {last} (this run folder's last checkpoint") and "is not a checkpoint" in line
+    )
+    assert line.endswith("To start this run afresh, move that file away")
+    assert "Traceback" not in result.stderr
+    assert last.read_bytes() == planted and sorted(p.name for p in last.parent.iterdir()) == ["last.ckpt"]
