@@ -211,3 +211,38 @@ def test_a_planted_last_ckpt_runs_nothing_when_a_run_resumes(data_root, tmp_path
     assert line.endswith("To start this run afresh, move that file away")
     assert "Traceback" not in result.stderr
     assert last.read_bytes() == planted and sorted(p.name for p in last.parent.iterdir()) == ["last.ckpt"]
+
+
+@pytest.mark.parametrize("scheduler", ["onecycle", "cosine"])
+def test_resuming_with_a_longer_schedule_is_refused_before_fitting(train_cfg, tmp_path, scheduler):
+    """A schedule's length is fixed when its run starts: one-cycle stepped past its end ("Tried to step 8
+    times"), warmup-cosine would jump along its curve. Killed in its second epoch (3 steps an epoch) and
+    requeued with a larger trainer.max_epochs, the run is refused, naming the key and the value it started
+    with; requeued as it was, it resumes and finishes."""
+    short = [
+        f"scheduler={scheduler}",
+        "test=false",
+        "trainer.limit_train_batches=3",
+        "trainer.limit_val_batches=1",
+    ]
+    kill = ["+callbacks.kill._target_=probes.KillAtStep", "+callbacks.kill.step=4"]
+    kill.append(f"+callbacks.kill.path={tmp_path / 'killed.ckpt'}")
+    first = train_cfg("fashion_mnist", "simple_cnn", ["trainer.max_epochs=2", *short, *kill])
+    with pytest.raises(RuntimeError, match="killed after step 4"):
+        train(first)
+    last = Path(first.paths.output_dir) / "checkpoints" / "last.ckpt"
+    saved = last.read_bytes()
+    assert torch.load(last, weights_only=True, map_location="cpu")["global_step"] == 3
+
+    longer = train_cfg("fashion_mnist", "simple_cnn", ["trainer.max_epochs=3", *short])
+    message = (
+        rf"^trainer\.max_epochs=3 makes the LR schedule 9 steps long, but {last} resumes a run "
+        r"whose schedule was fixed at 6 steps when it started \(trainer\.max_epochs=2\): "
+        r"resume with the trainer\.max_epochs it started with"
+    )
+    with pytest.raises(SkuvisionError, match=message):
+        train(longer)
+    assert last.read_bytes() == saved
+
+    train(train_cfg("fashion_mnist", "simple_cnn", ["trainer.max_epochs=2", *short]))
+    assert torch.load(last, weights_only=True, map_location="cpu")["global_step"] == 6
