@@ -220,3 +220,58 @@ def test_onnx_matches_pytorch(checkpoint, tmp_path):
     for batch in (1, 5):  # the batch dimension is dynamic
         out = session.run(None, {"images": np.zeros((batch, c, h, w), dtype=np.uint8)})[0]
         assert out.shape == (batch, len(meta["class_names"]))
+
+
+def test_eval_without_ckpt_path_is_one_line_naming_the_key(tmp_path):
+    result = run_cli("eval.py", [], tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: ckpt_path is not set: give it on the command line, e.g. python eval.py "
+        "ckpt_path=outputs/<date>/<time>/checkpoints/last.ckpt"
+    )
+    assert "Traceback" not in result.stderr and "MissingMandatoryValue" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("config", "overrides", "key"),
+    [
+        ("predict", ["ckpt_path={checkpoint}"], "input"),
+        ("train", ["data=image_folder", "trainer.accelerator=cpu"], "data.root"),
+        ("shard", ["data=image_folder", "data.root={photos}"], "output"),
+        ("compare", [], "sweep_dir"),
+    ],
+)
+def test_any_missing_mandatory_key_is_one_line_with_an_example(
+    checkpoint, photos, tmp_path, capsys, config, overrides, key
+):
+    from skuvision.tasks import compare, shard
+    from skuvision.tasks.utils import MANDATORY_EXAMPLES
+    from skuvision.tasks.utils import run_cli as run_task
+
+    tasks = {"predict": predict, "train": train, "shard": shard, "compare": compare}
+    overrides = [o.format(checkpoint=checkpoint, photos=photos) for o in overrides]
+    cfg = compose_cfg(config, overrides, tmp_path / "run")
+    with pytest.raises(SystemExit) as exited:
+        run_task(tasks[config], cfg)
+    assert exited.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == [
+        f"error: {key} is not set: give it on the command line, e.g. python {config}.py "
+        f"{key}={MANDATORY_EXAMPLES[key]}"
+    ]
+
+
+def test_every_mandatory_key_of_the_configs_has_an_example():
+    from conftest import CONF
+
+    from skuvision.tasks.utils import MANDATORY_EXAMPLES
+
+    mandatory = set()
+    for path in CONF.rglob("*.yaml"):
+        group = path.parent.relative_to(CONF).parts
+        for line in path.read_text().splitlines():
+            name, _, value = line.partition(":")
+            if value.split("#")[0].strip() == "???":
+                assert not name.startswith(" "), f"{path}: a nested mandatory key"
+                mandatory.add(".".join([*group[:1], name]))
+    assert mandatory and mandatory <= set(MANDATORY_EXAMPLES), mandatory - set(MANDATORY_EXAMPLES)
