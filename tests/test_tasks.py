@@ -245,7 +245,6 @@ def test_any_missing_mandatory_key_is_one_line_with_an_example(
     checkpoint, photos, tmp_path, capsys, config, overrides, key
 ):
     from skuvision.tasks import compare, shard
-    from skuvision.tasks.utils import MANDATORY_EXAMPLES
     from skuvision.tasks.utils import run_cli as run_task
 
     tasks = {"predict": predict, "train": train, "shard": shard, "compare": compare}
@@ -255,10 +254,9 @@ def test_any_missing_mandatory_key_is_one_line_with_an_example(
         run_task(tasks[config], cfg)
     assert exited.value.code == 2
     lines = capsys.readouterr().err.strip().splitlines()
-    assert lines == [
-        f"error: {key} is not set: give it on the command line, e.g. python {config}.py "
-        f"{key}={MANDATORY_EXAMPLES[key]}"
-    ]
+    assert len(lines) == 1, lines
+    prefix = f"error: {key} is not set: give it on the command line, e.g. python {config}.py {key}="
+    assert lines[0].startswith(prefix) and "<value>" not in lines[0], lines[0]
 
 
 def test_every_mandatory_key_of_the_configs_has_an_example():

@@ -213,6 +213,28 @@ def test_a_planted_last_ckpt_runs_nothing_when_a_run_resumes(data_root, tmp_path
     assert last.read_bytes() == planted and sorted(p.name for p in last.parent.iterdir()) == ["last.ckpt"]
 
 
+def test_a_resumed_run_loads_its_checkpoint_weights_only(train_cfg, monkeypatch):
+    """A rerun in the same folder reads last.ckpt through the checked reader, then Lightning loads it again:
+    both loads use torch's weights-only unpickler, so a file swapped in between runs nothing either."""
+    # a step schedule has no fixed length, so the rerun may go on for another epoch
+    short = ["scheduler=step", "test=false", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1"]
+    train(train_cfg("fashion_mnist", "simple_cnn", ["trainer.max_epochs=1", *short]))
+    loads = []
+    real_load = torch.load
+
+    def recording_load(*args, **kwargs):
+        loads.append(kwargs.get("weights_only"))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", recording_load)
+    requeued = train_cfg("fashion_mnist", "simple_cnn", ["trainer.max_epochs=2", *short])
+    train(requeued)
+    monkeypatch.undo()
+    last = Path(requeued.paths.output_dir) / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True, map_location="cpu")["global_step"] == 4  # resumed, not afresh
+    assert len(loads) >= 2 and all(flag is True for flag in loads), loads
+
+
 @pytest.mark.parametrize("scheduler", ["onecycle", "cosine"])
 def test_resuming_with_a_longer_schedule_is_refused_before_fitting(train_cfg, tmp_path, scheduler):
     """A schedule's length is fixed when its run starts: one-cycle stepped past its end ("Tried to step 8
