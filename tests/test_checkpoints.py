@@ -1,6 +1,9 @@
-"""ckpt_path must be a checkpoint train.py wrote: anything else gets one line naming the file; checkpoints of
-earlier skuvision versions still load, to the same predictions."""
+"""ckpt_path must be an intact checkpoint train.py wrote: anything else (another file, a corrupted one, one
+whose weights do not fit its model) gets one line naming the file in every task; checkpoints of earlier
+skuvision versions still load, to the same predictions."""
 
+import shutil
+import struct
 import zipfile
 
 import pytest
@@ -9,10 +12,12 @@ from conftest import compose_cfg, run_cli
 
 from skuvision.checkpoints import load_classifier, read_checkpoint
 from skuvision.errors import SkuvisionError
-from skuvision.tasks import train
+from skuvision.tasks import evaluate, train
+from skuvision.tasks.audit import audit
 from skuvision.tasks.embed import embed
 from skuvision.tasks.export import export
 from skuvision.tasks.predict import predict
+from skuvision.tasks.serve import prepared
 
 
 @pytest.fixture(scope="module")
@@ -92,3 +97,147 @@ def test_a_checkpoint_of_an_earlier_version_loads_to_the_same_predictions(traine
     assert "image_size" not in earlier.hparams.data
     images = torch.randn(4, *current.input_config["input_size"])
     torch.testing.assert_close(earlier(images), current(images), rtol=0, atol=0)
+
+
+def zero_stored_bytes(path):
+    """Overwrites every tensor storage inside the zip with zeros, in place: the archive stays valid (same
+    sizes, same headers), only the CRC-32 its central directory records no longer matches, as after bit rot or
+    a truncated copy padded with zeros."""
+    with zipfile.ZipFile(path) as archive:
+        storages = [m for m in archive.infolist() if "/data/" in m.filename and m.file_size]
+    with open(path, "r+b") as f:
+        for member in storages:
+            f.seek(member.header_offset + 26)  # the local header's name and extra-field lengths
+            name_length, extra_length = struct.unpack("<HH", f.read(4))
+            f.seek(member.header_offset + 30 + name_length + extra_length)
+            f.write(bytes(member.file_size))
+
+
+@pytest.fixture(scope="module")
+def damaged(tmp_path_factory, trained):
+    """A CRC-corrupted copy of a real checkpoint, and an intact one with a wrongly shaped tensor."""
+    folder = tmp_path_factory.mktemp("damaged")
+    corrupted = folder / "corrupted.ckpt"
+    shutil.copy(trained, corrupted)
+    zero_stored_bytes(corrupted)
+    checkpoint = torch.load(trained, map_location="cpu", weights_only=True)
+    head = next(k for k, v in reversed(checkpoint["state_dict"].items()) if v.ndim == 2)
+    checkpoint["state_dict"][head] = checkpoint["state_dict"][head][:-1].clone()
+    misshapen = folder / "misshapen.ckpt"
+    torch.save(checkpoint, misshapen)
+    return {"corrupted": corrupted, "misshapen": misshapen, "head": head}
+
+
+def test_torch_load_alone_takes_the_corrupted_file_for_zeros(damaged, trained):
+    """Why the reader checks CRCs: torch.load does not, and hands back the zeroed weights as if trained."""
+    original = torch.load(trained, map_location="cpu", weights_only=True)["state_dict"]
+    loaded = torch.load(damaged["corrupted"], map_location="cpu", weights_only=True)["state_dict"]
+    assert loaded.keys() == original.keys()
+    assert all(not t.any() for t in loaded.values()) and any(t.any() for t in original.values())
+
+
+def test_a_corrupted_checkpoint_is_refused_naming_the_file(damaged):
+    path = damaged["corrupted"]
+    with pytest.raises(
+        SkuvisionError, match=rf"^ckpt_path={path} is corrupted: \S+/data/\d+ inside it fails"
+    ) as err:
+        read_checkpoint(path)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("script", ["eval.py", "predict.py", "train.py"])
+def test_cli_refuses_a_corrupted_checkpoint_in_one_line(damaged, tmp_path, script, data_root):
+    path = damaged["corrupted"]
+    extra = {
+        "predict.py": [f"input={data_root / 'photos'}"],
+        "train.py": [f"data.root={data_root / 'fashion_mnist'}", "data.download=false"],
+    }.get(script, [])
+    result = run_cli(script, [f"ckpt_path={path}", "trainer.accelerator=cpu", *extra], tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: ckpt_path={path} is corrupted: ")
+    assert "Traceback" not in result.stderr
+    assert not list(tmp_path.glob("outputs/*/*/*.csv")) and not list(tmp_path.glob("outputs/*/*/checkpoints"))
+
+
+def test_a_corrupted_last_ckpt_is_refused_when_a_run_resumes(damaged, tmp_path, data_root):
+    """A requeued run resumes from its folder's last.ckpt: the same reader checks it first."""
+    from conftest import quick_overrides
+
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    last.parent.mkdir(parents=True)
+    shutil.copy(damaged["corrupted"], last)
+    cfg = compose_cfg(
+        "train", quick_overrides("fashion_mnist", data_root) + ["trainer.max_epochs=2"], tmp_path / "run"
+    )
+    with pytest.raises(
+        SkuvisionError,
+        match=rf"^{last} \(this run folder's last checkpoint.*\) is corrupted: .*move that file away$",
+    ):
+        train(cfg)
+    assert sorted(p.name for p in last.parent.iterdir()) == ["last.ckpt"]
+
+
+TASKS = {
+    "eval": evaluate,
+    "predict": predict,
+    "embed": embed,
+    "export": export,
+    "audit": audit,
+    "serve": prepared,
+}
+
+
+@pytest.mark.parametrize("task", sorted(TASKS))
+@pytest.mark.parametrize(
+    ("kind", "expected"),
+    [
+        ("corrupted", r" is corrupted: \S+ inside it fails its CRC check"),
+        (
+            "misshapen",
+            r": its weights do not fit the model .*\(HEAD is \[\d+, \d+\] in the file",
+        ),
+    ],
+)
+def test_every_checkpoint_task_refuses_a_damaged_checkpoint_in_one_line(
+    damaged, tmp_path, task, kind, expected
+):
+    path = damaged[kind]
+    overrides = [f"ckpt_path={path}"] + {"predict": ["input=x.jpg"], "serve": []}.get(
+        task, ["trainer.accelerator=cpu"]
+    )
+    cfg = compose_cfg(task, overrides, tmp_path / "run")
+    pattern = rf"^ckpt_path={path}" + expected.replace("HEAD", damaged["head"].replace(".", r"\."))
+    with pytest.raises(SkuvisionError, match=pattern) as err:
+        TASKS[task](cfg)
+    assert "\n" not in str(err.value)
+
+
+def test_cli_answers_a_misshapen_checkpoint_in_one_line(damaged, tmp_path):
+    path = damaged["misshapen"]
+    result = run_cli("eval.py", [f"ckpt_path={path}", "trainer.accelerator=cpu"], tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: ckpt_path={path}: its weights do not fit") and damaged["head"] in last
+    assert "Traceback" not in result.stderr
+
+
+class RunsCode:
+    """A pickle payload: unpickling it would write `marker`."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').write('ran')",)
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_naming_what_it_holds(tmp_path):
+    marker = tmp_path / "ran.txt"
+    path = tmp_path / "planted.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": RunsCode(marker)}, path)
+    with pytest.raises(
+        SkuvisionError, match=rf"^ckpt_path={path} is not a checkpoint \(.*GLOBAL .*exec"
+    ) as err:
+        read_checkpoint(path)
+    assert not marker.exists()
+    assert "weights_only=False" not in str(err.value) and "\x1b" not in str(err.value)  # torch's own advice

@@ -503,3 +503,56 @@ def test_every_task_but_train_refuses_an_earlier_run_folder(task, tmp_path):
     cfg = compose_cfg(task, [], tmp_path / "run")
     assert cfg.hydra.callbacks.new_run_folder._target_ == "skuvision.tasks.utils.NewRunFolder"
     assert "new_run_folder" not in compose_cfg("train", [], tmp_path / "train").hydra.callbacks
+
+
+def test_eval_without_ckpt_path_is_one_line_naming_the_key(tmp_path):
+    result = run_cli("eval.py", [], tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: ckpt_path is not set: give it on the command line, e.g. python eval.py "
+        "ckpt_path=outputs/<date>/<time>/checkpoints/last.ckpt"
+    )
+    assert "Traceback" not in result.stderr and "MissingMandatoryValue" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("config", "overrides", "key"),
+    [
+        ("predict", ["ckpt_path={checkpoint}"], "input"),
+        ("train", ["data=image_folder", "trainer.accelerator=cpu"], "data.root"),
+        ("shard", ["data=image_folder", "data.root={photos}"], "output"),
+        ("compare", [], "sweep_dir"),
+    ],
+)
+def test_any_missing_mandatory_key_is_one_line_with_an_example(
+    checkpoint, photos, tmp_path, capsys, config, overrides, key
+):
+    from skuvision.tasks import compare, shard
+    from skuvision.tasks.utils import run_cli as run_task
+
+    tasks = {"predict": predict, "train": train, "shard": shard, "compare": compare}
+    overrides = [o.format(checkpoint=checkpoint, photos=photos) for o in overrides]
+    cfg = compose_cfg(config, overrides, tmp_path / "run")
+    with pytest.raises(SystemExit) as exited:
+        run_task(tasks[config], cfg)
+    assert exited.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    prefix = f"error: {key} is not set: give it on the command line, e.g. python {config}.py {key}="
+    assert lines[0].startswith(prefix) and "<value>" not in lines[0], lines[0]
+
+
+def test_every_mandatory_key_of_the_configs_has_an_example():
+    from conftest import CONF
+
+    from skuvision.tasks.utils import MANDATORY_EXAMPLES
+
+    mandatory = set()
+    for path in CONF.rglob("*.yaml"):
+        group = path.parent.relative_to(CONF).parts
+        for line in path.read_text().splitlines():
+            name, _, value = line.partition(":")
+            if value.split("#")[0].strip() == "???":
+                assert not name.startswith(" "), f"{path}: a nested mandatory key"
+                mandatory.add(".".join([*group[:1], name]))
+    assert mandatory and mandatory <= set(MANDATORY_EXAMPLES), mandatory - set(MANDATORY_EXAMPLES)

@@ -1,6 +1,7 @@
 """End to end on small data in the real formats: every model config x every data config, train -> eval."""
 
 import json
+import pickle
 from pathlib import Path
 
 import pytest
@@ -173,3 +174,97 @@ def test_an_empty_val_split_is_a_one_line_error(tmp_path, train_cfg):
     cfg = train_cfg("image_folder", extra=[f"data.root={photos}"])
     with pytest.raises(SkuvisionError, match=r"the val split is empty .* watch val/acc: add images"):
         train(cfg)
+
+
+class RunsCode:
+    """A pickle payload: unpickling it would write `marker`."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').write('ran')",)
+
+
+@pytest.mark.parametrize("form", ["torch.save", "pickle"])
+def test_a_planted_last_ckpt_runs_nothing_when_a_run_resumes(data_root, tmp_path, form):
+    """A run re-entering its folder (a requeued job) resumes from checkpoints/last.ckpt: a file planted there,
+    as a zip torch.save wrote or as a bare pickle, is refused in one line before anything unpickles it."""
+    run = tmp_path / "run"
+    last = run / "checkpoints" / "last.ckpt"
+    last.parent.mkdir(parents=True)
+    marker = tmp_path / "ran.txt"
+    payload = {"state_dict": {}, "hyper_parameters": RunsCode(marker), "epoch": 0}
+    if form == "torch.save":
+        torch.save(payload, last)
+    else:
+        last.write_bytes(pickle.dumps(payload))
+    planted = last.read_bytes()
+    overrides = quick_overrides("fashion_mnist", data_root) + [f"hydra.run.dir={run}", "trainer.max_epochs=1"]
+    result = run_cli("train.py", overrides, tmp_path)
+    assert not marker.exists()
+    assert result.returncode == 2, result.stderr[-2000:]
+    line = result.stderr.strip().splitlines()[-1]
+    assert (
+        line.startswith(f"error: {last} (this run folder's last checkpoint") and "is not a checkpoint" in line
+    )
+    assert line.endswith("To start this run afresh, move that file away")
+    assert "Traceback" not in result.stderr
+    assert last.read_bytes() == planted and sorted(p.name for p in last.parent.iterdir()) == ["last.ckpt"]
+
+
+def test_a_resumed_run_loads_its_checkpoint_weights_only(train_cfg, monkeypatch):
+    """A rerun in the same folder reads last.ckpt through the checked reader, then Lightning loads it again:
+    both loads use torch's weights-only unpickler, so a file swapped in between runs nothing either."""
+    # a step schedule has no fixed length, so the rerun may go on for another epoch
+    short = ["scheduler=step", "test=false", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1"]
+    train(train_cfg("fashion_mnist", "simple_cnn", ["trainer.max_epochs=1", *short]))
+    loads = []
+    real_load = torch.load
+
+    def recording_load(*args, **kwargs):
+        loads.append(kwargs.get("weights_only"))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", recording_load)
+    requeued = train_cfg("fashion_mnist", "simple_cnn", ["trainer.max_epochs=2", *short])
+    train(requeued)
+    monkeypatch.undo()
+    last = Path(requeued.paths.output_dir) / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True, map_location="cpu")["global_step"] == 4  # resumed, not afresh
+    assert len(loads) >= 2 and all(flag is True for flag in loads), loads
+
+
+@pytest.mark.parametrize("scheduler", ["onecycle", "cosine"])
+def test_resuming_with_a_longer_schedule_is_refused_before_fitting(train_cfg, tmp_path, scheduler):
+    """A schedule's length is fixed when its run starts: one-cycle stepped past its end ("Tried to step 8
+    times"), warmup-cosine would jump along its curve. Killed in its second epoch (3 steps an epoch) and
+    requeued with a larger trainer.max_epochs, the run is refused, naming the key and the value it started
+    with; requeued as it was, it resumes and finishes."""
+    short = [
+        f"scheduler={scheduler}",
+        "test=false",
+        "trainer.limit_train_batches=3",
+        "trainer.limit_val_batches=1",
+    ]
+    kill = ["+callbacks.kill._target_=probes.KillAtStep", "+callbacks.kill.step=4"]
+    kill.append(f"+callbacks.kill.path={tmp_path / 'killed.ckpt'}")
+    first = train_cfg("fashion_mnist", "simple_cnn", ["trainer.max_epochs=2", *short, *kill])
+    with pytest.raises(RuntimeError, match="killed after step 4"):
+        train(first)
+    last = Path(first.paths.output_dir) / "checkpoints" / "last.ckpt"
+    saved = last.read_bytes()
+    assert torch.load(last, weights_only=True, map_location="cpu")["global_step"] == 3
+
+    longer = train_cfg("fashion_mnist", "simple_cnn", ["trainer.max_epochs=3", *short])
+    message = (
+        rf"^trainer\.max_epochs=3 makes the LR schedule 9 steps long, but {last} resumes a run "
+        r"whose schedule was fixed at 6 steps when it started \(trainer\.max_epochs=2\): "
+        r"resume with the trainer\.max_epochs it started with"
+    )
+    with pytest.raises(SkuvisionError, match=message):
+        train(longer)
+    assert last.read_bytes() == saved
+
+    train(train_cfg("fashion_mnist", "simple_cnn", ["trainer.max_epochs=2", *short]))
+    assert torch.load(last, weights_only=True, map_location="cpu")["global_step"] == 6

@@ -1,12 +1,17 @@
-"""Reading skuvision checkpoints: a file that is not one gets one line, never an unpickling traceback."""
+"""Reading skuvision checkpoints: the one checked reader every checkpoint load goes through. A file that is
+not a checkpoint train.py wrote, a corrupted one, or one whose weights do not fit its model gets one line
+naming it, never an unpickling traceback."""
 
 from __future__ import annotations
 
+import inspect
 import pickle
+import re
 import zipfile
 from pathlib import Path
 
 import torch
+from hydra.errors import InstantiationException
 
 from skuvision.errors import SkuvisionError
 from skuvision.models.classifier import Classifier
@@ -15,38 +20,103 @@ from skuvision.models.input_config import INPUT_KEYS, resolve_input
 # What Lightning writes into every checkpoint of a Classifier (save_hyperparameters).
 REQUIRED_HPARAMS = ("model", "num_classes", "in_chans", "class_names")
 MODEL_TARGET = "skuvision.models.create_backbone"
+EXPECTED = "Expected a .ckpt that train.py wrote, e.g. outputs/<run>/checkpoints/best-....ckpt"
 
 
-def read_checkpoint(path: str | Path, key: str = "ckpt_path") -> dict:
-    """The checkpoint dict at `path` (memory-mapped: tensors are read when used), checked to be a
-    Lightning checkpoint of a skuvision Classifier. `key` names the setting in the error message."""
+def read_checkpoint(path: str | Path, key: str = "ckpt_path", label: str | None = None) -> dict:
+    """The checkpoint dict at `path` (memory-mapped: tensors are read when used), checked to be an intact
+    Lightning checkpoint of a skuvision Classifier whose weights fit the model its hyperparameters describe.
+    Errors name the file as `key`=path, or as `label` when given."""
     path = Path(path).expanduser()
+    label = label or f"{key}={path}"
     if not path.is_file():
-        raise SkuvisionError(f"{key}={path}: no such checkpoint file")
-    expected = "Expected a .ckpt that train.py wrote, e.g. outputs/<run>/checkpoints/best-....ckpt"
+        raise SkuvisionError(f"{label}: no such checkpoint file")
     # Lightning saves checkpoints as torch's zip archives; anything else is not one.
     if not zipfile.is_zipfile(path):
-        raise SkuvisionError(f"{key}={path} is not a checkpoint (not a file torch.save wrote). {expected}")
+        raise SkuvisionError(f"{label} is not a checkpoint (not a file torch.save wrote). {EXPECTED}")
+    check_crcs(path, label)
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as err:
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
-        raise SkuvisionError(f"{key}={path} is not a checkpoint ({reason}). {expected}") from err
+        raise SkuvisionError(f"{label} is not a checkpoint ({load_failure(err)}). {EXPECTED}") from err
     hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
     if not isinstance(hparams, dict) or "state_dict" not in checkpoint:
         is_dict = isinstance(checkpoint, dict)
         what = "a bare state dict (weights only)" if is_dict else f"a {type(checkpoint).__name__}"
         raise SkuvisionError(
-            f"{key}={path} is {what}, not a skuvision checkpoint: give a .ckpt that train.py wrote "
+            f"{label} is {what}, not a skuvision checkpoint: give a .ckpt that train.py wrote "
             "(weights files go to model.weights)"
         )
     missing = [k for k in REQUIRED_HPARAMS if k not in hparams]
     if missing:
         raise SkuvisionError(
-            f"{key}={path} is a Lightning checkpoint of another model (no {', '.join(missing)}): give a "
+            f"{label} is a Lightning checkpoint of another model (no {', '.join(missing)}): give a "
             ".ckpt that skuvision's train.py wrote"
         )
+    check_weights_fit(checkpoint, label)
     return checkpoint
+
+
+def check_crcs(path: Path, label: str) -> None:
+    """Every member of the zip against its stored CRC-32: torch.load never checks them, so flipped or zeroed
+    bytes would load as silently wrong weights."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError) as err:
+        raise SkuvisionError(f"{label} is not a checkpoint (a damaged zip: {err}). {EXPECTED}") from err
+    if damaged is not None:
+        raise SkuvisionError(
+            f"{label} is corrupted: {damaged} inside it fails its CRC check (its bytes changed after "
+            "torch.save wrote them); copy the file again from where it was written, or use another checkpoint"
+        )
+
+
+def load_failure(err: Exception) -> str:
+    """torch.load's reason in a few words. Of a weights-only refusal only the refused global is kept: the
+    advice around it (load with weights_only=False) is what must not be done with a file of unknown origin."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))
+    refused = re.search(r"WeightsUnpickler error: ([^\n]*?)(?:\. |\.?$)", text, flags=re.MULTILINE)
+    if refused:
+        return f"it holds objects other than tensors and plain values, which can run code: {refused.group(1)}"
+    return (text.strip().splitlines() or [type(err).__name__])[0][:160]
+
+
+def check_weights_fit(checkpoint: dict, label: str) -> None:
+    """The state dict against the Classifier its hyperparameters describe, built on the meta device (no
+    memory, no initialisation): a missing, unexpected or wrongly shaped tensor is refused here, in one line,
+    not as load_state_dict's traceback."""
+    hparams = checkpoint["hyper_parameters"]
+    hparams = {**hparams, **upgraded_hparams(hparams)}
+    accepted = inspect.signature(Classifier.__init__).parameters
+    kwargs = {k: v for k, v in hparams.items() if k in accepted}
+    try:
+        with torch.device("meta"):
+            expected = Classifier(**{**kwargs, "load_pretrained": False}).state_dict()
+    except (TypeError, ValueError, KeyError, AttributeError, InstantiationException) as err:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+        raise SkuvisionError(
+            f"{label}: its hyperparameters do not describe a model ({reason}). {EXPECTED}"
+        ) from err
+    found = checkpoint["state_dict"]
+    if not isinstance(found, dict):
+        raise SkuvisionError(
+            f"{label}: its state_dict is a {type(found).__name__}, not tensors by name. {EXPECTED}"
+        )
+    misfits = [f"{k} is missing" for k in expected if k not in found]
+    for k, tensor in found.items():
+        if k not in expected:
+            misfits.append(f"{k} is in no part of the model")
+        elif not isinstance(tensor, torch.Tensor):
+            misfits.append(f"{k} is a {type(tensor).__name__}, not a tensor")
+        elif tensor.shape != expected[k].shape:
+            misfits.append(f"{k} is {list(tensor.shape)} in the file, {list(expected[k].shape)} in the model")
+    if misfits:
+        more = f"; {len(misfits) - 1} more" if len(misfits) > 1 else ""
+        raise SkuvisionError(
+            f"{label}: its weights do not fit the model its hyperparameters describe ({misfits[0]}{more}); "
+            f"the file was changed after train.py wrote it. {EXPECTED}"
+        )
 
 
 def upgraded_hparams(hparams: dict) -> dict:

@@ -116,9 +116,9 @@ def check_launch(trainer: Trainer, strategy) -> None:
 
 
 def resume_path(cfg: DictConfig) -> str | None:
-    """`ckpt_path` when given (checked to be a checkpoint); else the run folder's last.ckpt when there is one,
-    which happens only when a run re-enters its folder: a SLURM job requeued after a timeout or preemption
-    resumes where it stopped."""
+    """`ckpt_path` when given; else the run folder's last.ckpt when there is one, which happens only when a
+    run re-enters its folder: a SLURM job requeued after a timeout or preemption resumes where it stopped.
+    Either is checked by the checkpoint reader first: a file planted in the run folder has no other way in."""
     if cfg.get("ckpt_path"):
         read_checkpoint(cfg.ckpt_path)
         return str(cfg.ckpt_path)
@@ -128,6 +128,10 @@ def resume_path(cfg: DictConfig) -> str | None:
     path = Path(last.dirpath) / f"{last.filename}.ckpt"
     if not path.is_file():
         return None
+    try:
+        read_checkpoint(path, label=f"{path} (this run folder's last checkpoint, which a rerun resumes from)")
+    except SkuvisionError as err:
+        raise SkuvisionError(f"{err}. To start this run afresh, move that file away") from err
     log.info("resuming from %s, left by an earlier attempt of this run", path)
     return str(path)
 

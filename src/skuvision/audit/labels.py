@@ -24,6 +24,7 @@ from sklearn.model_selection import StratifiedKFold, cross_val_predict
 from threadpoolctl import threadpool_limits
 from torch.utils.data import Dataset, Subset
 
+from skuvision.checkpoints import read_checkpoint
 from skuvision.data.datamodule import InMemoryImages
 from skuvision.errors import SkuvisionError
 from skuvision.tasks.assembly import build
@@ -100,7 +101,7 @@ def fit_fold(cfg: DictConfig, train_idx: np.ndarray, output_dir: Path):
         c for c in instantiate_callbacks(cfg.get("callbacks")) if not isinstance(c, LearningRateMonitor)
     ]
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=False)
-    trainer.fit(module, datamodule=datamodule, weights_only=False)
+    trainer.fit(module, datamodule=datamodule, weights_only=True)
     return trainer
 
 
@@ -122,6 +123,8 @@ def full_pred_probs(
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         eval_datamodule.splits["held_out"] = take(full_train, held_idx)
         eval_datamodule.predict_split = "held_out"
+        if best:
+            read_checkpoint(best, key=f"fold {k + 1}'s best checkpoint")
         outputs = trainer.predict(
             module, datamodule=eval_datamodule, ckpt_path=best or None, weights_only=True
         )

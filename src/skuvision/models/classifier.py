@@ -15,10 +15,12 @@ import torch
 from hydra.utils import get_object, instantiate
 from pytorch_lightning import LightningModule
 from pytorch_lightning.loggers import WandbLogger
+from pytorch_lightning.trainer.states import TrainerFn
 from timm.loss import SoftTargetCrossEntropy
 from torch import nn
 from torchmetrics import MaxMetric, MeanMetric
 
+from skuvision.errors import SkuvisionError
 from skuvision.finetune import FinetuneStrategy, Full
 from skuvision.metrics import classification_metrics, eval_loss
 from skuvision.tta import check_tta, tta_logits
@@ -69,6 +71,8 @@ class Classifier(LightningModule):
         self.val_acc_best = MaxMetric()
         self.predict_embeddings = False  # predict_step returns logits, or features for similarity search
         self.tta = check_tta(tta)  # eval.py and predict.py may choose another mode than training's test
+        self.lr_schedule_steps: int | None = None  # the length of a schedule fixed at the start of a fit
+        self.resumed_schedule_steps: int | None = None  # and that of the run a fit resumes
 
     @property
     def input_config(self) -> dict:
@@ -152,6 +156,8 @@ class Classifier(LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["rng_states"] = rng_states()
+        if self.lr_schedule_steps:
+            checkpoint["lr_schedule_steps"] = self.lr_schedule_steps
         for logger in self.loggers:
             if isinstance(logger, WandbLogger):  # resuming from this checkpoint continues the same W&B run
                 checkpoint["wandb_run_id"] = logger.version
@@ -161,9 +167,31 @@ class Classifier(LightningModule):
         # so a resumed run ends exactly where an uninterrupted one does.
         if self._trainer is not None and "rng_states" in checkpoint:
             set_rng_states(checkpoint["rng_states"])
+        if self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING:
+            self.resumed_schedule_steps = schedule_steps(checkpoint)
 
     def configure_callbacks(self) -> list:
         return [self.finetune]
+
+    def check_resumed_schedule(self, interval: str) -> None:
+        """A schedule's length is fixed when its run starts (one-cycle's state keeps it): a resumed fit that
+        would run longer or shorter would step past its end, or jump along its curve."""
+        resumed, total = self.resumed_schedule_steps, self.lr_schedule_steps
+        if resumed is None or resumed == total:
+            return
+        trainer = self.trainer
+        by_steps = trainer.max_steps not in (None, -1) and trainer.max_steps == total
+        key = "trainer.max_steps" if by_steps else "trainer.max_epochs"
+        value = trainer.max_steps if by_steps else trainer.max_epochs
+        started = ""
+        if not by_steps:
+            earlier = resumed / (1 if interval == "epoch" else total / trainer.max_epochs)
+            started = f" (trainer.max_epochs={int(earlier)})" if earlier.is_integer() else ""
+        raise SkuvisionError(
+            f"{key}={value} makes the LR schedule {total} steps long, but {trainer.ckpt_path} resumes a run "
+            f"whose schedule was fixed at {resumed} steps when it started{started}: resume with the {key} it "
+            "started with, or train longer in a new run folder"
+        )
 
     def configure_optimizers(self) -> Any:
         """Every param group up front (the strategy's stages and LR scales); the scheduler drives them all."""
@@ -177,12 +205,22 @@ class Classifier(LightningModule):
         monitor = sched_cfg.pop("monitor", None)
         total = self.trainer.max_epochs if interval == "epoch" else self.trainer.estimated_stepping_batches
         if "total_steps" in inspect.signature(get_object(sched_cfg["_target_"])).parameters:
-            sched_cfg["total_steps"] = int(total)
+            sched_cfg["total_steps"] = self.lr_schedule_steps = int(total)
+            self.check_resumed_schedule(interval)
         scheduler = instantiate(sched_cfg, optimizer=optimizer)
         lr_scheduler = {"scheduler": scheduler, "interval": interval}
         if monitor:
             lr_scheduler["monitor"] = monitor
         return {"optimizer": optimizer, "lr_scheduler": lr_scheduler}
+
+
+def schedule_steps(checkpoint: dict) -> int | None:
+    """The length of the LR schedule a checkpoint's run was started with; checkpoints of earlier versions
+    have it only in a one-cycle schedule's state."""
+    if "lr_schedule_steps" in checkpoint:
+        return int(checkpoint["lr_schedule_steps"])
+    states = checkpoint.get("lr_schedulers") or [{}]
+    return states[0].get("total_steps")
 
 
 def rng_states() -> dict:

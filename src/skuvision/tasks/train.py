@@ -17,6 +17,7 @@ from pytorch_lightning.tuner import Tuner
 from pytorch_lightning.utilities import rank_zero_only
 
 from skuvision.callbacks import TrainingThroughput
+from skuvision.checkpoints import read_checkpoint
 from skuvision.errors import SkuvisionError
 from skuvision.finetune import LinearProbe
 from skuvision.models.classifier import Classifier
@@ -147,6 +148,8 @@ def test_checkpoint(
     Returns the Trainer that tested; None on the other ranks of a multi-process run."""
     tester = solo_tester(cfg, trainer, loggers)
     if tester is not None:
+        if checkpoint:
+            read_checkpoint(checkpoint, key="test_ckpt")
         tester.test(module, datamodule=datamodule, ckpt_path=checkpoint or None, weights_only=True)
     return tester
 
@@ -205,7 +208,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
                 )
             find_lr(cfg, module, datamodule)
         started = time.perf_counter()
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False)
+        # resume_path read ckpt_path through the checked reader; Lightning loads it again, weights only
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         metrics = {
             **stage_metrics(trainer, "val/"),
             **fit_stats(trainer, module, time.perf_counter() - started),

@@ -19,6 +19,7 @@ from hydra.errors import InstantiationException
 from hydra.experimental.callback import Callback as HydraCallback
 from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
+from omegaconf.errors import MissingMandatoryValue
 from PIL import Image
 from pytorch_lightning import Callback
 from pytorch_lightning.loggers import Logger
@@ -116,6 +117,8 @@ def run_cli(task: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
         return task(cfg)
     except Exception as raised:
         err = unwrapped(raised)
+        if isinstance(err, MissingMandatoryValue):
+            err = missing_value_error(err, cfg)
         if in_multirun():
             return record_failed_job(err)
         if not isinstance(err, SkuvisionError):
@@ -147,6 +150,27 @@ def refuse_used_folder(folder: Path, key: str) -> None:
         file=sys.stderr,
     )
     sys.exit(2)
+
+
+# An example value for each mandatory (???) key of conf/, shown when a command line leaves one out.
+MANDATORY_EXAMPLES = {
+    "ckpt_path": "outputs/<date>/<time>/checkpoints/last.ckpt",
+    "input": "photos/ (a folder, an image, or a text file with one path per line)",
+    "data.root": "/path/to/photos (data=manifest: the .csv; data=streaming: the folder shard.py wrote)",
+    "output": "shards/ (a new folder, or s3://bucket/prefix)",
+    "sweep_dir": "multirun/<date>/<time>",
+    "model.name": "resnet50",
+}
+
+
+def missing_value_error(err: MissingMandatoryValue, cfg: DictConfig) -> SkuvisionError:
+    """OmegaConf's multi-line MissingMandatoryValue as one line naming the key, with an example."""
+    key = err.full_key or err.key or "a mandatory setting"
+    example = MANDATORY_EXAMPLES.get(str(key), "<value>")
+    script = f"{cfg.get('task_name') or 'train'}.py"
+    return SkuvisionError(
+        f"{key} is not set: give it on the command line, e.g. python {script} {key}={example}"
+    )
 
 
 def unwrapped(err: Exception) -> Exception:
