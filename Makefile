@@ -45,16 +45,18 @@ browser:
 		echo "chromium: not installed and no apt; the browser test will skip"; \
 	fi
 
-# The default recipe on real Fashion-MNIST; extra overrides: make train ARGS="model=resnet18 data.image_size=64"
+# The default recipe on real Fashion-MNIST; extra overrides: make train ARGS="model=resnet18 input.image_size=64"
 train: install data
 	$(PY) train.py $(ARGS)
 
 test: install browser
 	OMP_NUM_THREADS=2 $(PY) -m pytest -q $(ARGS)
 
+# Style, and the import contract of pyproject.toml (layers, no cycles; tests/test_layers.py runs it too).
 lint: install
 	$(VENV)/bin/ruff check src tests bench *.py
 	$(VENV)/bin/ruff format --check src tests bench *.py
+	$(VENV)/bin/lint-imports --no-cache
 
 # Speed against a plain PyTorch loop and torchvision's pipeline, and the default recipe's accuracy: bench/results.md
 bench: install data

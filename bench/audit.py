@@ -28,11 +28,11 @@ import torch  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 from table import print_section  # noqa: E402  (bench/ is on sys.path)
 
+from skuvision.assembly import from_checkpoint  # noqa: E402
 from skuvision.config import compose_config  # noqa: E402
 from skuvision.data.datamodule import stratified_split  # noqa: E402
 from skuvision.data.fashion_mnist import DEBIAN_DIR, FILES, read_idx  # noqa: E402
 from skuvision.tasks import train  # noqa: E402
-from skuvision.tasks.assembly import from_checkpoint  # noqa: E402
 from skuvision.tasks.audit import audit  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -25,18 +25,21 @@ THREADS = int(os.environ.get("BENCH_THREADS", "2"))
 os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
 
 import torch  # noqa: E402
-from hydra.utils import instantiate  # noqa: E402
 from pytorch_lightning import Callback  # noqa: E402
 from table import markdown_rows  # noqa: E402  (bench/ is the script's folder)
 
 from skuvision import plots  # noqa: E402
+from skuvision.assembly import (  # noqa: E402
+    build,  # noqa: E402
+    build_trainer,
+    instantiate_callbacks,
+    instantiate_loggers,
+)
 from skuvision.config import auto_precision, compose_config  # noqa: E402
 from skuvision.data.datamodule import InMemoryImages  # noqa: E402
 from skuvision.data.fashion_mnist import DEBIAN_DIR, FILES  # noqa: E402
 from skuvision.data.transforms import eval_image_transform  # noqa: E402
 from skuvision.tasks import evaluate  # noqa: E402
-from skuvision.tasks.assembly import build  # noqa: E402
-from skuvision.tasks.utils import instantiate_callbacks, instantiate_loggers  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 torch.set_num_threads(THREADS)
@@ -99,7 +102,7 @@ def skuvision_steps(model, size, data_root, steps, warmup, device, workdir, extr
     datamodule, module = build(cfg)
     timer = StepTimer(warmup)
     callbacks = instantiate_callbacks(cfg.callbacks) + [timer]
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=instantiate_loggers(cfg.logger))
+    trainer = build_trainer(cfg, instantiate_loggers(cfg.logger), callbacks)
     trainer.fit(module, datamodule=datamodule)
     return timer.steps * datamodule.batch_size / (timer.end - timer.start)
 

@@ -257,3 +257,30 @@ def test_a_file_that_is_no_state_dict_names_the_key(tmp_path):
     path.write_text("not a weights file")
     with pytest.raises(SkuvisionError, match=r"model.weights=.*notes.pth does not fit resnet18: [^\n]*$"):
         create_backbone("resnet18", num_classes=5, in_chans=3, weights=str(path))
+
+
+def test_a_fresh_hub_download_gets_the_coverage_check(tmp_path, monkeypatch):
+    """timm loads hub weights non-strictly: a fetched file in another layout would load nothing. The file
+    a first download leaves in the hub cache is checked as a cached one is."""
+    from skuvision.models import backbone
+
+    fetched = {}
+    create_model = timm.create_model
+
+    def hub(name, pretrained=False, **kwargs):
+        if pretrained and "pretrained_cfg_overlay" not in kwargs:  # timm's own hub download
+            path = tmp_path / "hub" / "pytorch_model.bin"
+            path.parent.mkdir()
+            torch.save({f"encoder.{k}": v for k, v in create_model(name).state_dict().items()}, path)
+            fetched["file"] = path
+            return create_model(name, **kwargs)
+        return create_model(name, pretrained=pretrained, **kwargs)
+
+    monkeypatch.setattr(backbone, "host_reachable", lambda host: True)
+    monkeypatch.setattr(backbone, "offline_weights_file", lambda name: None)
+    monkeypatch.setattr(backbone, "_hub_cached_file", lambda name: fetched.get("file"))
+    monkeypatch.setattr(timm, "create_model", hub)
+    total = len(backbone_names("resnet18"))
+    with pytest.raises(SkuvisionError, match=f"pytorch_model.bin matched 0 of {total} backbone tensors"):
+        create_backbone("resnet18", num_classes=5, in_chans=3, pretrained=True)
+    assert "file" in fetched

@@ -149,7 +149,7 @@ def test_loss_balance_puts_inverse_frequency_weights_in_the_loss(tmp_path, data_
         "test=false",
     ]
     cfg = compose_cfg("train", overrides, tmp_path / "run")
-    from skuvision.tasks.assembly import build
+    from skuvision.assembly import build
 
     _, module = build(cfg)
     expected = torch.tensor([126 / (2 * 120), 126 / (2 * 6)])

@@ -290,7 +290,7 @@ def test_device_decoding_path_runs_through_lightning(tmp_path, data_root):
     hand over JPEG bytes, the data module's on_before_batch_transfer decodes them, training runs."""
     from pytorch_lightning import Trainer
 
-    from skuvision.tasks.assembly import build
+    from skuvision.assembly import build
 
     root = write_photo_folder(tmp_path / "shop", per_class=10)
     overrides = quick_overrides("image_folder", data_root) + [f"data.root={root}", "data.decode_on=gpu"]

@@ -6,15 +6,13 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import compose_cfg, quick_overrides
-from hydra.utils import instantiate
 from pytorch_lightning import Callback, seed_everything
 
+from skuvision.assembly import build, build_trainer, instantiate_callbacks
 from skuvision.callbacks import WeightEMA, warmed_up_decay
 from skuvision.checkpoints import load_classifier
 from skuvision.data.augment import ShiftFlip
 from skuvision.tasks import evaluate, train
-from skuvision.tasks.assembly import build
-from skuvision.tasks.utils import instantiate_callbacks
 from skuvision.tta import tta_logits, views
 
 
@@ -42,7 +40,7 @@ def test_saved_and_tested_weights_are_the_ema_of_the_steps(tmp_path, data_root, 
     datamodule, module = build(cfg)
     probe = WeightsAfterEachStep()
     callbacks = instantiate_callbacks(cfg.callbacks) + [probe]
-    instantiate(cfg.trainer, callbacks=callbacks, logger=False).fit(module, datamodule=datamodule)
+    build_trainer(cfg, callbacks=callbacks).fit(module, datamodule=datamodule)
 
     expected = dict(probe.steps[0])  # the first update copies the weights
     for n, weights in enumerate(probe.steps[1:], start=1):

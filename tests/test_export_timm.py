@@ -16,10 +16,10 @@ from pytorch_lightning import Trainer
 from safetensors.torch import load_file
 from writers import write_image_folder
 
+from skuvision.assembly import from_checkpoint
 from skuvision.data.files import InputFilesDataModule
 from skuvision.errors import SkuvisionError
 from skuvision.tasks import train
-from skuvision.tasks.assembly import from_checkpoint
 from skuvision.tasks.export import check_timm_architecture, export
 from skuvision.tasks.predict import predict
 

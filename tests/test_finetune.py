@@ -6,13 +6,11 @@ import math
 import pytest
 import torch
 from conftest import ROOT, compose_cfg, quick_overrides, run_cli
-from hydra.utils import instantiate
 from pytorch_lightning import Callback, seed_everything
 from pytorch_lightning.callbacks import ModelCheckpoint
 
+from skuvision.assembly import build, build_trainer, instantiate_callbacks
 from skuvision.finetune import stage_param_names
-from skuvision.tasks.assembly import build
-from skuvision.tasks.utils import instantiate_callbacks
 
 STRATEGIES = sorted(p.stem for p in (ROOT / "conf" / "finetune").glob("*.yaml"))
 SCHEDULERS = sorted(p.stem for p in (ROOT / "conf" / "scheduler").glob("*.yaml"))
@@ -50,7 +48,7 @@ def make_trainer(cfg, extra_callbacks=(), **kwargs):
     callbacks = instantiate_callbacks(cfg.callbacks) + list(extra_callbacks)
     if kwargs.get("enable_checkpointing") is False:
         callbacks = [c for c in callbacks if not isinstance(c, ModelCheckpoint)]
-    return instantiate(cfg.trainer, callbacks=callbacks, logger=False, **kwargs)
+    return build_trainer(cfg, callbacks=callbacks, **kwargs)
 
 
 def snapshot(module):

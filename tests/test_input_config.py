@@ -5,10 +5,10 @@ import pytest
 import timm
 from conftest import compose_cfg, quick_overrides, run_cli
 
+from skuvision.assembly import build
 from skuvision.data.datamodule import ImageDataModule
 from skuvision.errors import SkuvisionError
 from skuvision.models.input_config import resolve_input
-from skuvision.tasks.assembly import build
 
 
 def built(tmp_path, data_root, model, extra=()):

@@ -14,11 +14,13 @@ import torch
 from conftest import ROOT, compose_cfg, quick_overrides, run_cli
 from omegaconf import OmegaConf
 
+from skuvision.assembly import build
 from skuvision.data import FashionMNISTDataModule
 from skuvision.errors import SkuvisionError
-from skuvision.runtime_guards import check_devices, resume_path
+from skuvision.finetune import Full, Gradual
+from skuvision.models import create_backbone
 from skuvision.tasks import evaluate, train
-from skuvision.tasks.assembly import build
+from skuvision.tasks.launch import check_devices, ddp_strategy, resume_path
 
 
 def only_run_folder(parent: Path) -> Path:
@@ -304,3 +306,13 @@ def test_several_nodes_without_a_cluster_is_a_one_line_error(train_cfg, monkeypa
         SkuvisionError, match=r"^trainer\.num_nodes=2 needs its nodes started together: .*slurm"
     ):
         train(cfg)
+
+
+def test_ddp_finds_unused_parameters_only_when_stages_freeze():
+    backbone = create_backbone("simple_cnn", num_classes=3, in_chans=1)
+    trainer = OmegaConf.create({"strategy": "ddp_spawn", "max_epochs": 3})
+    assert ddp_strategy(trainer, Full(), backbone) == "ddp_spawn"
+    assert (
+        ddp_strategy(trainer, Gradual(unfreeze_at=[1]), backbone) == "ddp_spawn_find_unused_parameters_true"
+    )
+    assert ddp_strategy(OmegaConf.create({"strategy": "auto"}), Gradual(), backbone) == "auto"

@@ -288,7 +288,7 @@ def test_shards_in_a_bucket_train_like_the_same_shards_in_a_folder(
     plain http, which is all a local endpoint speaks (real buckets are https and use obstore)."""
     import litdata.streaming.downloader as downloader
 
-    from skuvision.runtime_guards import use_boto3_for_plain_http
+    from skuvision.compat import use_boto3_for_plain_http
 
     monkeypatch.setattr(downloader, "_OBSTORE_AVAILABLE", downloader._OBSTORE_AVAILABLE)  # put back after
     use_boto3_for_plain_http()

@@ -21,7 +21,6 @@ can carry it:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ from torchmetrics.classification import MulticlassCalibrationError
 from torchmetrics.functional.classification import binary_precision_recall_curve
 
 from skuvision.errors import SkuvisionError
+from skuvision.outputs import file_sha256
 
 ECE_BINS = 15
 LOG_T_BOUNDS = (math.log(0.01), math.log(100.0))
@@ -157,11 +157,6 @@ def accepted_accuracy(confidence: torch.Tensor, correct: torch.Tensor, threshold
         "coverage": count / max(len(correct), 1),
         "accepted": count,
     }
-
-
-def file_sha256(path: str | Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def calibration_path(given: str | Path) -> Path:

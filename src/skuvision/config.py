@@ -4,11 +4,27 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 # The Hydra configs, at the root of the source checkout (skuvision is installed editable from it).
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+
+
+def plain(cfg: Any) -> Any:
+    """A resolved OmegaConf node as plain dicts and lists (safe for checkpoints and loggers)."""
+    if isinstance(cfg, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(cfg, resolve=True)
+    return cfg
+
+
+def set_threads(threads: int | None) -> None:
+    """The task's `threads` setting: torch's intra-op threads (None or 0: torch's default)."""
+    if threads:
+        import torch
+
+        torch.set_num_threads(int(threads))
 
 
 def cache_dir() -> Path:
@@ -50,7 +66,7 @@ def auto_precision(accelerator: str = "auto") -> str:
     """
     import torch
 
-    from skuvision.runtime_guards import cpu_has_native_bf16
+    from skuvision.compat import cpu_has_native_bf16
 
     use_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
     if use_gpu:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import errno
+import hashlib
 import json
 import os
 import re
@@ -188,3 +189,9 @@ def write_csv(path, header: list[str], rows: Iterable[Iterable], replace: bool =
         writer.writerow([spreadsheet_cell(h) for h in header])
         writer.writerows([spreadsheet_cell(v) for v in row] for row in rows)
     return Path(path)
+
+
+def file_sha256(path: str | Path) -> str:
+    """The file's SHA-256 in hex: what ties a calibration and a served model to their checkpoint."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()

@@ -15,7 +15,6 @@ import numpy as np
 import torch
 from cleanlab.filter import find_label_issues
 from cleanlab.rank import get_label_quality_scores
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning import seed_everything
 from pytorch_lightning.callbacks import LearningRateMonitor
@@ -24,11 +23,10 @@ from sklearn.model_selection import StratifiedKFold, cross_val_predict
 from threadpoolctl import threadpool_limits
 from torch.utils.data import Dataset, Subset
 
+from skuvision.assembly import build, build_trainer, instantiate_callbacks
 from skuvision.checkpoints import read_checkpoint
 from skuvision.data.datamodule import InMemoryImages
 from skuvision.errors import SkuvisionError
-from skuvision.tasks.assembly import build
-from skuvision.tasks.utils import instantiate_callbacks
 
 log = logging.getLogger("skuvision")
 
@@ -100,7 +98,7 @@ def fit_fold(cfg: DictConfig, train_idx: np.ndarray, output_dir: Path):
     callbacks = [
         c for c in instantiate_callbacks(cfg.get("callbacks")) if not isinstance(c, LearningRateMonitor)
     ]
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=False)
+    trainer = build_trainer(cfg, callbacks=callbacks)
     trainer.fit(module, datamodule=datamodule, weights_only=True)
     return trainer
 

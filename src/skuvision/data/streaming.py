@@ -23,12 +23,12 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from skuvision.compat import use_boto3_for_plain_http
 from skuvision.data.datamodule import ImageDataModule
 from skuvision.data.images import DECODE_ERRORS, open_rgb
 from skuvision.data.transforms import scale_size
 from skuvision.errors import SkuvisionError
 from skuvision.outputs import write_new_text
-from skuvision.runtime_guards import use_boto3_for_plain_http
 
 log = logging.getLogger(__name__)
 

@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from timm.models import group_parameters
 from torch import nn
 
+from skuvision.errors import SkuvisionError
+
 
 def stage_param_names(model: nn.Module) -> list[list[str]]:
     """Parameter names per stage, input side first; the last stage holds the classifier head."""
@@ -20,7 +22,10 @@ def stage_param_names(model: nn.Module) -> list[list[str]]:
     stages = [list(names) for names in group_parameters(model, matcher).values()]
     if len(stages) < 2:
         name = type(model).__name__
-        raise ValueError(f"{name}: timm's group_matcher gives {len(stages)} stage(s); fine-tuning needs >= 2")
+        raise SkuvisionError(
+            f"{name}: timm's group_matcher gives {len(stages)} stage(s), and strategies that freeze or scale "
+            "stages need >= 2: use finetune=full, or a model whose group_matcher splits it into stages"
+        )
     return stages
 
 

@@ -17,6 +17,7 @@ from pytorch_lightning import Callback, LightningModule, Trainer
 from timm.optim import param_groups_layer_decay
 from torch import nn
 
+from skuvision.errors import SkuvisionError
 from skuvision.finetune.groups import build_param_groups, stage_param_names
 
 log = logging.getLogger(__name__)
@@ -129,7 +130,9 @@ class Gradual(FinetuneStrategy):
         super().__init__(**kwargs)
         self.unfreeze_at = sorted(int(e) for e in unfreeze_at)
         if not self.unfreeze_at or self.unfreeze_at[0] < 0:
-            raise ValueError(f"finetune.unfreeze_at={list(unfreeze_at)} needs epochs >= 0")
+            raise SkuvisionError(
+                f"finetune.unfreeze_at={list(unfreeze_at)}: give one or more epochs >= 0, e.g. [1,2,3]"
+            )
 
     def frozen_stages(self, epoch: int, num_stages: int) -> list[int]:
         passed = sum(epoch >= milestone for milestone in self.unfreeze_at)

@@ -93,7 +93,20 @@ def _create(
             f"unset. Fix: download the weights where there is network and pass model.weights=/path/to/file "
             f"(.pth or .safetensors), or set model.pretrained=false to train from scratch."
         )
-    return timm.create_model(name, pretrained=True, **kwargs)
+    return _from_file(name, _download(name, kwargs), kwargs, key="model.pretrained")
+
+
+def _download(name: str, kwargs: dict) -> Path:
+    """timm's hub weights for `name`, fetched into the hub cache. The file is then loaded like any other, so
+    a first download gets the same coverage check as a cached one."""
+    timm.create_model(name, pretrained=True, **kwargs)
+    downloaded = _hub_cached_file(name)
+    if downloaded is None:
+        raise SkuvisionError(
+            f"model.pretrained=true: timm fetched weights for {name} but no weights file is in the hub cache "
+            f"to check them against; download the file and pass model.weights=/path/to/file"
+        )
+    return downloaded
 
 
 def _from_file(name: str, path: Path, kwargs: dict, key: str) -> nn.Module:

@@ -22,9 +22,9 @@ from fastapi import Depends, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.datastructures import UploadFile
 
+from skuvision.config import set_threads
 from skuvision.errors import SkuvisionError
 from skuvision.serving.predictor import BadImage, ModelCard, Predictor
-from skuvision.tasks.utils import set_threads
 
 log = logging.getLogger("skuvision")
 

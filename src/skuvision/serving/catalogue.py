@@ -14,6 +14,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from skuvision.assembly import data_module
 from skuvision.data.images import DECODE_ERRORS, open_rgb
 from skuvision.errors import SkuvisionError
 
@@ -54,19 +55,18 @@ def load_index(folder: str | Path):
 
 
 class CatalogueImages:
-    """Thumbnails of index items by id: files are opened from the index's list, split items from the
-    checkpoint's data set."""
+    """Thumbnails of index items by id: files are opened from the index's list, split items from the data set
+    the model was trained on (`data`, its data config)."""
 
-    def __init__(self, index, ckpt_path: str):
+    def __init__(self, index, data: dict, input_config: dict):
         self.items = list(index.items)
-        self.ckpt_path = ckpt_path
+        self.data = data
+        self.input_config = input_config
         self.splits: dict = {}
 
     def split_image(self, split: str, i: int) -> Image.Image:
         if split not in self.splits:
-            from skuvision.tasks.assembly import from_checkpoint
-
-            _, datamodule = from_checkpoint(self.ckpt_path, split=split)
+            datamodule = data_module(self.data, self.input_config, split)
             datamodule.setup("predict")
             self.splits[split] = datamodule.splits[split]
         image = self.splits[split][i][0]  # uint8 (C, H, W)

@@ -7,7 +7,6 @@ export.py's ONNX graph (which takes uint8 images at the model's size and normali
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
@@ -24,6 +23,7 @@ from skuvision.data.files import InputImageFiles
 from skuvision.data.images import DECODE_ERRORS, ImageOverBudget
 from skuvision.data.transforms import ToModelInput
 from skuvision.errors import SkuvisionError
+from skuvision.outputs import file_sha256
 from skuvision.serving.catalogue import catalogue_root, public_name
 from skuvision.tta import check_tta, tta_logits, views
 
@@ -38,14 +38,6 @@ class BadImage(ValueError):
     def __init__(self, message: str, status: int = 400):
         super().__init__(message)
         self.status = status
-
-
-def file_sha256(path: str | Path, length: int = 12) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()[:length]
 
 
 def find_onnx(ckpt_path: str | Path, onnx_path: str | None) -> Path:
@@ -79,6 +71,7 @@ class ModelCard:
     sha256: str
     class_names: list[str]
     input_config: dict
+    data: dict
     backend: str
     tta: str
     onnx_path: str | None = None
@@ -93,9 +86,10 @@ def model_card(ckpt_path: str, backend: str = "torch", onnx_path: str | None = N
     card = ModelCard(
         name=str(hparams["model"].get("name", hparams["model"].get("_target_"))),
         checkpoint=str(Path(ckpt_path).expanduser()),
-        sha256=file_sha256(Path(ckpt_path).expanduser()),
+        sha256=file_sha256(Path(ckpt_path).expanduser())[:12],
         class_names=list(hparams["class_names"]),
         input_config=dict(hparams["input_config"]),
+        data=dict(hparams["data"]),
         backend=backend,
         tta=check_tta(tta or hparams.get("tta") or "none"),
     )

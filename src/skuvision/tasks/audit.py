@@ -14,20 +14,20 @@ import logging
 from pathlib import Path
 
 import numpy as np
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 from pytorch_lightning import seed_everything
 
+from skuvision.assembly import build_trainer, from_checkpoint
 from skuvision.audit import labels as label_audit
 from skuvision.audit import report
 from skuvision.audit.catalogue import DESCRIPTORS, Catalogue, embed_catalogue
 from skuvision.audit.duplicates import EVALUATION_SPLITS, find_duplicates
 from skuvision.audit.quality import flagged, meaningful_checks, run_imagelab
+from skuvision.config import plain, set_threads
 from skuvision.data.datamodule import dataset_labels
 from skuvision.errors import SkuvisionError
 from skuvision.outputs import refuse_existing, write_new_json, write_new_text
-from skuvision.tasks.assembly import from_checkpoint
-from skuvision.tasks.utils import plain, set_threads
+from skuvision.tasks.launch import check_devices
 
 log = logging.getLogger("skuvision")
 
@@ -70,7 +70,8 @@ def audit(cfg: DictConfig) -> dict:
     if options.label_mode == "full":  # before hours of work: refuse a missing training config now
         data_cfg = plain(cfg.data) if cfg.get("data") else dict(module.hparams.data)
         train_cfg = label_audit.training_config(cfg.ckpt_path, options, data_cfg)
-    trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False)
+        check_devices(train_cfg.trainer)
+    trainer = build_trainer(cfg, enable_checkpointing=False)
     catalogue = embed_catalogue(trainer, module, datamodule, options.descriptor, int(options.grid))
     log.info("audit: %d images embedded (%s)", len(catalogue), ", ".join(datamodule.splits))
     summary: dict = {

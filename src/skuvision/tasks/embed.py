@@ -14,17 +14,16 @@ import faiss
 import numpy as np
 import torch
 import torch.nn.functional as F
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from skuvision.assembly import build_trainer, from_checkpoint
+from skuvision.config import plain, set_threads
 from skuvision.data.files import InputFilesDataModule, collect_inputs
 from skuvision.errors import SkuvisionError
 from skuvision.index import CatalogueIndex, index_params
 from skuvision.metrics import retrieval_report
 from skuvision.outputs import new_file, refuse_existing, write_csv, write_new_json
-from skuvision.tasks.assembly import from_checkpoint
 from skuvision.tasks.evaluate import sample_paths
-from skuvision.tasks.utils import plain, set_threads
 
 log = logging.getLogger("skuvision")
 
@@ -48,7 +47,7 @@ def embed(cfg: DictConfig) -> dict:
     split = None if cfg.get("input") else cfg.split
     module, datamodule = from_checkpoint(cfg.ckpt_path, cfg.get("data"), split=split)
     module.predict_embeddings = True
-    trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False)
+    trainer = build_trainer(cfg, enable_checkpointing=False)
     if cfg.get("input"):
         items = [str(p) for p in collect_inputs(plain(cfg.input))]
         files = InputFilesDataModule(

@@ -7,22 +7,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 from pytorch_lightning import seed_everything
 from torch.utils.data import Subset
 
 from skuvision import calibration, plots
+from skuvision.assembly import build_trainer, close_loggers, from_checkpoint, instantiate_loggers
+from skuvision.config import set_threads
 from skuvision.errors import SkuvisionError
 from skuvision.metrics import evaluation_report
-from skuvision.outputs import new_file, refuse_existing, write_csv, write_new_json
-from skuvision.tasks.assembly import from_checkpoint
-from skuvision.tasks.utils import (
-    close_loggers,
-    instantiate_loggers,
-    log_images,
-    set_threads,
-)
+from skuvision.outputs import file_sha256, new_file, refuse_existing, write_csv, write_new_json
+from skuvision.tasks.utils import log_images
 from skuvision.tta import check_tta
 
 log = logging.getLogger("skuvision")
@@ -43,7 +38,7 @@ def evaluate(cfg: DictConfig) -> dict:
     # A logger writing into a fixed folder (the CSV logger's version "") would empty an earlier run's file.
     logger_dirs = [Path(d) for d in (getattr(logger, "log_dir", None) for logger in loggers) if d]
     refuse_existing(logger_dirs, "run it into a new run folder, or remove it")
-    trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=[])
+    trainer = build_trainer(cfg, loggers)
     try:
         outputs = trainer.predict(module, datamodule=datamodule)
         logits = torch.cat([o["outputs"] for o in outputs])
@@ -128,7 +123,7 @@ def calibrate(cfg, trainer, module, datamodule, test: tuple, output_dir: Path) -
             "val_accuracy_at_threshold": report["val_accuracy_at_threshold"],
             "val_coverage": report["val_coverage"],
             "checkpoint": str(cfg.ckpt_path),
-            "checkpoint_sha256": calibration.file_sha256(cfg.ckpt_path),
+            "checkpoint_sha256": file_sha256(cfg.ckpt_path),
             "tta": module.tta,
             "class_names": module.class_names,
         },

@@ -24,13 +24,13 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from skuvision.assembly import from_checkpoint
+from skuvision.config import set_threads
 from skuvision.data.datamodule import ImageDataModule
 from skuvision.data.transforms import ToModelInput
 from skuvision.errors import SkuvisionError
 from skuvision.models.classifier import Classifier
 from skuvision.outputs import new_file_with_companions, new_folder, refuse_existing, write_new_json
-from skuvision.tasks.assembly import from_checkpoint
-from skuvision.tasks.utils import set_threads
 
 log = logging.getLogger("skuvision")
 

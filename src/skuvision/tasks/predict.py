@@ -9,15 +9,14 @@ import logging
 from pathlib import Path
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from skuvision.assembly import build_trainer, from_checkpoint
 from skuvision.calibration import calibrated_probs, load_calibration
+from skuvision.config import plain, set_threads
 from skuvision.data.files import InputFilesDataModule, collect_inputs
 from skuvision.errors import SkuvisionError
 from skuvision.outputs import refuse_existing, write_csv
-from skuvision.tasks.assembly import from_checkpoint
-from skuvision.tasks.utils import plain, set_threads
 from skuvision.tta import check_tta
 
 log = logging.getLogger("skuvision")
@@ -37,7 +36,7 @@ def predict(cfg: DictConfig) -> Path:
     datamodule = InputFilesDataModule(
         paths, module.input_config, cfg.batch_size, cfg.num_workers, cache=bool(cfg.get("cache", False))
     )
-    trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False)
+    trainer = build_trainer(cfg, enable_checkpointing=False)
     # Checked before any image is read: a mismatched calibration is refused up front.
     calibrated = (
         load_calibration(cfg.calibration, cfg.ckpt_path, module.tta, module.class_names)

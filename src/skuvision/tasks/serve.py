@@ -26,13 +26,13 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from skuvision.compat import LITSERVE_API_PROCESS, check_file_payloads, end_page_streams
+from skuvision.config import set_threads
 from skuvision.errors import SkuvisionError
-from skuvision.runtime_guards import LITSERVE_API_PROCESS, check_file_payloads, end_page_streams
 from skuvision.serving.api import end_with_parent
 from skuvision.serving.catalogue import CatalogueImages, index_folder, load_index
 from skuvision.serving.demo import use_private_gradio_dirs
 from skuvision.serving.predictor import BadImage, ModelCard, Predictor, model_card
-from skuvision.tasks.utils import set_threads
 
 log = logging.getLogger("skuvision")
 
@@ -199,7 +199,7 @@ def mount_demo(app, cfg, card, index_dir, index, answer, private: Path):
 
     from skuvision.serving.demo import build_demo, example_ids, write_examples
 
-    images = CatalogueImages(index, card.checkpoint) if index is not None else None
+    images = CatalogueImages(index, card.data, card.input_config) if index is not None else None
     examples = write_examples(images.image, example_ids(index.labels), private / "examples") if images else []
     demo = build_demo(
         answer,

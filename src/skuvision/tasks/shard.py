@@ -13,6 +13,8 @@ from pathlib import Path
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig
 
+from skuvision.compat import use_boto3_for_plain_http
+from skuvision.config import plain, set_threads
 from skuvision.data.image_folder import LabelledImageFiles
 from skuvision.data.streaming import (
     ENCODINGS,
@@ -28,9 +30,7 @@ from skuvision.data.transforms import scale_size
 from skuvision.errors import SkuvisionError
 from skuvision.models.input_config import resolve_input
 from skuvision.outputs import refuse_existing, taken, write_new_json
-from skuvision.runtime_guards import use_boto3_for_plain_http
 from skuvision.tasks.train import write_data_report
-from skuvision.tasks.utils import plain, set_threads
 
 log = logging.getLogger("skuvision")
 

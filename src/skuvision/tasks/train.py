@@ -1,7 +1,7 @@
 """train(cfg): input config -> data + Classifier -> fit -> test of the best checkpoint -> metrics.json.
 
-The assembly is `tasks.assembly.build`; what guards the run against hangs and late failures is in
-`skuvision.runtime_guards`."""
+The assembly is `skuvision.assembly`; what guards the run against hangs and late failures is in
+`tasks.launch`."""
 
 from __future__ import annotations
 
@@ -9,36 +9,29 @@ import logging
 import time
 from pathlib import Path
 
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 from pytorch_lightning import LightningDataModule, Trainer, seed_everything
 from pytorch_lightning.callbacks import LearningRateMonitor
 from pytorch_lightning.tuner import Tuner
 from pytorch_lightning.utilities import rank_zero_only
 
+from skuvision.assembly import build, build_trainer, close_loggers, instantiate_callbacks, instantiate_loggers
 from skuvision.callbacks import TrainingThroughput
-from skuvision.checkpoints import read_checkpoint
+from skuvision.compat import keep_earlier_csv_rows
+from skuvision.config import plain, set_threads
 from skuvision.errors import SkuvisionError
 from skuvision.finetune import LinearProbe
 from skuvision.models.classifier import Classifier
-from skuvision.runtime_guards import (
+from skuvision.tasks.launch import (
     check_devices,
     check_launch,
+    check_val_split,
+    checkpoint_to_test,
     ddp_strategy,
-    keep_earlier_csv_rows,
     resume_path,
-    solo_tester,
+    test_checkpoint,
 )
-from skuvision.tasks.assembly import build
-from skuvision.tasks.utils import (
-    close_loggers,
-    instantiate_callbacks,
-    instantiate_loggers,
-    plain,
-    set_threads,
-    stage_metrics,
-    write_json,
-)
+from skuvision.tasks.utils import stage_metrics, write_json
 
 log = logging.getLogger("skuvision")
 
@@ -58,48 +51,6 @@ def write_data_report(datamodule: LightningDataModule, output_dir: Path) -> None
         )
 
 
-def check_val_split(datamodule: LightningDataModule, trainer: Trainer) -> None:
-    """Early stopping and the best checkpoint watch val metrics; with an empty val split Lightning would stop
-    after the first epoch with a traceback (fast_dev_run switches both off)."""
-    if trainer.fast_dev_run:
-        return
-    monitors = {getattr(c, "monitor", None) for c in trainer.callbacks}
-    watched = sorted(m for m in monitors if isinstance(m, str) and m.startswith("val/"))
-    counts = datamodule.class_counts()
-    if watched and sum(counts.get("val", [])) == 0:
-        raise SkuvisionError(
-            f"the val split is empty ({sum(counts.get('train', []))} training images) but early stopping and "
-            f"the best checkpoint watch {', '.join(watched)}: add images, or give val a share "
-            "(data.val_fraction; data.split_fractions for image folders and manifests)"
-        )
-
-
-def checkpoint_to_test(cfg: DictConfig, trainer: Trainer) -> str:
-    """The checkpoint `test_ckpt` names: best (highest val/acc; a tie keeps the earlier epoch) or last (the
-    every-epoch checkpoint, as the fit ended). "" when the run saved none (fast_dev_run): the weights in
-    memory. Called before the fit too, so a config that cannot give it fails at once."""
-    choice = cfg.get("test_ckpt", "best")
-    if choice not in ("best", "last"):
-        raise SkuvisionError(f"test_ckpt={choice}: choose best (highest val/acc) or last (as the fit ended)")
-    if choice == "best":
-        return trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-    every_epoch = [c for c in trainer.checkpoint_callbacks if c.monitor is None]
-    if trainer.checkpoint_callbacks and not every_epoch:
-        raise SkuvisionError(
-            "test_ckpt=last needs a checkpoint saved every epoch (callbacks.last_checkpoint): add it back, "
-            "or test the best with test_ckpt=best"
-        )
-    if not every_epoch:
-        return ""
-    saved = every_epoch[0]
-    if saved.best_model_path:
-        return saved.best_model_path
-    # ddp_spawn hands only the first checkpoint callback's path back to the main process: the file is where
-    # the callback's own naming puts it (a fixed name such as "last"; a templated one is not found)
-    named = saved.format_checkpoint_name({}) if saved.dirpath else ""
-    return named if named and Path(named).is_file() else ""
-
-
 def find_lr(cfg: DictConfig, module: Classifier, datamodule: LightningDataModule) -> float:
     """Lightning's LR finder on the head phase (backbone frozen); sets optimizer.lr so the head gets the
     suggested LR and every other group keeps its configured ratio to it.
@@ -113,12 +64,8 @@ def find_lr(cfg: DictConfig, module: Classifier, datamodule: LightningDataModule
         module.backbone, epoch=0
     )  # the finder sweeps inside on_fit_start, before other callbacks' hooks
     module.finetune = probe
-    tuner_trainer = instantiate(
-        cfg.trainer,
-        callbacks=[],
-        logger=False,
-        enable_checkpointing=False,
-        default_root_dir=str(Path(cfg.paths.output_dir) / "lr_find"),
+    tuner_trainer = build_trainer(
+        cfg, enable_checkpointing=False, default_root_dir=str(Path(cfg.paths.output_dir) / "lr_find")
     )
     try:
         finder = Tuner(tuner_trainer).lr_find(
@@ -139,19 +86,6 @@ def find_lr(cfg: DictConfig, module: Classifier, datamodule: LightningDataModule
     module.hparams.optimizer["lr"] = base_lr
     log.info("LR finder: head LR %.3g -> optimizer.lr = %.3g", suggestion, base_lr)
     return base_lr
-
-
-def test_checkpoint(
-    cfg: DictConfig, trainer: Trainer, module: Classifier, datamodule, loggers: list, checkpoint: str
-) -> Trainer | None:
-    """Test `checkpoint` (the weights in memory after fast_dev_run, which saves none) on one process.
-    Returns the Trainer that tested; None on the other ranks of a multi-process run."""
-    tester = solo_tester(cfg, trainer, loggers)
-    if tester is not None:
-        if checkpoint:
-            read_checkpoint(checkpoint, key="test_ckpt")
-        tester.test(module, datamodule=datamodule, ckpt_path=checkpoint or None, weights_only=True)
-    return tester
 
 
 def fit_stats(trainer: Trainer, module: Classifier, fit_seconds: float) -> dict[str, float]:
@@ -183,7 +117,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if not loggers:  # Lightning refuses an LR monitor without a logger to write to
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     strategy = ddp_strategy(cfg.trainer, module.finetune, module.backbone)
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, strategy=strategy)
+    trainer = build_trainer(cfg, loggers, callbacks, strategy=strategy)
     check_launch(trainer, strategy)
     if trainer.world_size > 1:
         log.info(

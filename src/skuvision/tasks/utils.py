@@ -1,5 +1,5 @@
-"""What every task shares: plain configs, callbacks and loggers from config, closing loggers, JSON out, and
-the command line's one-line errors and new run folders."""
+"""What every task shares: images for the loggers, JSON out, and the command line's one-line errors and new
+run folders."""
 
 from __future__ import annotations
 
@@ -13,75 +13,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.experimental.callback import Callback as HydraCallback
-from hydra.utils import instantiate
-from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
+from omegaconf import DictConfig
 from omegaconf.errors import MissingMandatoryValue
 from PIL import Image
-from pytorch_lightning import Callback
 from pytorch_lightning.loggers import Logger
 
-from skuvision.checkpoints import read_checkpoint
 from skuvision.config import in_multirun
 from skuvision.errors import SkuvisionError
 from skuvision.outputs import replacing_file, taken
 
 log = logging.getLogger("skuvision")
-
-
-def plain(cfg: Any) -> Any:
-    """A resolved OmegaConf node as plain dicts and lists (safe for checkpoints and loggers)."""
-    if isinstance(cfg, (DictConfig, ListConfig)):
-        return OmegaConf.to_container(cfg, resolve=True)
-    return cfg
-
-
-def set_threads(threads: int | None) -> None:
-    if threads:
-        torch.set_num_threads(int(threads))
-
-
-def instantiate_all(group: DictConfig | None) -> list:
-    """Instantiate every entry of a group like `callbacks` or `logger`; null entries are switched off."""
-    if not group:
-        return []
-    return [instantiate(node) for node in group.values() if node is not None and "_target_" in node]
-
-
-def instantiate_callbacks(cfg: DictConfig | None) -> list[Callback]:
-    return instantiate_all(cfg)
-
-
-def wandb_run_id(ckpt_path: str) -> str | None:
-    """The W&B run a checkpoint was logged to (the Classifier records it when saving)."""
-    return read_checkpoint(ckpt_path).get("wandb_run_id")
-
-
-def instantiate_loggers(cfg: DictConfig | None, resume_from: str | None = None) -> list[Logger]:
-    """`resume_from`: the checkpoint a fit resumes from; the W&B run it was logged to is continued."""
-    wandb_id = None
-    if resume_from and cfg and cfg.get("wandb") and not cfg.wandb.get("id"):
-        wandb_id = wandb_run_id(resume_from)
-    if wandb_id:
-        cfg = cfg.copy()
-        with open_dict(cfg):
-            cfg.wandb.id = wandb_id
-            cfg.wandb.resume = "allow"
-        log.info("resuming W&B run %s", wandb_id)
-    return instantiate_all(cfg)
-
-
-def close_loggers(loggers: list[Logger]) -> None:
-    """Finish the W&B run so the next job of a sweep starts its own."""
-    for logger in loggers:
-        if type(logger).__name__ == "WandbLogger":
-            import wandb
-
-            if wandb.run is not None:
-                wandb.finish()
 
 
 def log_images(loggers: list[Logger], pngs: list[Path]) -> None:

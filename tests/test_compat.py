@@ -1,21 +1,17 @@
-"""The behaviours of Lightning, torch and Gradio that skuvision.runtime_guards works around, at the versions
+"""The behaviours of Lightning, torch, litdata and Gradio that skuvision.compat works around, at the versions
 named there. A failure here means the behaviour changed: adapt or drop the workaround, then this test."""
 
 import csv
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 from pytorch_lightning.loggers import CSVLogger
 
-from skuvision.finetune import Full, Gradual
-from skuvision.models import create_backbone
-from skuvision.runtime_guards import (
+from skuvision.compat import (
     NATIVE_BF16_CHECKS,
     check_file_payloads,
     continue_csv_logs,
     cpu_has_native_bf16,
-    ddp_strategy,
     end_page_streams,
     keep_earlier_csv_rows,
 )
@@ -77,16 +73,6 @@ def test_torch_still_has_the_private_bf16_checks():
     for name in NATIVE_BF16_CHECKS:
         assert isinstance(getattr(torch.cpu, name)(), bool), name
     assert isinstance(cpu_has_native_bf16(), bool)
-
-
-def test_ddp_finds_unused_parameters_only_when_stages_freeze():
-    backbone = create_backbone("simple_cnn", num_classes=3, in_chans=1)
-    trainer = OmegaConf.create({"strategy": "ddp_spawn", "max_epochs": 3})
-    assert ddp_strategy(trainer, Full(), backbone) == "ddp_spawn"
-    assert (
-        ddp_strategy(trainer, Gradual(unfreeze_at=[1]), backbone) == "ddp_spawn_find_unused_parameters_true"
-    )
-    assert ddp_strategy(OmegaConf.create({"strategy": "auto"}), Gradual(), backbone) == "auto"
 
 
 def mounted_page(tmp_path, monkeypatch):

@@ -1,51 +1,26 @@
-"""Runtime guards and workarounds around Lightning and torch: what a run needs beyond its assembly.
-
-- Guards: settings that would fail late or hang (GPUs that are not there, `ddp` inside a multirun,
-  several nodes without a cluster), DDP's unused-parameter switch for frozen stages, resuming a re-entered
-  run folder.
-- Workarounds, each for a behaviour of the version named beside it, with a test in
-  tests/test_runtime_guards.py that fails when that behaviour changes:
-  - Lightning's CSV logger empties metrics.csv when its writer starts, and a writer that did not write the
-    file fails when it adds columns to it (pytorch-lightning 2.6.6);
-  - the test after a fit runs on a Trainer of its own: alone on rank zero (a distributed test pads the test
-    set), and without the weight-averaging callback (which would load the raw weights; 2.6.6);
-  - torch names no public check for native bf16 on the CPU (torch 2.14.1:
-    `torch.cpu._is_avx512_bf16_supported`, `torch.cpu._is_amx_tile_supported`, in `cpu_has_native_bf16`);
-  - a Gradio page mounted with `gr.mount_gradio_app` is never marked as launched, so Gradio skips its path
-    checks on file payloads, and nothing ends its pages' heartbeat streams on shutdown (gradio 6.31.0:
-    `Blocks.has_launched`, `App.stop_event`, in `check_file_payloads` and `end_page_streams`).
-"""
+"""What a training run checks before and around its fit: devices that are not there, launches that would
+hang, DDP's unused-parameter switch for frozen stages, resuming a re-entered run folder, the val split and the
+checkpoint the test will use, and the one-device tester after the fit."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 from pathlib import Path
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig
-from pytorch_lightning import Trainer
-from pytorch_lightning.loggers import CSVLogger
+from pytorch_lightning import LightningDataModule, LightningModule, Trainer
 from pytorch_lightning.strategies import StrategyRegistry
-from pytorch_lightning.utilities import rank_zero_only
 
+from skuvision.assembly import build_trainer
 from skuvision.checkpoints import read_checkpoint
+from skuvision.compat import continue_csv_logs
 from skuvision.config import in_multirun
 from skuvision.errors import SkuvisionError
 from skuvision.finetune import stage_param_names
 
 log = logging.getLogger("skuvision")
-
-# Private torch helpers (torch 2.14.1) that tell whether the CPU runs bf16 natively.
-NATIVE_BF16_CHECKS = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-
-
-def cpu_has_native_bf16() -> bool:
-    """AVX512-BF16 or AMX: bf16 autocast about doubles training speed there, and is emulated (slower than
-    float32) elsewhere."""
-    return any(getattr(torch.cpu, name, lambda: False)() for name in NATIVE_BF16_CHECKS)
 
 
 def check_devices(trainer_cfg: DictConfig) -> None:
@@ -151,77 +126,59 @@ def solo_tester(cfg: DictConfig, trainer: Trainer, loggers: list) -> Trainer | N
     if not trainer.is_global_zero:
         return None
     continue_csv_logs(loggers)
-    return instantiate(
-        cfg.trainer,
-        devices=1,
-        num_nodes=1,
-        strategy="auto",
-        callbacks=[],
-        logger=loggers or False,
-        enable_checkpointing=False,
-    )
+    return build_trainer(cfg, loggers, devices=1, num_nodes=1, strategy="auto", enable_checkpointing=False)
 
 
-def keep_earlier_csv_rows(loggers: list) -> None:
-    """The CSV writer deletes metrics.csv when it starts; a run that re-enters its folder (a requeued job
-    resuming from last.ckpt) keeps the rows of its earlier attempts instead."""
-    if rank_zero_only.rank != 0:
+def check_val_split(datamodule: LightningDataModule, trainer: Trainer) -> None:
+    """Early stopping and the best checkpoint watch val metrics; with an empty val split Lightning would stop
+    after the first epoch with a traceback (fast_dev_run switches both off)."""
+    if trainer.fast_dev_run:
         return
-    for logger in loggers:
-        if isinstance(logger, CSVLogger):
-            path = Path(logger.log_dir) / "metrics.csv"
-            earlier = path.read_text() if path.is_file() else ""
-            if earlier:
-                logger.experiment  # noqa: B018  (starts the writer, which deletes the file)
-                path.write_text(earlier)
-                continue_csv_logs([logger])
+    monitors = {getattr(c, "monitor", None) for c in trainer.callbacks}
+    watched = sorted(m for m in monitors if isinstance(m, str) and m.startswith("val/"))
+    counts = datamodule.class_counts()
+    if watched and sum(counts.get("val", [])) == 0:
+        raise SkuvisionError(
+            f"the val split is empty ({sum(counts.get('train', []))} training images) but early stopping and "
+            f"the best checkpoint watch {', '.join(watched)}: add images, or give val a share "
+            "(data.val_fraction; data.split_fractions for image folders and manifests)"
+        )
 
 
-def continue_csv_logs(loggers: list) -> None:
-    """A CSV writer that did not write metrics.csv itself (the main process after ddp_spawn, a resumed run)
-    must know the file's columns, or it fails when it adds new ones (the test metrics)."""
-    for logger in loggers:
-        if isinstance(logger, CSVLogger):
-            path = Path(logger.experiment.metrics_file_path)
-            if path.is_file():
-                header = path.read_text().splitlines()[0].split(",")
-                logger.experiment.metrics_keys = sorted(set(logger.experiment.metrics_keys) | set(header))
+def checkpoint_to_test(cfg: DictConfig, trainer: Trainer) -> str:
+    """The checkpoint `test_ckpt` names: best (highest val/acc; a tie keeps the earlier epoch) or last (the
+    every-epoch checkpoint, as the fit ended). "" when the run saved none (fast_dev_run): the weights in
+    memory. Called before the fit too, so a config that cannot give it fails at once."""
+    choice = cfg.get("test_ckpt", "best")
+    if choice not in ("best", "last"):
+        raise SkuvisionError(f"test_ckpt={choice}: choose best (highest val/acc) or last (as the fit ended)")
+    if choice == "best":
+        return trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    every_epoch = [c for c in trainer.checkpoint_callbacks if c.monitor is None]
+    if trainer.checkpoint_callbacks and not every_epoch:
+        raise SkuvisionError(
+            "test_ckpt=last needs a checkpoint saved every epoch (callbacks.last_checkpoint): add it back, "
+            "or test the best with test_ckpt=best"
+        )
+    if not every_epoch:
+        return ""
+    saved = every_epoch[0]
+    if saved.best_model_path:
+        return saved.best_model_path
+    # ddp_spawn hands only the first checkpoint callback's path back to the main process: the file is where
+    # the callback's own naming puts it (a fixed name such as "last"; a templated one is not found)
+    named = saved.format_checkpoint_name({}) if saved.dirpath else ""
+    return named if named and Path(named).is_file() else ""
 
 
-# LitServe names its HTTP server processes LitServer-<n> (checked against litserve 0.2.19; the SIGTERM test
-# in tests/test_serve.py fails if that changes): tasks.serve drains them on SIGTERM.
-LITSERVE_API_PROCESS = "LitServer-"
-
-
-def use_boto3_for_plain_http() -> None:
-    """litdata's obstore client refuses plain-http endpoints (an on-premises S3 such as MinIO, or an emulator
-    on 127.0.0.1); with AWS_ENDPOINT_URL=http://... litdata is switched to its boto3 client.
-
-    `_OBSTORE_AVAILABLE` is private to litdata (checked with litdata 0.2.76; tests/test_streaming.py
-    notices a change). Called at import, so litdata's spawned workers, which import this module to unpickle
-    what they run, take the same client.
-    """
-    if not os.environ.get("AWS_ENDPOINT_URL", "").startswith("http://"):
-        return
-    import litdata.streaming.downloader as downloader
-
-    if downloader._OBSTORE_AVAILABLE:
-        log.info("AWS_ENDPOINT_URL is plain http: litdata reads and writes it through boto3")
-        downloader._OBSTORE_AVAILABLE = False
-
-
-def check_file_payloads(blocks) -> None:
-    """Make Gradio check every file payload sent to a mounted page's event API as it does for a launched one:
-    only files uploaded through the page pass (blocked_paths first), before anything is copied.
-
-    Gradio reads `Blocks.has_launched` for this, and only `launch()` sets it (gradio 6.31.0,
-    processing_utils._check_allowed); without it a FileData naming any readable file is copied into the
-    page's cache and served. tests/test_runtime_guards.py notices a change."""
-    blocks.has_launched = True
-
-
-def end_page_streams(gradio_app, loop: asyncio.AbstractEventLoop) -> None:
-    """End the heartbeat stream each open page of a mounted Gradio app holds, so a graceful shutdown does not
-    wait out uvicorn's timeout for them. Gradio ends them on `App.stop_event`, which only its own server sets
-    (gradio 6.31.0). Safe in a signal handler: the event is set on the app's event loop `loop`."""
-    loop.call_soon_threadsafe(gradio_app.stop_event.set)
+def test_checkpoint(
+    cfg: DictConfig, trainer: Trainer, module: LightningModule, datamodule, loggers: list, checkpoint: str
+) -> Trainer | None:
+    """Test `checkpoint` (the weights in memory after fast_dev_run, which saves none) on one process.
+    Returns the Trainer that tested; None on the other ranks of a multi-process run."""
+    tester = solo_tester(cfg, trainer, loggers)
+    if tester is not None:
+        if checkpoint:
+            read_checkpoint(checkpoint, key="test_ckpt")
+        tester.test(module, datamodule=datamodule, ckpt_path=checkpoint or None, weights_only=True)
+    return tester
