@@ -383,3 +383,34 @@ def test_sgd_groups_follow_config_through_a_gradual_unfreeze(tmp_path, data_root
         for name, lr in lrs.items():
             scale = configured_scale("gradual", recorder.stage[name], num_stages, cfg)
             assert lr == pytest.approx(cfg.optimizer.lr * scale * factor, rel=1e-6), (epoch, name)
+
+
+def test_unfreeze_epochs_below_zero_are_one_line_naming_the_key(data_root, tmp_path, capsys):
+    from skuvision.tasks import train
+    from skuvision.tasks.utils import run_cli as run_task
+
+    overrides = [
+        *quick_overrides("fashion_mnist", data_root),
+        "finetune=gradual",
+        "finetune.unfreeze_at=[-1,2]",
+    ]
+    with pytest.raises(SystemExit) as exited:
+        run_task(train, compose_cfg("train", overrides, tmp_path / "run"))
+    assert exited.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == ["error: finetune.unfreeze_at=[-1, 2]: give one or more epochs >= 0, e.g. [1,2,3]"]
+
+
+def test_a_model_of_one_stage_is_refused_naming_the_fix():
+    from skuvision.errors import SkuvisionError
+
+    class OneStage(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(2, 2)
+
+        def group_matcher(self, coarse=False):
+            return {"stem": r"^fc"}
+
+    with pytest.raises(SkuvisionError, match="gives 1 stage\\(s\\).* use finetune=full"):
+        stage_param_names(OneStage())
