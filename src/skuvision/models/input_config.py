@@ -11,6 +11,7 @@ from typing import Any
 
 import timm
 from timm.data import resolve_data_config
+from timm.data.loader import adapt_to_chs
 
 from skuvision.errors import SkuvisionError
 from skuvision.models import simple_cnn  # noqa: F401  (registers simple_cnn with timm)
@@ -42,12 +43,8 @@ def resolve_input(model: dict, in_chans: int, **overrides: Any) -> dict:
     cfg = resolve_data_config(pretrained_cfg=pretrained_cfg.to_dict() if pretrained_cfg else {})
     # Models built for another size (timm's img_size argument) take that size.
     size = overrides.get("image_size") or (model.get("kwargs") or {}).get("img_size") or cfg["input_size"][-1]
-    mean = overrides.get("mean") or cfg["mean"]
-    std = overrides.get("std") or cfg["std"]
-    if len(mean) != in_chans:
-        mean = [sum(mean) / len(mean)] * in_chans
-    if len(std) != in_chans:
-        std = [sum(std) / len(std)] * in_chans
+    mean = adapt_to_chs(overrides.get("mean") or cfg["mean"], in_chans)
+    std = adapt_to_chs(overrides.get("std") or cfg["std"], in_chans)
     return {
         "input_size": [in_chans, int(size), int(size)],
         "mean": [float(m) for m in mean],

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import time
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +22,7 @@ import timm
 import torch
 from omegaconf import DictConfig
 from torch import nn
+from torch.utils import benchmark
 
 from skuvision.assembly import from_checkpoint
 from skuvision.config import set_threads
@@ -60,14 +60,19 @@ def check_images(datamodule: ImageDataModule, count: int) -> torch.Tensor:
 
 
 def images_per_second(run, images: torch.Tensor, batch_size: int, repeats: int = 3) -> float:
-    run(images[:batch_size])  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
+    """`run` over `images` in batches, after one warm-up batch; torch's Timer syncs a GPU around it."""
+
+    def all_batches():
         for i in range(0, len(images), batch_size):
             run(images[i : i + batch_size])
-        best = min(best, time.perf_counter() - start)
-    return len(images) / best
+
+    run(images[:batch_size])
+    # Timer runs at 1 thread unless told otherwise
+    timer = benchmark.Timer(
+        "all_batches()", globals={"all_batches": all_batches}, num_threads=torch.get_num_threads()
+    )
+    measured = timer.timeit(repeats)
+    return len(images) / measured.median
 
 
 FORMATS = ("onnx", "timm")
