@@ -56,3 +56,20 @@ def test_one_planted_import_breaks_it(tmp_path, module, line, broken):
     result = lint_imports(planted_copy(tmp_path, module, line))
     assert result.returncode != 0
     assert broken in result.stdout, result.stdout
+
+
+def test_the_precision_resolver_and_streaming_workers_load_no_model():
+    """`${skuvision.auto_precision:}` and a litdata worker unpickling a sample import what they need, not the
+    Classifier or the checkpoint reader."""
+    code = (
+        "import sys\n"
+        "from skuvision.config import auto_precision\n"
+        "auto_precision()\n"
+        "assert 'pytorch_lightning' not in sys.modules, 'lightning'\n"
+        "import skuvision.data.streaming\n"
+        "model = ('skuvision.models', 'skuvision.checkpoints')\n"
+        "print(sorted(m for m in sys.modules if m.startswith(model)))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]"

@@ -21,9 +21,8 @@ import os
 from pathlib import Path
 
 import torch
-from pytorch_lightning.loggers import CSVLogger
-from pytorch_lightning.utilities import rank_zero_only
 
+# Lightning is imported where it is used: config's precision resolver and every litdata worker import this.
 log = logging.getLogger("skuvision")
 
 # Private torch helpers (torch 2.14.1) that tell whether the CPU runs bf16 natively.
@@ -39,6 +38,9 @@ def cpu_has_native_bf16() -> bool:
 def keep_earlier_csv_rows(loggers: list) -> None:
     """The CSV writer deletes metrics.csv when it starts; a run that re-enters its folder (a requeued job
     resuming from last.ckpt) keeps the rows of its earlier attempts instead."""
+    from pytorch_lightning.loggers import CSVLogger
+    from pytorch_lightning.utilities import rank_zero_only
+
     if rank_zero_only.rank != 0:
         return
     for logger in loggers:
@@ -54,6 +56,8 @@ def keep_earlier_csv_rows(loggers: list) -> None:
 def continue_csv_logs(loggers: list) -> None:
     """A CSV writer that did not write metrics.csv itself (the main process after ddp_spawn, a resumed run)
     must know the file's columns, or it fails when it adds new ones (the test metrics)."""
+    from pytorch_lightning.loggers import CSVLogger
+
     for logger in loggers:
         if isinstance(logger, CSVLogger):
             path = Path(logger.experiment.metrics_file_path)
