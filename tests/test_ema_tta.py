@@ -5,7 +5,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import compose_cfg, quick_overrides
 from hydra.utils import instantiate
 from pytorch_lightning import Callback, seed_everything
 
@@ -16,6 +15,7 @@ from skuvision.tasks import evaluate, train
 from skuvision.tasks.assembly import build
 from skuvision.tasks.utils import instantiate_callbacks
 from skuvision.tta import tta_logits, views
+from tests.helpers import compose_cfg, quick_overrides
 
 
 class WeightsAfterEachStep(Callback):

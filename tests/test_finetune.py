@@ -5,7 +5,6 @@ import math
 
 import pytest
 import torch
-from conftest import ROOT, compose_cfg, quick_overrides, run_cli
 from hydra.utils import instantiate
 from pytorch_lightning import Callback, seed_everything
 from pytorch_lightning.callbacks import ModelCheckpoint
@@ -13,6 +12,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from skuvision.finetune import stage_param_names
 from skuvision.tasks.assembly import build
 from skuvision.tasks.utils import instantiate_callbacks
+from tests.helpers import ROOT, compose_cfg, quick_overrides, run_cli
 
 STRATEGIES = sorted(p.stem for p in (ROOT / "conf" / "finetune").glob("*.yaml"))
 SCHEDULERS = sorted(p.stem for p in (ROOT / "conf" / "scheduler").glob("*.yaml"))
@@ -302,6 +302,7 @@ def test_lr_finder_keeps_group_ratios(tmp_path, data_root):
         )
 
 
+@pytest.mark.slow
 def test_ddp_gradual_ranks_agree(tmp_path, data_root):
     overrides = quick_overrides("fashion_mnist", data_root) + [
         "finetune=gradual",
@@ -328,6 +329,7 @@ def test_ddp_gradual_ranks_agree(tmp_path, data_root):
     assert rank0["0"] != rank0["1"]  # epoch 0 head only, epoch 1 everything
 
 
+@pytest.mark.slow
 def test_sweep_over_strategies_records_each(tmp_path, data_root):
     overrides = ["-m", *quick_overrides("fashion_mnist", data_root)] + [
         "finetune=full,linear_probe,gradual,discriminative",

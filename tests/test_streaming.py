@@ -14,14 +14,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import ROOT, compose_cfg, quick_overrides, run_cli
 from PIL import Image
-from writers import pattern_images
 
 from skuvision.data import StreamingDataModule
 from skuvision.data.streaming import METADATA_FILE, read_metadata
 from skuvision.errors import SkuvisionError
 from skuvision.tasks import evaluate, shard, train
+from tests.helpers import ROOT, compose_cfg, quick_overrides, run_cli
+from tests.writers import pattern_images
 
 N_IDS = 48  # training images of the id set, each its own class: a batch's labels name its images
 
@@ -123,6 +123,7 @@ def test_fewer_training_images_than_a_batch_is_refused(photo_shards):
         datamodule.train_dataloader()
 
 
+@pytest.mark.slow
 def test_two_process_ddp_sees_every_training_image_once_per_epoch_in_equal_batches(id_shards, tmp_path):
     """2 gloo processes of 2 loader workers, 4 images per process and step: 6 steps each per epoch, 48
     distinct images."""
@@ -281,6 +282,7 @@ def test_litdata_still_has_the_client_switch_for_plain_http():
     assert hasattr(downloader, "_OBSTORE_AVAILABLE") and hasattr(downloader, "obstore_usable")
 
 
+@pytest.mark.slow
 def test_shards_in_a_bucket_train_like_the_same_shards_in_a_folder(
     s3_endpoint, photo_shards, data_root, tmp_path, monkeypatch
 ):

@@ -9,8 +9,10 @@ import sys
 from pathlib import Path
 
 import optuna
-from conftest import ROOT, compose_cfg, quick_overrides, run_cli
+import pytest
 from PIL import Image
+
+from tests.helpers import ROOT, compose_cfg, quick_overrides, run_cli
 
 PROBES_ENV = {"PYTHONPATH": str(ROOT / "tests")}
 
@@ -40,6 +42,7 @@ def test_compare_backbones_experiment_sweeps_the_four_backbones_with_one_recipe(
     assert cfg.hydra.callbacks.leaderboard._target_ == "skuvision.sweeps.LeaderboardCallback"
 
 
+@pytest.mark.slow
 def test_backbone_sweep_writes_a_leaderboard_with_the_failed_job_as_a_failed_row(tmp_path, data_root):
     sweep_dir = tmp_path / "sweep"
     overrides = sweep_overrides(data_root, sweep_dir) + [
@@ -100,6 +103,7 @@ def optuna_command(data_root: Path, sweep_dir: Path, *extra: str) -> list[str]:
     ]
 
 
+@pytest.mark.slow
 def test_optuna_search_records_failed_trials_and_resumes_after_an_interruption(tmp_path, data_root):
     sweep_dir = tmp_path / "optuna"
     storage = f"sqlite:///{sweep_dir}/study.db"
@@ -179,6 +183,7 @@ def train_without_wandb_key(args: list[str], cwd: Path) -> subprocess.CompletedP
     return result
 
 
+@pytest.mark.slow
 def test_each_job_of_a_multirun_is_its_own_offline_wandb_run(tmp_path, data_root):
     sweep_dir = tmp_path / "sweep"
     overrides = sweep_overrides(data_root, sweep_dir) + [

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, compose_cfg, quick_overrides, run_cli
-from writers import write_image_folder
 
 from skuvision.errors import SkuvisionError
 from skuvision.tasks import evaluate, train
+from tests.helpers import ROOT, compose_cfg, quick_overrides, run_cli
+from tests.writers import write_image_folder
 
 # timm.yaml holds the settings the others share; it names no model by itself.
 MODELS = sorted(p.stem for p in (ROOT / "conf" / "model").glob("*.yaml") if p.stem != "timm")
