@@ -313,10 +313,10 @@ def test_ddp_gradual_ranks_agree(tmp_path, data_root):
         "trainer.strategy=ddp_spawn",
         "trainer.devices=2",
         "trainer.precision=32",
-        "+callbacks.rank_probe._target_=probes.FrozenStateProbe",
+        "+callbacks.rank_probe._target_=tests.probes.FrozenStateProbe",
         "threads=1",
     ]
-    result = run_cli("train.py", overrides, tmp_path, extra_env={"PYTHONPATH": str(ROOT / "tests")})
+    result = run_cli("train.py", overrides, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     runs = list((tmp_path / "outputs").glob("*/*"))
     assert len(runs) == 1

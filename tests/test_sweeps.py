@@ -14,8 +14,6 @@ from PIL import Image
 
 from tests.helpers import ROOT, compose_cfg, quick_overrides, run_cli
 
-PROBES_ENV = {"PYTHONPATH": str(ROOT / "tests")}
-
 
 def sweep_overrides(data_root: Path, sweep_dir: Path) -> list[str]:
     """The conftest's CPU-cheap overrides, without its model choice (the sweep sets it)."""
@@ -114,11 +112,10 @@ def test_optuna_search_records_failed_trials_and_resumes_after_an_interruption(t
         optuna_command(
             data_root,
             sweep_dir,
-            "+callbacks.interrupt._target_=probes.InterruptJob",
+            "+callbacks.interrupt._target_=tests.probes.InterruptJob",
             "+callbacks.interrupt.job=1",
         ),
         tmp_path,
-        extra_env=PROBES_ENV,
     )
     assert first.returncode == -9, first.stderr[-3000:]
     states = [t.state.name for t in optuna.load_study(study_name="test", storage=storage).trials]
@@ -128,10 +125,9 @@ def test_optuna_search_records_failed_trials_and_resumes_after_an_interruption(t
     second = run_cli(
         "train.py",
         optuna_command(
-            data_root, sweep_dir, "+callbacks.fail._target_=probes.FailJob", "+callbacks.fail.job=2"
+            data_root, sweep_dir, "+callbacks.fail._target_=tests.probes.FailJob", "+callbacks.fail.job=2"
         ),
         tmp_path,
-        extra_env=PROBES_ENV,
     )
     assert second.returncode == 0, second.stderr[-3000:]
     study = optuna.load_study(study_name="test", storage=storage)

@@ -247,7 +247,7 @@ def test_resuming_with_a_longer_schedule_is_refused_before_fitting(train_cfg, tm
         "trainer.limit_train_batches=3",
         "trainer.limit_val_batches=1",
     ]
-    kill = ["+callbacks.kill._target_=probes.KillAtStep", "+callbacks.kill.step=4"]
+    kill = ["+callbacks.kill._target_=tests.probes.KillAtStep", "+callbacks.kill.step=4"]
     kill.append(f"+callbacks.kill.path={tmp_path / 'killed.ckpt'}")
     first = train_cfg("fashion_mnist", "simple_cnn", ["trainer.max_epochs=2", *short, *kill])
     with pytest.raises(RuntimeError, match="killed after step 4"):
