@@ -85,6 +85,7 @@ def noisy_audit(request, tmp_path_factory):
     return summary, out / "audit", flipped, train_cfg, ckpt
 
 
+@pytest.mark.slow  # trains on 1000 noisy images, then the audit's folds: a minute or more each
 def test_cheap_mode_finds_planted_label_flips(noisy_audit):
     summary, out, flipped, _, _ = noisy_audit
     found = set(summary["label_issues"]["flagged_indices"])

@@ -208,6 +208,7 @@ def test_each_job_of_a_multirun_is_its_own_offline_wandb_run(tmp_path, data_root
     assert runs[0] != runs[1]
 
 
+@pytest.mark.slow
 def test_resuming_from_a_checkpoint_continues_the_same_wandb_run(tmp_path, data_root):
     overrides = quick_overrides("fashion_mnist", data_root) + [
         "logger=wandb",
