@@ -60,4 +60,4 @@ lint: install
 
 # Speed against a plain PyTorch loop and torchvision's pipeline, and the default recipe's accuracy: bench/results.md
 bench: install data
-	$(PY) bench/run.py $(ARGS)
+	$(PY) -m bench.run $(ARGS)

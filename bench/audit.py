@@ -7,33 +7,30 @@ user's run would, and `audit.py` (cheap mode) flags label issues in the training
 measured in the same call, flags the images whose label the trained checkpoint itself does not predict
 (in-sample: it has seen those labels).
 
-    python bench/audit.py [--quick] [--workdir DIR]
+    python -m bench.audit [--quick] [--workdir DIR]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-THREADS = int(os.environ.get("BENCH_THREADS", "2"))
-os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
+import numpy as np
+import torch
+from hydra.utils import instantiate
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from hydra.utils import instantiate  # noqa: E402
-from table import print_section  # noqa: E402  (bench/ is on sys.path)
-
-from skuvision.assembly import from_checkpoint  # noqa: E402
-from skuvision.config import compose_config  # noqa: E402
-from skuvision.data.datamodule import stratified_split  # noqa: E402
-from skuvision.data.fashion_mnist import DEBIAN_DIR, FILES, read_idx  # noqa: E402
-from skuvision.tasks import train  # noqa: E402
-from skuvision.tasks.audit import audit  # noqa: E402
+from bench import THREADS
+from bench.table import print_section
+from skuvision.assembly import from_checkpoint
+from skuvision.config import compose_config
+from skuvision.data.datamodule import stratified_split
+from skuvision.data.fashion_mnist import DEBIAN_DIR, FILES, read_idx
+from skuvision.tasks import train
+from skuvision.tasks.audit import audit
 
 ROOT = Path(__file__).resolve().parents[1]
 NOISE = 0.10

@@ -4,7 +4,7 @@ model (T = 1) of the same checkpoint, and the 99 % threshold chosen on val, meas
 The checkpoint: SKUVISION_BENCH_CKPT (or --ckpt) when set, e.g. the make train recipe's best checkpoint;
 otherwise this trains one (the make train recipe; --quick: one epoch on a 3000-image subset).
 
-    python bench/calib.py [--quick] [--ckpt outputs/.../checkpoints/best-....ckpt]
+    python -m bench.calib [--quick] [--ckpt outputs/.../checkpoints/best-....ckpt]
 """
 
 from __future__ import annotations
@@ -17,13 +17,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-THREADS = int(os.environ.get("BENCH_THREADS", "2"))
-os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
-
-from table import print_section  # noqa: E402  (bench/ is on sys.path)
-
-from skuvision.config import compose_config  # noqa: E402
-from skuvision.tasks import evaluate  # noqa: E402
+from bench import THREADS
+from bench.table import print_section
+from skuvision.config import compose_config
+from skuvision.tasks import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET = 0.99

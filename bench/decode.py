@@ -24,16 +24,15 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-THREADS = int(os.environ.get("BENCH_THREADS", "2"))
-os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFilter
+from torch.utils.data import DataLoader
+from torchvision import datasets
+from torchvision import transforms as T
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image, ImageDraw, ImageFilter  # noqa: E402
-from table import print_section  # noqa: E402  (bench/ is on sys.path)
-from torch.utils.data import DataLoader  # noqa: E402
-from torchvision import datasets  # noqa: E402
-from torchvision import transforms as T  # noqa: E402
+from bench import THREADS
+from bench.table import print_section
 
 IMAGE_SIZE = 224
 WORKERS = 2

@@ -3,7 +3,7 @@ precision, memory-format, cuDNN-autotune and one-GPU DDP variants, and product-p
 (decoded in CPU workers, decoded on the device, or read from the decoded-image cache), alone and feeding
 ResNet-50 training. Skipped, with a note, where no CUDA device exists.
 
-    python bench/gpu.py [--quick] [--workers 12]
+    python -m bench.gpu [--quick] [--workers 12]
 
 Each training figure is img/s over the timed steps of one epoch (warm-up steps left out, the device
 synchronized at both ends of the timed span).
@@ -21,7 +21,8 @@ import traceback
 from pathlib import Path
 
 import torch
-from table import print_section  # bench/ is the script's folder
+
+from bench.table import print_section
 
 
 def batch_for(device: str) -> int:
@@ -30,7 +31,7 @@ def batch_for(device: str) -> int:
 
 
 def _run_module():
-    import run  # bench/run.py: the step timers the CPU rows use
+    from bench import run  # the step timers the CPU rows use
 
     return run
 
@@ -109,8 +110,7 @@ def sync(device: torch.device) -> None:
 
 def photo_loader_rows(photos: Path, count: int, workers: int, repeats: int, device: str, rows, notes):
     """Product photos to normalized 224 px batches on the GPU: four ways, same workers and batch."""
-    import decode
-
+    from bench import decode
     from skuvision.data.image_files import JpegBatch, decode_batch_on_device
 
     cuda = torch.device(device)
@@ -190,7 +190,7 @@ def photo_training_rows(photos: Path, workers: int, steps: int, warmup: int, dev
         "data.split_fractions=[0.9,0.05,0.05]",
         f"data.batch_size={batch_for(device)}",
     ]
-    import decode
+    from bench import decode
 
     for label, extra in (
         ("data.decode_on=gpu", ["data.decode_on=gpu"]),
@@ -232,7 +232,7 @@ def bench_rows(
     if device is None:
         return [], ["gpu: no CUDA device on this machine; the GPU rows were not measured"]
     run = _run_module()
-    import decode
+    from bench import decode
 
     if device == "cpu":
         quick = True

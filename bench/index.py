@@ -5,27 +5,21 @@ Data: generated clustered embeddings (real embeddings are clustered, not uniform
 (clusters) whose members vary along a few directions of their own, plus noise, L2-normalized. Queries are new
 draws from the same clusters, not catalogue items. Threads are fixed (BENCH_THREADS, default 2).
 
-Alone: python bench/index.py [--quick]
+Alone: python -m bench.index [--quick]
 """
 
 from __future__ import annotations
 
-import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
-THREADS = int(os.environ.get("BENCH_THREADS", "2"))
-os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
+import faiss
+import numpy as np
 
-import faiss  # noqa: E402
-import numpy as np  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from table import run_section  # noqa: E402  (bench/ is on sys.path)
-
-from skuvision.index import CatalogueIndex  # noqa: E402
+from bench import THREADS
+from bench.table import run_section
+from skuvision.index import CatalogueIndex
 
 DIM = 256
 K = 10

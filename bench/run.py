@@ -21,25 +21,18 @@ import tempfile
 import time
 from pathlib import Path
 
-THREADS = int(os.environ.get("BENCH_THREADS", "2"))
-os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
+import torch
+from pytorch_lightning import Callback
 
-import torch  # noqa: E402
-from pytorch_lightning import Callback  # noqa: E402
-from table import markdown_rows  # noqa: E402  (bench/ is the script's folder)
-
-from skuvision import plots  # noqa: E402
-from skuvision.assembly import (  # noqa: E402
-    build,  # noqa: E402
-    build_trainer,
-    instantiate_callbacks,
-    instantiate_loggers,
-)
-from skuvision.config import auto_precision, compose_config  # noqa: E402
-from skuvision.data.datamodule import InMemoryImages  # noqa: E402
-from skuvision.data.fashion_mnist import DEBIAN_DIR, FILES  # noqa: E402
-from skuvision.data.transforms import eval_image_transform  # noqa: E402
-from skuvision.tasks import evaluate  # noqa: E402
+from bench import THREADS
+from bench.table import markdown_rows
+from skuvision import plots
+from skuvision.assembly import build, build_trainer, instantiate_callbacks, instantiate_loggers
+from skuvision.config import auto_precision, compose_config
+from skuvision.data.datamodule import InMemoryImages
+from skuvision.data.fashion_mnist import DEBIAN_DIR, FILES
+from skuvision.data.transforms import eval_image_transform
+from skuvision.tasks import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 torch.set_num_threads(THREADS)
@@ -443,7 +436,7 @@ def main() -> None:
         recipe_rows(data_root, args, info, workdir, rows, notes)
     for name in MODULE_SECTIONS:
         if name in sections:
-            module = importlib.import_module(name)  # bench/ is the script's folder, first on sys.path
+            module = importlib.import_module(f"bench.{name}")
             section_rows, section_notes = module.bench_rows(workdir / name, quick=args.quick)
             rows += section_rows
             notes += section_notes

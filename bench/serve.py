@@ -4,7 +4,7 @@ Each configuration is a real `serve.py` process on 127.0.0.1; a pool of client t
 Fashion-MNIST test images (PNG files) as multipart uploads, a fixed number of requests in all, and stops.
 Figures: requests/s, p50/p95/p99 latency, errors. All four servers run in the same call, one after another.
 
-    python bench/serve.py [--quick]
+    python -m bench.serve [--quick]
 """
 
 from __future__ import annotations
@@ -21,12 +21,12 @@ from pathlib import Path
 import httpx
 import numpy as np
 from PIL import Image
-from table import run_section  # noqa: E402  (bench/ is on sys.path)
+
+from bench import THREADS
+from bench.table import run_section
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
 
-THREADS = int(os.environ.get("BENCH_THREADS", "2"))
 CONFIGS = {  # name: serve.py overrides
     "torch, batching on": ["serve.backend=torch", "serve.max_batch_size=16", "serve.batch_timeout=0.005"],
     "torch, batching off": ["serve.backend=torch", "serve.max_batch_size=1"],

@@ -2,32 +2,27 @@
 written by shard.py, beside torchvision's ImageFolder with Resize/CenterCrop/ToTensor/Normalize on the
 same photos, with the same workers and batch size. Alternating repeats, median.
 
-python bench/stream.py [--quick]
+python -m bench.stream [--quick]
 """
 
 from __future__ import annotations
 
-import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
-THREADS = int(os.environ.get("BENCH_THREADS", "2"))
-os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
+import numpy as np
+import torch
+from PIL import Image
+
+from bench import THREADS
+from bench.table import run_section
+from skuvision.config import compose_config
+from skuvision.data import StreamingDataModule
+from skuvision.models.input_config import resolve_input
+from skuvision.tasks.shard import shard
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
-from table import run_section  # noqa: E402  (bench/ is on sys.path)
-
-from skuvision.config import compose_config  # noqa: E402
-from skuvision.data import StreamingDataModule  # noqa: E402
-from skuvision.models.input_config import resolve_input  # noqa: E402
-from skuvision.tasks.shard import shard  # noqa: E402
-
 torch.set_num_threads(THREADS)
 BATCH = 64
 

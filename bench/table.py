@@ -10,12 +10,12 @@ def markdown_rows(rows: list[tuple]) -> list[str]:
 
 
 def print_section(rows: list[tuple], notes: list[str]) -> None:
-    """A section run on its own (python bench/<name>.py): its rows and notes, as make bench writes them."""
+    """A section run on its own (python -m bench.<name>): its rows and notes, as make bench writes them."""
     print("\n".join(markdown_rows(rows) + [""] + [f"- {n}" for n in notes]))
 
 
 def run_section(bench_rows, description: str, quick_help: str = "smaller sizes") -> None:
-    """`python bench/<name>.py [--quick]` for a section that needs nothing but a scratch folder."""
+    """`python -m bench.<name> [--quick]` for a section that needs nothing but a scratch folder."""
     import argparse
     import tempfile
     from pathlib import Path

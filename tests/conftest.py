@@ -1,16 +1,11 @@
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import DictConfig
 
-from skuvision.config import compose_config
-
-sys.path.insert(0, str(Path(__file__).parent))
-from writers import (  # noqa: E402
+from tests.helpers import compose_cfg, quick_overrides
+from tests.writers import (
     write_cifar10,
     write_cifar100,
     write_fashion_mnist,
@@ -18,14 +13,20 @@ from writers import (  # noqa: E402
     write_manifest,
 )
 
-pytest_plugins = ["serving_fixtures"]  # tests/test_serve.py and tests/test_demo_browser.py share them
-
-ROOT = Path(__file__).resolve().parents[1]
-CONF = ROOT / "conf"
+pytest_plugins = ["tests.serving_fixtures"]  # tests/test_serve.py and tests/test_demo_browser.py share them
 
 torch.set_num_threads(2)
 os.environ.setdefault("SKUVISION_OFFLINE", "1")  # tests never reach for the network
 os.environ.setdefault("WANDB_MODE", "offline")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    no_cuda = pytest.mark.skip(reason="marked gpu: needs a CUDA device, and torch sees none here")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(no_cuda)
 
 
 @pytest.fixture(scope="session")
@@ -60,41 +61,6 @@ def write_photo_shards(photos: Path, output: Path) -> None:
     shard(compose_cfg("shard", overrides, output.parent / "shard_run"))
 
 
-DATA_ROOTS = {
-    "fashion_mnist": "fashion_mnist",
-    "cifar10": "cifar",
-    "cifar100": "cifar",
-    "image_folder": "photos",
-    "manifest": "catalogue/styles.csv",
-    "streaming": "shards",
-}
-
-
-def compose_cfg(config_name: str, overrides: list[str], output_dir: Path) -> DictConfig:
-    """Compose a real config as train.py/eval.py would, with its run folder at output_dir."""
-    return compose_config(config_name, overrides, output_dir)
-
-
-def quick_overrides(data: str, data_root: Path, model: str = "simple_cnn") -> list[str]:
-    """A CPU-cheap run: small images and batches, no pretrained download, offline data only."""
-    size = 80 if model == "inception_v3" else 32
-    return [
-        f"data={data}",
-        f"model={model}",
-        f"data.root={data_root / DATA_ROOTS[data]}",
-        "data.download=false",
-        "data.batch_size=8",
-        "data.eval_batch_size=16",
-        "data.num_workers=0",
-        f"input.image_size={size}",
-        "model.pretrained=false",
-        "callbacks.progress_bar=null",
-        "trainer.enable_model_summary=false",
-        "trainer.accelerator=cpu",
-        "threads=2",
-    ]
-
-
 @pytest.fixture
 def train_cfg(tmp_path, data_root):
     def make(data: str = "fashion_mnist", model: str = "simple_cnn", extra: list[str] | None = None):
@@ -102,17 +68,3 @@ def train_cfg(tmp_path, data_root):
         return compose_cfg("train", overrides, tmp_path / "run")
 
     return make
-
-
-def run_cli(script: str, overrides: list[str], cwd, extra_env: dict | None = None):
-    """Run train.py/eval.py as a user would, offline, with 2 threads."""
-    env = {**os.environ, "SKUVISION_OFFLINE": "1", "OMP_NUM_THREADS": "2", **(extra_env or {})}
-    return subprocess.run(
-        [sys.executable, str(ROOT / script), *overrides],
-        cwd=cwd,
-        stdin=subprocess.DEVNULL,  # CI and sweeps have no stdin: nothing may prompt
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )

@@ -1,4 +1,4 @@
-"""Callbacks the tests plug into CLI runs through the config (+callbacks.name._target_=probes.X)."""
+"""Callbacks the tests plug into CLI runs through the config (+callbacks.name._target_=tests.probes.X)."""
 
 import json
 from pathlib import Path

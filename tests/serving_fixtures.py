@@ -16,12 +16,12 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import ROOT, compose_cfg, quick_overrides
-from writers import write_image_folder
 
 from skuvision.tasks.embed import embed
 from skuvision.tasks.export import export
 from skuvision.tasks.predict import predict
+from tests.helpers import ROOT, compose_cfg, quick_overrides
+from tests.writers import write_image_folder
 
 CLASSES = ("kettle", "phone", "shirt", "toaster")
 STARTUP_SECONDS = 240

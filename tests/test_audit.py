@@ -9,11 +9,9 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import compose_cfg, quick_overrides
 from hydra.utils import instantiate
 from omegaconf import OmegaConf, open_dict
 from PIL import Image, ImageFilter, ImageOps
-from writers import balanced_labels, pattern_images, write_idx
 
 from skuvision.audit import labels as label_audit
 from skuvision.audit import report
@@ -21,6 +19,8 @@ from skuvision.checkpoints import load_classifier
 from skuvision.errors import SkuvisionError
 from skuvision.tasks import train
 from skuvision.tasks.audit import audit
+from tests.helpers import compose_cfg, quick_overrides
+from tests.writers import balanced_labels, pattern_images, write_idx
 
 N_TRAIN = 1000
 
@@ -85,6 +85,7 @@ def noisy_audit(request, tmp_path_factory):
     return summary, out / "audit", flipped, train_cfg, ckpt
 
 
+@pytest.mark.slow  # trains on 1000 noisy images, then the audit's folds: a minute or more each
 def test_cheap_mode_finds_planted_label_flips(noisy_audit):
     summary, out, flipped, _, _ = noisy_audit
     found = set(summary["label_issues"]["flagged_indices"])

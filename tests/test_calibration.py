@@ -8,17 +8,17 @@ import re
 
 import pytest
 import torch
-from conftest import compose_cfg, quick_overrides
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from PIL import Image
-from writers import write_image_folder
 
 from skuvision import calibration
 from skuvision.checkpoints import load_classifier
 from skuvision.errors import SkuvisionError
 from skuvision.tasks import evaluate, train
 from skuvision.tasks.predict import predict
+from tests.helpers import compose_cfg, quick_overrides
+from tests.writers import write_image_folder
 
 CLASSES = ("kettle", "phone", "shirt", "toaster", "watch")
 

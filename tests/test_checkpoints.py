@@ -8,7 +8,6 @@ import zipfile
 
 import pytest
 import torch
-from conftest import compose_cfg, run_cli
 
 from skuvision.checkpoints import load_classifier, read_checkpoint
 from skuvision.errors import SkuvisionError
@@ -18,11 +17,12 @@ from skuvision.tasks.embed import embed
 from skuvision.tasks.export import export
 from skuvision.tasks.predict import predict
 from skuvision.tasks.serve import prepared
+from tests.helpers import compose_cfg, run_cli
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, data_root):
-    from conftest import quick_overrides
+    from tests.helpers import quick_overrides
 
     run = tmp_path_factory.mktemp("train") / "run"
     overrides = quick_overrides("fashion_mnist", data_root) + ["trainer.max_epochs=1", "test=false"]
@@ -161,7 +161,7 @@ def test_cli_refuses_a_corrupted_checkpoint_in_one_line(damaged, tmp_path, scrip
 
 def test_a_corrupted_last_ckpt_is_refused_when_a_run_resumes(damaged, tmp_path, data_root):
     """A requeued run resumes from its folder's last.ckpt: the same reader checks it first."""
-    from conftest import quick_overrides
+    from tests.helpers import quick_overrides
 
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
     last.parent.mkdir(parents=True)

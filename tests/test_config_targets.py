@@ -2,9 +2,10 @@
 who opens any YAML finds the code behind it in one hop."""
 
 import pytest
-from conftest import CONF, compose_cfg
 from hydra.utils import get_object
 from omegaconf import OmegaConf
+
+from tests.helpers import CONF, compose_cfg
 
 # Groups whose options each build one object.
 ONE_OBJECT_GROUPS = ("data", "model", "finetune", "optimizer", "scheduler", "augment", "trainer")

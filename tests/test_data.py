@@ -6,7 +6,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from writers import write_image_folder
 
 from skuvision.data import (
     CIFAR10DataModule,
@@ -17,6 +16,7 @@ from skuvision.data import (
 from skuvision.data.datamodule import stratified_split, subset_indices
 from skuvision.data.fashion_mnist import read_idx
 from skuvision.errors import SkuvisionError
+from tests.writers import write_image_folder
 
 INPUT_28 = {
     "input_size": [1, 28, 28],

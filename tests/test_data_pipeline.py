@@ -5,15 +5,15 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, compose_cfg, quick_overrides
 from hydra.utils import instantiate
 from PIL import Image
-from writers import pattern_images, write_image_folder
 
 from skuvision.data import FashionMNISTDataModule, ImageFolderDataModule
 from skuvision.data.images import open_rgb
 from skuvision.errors import SkuvisionError
 from skuvision.tasks import train
+from tests.helpers import ROOT, compose_cfg, quick_overrides
+from tests.writers import pattern_images, write_image_folder
 
 PRESETS = sorted(p.stem for p in (ROOT / "conf" / "augment").glob("*.yaml"))
 INPUT_64 = {

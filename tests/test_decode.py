@@ -7,12 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import compose_cfg, quick_overrides
 from PIL import ExifTags, Image, ImageFile, ImageOps
 from skimage import data as photos
 from torchvision.io import read_file
 from torchvision.transforms import Resize
-from writers import write_huge_png, write_oriented_jpeg, write_photo_folder
 
 from skuvision.data.files import InputFilesDataModule, InputImageFiles
 from skuvision.data.image_files import JpegBatch, JpegFile, collate_images, decode_batch_on_device
@@ -29,6 +27,8 @@ from skuvision.data.images import (
 from skuvision.data.transforms import ToModelInput, eval_image_transform, eval_min_side, eval_pixel_budget
 from skuvision.errors import SkuvisionError
 from skuvision.tasks import train
+from tests.helpers import compose_cfg, quick_overrides
+from tests.writers import write_huge_png, write_oriented_jpeg, write_photo_folder
 
 INPUT_224 = {
     "input_size": (3, 224, 224),
@@ -471,10 +471,7 @@ def test_device_path_turns_phone_photos_upright(tmp_path):
     assert mean_abs_diff(batch[1], files.image(1)) < 3  # the PIL path (tensor vs PIL antialiasing)
 
 
-@pytest.mark.skipif(
-    not torch.cuda.is_available(),
-    reason="nvJPEG decoding needs a CUDA device; the CPU tests above check the same orientation step",
-)
+@pytest.mark.gpu  # nvJPEG decoding; the CPU tests above check the same orientation step
 def test_nvjpeg_path_turns_phone_photos_upright(tmp_path):
     twins = oriented_twins(tmp_path, photo())
     paths = [twins["upright"], twins["oriented"], twins["sideways"]]
@@ -586,7 +583,7 @@ def test_training_skips_an_image_over_the_budget_and_lists_why(
     import json
     import shutil
 
-    from writers import write_image_folder
+    from tests.writers import write_image_folder
 
     root = write_image_folder(tmp_path / "shop", classes=("kettle", "shirt"), per_class=6, size=40)
     shutil.copy(huge_png, root / "shirt" / "huge.png")
@@ -611,7 +608,7 @@ def test_training_skips_an_image_over_the_budget_and_lists_why(
 def pattern_photo() -> Image.Image:
     """A picture of one class of the serving tests' model (a bright horizontal bar on noise), at a photo's
     aspect: turned sideways the bar stands upright, and the model sees another picture."""
-    from writers import pattern_images
+    from tests.writers import pattern_images
 
     bar = pattern_images(np.array([1]), 40, 3, seed=5)[0]
     return Image.fromarray(bar).resize((200, 160), Image.BICUBIC)

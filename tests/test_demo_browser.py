@@ -25,11 +25,14 @@ CHROMIUM_FLAGS = (
     "--window-size=1280,900",
 )
 
-pytestmark = pytest.mark.skipif(
-    not (CHROMIUM.is_file() and CHROMEDRIVER.is_file()),
-    reason=f"needs Chromium at {CHROMIUM} and chromedriver at {CHROMEDRIVER} "
-    "(apt-get install -y chromium chromium-driver; .ci/run installs them)",
-)
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not (CHROMIUM.is_file() and CHROMEDRIVER.is_file()),
+        reason=f"needs Chromium at {CHROMIUM} and chromedriver at {CHROMEDRIVER} "
+        "(apt-get install -y chromium chromium-driver; .ci/run installs them)",
+    ),
+]
 
 
 def chromium(user_data_dir: Path):

@@ -5,7 +5,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import compose_cfg, quick_overrides
 from pytorch_lightning import Callback, seed_everything
 
 from skuvision.assembly import build, build_trainer, instantiate_callbacks
@@ -14,6 +13,7 @@ from skuvision.checkpoints import load_classifier
 from skuvision.data.augment import ShiftFlip
 from skuvision.tasks import evaluate, train
 from skuvision.tta import tta_logits, views
+from tests.helpers import compose_cfg, quick_overrides
 
 
 class WeightsAfterEachStep(Callback):

@@ -11,10 +11,8 @@ import numpy as np
 import pytest
 import timm
 import torch
-from conftest import compose_cfg, quick_overrides
 from pytorch_lightning import Trainer
 from safetensors.torch import load_file
-from writers import write_image_folder
 
 from skuvision.assembly import from_checkpoint
 from skuvision.data.files import InputFilesDataModule
@@ -22,6 +20,8 @@ from skuvision.errors import SkuvisionError
 from skuvision.tasks import train
 from skuvision.tasks.export import check_timm_architecture, export
 from skuvision.tasks.predict import predict
+from tests.helpers import compose_cfg, quick_overrides
+from tests.writers import write_image_folder
 
 CLASSES = ("kettle", "phone", "shirt")
 

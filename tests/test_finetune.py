@@ -5,12 +5,12 @@ import math
 
 import pytest
 import torch
-from conftest import ROOT, compose_cfg, quick_overrides, run_cli
 from pytorch_lightning import Callback, seed_everything
 from pytorch_lightning.callbacks import ModelCheckpoint
 
 from skuvision.assembly import build, build_trainer, instantiate_callbacks
 from skuvision.finetune import stage_param_names
+from tests.helpers import ROOT, compose_cfg, quick_overrides, run_cli
 
 STRATEGIES = sorted(p.stem for p in (ROOT / "conf" / "finetune").glob("*.yaml"))
 SCHEDULERS = sorted(p.stem for p in (ROOT / "conf" / "scheduler").glob("*.yaml"))
@@ -300,6 +300,7 @@ def test_lr_finder_keeps_group_ratios(tmp_path, data_root):
         )
 
 
+@pytest.mark.slow
 def test_ddp_gradual_ranks_agree(tmp_path, data_root):
     overrides = quick_overrides("fashion_mnist", data_root) + [
         "finetune=gradual",
@@ -310,10 +311,10 @@ def test_ddp_gradual_ranks_agree(tmp_path, data_root):
         "trainer.strategy=ddp_spawn",
         "trainer.devices=2",
         "trainer.precision=32",
-        "+callbacks.rank_probe._target_=probes.FrozenStateProbe",
+        "+callbacks.rank_probe._target_=tests.probes.FrozenStateProbe",
         "threads=1",
     ]
-    result = run_cli("train.py", overrides, tmp_path, extra_env={"PYTHONPATH": str(ROOT / "tests")})
+    result = run_cli("train.py", overrides, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     runs = list((tmp_path / "outputs").glob("*/*"))
     assert len(runs) == 1
@@ -326,6 +327,7 @@ def test_ddp_gradual_ranks_agree(tmp_path, data_root):
     assert rank0["0"] != rank0["1"]  # epoch 0 head only, epoch 1 everything
 
 
+@pytest.mark.slow
 def test_sweep_over_strategies_records_each(tmp_path, data_root):
     overrides = ["-m", *quick_overrides("fashion_mnist", data_root)] + [
         "finetune=full,linear_probe,gradual,discriminative",

@@ -8,13 +8,13 @@ import faiss
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import compose_cfg, quick_overrides
-from writers import write_image_folder
 
 from skuvision.errors import SkuvisionError
 from skuvision.index import CatalogueIndex
 from skuvision.tasks import train
 from skuvision.tasks.embed import embed
+from tests.helpers import compose_cfg, quick_overrides
+from tests.writers import write_image_folder
 
 # Small enough to train quickly, big enough for the IVF lists and PQ codebooks (2**nbits points).
 APPROXIMATE = {

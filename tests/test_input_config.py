@@ -3,12 +3,12 @@ the DataModule and the Classifier are built with the same one, and nothing rewri
 
 import pytest
 import timm
-from conftest import compose_cfg, quick_overrides, run_cli
 
 from skuvision.assembly import build
 from skuvision.data.datamodule import ImageDataModule
 from skuvision.errors import SkuvisionError
 from skuvision.models.input_config import resolve_input
+from tests.helpers import compose_cfg, quick_overrides, run_cli
 
 
 def built(tmp_path, data_root, model, extra=()):

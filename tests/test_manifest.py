@@ -8,12 +8,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from conftest import compose_cfg, quick_overrides
-from writers import write_image_folder
 
 from skuvision.data import ManifestDataModule
 from skuvision.errors import SkuvisionError
 from skuvision.tasks import train
+from tests.helpers import compose_cfg, quick_overrides
+from tests.writers import write_image_folder
 
 INPUT_32 = {
     "input_size": [3, 32, 32],

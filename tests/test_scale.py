@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, compose_cfg, quick_overrides, run_cli
 from omegaconf import OmegaConf
 
 from skuvision.assembly import build
@@ -21,6 +20,7 @@ from skuvision.finetune import Full, Gradual
 from skuvision.models import create_backbone
 from skuvision.tasks import evaluate, train
 from skuvision.tasks.launch import check_devices, ddp_strategy, resume_path
+from tests.helpers import ROOT, compose_cfg, quick_overrides, run_cli
 
 
 def only_run_folder(parent: Path) -> Path:
@@ -29,6 +29,7 @@ def only_run_folder(parent: Path) -> Path:
     return runs[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ddp_spawn", "ddp"])
 def test_two_process_ddp_run_matches_a_single_process_eval(data_root, tmp_path, strategy):
     """ddp re-runs the command for rank 1 (same run folder, its info lines dropped); ddp_spawn spawns it."""
@@ -99,6 +100,7 @@ def test_bf16_mixed_fast_dev_run_on_cpu(train_cfg):
     assert math.isfinite(metrics["test/loss"])
 
 
+@pytest.mark.slow
 def test_multirun_of_two_ddp_cpu_jobs_makes_two_run_folders(data_root, tmp_path):
     overrides = quick_overrides("fashion_mnist", data_root) + [
         "trainer=ddp_cpu",
@@ -223,6 +225,7 @@ def test_a_slurm_sweep_submits_one_array_job_with_the_trainers_nodes_and_gpus(tm
     assert sbatch["#SBATCH --signal"] == "USR2@120"  # submitit's requeue signal, 2 minutes before the limit
 
 
+@pytest.mark.slow
 def test_tasks_started_by_slurm_share_one_run_folder(data_root, tmp_path):
     """What srun does on a node of a SLURM job: 2 tasks with SLURM's variables, started together, run folder
     given (submitit gives every task the job's). Lightning's SLURM environment makes them ranks 0 and 1."""
@@ -270,6 +273,7 @@ def test_tasks_started_by_slurm_share_one_run_folder(data_root, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["run"]
 
 
+@pytest.mark.slow
 def test_submitit_local_launcher_runs_one_job_end_to_end(data_root, tmp_path):
     overrides = quick_overrides("fashion_mnist", data_root) + [
         "hydra/launcher=submitit_local",

@@ -20,14 +20,17 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import ROOT, compose_cfg
 from PIL import Image
-from serving_fixtures import processes_below, torch_server, wait_ended
 
 from skuvision.errors import SkuvisionError
 from skuvision.index import CatalogueIndex
 from skuvision.serving.predictor import model_card
 from skuvision.tasks.serve import prepared
+from tests.helpers import ROOT, compose_cfg
+from tests.serving_fixtures import processes_below, torch_server, wait_ended
+
+# serve.py and demo.py processes as a user starts them, each loading a model.
+pytestmark = pytest.mark.slow
 
 BACKENDS = ("torch", "onnx")
 
@@ -560,7 +563,8 @@ def test_huge_png_is_refused_fast_and_phone_photos_are_seen_upright(servers, que
     worker) gets its 413 from its header, and the next request is served; a phone JPEG stored turned with
     Orientation=6 gets its upright twin's answer."""
     import numpy as np
-    from writers import pattern_images, write_huge_png, write_oriented_jpeg
+
+    from tests.writers import pattern_images, write_huge_png, write_oriented_jpeg
 
     url = servers["torch"].url
     huge = write_huge_png(tmp_path / "huge.png")

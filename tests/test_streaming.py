@@ -3,7 +3,6 @@
 import contextlib
 import faulthandler
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -14,14 +13,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import ROOT, compose_cfg, quick_overrides, run_cli
 from PIL import Image
-from writers import pattern_images
 
 from skuvision.data import StreamingDataModule
 from skuvision.data.streaming import METADATA_FILE, read_metadata
 from skuvision.errors import SkuvisionError
 from skuvision.tasks import evaluate, shard, train
+from tests.helpers import compose_cfg, quick_overrides, run_cli
+from tests.writers import pattern_images
 
 N_IDS = 48  # training images of the id set, each its own class: a batch's labels name its images
 
@@ -123,6 +122,7 @@ def test_fewer_training_images_than_a_batch_is_refused(photo_shards):
         datamodule.train_dataloader()
 
 
+@pytest.mark.slow
 def test_two_process_ddp_sees_every_training_image_once_per_epoch_in_equal_batches(id_shards, tmp_path):
     """2 gloo processes of 2 loader workers, 4 images per process and step: 6 steps each per epoch, 48
     distinct images."""
@@ -135,12 +135,12 @@ def test_two_process_ddp_sees_every_training_image_once_per_epoch_in_equal_batch
             "trainer.num_sanity_val_steps=0",
             "trainer.precision=32",
             "test=false",
-            "+callbacks.seen._target_=probes.SeenLabels",
+            "+callbacks.seen._target_=tests.probes.SeenLabels",
             "threads=1",
             "data.num_workers=2",  # litdata divides each rank's share among its workers too
         ],
     )
-    env = {"OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests")])}
+    env = {"OMP_NUM_THREADS": "1"}
     result = run_cli("train.py", overrides, tmp_path, env)  # a hang fails at run_cli's timeout
     assert result.returncode == 0, result.stderr[-3000:]
     runs = [p for p in (tmp_path / "outputs").glob("*/*") if p.is_dir()]
@@ -182,7 +182,7 @@ def test_a_run_killed_mid_epoch_resumes_to_the_weights_of_an_uninterrupted_run(
 
     killed_at = tmp_path / "killed.ckpt"
     kill = [
-        "+callbacks.kill._target_=probes.KillAtStep",
+        "+callbacks.kill._target_=tests.probes.KillAtStep",
         "+callbacks.kill.step=4",
         f"+callbacks.kill.path={killed_at}",
     ]
@@ -281,6 +281,7 @@ def test_litdata_still_has_the_client_switch_for_plain_http():
     assert hasattr(downloader, "_OBSTORE_AVAILABLE") and hasattr(downloader, "obstore_usable")
 
 
+@pytest.mark.slow
 def test_shards_in_a_bucket_train_like_the_same_shards_in_a_folder(
     s3_endpoint, photo_shards, data_root, tmp_path, monkeypatch
 ):

@@ -9,10 +9,10 @@ import sys
 from pathlib import Path
 
 import optuna
-from conftest import ROOT, compose_cfg, quick_overrides, run_cli
+import pytest
 from PIL import Image
 
-PROBES_ENV = {"PYTHONPATH": str(ROOT / "tests")}
+from tests.helpers import ROOT, compose_cfg, quick_overrides, run_cli
 
 
 def sweep_overrides(data_root: Path, sweep_dir: Path) -> list[str]:
@@ -40,6 +40,7 @@ def test_compare_backbones_experiment_sweeps_the_four_backbones_with_one_recipe(
     assert cfg.hydra.callbacks.leaderboard._target_ == "skuvision.sweeps.LeaderboardCallback"
 
 
+@pytest.mark.slow
 def test_backbone_sweep_writes_a_leaderboard_with_the_failed_job_as_a_failed_row(tmp_path, data_root):
     sweep_dir = tmp_path / "sweep"
     overrides = sweep_overrides(data_root, sweep_dir) + [
@@ -100,6 +101,7 @@ def optuna_command(data_root: Path, sweep_dir: Path, *extra: str) -> list[str]:
     ]
 
 
+@pytest.mark.slow
 def test_optuna_search_records_failed_trials_and_resumes_after_an_interruption(tmp_path, data_root):
     sweep_dir = tmp_path / "optuna"
     storage = f"sqlite:///{sweep_dir}/study.db"
@@ -110,11 +112,10 @@ def test_optuna_search_records_failed_trials_and_resumes_after_an_interruption(t
         optuna_command(
             data_root,
             sweep_dir,
-            "+callbacks.interrupt._target_=probes.InterruptJob",
+            "+callbacks.interrupt._target_=tests.probes.InterruptJob",
             "+callbacks.interrupt.job=1",
         ),
         tmp_path,
-        extra_env=PROBES_ENV,
     )
     assert first.returncode == -9, first.stderr[-3000:]
     states = [t.state.name for t in optuna.load_study(study_name="test", storage=storage).trials]
@@ -124,10 +125,9 @@ def test_optuna_search_records_failed_trials_and_resumes_after_an_interruption(t
     second = run_cli(
         "train.py",
         optuna_command(
-            data_root, sweep_dir, "+callbacks.fail._target_=probes.FailJob", "+callbacks.fail.job=2"
+            data_root, sweep_dir, "+callbacks.fail._target_=tests.probes.FailJob", "+callbacks.fail.job=2"
         ),
         tmp_path,
-        extra_env=PROBES_ENV,
     )
     assert second.returncode == 0, second.stderr[-3000:]
     study = optuna.load_study(study_name="test", storage=storage)
@@ -179,6 +179,7 @@ def train_without_wandb_key(args: list[str], cwd: Path) -> subprocess.CompletedP
     return result
 
 
+@pytest.mark.slow
 def test_each_job_of_a_multirun_is_its_own_offline_wandb_run(tmp_path, data_root):
     sweep_dir = tmp_path / "sweep"
     overrides = sweep_overrides(data_root, sweep_dir) + [
@@ -207,6 +208,7 @@ def test_each_job_of_a_multirun_is_its_own_offline_wandb_run(tmp_path, data_root
     assert runs[0] != runs[1]
 
 
+@pytest.mark.slow
 def test_resuming_from_a_checkpoint_continues_the_same_wandb_run(tmp_path, data_root):
     overrides = quick_overrides("fashion_mnist", data_root) + [
         "logger=wandb",

@@ -11,7 +11,6 @@ import onnxruntime as ort
 import pandas as pd
 import pytest
 import torch
-from conftest import compose_cfg, quick_overrides, run_cli
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from PIL import Image
@@ -21,7 +20,6 @@ from torchmetrics.functional.classification import (
     multiclass_f1_score,
     multiclass_precision,
 )
-from writers import write_image_folder
 
 from skuvision.checkpoints import load_classifier
 from skuvision.errors import SkuvisionError
@@ -31,6 +29,8 @@ from skuvision.tasks.compare import write_leaderboard
 from skuvision.tasks.embed import embed
 from skuvision.tasks.export import export
 from skuvision.tasks.predict import predict
+from tests.helpers import compose_cfg, quick_overrides, run_cli
+from tests.writers import write_image_folder
 
 
 @pytest.fixture(scope="module")
@@ -543,9 +543,8 @@ def test_any_missing_mandatory_key_is_one_line_with_an_example(
 
 
 def test_every_mandatory_key_of_the_configs_has_an_example():
-    from conftest import CONF
-
     from skuvision.tasks.utils import MANDATORY_EXAMPLES
+    from tests.helpers import CONF
 
     mandatory = set()
     for path in CONF.rglob("*.yaml"):

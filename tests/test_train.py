@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, compose_cfg, quick_overrides, run_cli
-from writers import write_image_folder
 
 from skuvision.errors import SkuvisionError
 from skuvision.tasks import evaluate, train
+from tests.helpers import ROOT, compose_cfg, quick_overrides, run_cli
+from tests.writers import write_image_folder
 
 # timm.yaml holds the settings the others share; it names no model by itself.
 MODELS = sorted(p.stem for p in (ROOT / "conf" / "model").glob("*.yaml") if p.stem != "timm")
@@ -247,7 +247,7 @@ def test_resuming_with_a_longer_schedule_is_refused_before_fitting(train_cfg, tm
         "trainer.limit_train_batches=3",
         "trainer.limit_val_batches=1",
     ]
-    kill = ["+callbacks.kill._target_=probes.KillAtStep", "+callbacks.kill.step=4"]
+    kill = ["+callbacks.kill._target_=tests.probes.KillAtStep", "+callbacks.kill.step=4"]
     kill.append(f"+callbacks.kill.path={tmp_path / 'killed.ckpt'}")
     first = train_cfg("fashion_mnist", "simple_cnn", ["trainer.max_epochs=2", *short, *kill])
     with pytest.raises(RuntimeError, match="killed after step 4"):

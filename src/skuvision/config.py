@@ -8,8 +8,11 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
-# The Hydra configs, at the root of the source checkout (skuvision is installed editable from it).
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+# The Hydra configs: the package skuvision.conf, which is conf/ at the root of a checkout (src/skuvision/conf
+# links there) and a folder inside an installed wheel. Resolved, so messages name the real folder.
+CONF_DIR = (Path(__file__).parent / "conf").resolve()
+# The same folder as a Hydra config source, for @hydra.main wherever skuvision is installed.
+CONF_PACKAGE = "pkg://skuvision.conf"
 
 
 def plain(cfg: Any) -> Any:

@@ -1,0 +1,62 @@
+"""What many tests share: the checkout's paths, real configs composed for a small CPU run, and the commands
+run as a user runs them."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from skuvision.config import compose_config
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+
+DATA_ROOTS = {
+    "fashion_mnist": "fashion_mnist",
+    "cifar10": "cifar",
+    "cifar100": "cifar",
+    "image_folder": "photos",
+    "manifest": "catalogue/styles.csv",
+    "streaming": "shards",
+}
+
+
+def compose_cfg(config_name: str, overrides: list[str], output_dir: Path) -> DictConfig:
+    """Compose a real config as train.py/eval.py would, with its run folder at output_dir."""
+    return compose_config(config_name, overrides, output_dir)
+
+
+def quick_overrides(data: str, data_root: Path, model: str = "simple_cnn") -> list[str]:
+    """A CPU-cheap run: small images and batches, no pretrained download, offline data only."""
+    size = 80 if model == "inception_v3" else 32
+    return [
+        f"data={data}",
+        f"model={model}",
+        f"data.root={data_root / DATA_ROOTS[data]}",
+        "data.download=false",
+        "data.batch_size=8",
+        "data.eval_batch_size=16",
+        "data.num_workers=0",
+        f"input.image_size={size}",
+        "model.pretrained=false",
+        "callbacks.progress_bar=null",
+        "trainer.enable_model_summary=false",
+        "trainer.accelerator=cpu",
+        "threads=2",
+    ]
+
+
+def run_cli(script: str, overrides: list[str], cwd, extra_env: dict | None = None):
+    """Run train.py/eval.py as a user would, offline, with 2 threads."""
+    env = {**os.environ, "SKUVISION_OFFLINE": "1", "OMP_NUM_THREADS": "2", **(extra_env or {})}
+    return subprocess.run(
+        [sys.executable, str(ROOT / script), *overrides],
+        cwd=cwd,
+        stdin=subprocess.DEVNULL,  # CI and sweeps have no stdin: nothing may prompt
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
