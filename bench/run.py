@@ -31,7 +31,7 @@ from table import markdown_rows  # noqa: E402  (bench/ is the script's folder)
 
 from skuvision import plots  # noqa: E402
 from skuvision.config import auto_precision, compose_config  # noqa: E402
-from skuvision.data.datamodule import InMemoryImages  # noqa: E402
+from skuvision.data.datasets import InMemoryImages  # noqa: E402
 from skuvision.data.fashion_mnist import DEBIAN_DIR, FILES  # noqa: E402
 from skuvision.data.transforms import eval_image_transform  # noqa: E402
 from skuvision.tasks import evaluate  # noqa: E402

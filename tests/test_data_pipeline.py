@@ -11,7 +11,7 @@ from PIL import Image
 from writers import pattern_images, write_image_folder
 
 from skuvision.data import FashionMNISTDataModule, ImageFolderDataModule
-from skuvision.data.images import open_rgb
+from skuvision.data.decode import open_rgb
 from skuvision.errors import SkuvisionError
 from skuvision.tasks import train
 

@@ -16,7 +16,7 @@ from pytorch_lightning import Trainer
 from safetensors.torch import load_file
 from writers import write_image_folder
 
-from skuvision.data.files import InputFilesDataModule
+from skuvision.data.inputs import InputFilesDataModule
 from skuvision.errors import SkuvisionError
 from skuvision.tasks import train
 from skuvision.tasks.assembly import from_checkpoint

@@ -25,7 +25,7 @@ from threadpoolctl import threadpool_limits
 from torch.utils.data import Dataset, Subset
 
 from skuvision.checkpoints import read_checkpoint
-from skuvision.data.datamodule import InMemoryImages
+from skuvision.data.datasets import InMemoryImages
 from skuvision.errors import SkuvisionError
 from skuvision.tasks.assembly import build
 from skuvision.tasks.utils import instantiate_callbacks

@@ -13,7 +13,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from skuvision.calibration import calibrated_probs, load_calibration
-from skuvision.data.files import InputFilesDataModule, collect_inputs
+from skuvision.data.inputs import InputFilesDataModule, collect_inputs
 from skuvision.errors import SkuvisionError
 from skuvision.outputs import refuse_existing, write_csv
 from skuvision.tasks.assembly import from_checkpoint

@@ -13,7 +13,7 @@ from pathlib import Path
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig
 
-from skuvision.data.image_folder import LabelledImageFiles
+from skuvision.data.datasets import LabelledImageFiles
 from skuvision.data.streaming import (
     ENCODINGS,
     METADATA_FILE,
@@ -100,7 +100,7 @@ def shard(cfg: DictConfig) -> dict:
         "quality": cfg.quality if cfg.encoding == "jpeg" else None,
         "counts": {split: dict(zip(datamodule.class_names, c, strict=True)) for split, c in counts.items()},
         "source": plain(cfg.data),
-        "skipped": len(getattr(datamodule, "skipped", {}) or {}),
+        "skipped": len(datamodule.skipped),
     }
     write_metadata(output, metadata)  # last: shards without it are an unfinished write
     write_data_report(datamodule, output_dir)

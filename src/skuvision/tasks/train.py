@@ -45,12 +45,9 @@ log = logging.getLogger("skuvision")
 
 def write_data_report(datamodule: LightningDataModule, output_dir: Path) -> None:
     """class_counts.json per split, and skipped_images.json when unreadable images were left out."""
-    counts = datamodule.class_counts()
-    write_json(
-        output_dir / "class_counts.json",
-        {split: dict(zip(datamodule.class_names, c, strict=True)) for split, c in counts.items()},
-    )
-    skipped = getattr(datamodule, "skipped", None)
+    report = datamodule.data_report()
+    write_json(output_dir / "class_counts.json", report["class_counts"])
+    skipped = report["skipped"]
     if skipped:
         write_json(output_dir / "skipped_images.json", skipped)
         log.warning(
