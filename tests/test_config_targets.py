@@ -6,7 +6,7 @@ import inspect
 import pytest
 from conftest import CONF, compose_cfg
 from hydra.utils import get_object
-from omegaconf import MISSING, OmegaConf
+from omegaconf import OmegaConf
 
 from skuvision.data import ImageDataModule
 
@@ -41,10 +41,7 @@ def test_the_walk_covers_every_group():
 
 @pytest.mark.parametrize("path", sorted(CONF.rglob("*.yaml")), ids=lambda p: str(p.relative_to(CONF)))
 def test_every_target_imports(path):
-    shared = SHARED_FOLDER in path.relative_to(CONF).parts
     for target in targets(OmegaConf.to_container(OmegaConf.load(path), resolve=False)):
-        if shared and target == MISSING:
-            continue  # each option that includes it names its own (test_every_option_names_its_code)
         assert get_object(target) is not None, f"{path}: {target}"
 
 
@@ -91,13 +88,12 @@ def test_data_options_hold_only_what_differs_from_their_shared_settings():
     shared = {}
     for path in (CONF / "data" / SHARED_FOLDER).glob("*.yaml"):
         shared |= own_keys(path)
-    assert {"_target_", "root", "batch_size", "num_workers", "split_fractions", "cache"} <= set(shared)
+    assert {"batch_size", "num_workers", "balance", "split_fractions", "cache"} <= set(shared)
     including = [o for o in options("data") if includes_shared(CONF / "data" / f"{o}.yaml")]
     assert {"image_folder", "manifest", "streaming"} <= set(including)
     for option in including:
         own = own_keys(CONF / "data" / f"{option}.yaml")
-        # Restating a mandatory key (???) to say what it names there is no repeat.
-        repeated = [k for k, v in own.items() if k in shared and v == shared[k] and v != MISSING]
+        repeated = [k for k, v in own.items() if k in shared and v == shared[k]]
         assert not repeated, f"conf/data/{option}.yaml repeats {repeated} from conf/data/{SHARED_FOLDER}/"
 
 
