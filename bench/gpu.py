@@ -111,7 +111,7 @@ def sync(device: torch.device) -> None:
 def photo_loader_rows(photos: Path, count: int, workers: int, repeats: int, device: str, rows, notes):
     """Product photos to normalized 224 px batches on the GPU: four ways, same workers and batch."""
     from bench import decode
-    from skuvision.data.image_files import JpegBatch, decode_batch_on_device
+    from skuvision.data.decode import JpegBatch, decode_batch_on_device
 
     cuda = torch.device(device)
     to_gpu = {}

@@ -29,7 +29,7 @@ from bench.table import markdown_rows
 from skuvision import plots
 from skuvision.assembly import build, build_trainer, instantiate_callbacks, instantiate_loggers
 from skuvision.config import auto_precision, compose_config
-from skuvision.data.datamodule import InMemoryImages
+from skuvision.data.datasets import InMemoryImages
 from skuvision.data.fashion_mnist import DEBIAN_DIR, FILES
 from skuvision.data.transforms import eval_image_transform
 from skuvision.tasks import evaluate

@@ -1,16 +1,21 @@
 """Every option of every group that names code has a `_target_`, and every `_target_` imports: a newcomer
 who opens any YAML finds the code behind it in one hop."""
 
+import inspect
+
 import pytest
 from hydra.utils import get_object
 from omegaconf import OmegaConf
 
+from skuvision.data import ImageDataModule
 from tests.helpers import CONF, compose_cfg
 
 # Groups whose options each build one object.
 ONE_OBJECT_GROUPS = ("data", "model", "finetune", "optimizer", "scheduler", "augment", "trainer")
 # Groups whose options hold named entries, each building one object (null entries are switched off).
 MANY_OBJECT_GROUPS = ("callbacks", "logger")
+# Settings that several options of a group include through their defaults list; not options themselves.
+SHARED_FOLDER = "common"
 
 
 def options(group: str) -> list[str]:
@@ -66,3 +71,38 @@ def test_model_options_hold_only_what_differs():
         own = OmegaConf.load(CONF / "model" / f"{option}.yaml")
         repeated = [k for k in own if k != "defaults" and k in shared and own[k] == shared[k]]
         assert not repeated, f"conf/model/{option}.yaml repeats {repeated} from timm.yaml"
+
+
+def own_keys(path) -> dict:
+    """A YAML's keys and values, its defaults list left out."""
+    node = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    return {k: v for k, v in node.items() if k != "defaults"}
+
+
+def includes_shared(path) -> bool:
+    defaults = OmegaConf.load(path).get("defaults") or []
+    return any(str(entry).startswith(f"{SHARED_FOLDER}/") for entry in defaults)
+
+
+def test_data_options_hold_only_what_differs_from_their_shared_settings():
+    shared = {}
+    for path in (CONF / "data" / SHARED_FOLDER).glob("*.yaml"):
+        shared |= own_keys(path)
+    assert {"batch_size", "num_workers", "balance", "split_fractions", "cache"} <= set(shared)
+    including = [o for o in options("data") if includes_shared(CONF / "data" / f"{o}.yaml")]
+    assert {"image_folder", "manifest", "streaming"} <= set(including)
+    for option in including:
+        own = own_keys(CONF / "data" / f"{option}.yaml")
+        repeated = [k for k, v in own.items() if k in shared and v == shared[k]]
+        assert not repeated, f"conf/data/{option}.yaml repeats {repeated} from conf/data/{SHARED_FOLDER}/"
+
+
+@pytest.mark.parametrize("option", options("data"))
+def test_every_data_key_is_a_parameter_of_its_datamodule(tmp_path, option):
+    node = compose_cfg("train", [f"data={option}", "data.root=/photos"], tmp_path / "run").data
+    source = get_object(node._target_)
+    parameters = set(inspect.signature(source).parameters) | set(
+        inspect.signature(ImageDataModule).parameters
+    )
+    unknown = sorted(set(node) - parameters - {"_target_"})
+    assert not unknown, f"data={option} sets {unknown}, which {source.__name__} does not take"

@@ -184,3 +184,89 @@ def test_in_memory_and_pil_paths_agree(tmp_path):
     b, _ = dm.on_after_batch_transfer((memory, torch.zeros(1)), 0)
     assert a.shape == b.shape == (1, 3, 64, 64)
     assert (a - b).abs().mean() < 0.05  # in normalized units: about 1/100 of the pixel range
+
+
+def fashion_mnist(data_root, **kwargs) -> FashionMNISTDataModule:
+    root = str(data_root / "fashion_mnist")
+    return FashionMNISTDataModule(root, input_config=INPUT_28, system_dirs=[], download=False, **kwargs)
+
+
+def test_a_subset_of_nothing_names_the_key(data_root):
+    with pytest.raises(
+        SkuvisionError, match=r"^data.subset=0.0 leaves no samples; use a fraction in \(0, 1\]"
+    ):
+        fashion_mnist(data_root, subset=0.0).setup()
+
+
+@pytest.mark.parametrize("val_fraction", [0.0, 1.5])
+def test_a_val_fraction_outside_zero_to_one_names_the_key(data_root, val_fraction):
+    with pytest.raises(SkuvisionError, match=rf"^data.val_fraction={val_fraction} must be in \(0, 1\)$"):
+        fashion_mnist(data_root, val_fraction=val_fraction).setup()
+
+
+@pytest.mark.parametrize("fractions", [[0.8, 0.2], [0.8, -0.1, 0.3], [0, 0, 0]])
+def test_split_fractions_are_checked_alike_by_both_file_sources(tmp_path, fractions):
+    from skuvision.data import ManifestDataModule
+
+    message = rf"^data.split_fractions={fractions} must be three non-negative numbers$".replace("[", r"\[")
+    for source in (ImageFolderDataModule, ManifestDataModule):
+        with pytest.raises(SkuvisionError, match=message):
+            source(str(tmp_path), input_config=INPUT_32, split_fractions=fractions)
+
+
+def test_in_memory_images_that_are_not_uint8_name_the_source_and_what_it_gave():
+    from skuvision.data import ImageDataModule, InMemoryImages
+
+    class FloatImages(ImageDataModule):
+        class_names = ["a", "b"]
+
+        def load_splits(self):
+            return {"train": InMemoryImages(torch.rand(4, 3, 8, 8), torch.tensor([0, 1, 0, 1]))}
+
+    expected = (
+        r"^FloatImages \(data._target_\) gave torch.float32 images of shape \(4, 3, 8, 8\) for the train"
+    )
+    with pytest.raises(SkuvisionError, match=expected):
+        FloatImages(root=".", input_config=INPUT_32).setup()
+
+
+def test_the_data_report_holds_class_counts_per_split_and_the_skipped_files(tmp_path):
+    root = write_image_folder(tmp_path / "shop", per_class=4)
+    broken = root / "phone" / "broken.jpg"
+    broken.write_bytes(b"not a jpeg")
+    dm = ready(ImageFolderDataModule(str(root), input_config=INPUT_32, split_fractions=[1, 0, 0]))
+    report = dm.data_report()
+    assert report["class_counts"] == {
+        "train": {"phone": 4, "shirt": 4, "toaster": 4},
+        "val": {"phone": 0, "shirt": 0, "toaster": 0},
+        "test": {"phone": 0, "shirt": 0, "toaster": 0},
+    }
+    assert (
+        list(report["skipped"]) == [str(broken)]
+        and "UnidentifiedImageError" in report["skipped"][str(broken)]
+    )
+
+
+def test_labels_and_file_paths_of_a_split_are_read_off_the_data_module(tmp_path, data_root):
+    root = write_image_folder(tmp_path / "shop", per_class=4)
+    files = ready(
+        ImageFolderDataModule(str(root), input_config=INPUT_32, split_fractions=[1, 0, 0], subset=6)
+    )
+    train = files.splits["train"]  # a Subset of the split's files
+    assert files.sample_paths("train") == [str(train.dataset.samples[i][0]) for i in train.indices]
+    assert files.split_labels("train") == [train.dataset.targets[i] for i in train.indices]
+    assert files.sample_paths("val") is None  # an empty split names no files
+    in_memory = ready(fashion_mnist(data_root))
+    assert in_memory.skipped == {} and in_memory.sample_paths("test") is None
+    assert in_memory.split_labels("test") == in_memory.splits["test"].labels.tolist()
+
+
+@pytest.mark.parametrize(("channels", "mode"), [(1, "L"), (3, "RGB")])
+def test_a_dataset_image_as_a_picture_keeps_its_pixels(channels, mode):
+    from skuvision.data.pictures import pil_image
+
+    image = torch.randint(0, 256, (channels, 6, 5), dtype=torch.uint8)
+    picture = pil_image(image)
+    assert picture.mode == mode and picture.size == (5, 6)
+    expected = image.permute(1, 2, 0).squeeze(-1).numpy()
+    assert np.array_equal(np.asarray(picture), expected)

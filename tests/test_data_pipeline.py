@@ -9,7 +9,7 @@ from hydra.utils import instantiate
 from PIL import Image
 
 from skuvision.data import FashionMNISTDataModule, ImageFolderDataModule
-from skuvision.data.images import open_rgb
+from skuvision.data.decode import open_rgb
 from skuvision.errors import SkuvisionError
 from skuvision.tasks import train
 from tests.helpers import ROOT, compose_cfg, quick_overrides

@@ -12,18 +12,22 @@ from skimage import data as photos
 from torchvision.io import read_file
 from torchvision.transforms import Resize
 
-from skuvision.data.files import InputFilesDataModule, InputImageFiles
-from skuvision.data.image_files import JpegBatch, JpegFile, collate_images, decode_batch_on_device
-from skuvision.data.image_folder import ImageFolderDataModule
-from skuvision.data.images import (
+from skuvision.data.datasets import InputImageFiles
+from skuvision.data.decode import (
     ImageOverBudget,
+    JpegBatch,
+    JpegFile,
+    collate_images,
     dct_scale,
+    decode_batch_on_device,
     decode_error,
     open_rgb,
     pixel_budget,
     resized_size,
     scan_images,
 )
+from skuvision.data.image_folder import ImageFolderDataModule
+from skuvision.data.inputs import InputFilesDataModule
 from skuvision.data.transforms import ToModelInput, eval_image_transform, eval_min_side, eval_pixel_budget
 from skuvision.errors import SkuvisionError
 from skuvision.tasks import train
@@ -250,7 +254,7 @@ def test_fills_started_together_decode_each_image_once(tmp_path, caplog):
     """As the processes of a DDP run do at setup: one fills, the other finds everything cached."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from skuvision.data.image_cache import DecodedImageCache
+    from skuvision.data.decode_cache import DecodedImageCache
 
     root = write_photo_folder(tmp_path / "shop", per_class=6)
     files = InputImageFiles(sorted(root.rglob("*.*")), INPUT_32)
@@ -260,6 +264,20 @@ def test_fills_started_together_decode_each_image_once(tmp_path, caplog):
     assert caplog.text.count(f"{len(files)} decoded and stored") == 1
     assert caplog.text.count(f"{len(files)} image(s) read from cache, 0 decoded") == 1
     assert len(list(fills[0].shards)) == len(list(fills[1].shards)) == 1
+
+
+def test_a_transform_that_does_not_fit_the_cache_is_a_bug_not_an_unreadable_file(tmp_path):
+    """The cache's image shape and the eval transform come from one input config: a mismatch is raised as
+    the program's error, never caught as a file that does not decode (ValueError is one of DECODE_ERRORS)."""
+    from skuvision.data.decode_cache import DecodedImageCache
+
+    root = write_photo_folder(tmp_path / "shop", per_class=2)
+    files = InputImageFiles(sorted(root.rglob("*.*")), INPUT_32)
+    with pytest.raises(
+        RuntimeError, match=r"the transform gave torch.uint8 \(3, 32, 32\), not uint8 \(3, 64, 64\)"
+    ):
+        DecodedImageCache({**INPUT_32, "input_size": (3, 64, 64)}).fill(files, workers=1)
+    assert not list((tmp_path / "cache" / "decoded").glob("*/*.u8")), "nothing is published"
 
 
 def test_per_image_training_augmentation_decodes_whole_images_and_the_rest_is_cached(tmp_path, caplog):
@@ -390,7 +408,7 @@ def test_decoded_cache_from_before_orientation_is_not_reused():
     import PIL
     import torchvision
 
-    from skuvision.data.image_cache import geometry_key
+    from skuvision.data.decode_cache import geometry_key
 
     before = {  # what format 1 hashed
         "format": 1,
@@ -420,7 +438,7 @@ def test_upright_table_matches_torchvision_and_pillow(tmp_path):
     CPU decoder with apply_exif_orientation and against Pillow's exif_transpose, for every orientation."""
     from torchvision.io import decode_jpeg
 
-    from skuvision.data.image_files import ORIENTATIONS, device_orientation, upright
+    from skuvision.data.decode import ORIENTATIONS, device_orientation, upright
 
     assert set(ORIENTATIONS) == set(range(1, 9))
     picture = photo((64, 48))
@@ -550,7 +568,7 @@ def test_prediction_input_over_the_budget_is_an_error_item(huge_png, phone_jpeg,
 
 
 def test_device_path_leaves_over_budget_and_cmyk_jpegs_to_the_cpu(tmp_path, phone_jpeg):
-    from skuvision.data.image_files import device_orientation
+    from skuvision.data.decode import device_orientation
 
     data = read_file(str(phone_jpeg))
     assert device_orientation(data) == 6
@@ -708,7 +726,7 @@ def test_server_decoding_sees_a_phone_photo_as_its_upright_twin(predictor, tmp_p
     ],
 )
 def test_broken_or_unknown_exif_orientation_leaves_the_image_as_stored(tmp_path, exif):
-    from skuvision.data.image_files import device_orientation
+    from skuvision.data.decode import device_orientation
 
     path = tmp_path / "odd_exif.jpg"
     photo((640, 480)).save(path, quality=95, exif=exif)

@@ -15,7 +15,7 @@ from pytorch_lightning import Trainer
 from safetensors.torch import load_file
 
 from skuvision.assembly import from_checkpoint
-from skuvision.data.files import InputFilesDataModule
+from skuvision.data.inputs import InputFilesDataModule
 from skuvision.errors import SkuvisionError
 from skuvision.tasks import train
 from skuvision.tasks.export import check_timm_architecture, export

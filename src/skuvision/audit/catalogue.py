@@ -22,7 +22,6 @@ import torch
 import torch.nn.functional as F
 from pytorch_lightning import LightningModule
 
-from skuvision.tasks.evaluate import sample_paths
 from skuvision.tta import views
 
 log = logging.getLogger("skuvision")
@@ -84,7 +83,7 @@ def embed_catalogue(trainer, classifier, datamodule, descriptor: str, grid: int)
     for split, dataset in datamodule.splits.items():
         datamodule.predict_split = split
         outputs = trainer.predict(embedder, datamodule=datamodule)
-        paths = sample_paths(dataset)
+        paths = datamodule.sample_paths(split)
         paths_known.append(paths is not None)
         n = len(dataset)
         parts["splits"] += [split] * n

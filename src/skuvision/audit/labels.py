@@ -25,7 +25,7 @@ from torch.utils.data import Dataset, Subset
 
 from skuvision.assembly import build, build_trainer, instantiate_callbacks
 from skuvision.checkpoints import read_checkpoint
-from skuvision.data.datamodule import InMemoryImages
+from skuvision.data.datasets import InMemoryImages
 from skuvision.errors import SkuvisionError
 
 log = logging.getLogger("skuvision")

@@ -8,9 +8,9 @@ import logging
 import numpy as np
 import pandas as pd
 from cleanvision import Imagelab
-from PIL import Image
 
 from skuvision.audit.catalogue import Catalogue
+from skuvision.data.pictures import pil_image
 
 log = logging.getLogger("skuvision")
 
@@ -30,8 +30,7 @@ class PILImages:
     def __getitem__(self, i: int):
         split, index = self.catalogue.splits[i], int(self.catalogue.index[i])
         image, label = self.datasets[split][index]
-        array = image.permute(1, 2, 0).numpy()
-        return Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array), label
+        return pil_image(image), label
 
 
 def meaningful_checks(checks: list[str], catalogue: Catalogue, in_chans: int) -> tuple[list[str], dict]:

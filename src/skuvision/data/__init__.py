@@ -1,5 +1,6 @@
 from skuvision.data.cifar import CIFAR10DataModule, CIFAR100DataModule
-from skuvision.data.datamodule import ImageDataModule, InMemoryImages
+from skuvision.data.datamodule import ImageDataModule
+from skuvision.data.datasets import InMemoryImages
 from skuvision.data.fashion_mnist import FashionMNISTDataModule
 from skuvision.data.image_folder import ImageFolderDataModule
 from skuvision.data.manifest import ManifestDataModule

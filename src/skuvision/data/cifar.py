@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from skuvision.data.datamodule import ImageDataModule, InMemoryImages
+from skuvision.data.datamodule import ImageDataModule
+from skuvision.data.datasets import InMemoryImages
 from skuvision.errors import SkuvisionError
 from skuvision.net import host_reachable
 

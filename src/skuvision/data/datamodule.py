@@ -1,4 +1,5 @@
-"""The DataModule every source shares: splits, subsets, loaders and the batched normalization step."""
+"""The DataModule every source shares: splits, subsets, loaders, the batched normalization step, and what
+callers read of a source's splits (labels, file paths, skipped files, the data report)."""
 
 from __future__ import annotations
 
@@ -9,68 +10,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from pytorch_lightning import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, Subset, WeightedRandomSampler
 
 from skuvision.data.augment import TrainAugment
-from skuvision.data.image_cache import DecodedImageCache
-from skuvision.data.image_files import (
-    DECODE_ON,
-    ImageFiles,
-    JpegBatch,
-    collate_images,
-    decode_batch_on_device,
-)
-from skuvision.data.images import scan_images
+from skuvision.data.datasets import ImageFiles, InMemoryImages, dataset_labels, dataset_paths, keep_batch
+from skuvision.data.decode import DECODE_ON, JpegBatch, collate_images, decode_batch_on_device, scan_images
+from skuvision.data.decode_cache import DecodedImageCache
 from skuvision.data.transforms import ToModelInput, eval_image_transform, eval_min_side, eval_pixel_budget
 from skuvision.errors import SkuvisionError
 
 log = logging.getLogger(__name__)
 
 BALANCE_MODES = ("none", "sampler", "loss")
-
-
-class InMemoryImages(Dataset):
-    """uint8 images (N, C, H, W) and int64 labels held in memory; fetched a whole batch at a time.
-
-    With a per-image `transform` (a PIL training augmentation), images go through it one by one instead.
-    """
-
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
-        assert images.dtype == torch.uint8 and images.ndim == 4, "expected uint8 (N, C, H, W) images"
-        self.images = images
-        self.labels = labels.long()
-        self.transform = None
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, index: int):
-        return self.images[index], self.labels[index]
-
-    def __getitems__(self, indices: list[int]):
-        # The DataLoader hands the whole batch's indices here: one gather instead of B tiny copies.
-        index = torch.as_tensor(indices)
-        if self.transform is None:
-            return self.images[index], self.labels[index]
-        return torch.stack([self._transformed(i) for i in indices]), self.labels[index]
-
-    def _transformed(self, i: int) -> torch.Tensor:
-        image = self.images[i]
-        channels = image.shape[0]
-        pil = Image.fromarray(image.permute(1, 2, 0).squeeze(-1).numpy()).convert("RGB")
-        out = self.transform(pil)
-        return out[:channels] if channels == 1 else out  # gray stays gray: every op treats R, G, B alike
-
-    def subset(self, indices: np.ndarray) -> InMemoryImages:
-        index = torch.as_tensor(indices)
-        return InMemoryImages(self.images[index], self.labels[index])
-
-
-def keep_batch(batch):
-    """collate_fn for InMemoryImages: __getitems__ already returns the stacked batch."""
-    return batch
+SPLITS = ("train", "val", "test")
 
 
 def stratified_split(labels: Sequence[int], fractions: Sequence[float], seed: int) -> list[np.ndarray]:
@@ -96,13 +49,21 @@ def subset_indices(labels: Sequence[int], subset: float | int | None, seed: int)
     if count >= n:
         return np.arange(n)
     if count <= 0:
-        raise ValueError(f"data.subset={subset} leaves no samples; use a fraction in (0, 1] or a count")
+        raise SkuvisionError(f"data.subset={subset} leaves no samples; use a fraction in (0, 1] or a count")
     return stratified_split(labels, [count, n - count], seed)[0]
+
+
+def checked_split_fractions(fractions: Sequence[float]) -> list[float]:
+    """data.split_fractions (train, val, test) of a source split by seed, as floats; refused unless usable."""
+    if len(fractions) != 3 or min(fractions) < 0 or sum(fractions) <= 0:
+        raise SkuvisionError(f"data.split_fractions={list(fractions)} must be three non-negative numbers")
+    return [float(f) for f in fractions]
 
 
 class ImageDataModule(LightningDataModule):
     """Shared by every source: subclasses set `in_chans`, and implement `class_names` and `load_splits`
-    (and `fetch_missing` where the source can be downloaded).
+    (and `fetch_missing` where the source can be downloaded). File sources list each file or row they leave
+    out in `skipped` ({file or row: why}); the train task writes it, through `data_report`, to the run folder.
 
     `input_config` (size, mean/std, interpolation, crop), resolved from the model config before this is
     built, fixes every transform here. `batch_size` is the global batch, divided among the processes of a DDP
@@ -133,7 +94,7 @@ class ImageDataModule(LightningDataModule):
         (class-weighted cross-entropy, see `loss_class_weights`). `augment`: a training augmentation preset
         (conf/augment, see skuvision.data.augment); evaluation batches are never augmented.
         `predict_split`: the split Trainer.predict runs over. File sources only: `cache` keeps each image
-        decoded once (skuvision.data.image_cache); `decode_on="gpu"` decodes JPEG batches on the device."""
+        decoded once (skuvision.data.decode_cache); `decode_on="gpu"` decodes JPEG batches on the device."""
         super().__init__()
         self.root = root
         self.input_config = dict(input_config)
@@ -165,6 +126,7 @@ class ImageDataModule(LightningDataModule):
         self.eval_transform = eval_image_transform(self.input_config)
         self.train_transform = augment.image_transform(self.input_config) if augment else None
         self.splits: dict[str, Dataset] = {}
+        self.skipped: dict[str, str] = {}  # file or row -> why it was left out
 
     # --- what subclasses provide ---------------------------------------------------------------------
     @property
@@ -192,6 +154,8 @@ class ImageDataModule(LightningDataModule):
         if self.splits:
             return
         splits = self.load_splits()
+        for split, dataset in splits.items():
+            self._check_in_memory(split, dataset)
         self.splits = {name: self._apply_subset(ds) for name, ds in splits.items()}
         if hasattr(self.augment, "set_num_classes"):
             self.augment.set_num_classes(self.num_classes)
@@ -214,6 +178,15 @@ class ImageDataModule(LightningDataModule):
         for split, counts in self.class_counts().items():
             log.info("class counts %s: %s", split, dict(zip(self.class_names, counts, strict=True)))
 
+    def _check_in_memory(self, split: str, dataset: Dataset) -> None:
+        """The batched path gathers (N, C, H, W) uint8 images by index: refuse anything else at once."""
+        images = dataset.images if isinstance(dataset, InMemoryImages) else None
+        if images is not None and (images.dtype != torch.uint8 or images.ndim != 4):
+            raise SkuvisionError(
+                f"{type(self).__name__} (data._target_) gave {images.dtype} images of shape "
+                f"{tuple(images.shape)} for the {split} split; in-memory images are uint8 (N, C, H, W)"
+            )
+
     @cached_property
     def device_decoding(self) -> bool:
         """decode_on=gpu where a CUDA device exists; else the CPU path, said once."""
@@ -226,7 +199,7 @@ class ImageDataModule(LightningDataModule):
 
     @property
     def pixel_budget(self) -> int:
-        """The most pixels one file may decode to, from the model's input size (images.pixel_budget)."""
+        """The most pixels one file may decode to, from the model's input size (decode.pixel_budget)."""
         return eval_pixel_budget(self.input_config)
 
     @property
@@ -292,6 +265,26 @@ class ImageDataModule(LightningDataModule):
             for split, ds in self.splits.items()
         }
 
+    def split_labels(self, split: str) -> list[int]:
+        """Labels of a split's images, in order, without decoding them."""
+        return dataset_labels(self.splits[split])
+
+    def sample_paths(self, split: str) -> list[str] | None:
+        """File paths of a split's images, in order; None where they are not files of their own (in-memory
+        sets, shard streams)."""
+        return dataset_paths(self.splits[split])
+
+    def data_report(self) -> dict:
+        """What a run records of its data: {"class_counts": {split: {class name: images}}, "skipped": {file
+        or row: why it was left out}}."""
+        counts = self.class_counts()
+        return {
+            "class_counts": {
+                split: dict(zip(self.class_names, c, strict=True)) for split, c in counts.items()
+            },
+            "skipped": dict(self.skipped),
+        }
+
     def loss_class_weights(self) -> list[float] | None:
         """With balance="loss": N / (K * count_k) per class of the training split, else None."""
         if self.balance != "loss":
@@ -323,7 +316,7 @@ class ImageDataModule(LightningDataModule):
 
     def split_train_val(self, labels: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
         if not 0 < self.val_fraction < 1:
-            raise ValueError(f"data.val_fraction={self.val_fraction} must be in (0, 1)")
+            raise SkuvisionError(f"data.val_fraction={self.val_fraction} must be in (0, 1)")
         train, val = stratified_split(labels, [1 - self.val_fraction, self.val_fraction], self.seed)
         return train, val
 
@@ -333,7 +326,7 @@ class ImageDataModule(LightningDataModule):
         dataset = self.splits[split]
         in_memory = isinstance(dataset, InMemoryImages)
         base = dataset.dataset if isinstance(dataset, Subset) else dataset
-        jpeg_bytes = getattr(base, "jpeg_bytes", False)
+        jpeg_bytes = isinstance(base, ImageFiles) and base.jpeg_bytes
         batched = in_memory and dataset.transform is None  # a gather by index: no worker processes needed
         training = split == "train"
         sampler = self._train_sampler(dataset) if training else None
@@ -407,13 +400,3 @@ class ImageDataModule(LightningDataModule):
         if augment is not None:
             x, labels = augment.after_normalize(x, labels)
         return x, labels
-
-
-def dataset_labels(dataset: Dataset) -> list[int]:
-    """Labels of a dataset without decoding images."""
-    if isinstance(dataset, InMemoryImages):
-        return dataset.labels.tolist()
-    if isinstance(dataset, Subset):
-        parent = dataset_labels(dataset.dataset)
-        return [parent[i] for i in dataset.indices]
-    return list(dataset.targets)

@@ -13,17 +13,12 @@ from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
 
-import torch
-
-from skuvision.data.datamodule import ImageDataModule, stratified_split
-from skuvision.data.image_files import ImageFiles
-from skuvision.data.images import DECODE_ERRORS
+from skuvision.data.datamodule import SPLITS, ImageDataModule, checked_split_fractions, stratified_split
+from skuvision.data.datasets import LabelledImageFiles
+from skuvision.data.decode import IMAGE_SUFFIXES
 from skuvision.errors import SkuvisionError
 
 log = logging.getLogger(__name__)
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
-SPLITS = ("train", "val", "test")
 
 
 def list_images(class_dir: Path) -> list[Path]:
@@ -39,22 +34,6 @@ def class_folders(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-class LabelledImageFiles(ImageFiles):
-    """(path, label) pairs decoded into the model's uint8 input (see ImageFiles)."""
-
-    def __init__(self, samples: list[tuple[Path, int]], transform=None):
-        super().__init__([path for path, _ in samples], transform)
-        self.samples = samples
-        self.targets = [label for _, label in samples]
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        path, label = self.samples[index]
-        try:
-            return self.image(index), label
-        except DECODE_ERRORS as err:  # changed since the setup scan
-            raise SkuvisionError(f"cannot read image {path}: {err}; remove or replace the file") from err
-
-
 class ImageFolderDataModule(ImageDataModule):
     """`root/train|val|test/<class>/*.jpg`, or `root/<class>/*.jpg` split by `split_fractions`, stratified."""
 
@@ -62,12 +41,7 @@ class ImageFolderDataModule(ImageDataModule):
         self, root: str, input_config: dict, split_fractions: Sequence[float] = (0.8, 0.1, 0.1), **kwargs
     ):
         super().__init__(root=root, input_config=input_config, **kwargs)
-        if len(split_fractions) != 3 or min(split_fractions) < 0 or sum(split_fractions) <= 0:
-            raise SkuvisionError(
-                f"data.split_fractions={list(split_fractions)} must be three non-negative numbers"
-            )
-        self.split_fractions = [float(f) for f in split_fractions]
-        self.skipped: dict[str, str] = {}  # path -> why it was skipped
+        self.split_fractions = checked_split_fractions(split_fractions)
 
     @cached_property
     def folder(self) -> Path:

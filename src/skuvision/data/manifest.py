@@ -27,8 +27,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from skuvision.data.datamodule import ImageDataModule, stratified_split
-from skuvision.data.image_folder import SPLITS, LabelledImageFiles
+from skuvision.data.datamodule import SPLITS, ImageDataModule, checked_split_fractions, stratified_split
+from skuvision.data.datasets import LabelledImageFiles
 from skuvision.errors import SkuvisionError
 
 log = logging.getLogger(__name__)
@@ -76,15 +76,10 @@ class ManifestDataModule(ImageDataModule):
         **kwargs,
     ):
         super().__init__(root=root, input_config=input_config, **kwargs)
-        if len(split_fractions) != 3 or min(split_fractions) < 0 or sum(split_fractions) <= 0:
-            raise SkuvisionError(
-                f"data.split_fractions={list(split_fractions)} must be three non-negative numbers"
-            )
         self.label_column = label_column
         self.path_column = path_column
         self.split_column = split_column
-        self.split_fractions = [float(f) for f in split_fractions]
-        self.skipped: dict[str, str] = {}  # path -> why it was skipped
+        self.split_fractions = checked_split_fractions(split_fractions)
 
     @cached_property
     def manifest(self) -> Path:

@@ -21,11 +21,11 @@ from functools import cached_property
 from pathlib import Path
 
 import torch
-from PIL import Image
 
 from skuvision.compat import use_boto3_for_plain_http
-from skuvision.data.datamodule import ImageDataModule
-from skuvision.data.images import DECODE_ERRORS, open_rgb
+from skuvision.data.datamodule import SPLITS, ImageDataModule
+from skuvision.data.decode import DECODE_ERRORS, open_rgb
+from skuvision.data.pictures import pil_image
 from skuvision.data.transforms import scale_size
 from skuvision.errors import SkuvisionError
 from skuvision.outputs import write_new_text
@@ -34,7 +34,6 @@ log = logging.getLogger(__name__)
 
 METADATA_FILE = "skuvision_shards.json"
 SHARD_FORMAT = 1
-SPLITS = ("train", "val", "test")
 ENCODINGS = ("jpeg", "png")
 
 
@@ -87,8 +86,7 @@ def write_metadata(root: str, metadata: dict) -> None:
 
 def encode_image(image: torch.Tensor, encoding: str, quality: int) -> bytes:
     """uint8 CHW -> JPEG (lossy, small) or PNG (lossless) bytes."""
-    array = image.permute(1, 2, 0).numpy()
-    pil = Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
+    pil = pil_image(image)
     out = io.BytesIO()
     if encoding == "jpeg":
         pil.save(out, format="JPEG", quality=quality)

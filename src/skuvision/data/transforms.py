@@ -14,7 +14,7 @@ from timm.data import create_transform, str_to_interp_mode
 from torch import nn
 from torchvision.transforms.v2 import functional as TF
 
-from skuvision.data.images import pixel_budget
+from skuvision.data.decode import pixel_budget
 
 
 def eval_image_transform(input_config: dict):

@@ -15,7 +15,8 @@ from pathlib import Path
 from PIL import Image
 
 from skuvision.assembly import data_module
-from skuvision.data.images import DECODE_ERRORS, open_rgb
+from skuvision.data.decode import DECODE_ERRORS, open_rgb
+from skuvision.data.pictures import pil_image
 from skuvision.errors import SkuvisionError
 
 log = logging.getLogger("skuvision")
@@ -69,9 +70,7 @@ class CatalogueImages:
             datamodule = data_module(self.data, self.input_config, split)
             datamodule.setup("predict")
             self.splits[split] = datamodule.splits[split]
-        image = self.splits[split][i][0]  # uint8 (C, H, W)
-        array = image.permute(1, 2, 0).numpy()
-        return Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).convert("RGB")
+        return pil_image(self.splits[split][i][0]).convert("RGB")
 
     def image(self, item_id: int) -> Image.Image | None:
         """The item as stored (RGB), or None for an id outside the index or an unreadable file."""

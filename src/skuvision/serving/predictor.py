@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from PIL import UnidentifiedImageError
 
 from skuvision.checkpoints import load_classifier, read_checkpoint, upgraded_hparams
-from skuvision.data.files import InputImageFiles
-from skuvision.data.images import DECODE_ERRORS, ImageOverBudget
+from skuvision.data.datasets import InputImageFiles
+from skuvision.data.decode import DECODE_ERRORS, ImageOverBudget
 from skuvision.data.transforms import ToModelInput
 from skuvision.errors import SkuvisionError
 from skuvision.outputs import file_sha256

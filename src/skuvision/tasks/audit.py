@@ -24,7 +24,6 @@ from skuvision.audit.catalogue import DESCRIPTORS, Catalogue, embed_catalogue
 from skuvision.audit.duplicates import EVALUATION_SPLITS, find_duplicates
 from skuvision.audit.quality import flagged, meaningful_checks, run_imagelab
 from skuvision.config import plain, set_threads
-from skuvision.data.datamodule import dataset_labels
 from skuvision.errors import SkuvisionError
 from skuvision.outputs import refuse_existing, write_new_json, write_new_text
 from skuvision.tasks.launch import check_devices
@@ -65,7 +64,7 @@ def audit(cfg: DictConfig) -> dict:
     class_names = list(datamodule.class_names)  # labels index the data's classes (the model may differ)
     train_cfg = None
     if options.label_mode != "none":  # refuse too many folds before the model runs
-        train_labels = np.asarray(dataset_labels(datamodule.splits["train"]), dtype=int)
+        train_labels = np.asarray(datamodule.split_labels("train"), dtype=int)
         label_audit.stratified_folds(train_labels, class_names, int(options.folds), cfg.seed)
     if options.label_mode == "full":  # before hours of work: refuse a missing training config now
         data_cfg = plain(cfg.data) if cfg.get("data") else dict(module.hparams.data)

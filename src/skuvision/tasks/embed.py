@@ -18,12 +18,11 @@ from omegaconf import DictConfig
 
 from skuvision.assembly import build_trainer, from_checkpoint
 from skuvision.config import plain, set_threads
-from skuvision.data.files import InputFilesDataModule, collect_inputs
+from skuvision.data.inputs import InputFilesDataModule, collect_inputs
 from skuvision.errors import SkuvisionError
 from skuvision.index import CatalogueIndex, index_params
 from skuvision.metrics import retrieval_report
 from skuvision.outputs import new_file, refuse_existing, write_csv, write_new_json
-from skuvision.tasks.evaluate import sample_paths
 
 log = logging.getLogger("skuvision")
 
@@ -71,7 +70,7 @@ def embed(cfg: DictConfig) -> dict:
         features, labels = features_of(trainer, module, datamodule)
         labels = torch.as_tensor(labels)
         dataset = datamodule.splits[cfg.split]
-        items = sample_paths(dataset) or [f"{cfg.split}[{i}]" for i in range(len(dataset))]
+        items = datamodule.sample_paths(cfg.split) or [f"{cfg.split}[{i}]" for i in range(len(dataset))]
         source = f"split={cfg.split}"
     check_enough_items(len(items), source, bool(cfg.get("query")), labels is not None)
     result: dict = {"embeddings": str(written["embeddings.npz"]), "dim": features.shape[1]}

@@ -9,11 +9,11 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 from pytorch_lightning import seed_everything
-from torch.utils.data import Subset
 
 from skuvision import calibration, plots
 from skuvision.assembly import build_trainer, close_loggers, from_checkpoint, instantiate_loggers
 from skuvision.config import set_threads
+from skuvision.data.pictures import pil_image
 from skuvision.errors import SkuvisionError
 from skuvision.metrics import evaluation_report
 from skuvision.outputs import file_sha256, new_file, refuse_existing, write_csv, write_new_json
@@ -56,7 +56,8 @@ def evaluate(cfg: DictConfig) -> dict:
         write_new_json(
             output_dir / "metrics.json", {**report, "checkpoint": str(cfg.ckpt_path), "tta": module.tta}
         )
-        write_predictions(output_dir / "predictions.csv", logits, labels, test_set, module.class_names)
+        files = datamodule.sample_paths("test")
+        write_predictions(output_dir / "predictions.csv", logits, labels, files, module.class_names)
         scalars = {k: v for k, v in report.items() if k.startswith("test/")}
         scalars |= {
             f"calibration/{k}": v
@@ -167,7 +168,7 @@ def write_plots(
     confidence, predicted = probs.max(dim=1)
     wrong = torch.nonzero(predicted != labels).flatten()
     worst = wrong[confidence[wrong].argsort(descending=True)][:num_errors].tolist()
-    images = [as_picture(dataset[i][0]) for i in worst]
+    images = [np.asarray(pil_image(dataset[i][0])) for i in worst]
     return [
         new_png(
             output_dir / "confusion_matrix.png",
@@ -197,28 +198,12 @@ def new_png(path: Path, draw) -> Path:
     return path
 
 
-def write_predictions(path: Path, logits, labels, dataset, class_names: list[str]) -> None:
+def write_predictions(path: Path, logits, labels, files: list[str] | None, class_names: list[str]) -> None:
     """One row per test image: its index (and file), true and predicted class, confidence."""
     confidence, predicted = logits.softmax(dim=1).max(dim=1)
-    files = sample_paths(dataset)
     columns = zip(labels.tolist(), predicted.tolist(), confidence.tolist(), strict=True)
     rows = [
         [i, files[i] if files else "", class_names[t], class_names[p], f"{c:.6f}"]
         for i, (t, p, c) in enumerate(columns)
     ]
     write_csv(path, ["index", "path", "true", "predicted", "confidence"], rows)
-
-
-def sample_paths(dataset) -> list[str] | None:
-    """File paths of a file-backed split, in order; None for in-memory sets."""
-    if isinstance(dataset, Subset):
-        parent = sample_paths(dataset.dataset)
-        return [parent[i] for i in dataset.indices] if parent else None
-    samples = getattr(dataset, "samples", None)
-    return [str(p) for p, _ in samples] if samples else None
-
-
-def as_picture(image: torch.Tensor) -> np.ndarray:
-    """A dataset's uint8 CHW tensor as an HWC (or HW for gray) array for matplotlib."""
-    array = image.permute(1, 2, 0).numpy()
-    return array[..., 0] if array.shape[-1] == 1 else array

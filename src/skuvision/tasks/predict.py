@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 from skuvision.assembly import build_trainer, from_checkpoint
 from skuvision.calibration import calibrated_probs, load_calibration
 from skuvision.config import plain, set_threads
-from skuvision.data.files import InputFilesDataModule, collect_inputs
+from skuvision.data.inputs import InputFilesDataModule, collect_inputs
 from skuvision.errors import SkuvisionError
 from skuvision.outputs import refuse_existing, write_csv
 from skuvision.tta import check_tta

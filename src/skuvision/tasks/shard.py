@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 
 from skuvision.compat import use_boto3_for_plain_http
 from skuvision.config import plain, set_threads
-from skuvision.data.image_folder import LabelledImageFiles
+from skuvision.data.datasets import LabelledImageFiles
 from skuvision.data.streaming import (
     ENCODINGS,
     METADATA_FILE,
@@ -30,7 +30,7 @@ from skuvision.data.transforms import scale_size
 from skuvision.errors import SkuvisionError
 from skuvision.models.input_config import resolve_input
 from skuvision.outputs import refuse_existing, taken, write_new_json
-from skuvision.tasks.train import write_data_report
+from skuvision.tasks.utils import write_data_report
 
 log = logging.getLogger("skuvision")
 
@@ -100,7 +100,7 @@ def shard(cfg: DictConfig) -> dict:
         "quality": cfg.quality if cfg.encoding == "jpeg" else None,
         "counts": {split: dict(zip(datamodule.class_names, c, strict=True)) for split, c in counts.items()},
         "source": plain(cfg.data),
-        "skipped": len(getattr(datamodule, "skipped", {}) or {}),
+        "skipped": len(datamodule.skipped),
     }
     write_metadata(output, metadata)  # last: shards without it are an unfinished write
     write_data_report(datamodule, output_dir)

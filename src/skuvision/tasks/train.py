@@ -31,24 +31,9 @@ from skuvision.tasks.launch import (
     resume_path,
     test_checkpoint,
 )
-from skuvision.tasks.utils import stage_metrics, write_json
+from skuvision.tasks.utils import stage_metrics, write_data_report, write_json
 
 log = logging.getLogger("skuvision")
-
-
-def write_data_report(datamodule: LightningDataModule, output_dir: Path) -> None:
-    """class_counts.json per split, and skipped_images.json when unreadable images were left out."""
-    counts = datamodule.class_counts()
-    write_json(
-        output_dir / "class_counts.json",
-        {split: dict(zip(datamodule.class_names, c, strict=True)) for split, c in counts.items()},
-    )
-    skipped = getattr(datamodule, "skipped", None)
-    if skipped:
-        write_json(output_dir / "skipped_images.json", skipped)
-        log.warning(
-            "%d unreadable image(s) skipped: listed in %s", len(skipped), output_dir / "skipped_images.json"
-        )
 
 
 def find_lr(cfg: DictConfig, module: Classifier, datamodule: LightningDataModule) -> float:

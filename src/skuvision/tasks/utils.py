@@ -19,6 +19,7 @@ from hydra.experimental.callback import Callback as HydraCallback
 from omegaconf import DictConfig
 from omegaconf.errors import MissingMandatoryValue
 from PIL import Image
+from pytorch_lightning import LightningDataModule
 from pytorch_lightning.loggers import Logger
 
 from skuvision.config import in_multirun
@@ -45,6 +46,18 @@ def write_json(path: Path, data: dict) -> None:
     go through skuvision.outputs.write_new_json, which never replaces."""
     with replacing_file(path) as partial:
         partial.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def write_data_report(datamodule: LightningDataModule, output_dir: Path) -> None:
+    """class_counts.json per split, and skipped_images.json when unreadable images were left out."""
+    report = datamodule.data_report()
+    write_json(output_dir / "class_counts.json", report["class_counts"])
+    skipped = report["skipped"]
+    if skipped:
+        write_json(output_dir / "skipped_images.json", skipped)
+        log.warning(
+            "%d unreadable image(s) skipped: listed in %s", len(skipped), output_dir / "skipped_images.json"
+        )
 
 
 def stage_metrics(trainer, prefix: str) -> dict[str, float]:

@@ -16,7 +16,6 @@ together) decode each image once: the first fills, the others then find everythi
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
@@ -29,9 +28,10 @@ import numpy as np
 import PIL
 import torch
 import torchvision
+from filelock import FileLock
 
 from skuvision.config import cache_dir
-from skuvision.data.images import DECODE_ERRORS
+from skuvision.data.decode import DECODE_ERRORS
 
 log = logging.getLogger(__name__)
 
@@ -130,8 +130,7 @@ class DecodedImageCache:
         decode are left uncached (the dataset then decodes them, and reports them, as without a cache)."""
         indices = list(range(len(dataset))) if indices is None else list(indices)
         self.folder.mkdir(parents=True, exist_ok=True)
-        with open(self.folder / ".lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        with FileLock(self.folder / ".lock"):
             cached, decoded = self._fill(dataset, indices, workers)
         log.info(
             "decoded-image cache%s: %d image(s) read from cache, %d decoded and stored, %d not cached (%s)",
@@ -189,7 +188,9 @@ class DecodedImageCache:
                     if image is None:
                         continue
                     if tuple(image.shape) != self.shape or image.dtype != torch.uint8:
-                        raise ValueError(
+                        # The transform and the shape come from one input config: a mismatch is a bug here,
+                        # not a file that does not decode (ValueError is one of DECODE_ERRORS).
+                        raise RuntimeError(
                             f"decoded-image cache: the transform gave {image.dtype} {tuple(image.shape)}, "
                             f"not uint8 {self.shape}"
                         )

@@ -1,24 +1,22 @@
-"""Images named by path, for prediction and embedding: a folder, a file, a list file, or a list of paths.
+"""Input of predict and embed: images named by path (a folder, a file, a list file, or a list of paths),
+and the data module that batches them for Trainer.predict.
 
-An unreadable file does not stop the run: it yields a blank image and its error, which the caller reports
-in its own row.
+An unreadable file does not stop the run: it yields a blank image and its error (datasets.InputImageFiles),
+which the caller reports in its own row.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
 from pytorch_lightning import LightningDataModule
 from torch.utils.data import DataLoader
 
-from skuvision.data.image_cache import DecodedImageCache
-from skuvision.data.image_files import ImageFiles
-from skuvision.data.image_folder import IMAGE_SUFFIXES
-from skuvision.data.images import DECODE_ERRORS
-from skuvision.data.transforms import ToModelInput, eval_image_transform, eval_min_side, eval_pixel_budget
+from skuvision.data.datasets import InputImageFiles, broken_link
+from skuvision.data.decode import IMAGE_SUFFIXES
+from skuvision.data.decode_cache import DecodedImageCache
+from skuvision.data.transforms import ToModelInput
 from skuvision.errors import SkuvisionError
 
 LIST_SUFFIXES = {".txt", ".csv", ".lst"}
@@ -49,43 +47,10 @@ def collect_inputs(inputs: str | Sequence[str]) -> list[Path]:
     return paths
 
 
-class InputImageFiles(ImageFiles):
-    """Unlabelled files to predict or embed: (uint8 CHW tensor at the model's size, error message or "")
-    per path, so that one bad file (or one over the model's pixel budget) becomes an error row instead of
-    stopping the run."""
-
-    def __init__(self, paths: list[Path], input_config: dict):
-        super().__init__(paths, eval_image_transform(input_config))
-        self.input_config = input_config
-        self.channels = int(input_config["input_size"][0])
-        self.min_side = eval_min_side(input_config)
-        self.interpolation = input_config["interpolation"]
-        self.max_pixels = eval_pixel_budget(input_config)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
-        channels, size, _ = self.input_config["input_size"]
-        try:
-            return self.image(index), ""
-        except DECODE_ERRORS as err:
-            error = broken_link(self.paths[index]) or f"{type(err).__name__}: {err}"
-            return torch.zeros(channels, size, size, dtype=torch.uint8), error[:200]
-
-
-def broken_link(path) -> str | None:
-    """What is wrong with a symbolic link that leads to no file (dangling, or a loop); None otherwise."""
-    if not os.path.islink(path):
-        return None
-    try:
-        os.stat(path)
-    except OSError as err:
-        return f"symbolic link to {os.readlink(path)}: {err.strerror}"
-    return None
-
-
 class InputFilesDataModule(LightningDataModule):
     """Batches of files for Trainer.predict, normalized on the device like the training data.
 
-    `cache`: read and fill the decoded-image cache (see skuvision.data.image_cache)."""
+    `cache`: read and fill the decoded-image cache (see skuvision.data.decode_cache)."""
 
     def __init__(
         self,

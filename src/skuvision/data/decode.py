@@ -14,27 +14,37 @@ JPEG reduction) are read from the header and a file over the budget is refused b
 
 EXIF orientation (phone photos store their sensor's pixels and a tag saying how to turn them) is applied by
 `ImageOps.exif_transpose`, so every decode path sees the image as a person does.
+
+With `decode_on=gpu`, DataLoader workers hand over JPEG bytes instead (`JpegFile`, packed per batch into a
+`JpegBatch`) and `decode_batch_on_device` decodes them together on the training device (nvJPEG on CUDA),
+turning each upright itself (`upright`): torchvision applies the EXIF tag on the CPU only.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import IO
+from typing import IO, NamedTuple
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+import torch
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 from timm.data.transforms import str_to_pil_interp
+from torch.utils.data import default_collate
+from torchvision.io import ImageReadMode, decode_jpeg, read_file
 
 from skuvision.config import cache_dir
 
 log = logging.getLogger(__name__)
 
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+DECODE_ON = ("cpu", "gpu")  # where data.decode_on decodes JPEGs of the eval geometry
 SIXTEEN_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
 
 
@@ -245,3 +255,118 @@ def scan_images(
         tmp.replace(cache_file)
     reasons = {p: known[p].get("error") or over_budget(known[p], min_side, max_pixels) for p in paths}
     return {p: reason for p, reason in reasons.items() if reason}
+
+
+class JpegFile(NamedTuple):
+    """A JPEG file's bytes (1-D uint8) and its EXIF orientation (1-8), for the device decoder."""
+
+    data: torch.Tensor
+    orientation: int
+
+
+def device_orientation(data: torch.Tensor, max_pixels: int | None = None) -> int | None:
+    """The EXIF orientation (1: as stored) of JPEG bytes the device decoder takes, or None for those it does
+    not: CMYK and other formats, and JPEGs whose full size is over `max_pixels` (the device decodes in full;
+    the CPU path decodes them at reduced scale, within the budget, or refuses them)."""
+    if len(data) < 4 or data[0] != 0xFF or data[1] != 0xD8:
+        return None
+    with Image.open(io.BytesIO(data.numpy().tobytes())) as img:  # reads the header only
+        if img.mode not in ("RGB", "L"):
+            return None
+        if max_pixels is not None and img.width * img.height > max_pixels:
+            return None
+        orientation = img.getexif().get(ExifTags.Base.Orientation, 1)
+    return orientation if orientation in ORIENTATIONS else 1
+
+
+def device_jpeg(path: str | Path, max_pixels: int | None = None) -> JpegFile | None:
+    """The file's bytes and EXIF orientation for the device decoder, or None where it does not take the file
+    (see `device_orientation`): the caller decodes it on the CPU then."""
+    data = read_file(str(path))
+    orientation = device_orientation(data, max_pixels)
+    return None if orientation is None else JpegFile(data, orientation)
+
+
+# EXIF orientation -> (swap height and width, then flip these dims) of a (C, H, W) tensor: the transposes
+# ImageOps.exif_transpose makes (2 FLIP_LEFT_RIGHT, 3 ROTATE_180, 4 FLIP_TOP_BOTTOM, 5 TRANSPOSE,
+# 6 ROTATE_270, 7 TRANSVERSE, 8 ROTATE_90). torchvision's decode_jpeg applies the tag on the CPU only, so the
+# device path turns its images itself; tests check this table against both libraries.
+ORIENTATIONS = {
+    1: (False, ()),
+    2: (False, (-1,)),
+    3: (False, (-2, -1)),
+    4: (False, (-2,)),
+    5: (True, ()),
+    6: (True, (-1,)),
+    7: (True, (-2, -1)),
+    8: (True, (-2,)),
+}
+
+
+def upright(image: torch.Tensor, orientation: int) -> torch.Tensor:
+    """A (C, H, W) image as stored in its JPEG -> as its EXIF orientation says it is seen, on its device."""
+    swap, flips = ORIENTATIONS[orientation]
+    if swap:
+        image = image.transpose(-2, -1)
+    return image.flip(flips) if flips else image
+
+
+class JpegBatch(NamedTuple):
+    """Images of a batch as they leave the DataLoader workers with `decode_on=gpu`: the JPEG files packed end
+    to end in one uint8 tensor, so a batch crosses from a worker in one shared-memory handle rather than one
+    per image (hundreds per batch exhaust the open-file limit); images the device decoder does not take
+    arrive decoded, at the model's size."""
+
+    data: torch.Tensor  # uint8: the JPEG files, end to end
+    lengths: torch.Tensor  # int64: bytes of each JPEG
+    orientations: torch.Tensor  # int64: EXIF orientation of each JPEG
+    jpeg_positions: torch.Tensor  # int64: where each JPEG sits in the batch
+    decoded: torch.Tensor  # uint8 NxCxHxW (N may be 0): the other images
+    decoded_positions: torch.Tensor  # int64
+
+    @property
+    def num_images(self) -> int:
+        return len(self.jpeg_positions) + len(self.decoded_positions)
+
+
+def collate_images(batch: list[tuple]) -> tuple:
+    """Like default_collate, but a batch holding JpegFiles becomes a JpegBatch."""
+    images, *rest = zip(*batch, strict=True)
+    rest = [default_collate(list(r)) for r in rest]
+    jpegs = [i for i, img in enumerate(images) if isinstance(img, JpegFile)]
+    if not jpegs:
+        return (torch.stack(images), *rest)
+    others = [i for i, img in enumerate(images) if not isinstance(img, JpegFile)]
+    packed = JpegBatch(
+        data=torch.cat([images[i].data for i in jpegs]),
+        lengths=torch.tensor([len(images[i].data) for i in jpegs], dtype=torch.int64),
+        orientations=torch.tensor([images[i].orientation for i in jpegs], dtype=torch.int64),
+        jpeg_positions=torch.tensor(jpegs, dtype=torch.int64),
+        decoded=torch.stack([images[i] for i in others]) if others else torch.empty(0, dtype=torch.uint8),
+        decoded_positions=torch.tensor(others, dtype=torch.int64),
+    )
+    return (packed, *rest)
+
+
+def decode_batch_on_device(images: JpegBatch, device: torch.device, resize_crop, channels: int = 3):
+    """A JpegBatch -> a uint8 batch at the model's size on `device`. The JPEGs are decoded together (nvJPEG
+    on CUDA), then each is resized and center-cropped on the device by `resize_crop`
+    (ToModelInput.resize_crop: the eval geometry), after being turned upright by its EXIF orientation. A
+    batch the device decoder refuses is decoded on the CPU instead."""
+    mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
+    out: list[torch.Tensor | None] = [None] * images.num_images
+    for position, img in zip(images.decoded_positions.tolist(), images.decoded, strict=True):
+        out[position] = img.to(device, non_blocking=True)
+    data = list(
+        images.data.split(images.lengths.tolist())
+    )  # views; decode_jpeg takes CPU bytes for any device
+    if data:
+        try:
+            decoded = decode_jpeg(data, mode=mode, device=device)
+        except RuntimeError as err:
+            log.warning("device JPEG decoding failed for a batch (%s); decoding it on the CPU", err)
+            decoded = [decode_jpeg(d, mode=mode).to(device) for d in data]
+        positions, orientations = images.jpeg_positions.tolist(), images.orientations.tolist()
+        for position, img, orientation in zip(positions, decoded, orientations, strict=True):
+            out[position] = resize_crop(upright(img, orientation).unsqueeze(0))[0]
+    return torch.stack(out)
