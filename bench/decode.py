@@ -9,7 +9,7 @@ median of alternating repeats of one epoch after a warm-up epoch (persistent wor
 skuvision's figures include its batched normalization step, which the reference does per image in the
 workers.
 
-The GPU rows (bench/gpu.py) reuse `photo_folder`, `skuvision_module` and `images_per_second`.
+The GPU rows (bench/gpu.py) reuse `photo_folder` and `skuvision_module`.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader
 from torchvision import datasets
 from torchvision import transforms as T
 
-from bench import THREADS
+from bench import THREADS, images_per_second
 from bench.table import print_section
 
 IMAGE_SIZE = 224
@@ -114,16 +114,6 @@ def photo_folder(workdir: Path, count: int, threads: int = THREADS, style: str =
         list(pool.map(write, range(count)))
     done.touch()
     return root
-
-
-def images_per_second(loader, per_batch=None) -> float:
-    """Images per second through one epoch of `loader`, with `per_batch` applied to each batch of images."""
-    start, seen = time.perf_counter(), 0
-    for images, _ in loader:
-        if per_batch is not None:
-            images = per_batch(images)
-        seen += len(images)
-    return seen / (time.perf_counter() - start)
 
 
 def reference_loader(root: Path, batch: int = BATCH, workers: int = WORKERS) -> DataLoader:

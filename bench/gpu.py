@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from bench import images_per_second
 from bench.table import print_section
 
 
@@ -154,10 +155,10 @@ def photo_loader_rows(photos: Path, count: int, workers: int, repeats: int, devi
     }
     figures = {name: [] for name in loaders}
     for loader, finish in loaders.values():
-        decode.images_per_second(loader, finish)  # warm-up: workers, page cache, nvJPEG handles
+        images_per_second(loader, finish)  # warm-up: workers, page cache, nvJPEG handles
     for _ in range(repeats):
         for name, (loader, finish) in loaders.items():
-            figures[name].append(decode.images_per_second(loader, finish))
+            figures[name].append(images_per_second(loader, finish))
     rate = {name: statistics.median(v) for name, v in figures.items()}
     ref = f"{rate['reference']:.0f} (torchvision ImageFolder, {workers} workers)"
     setting = f"{count} JPEGs 1000-1600 px -> 224 px on the GPU, {workers} workers, batch {batch_for(device)}"

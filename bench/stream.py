@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bench import THREADS
+from bench import THREADS, images_per_second
 from bench.table import run_section
 from skuvision.config import compose_config
 from skuvision.data import StreamingDataModule
@@ -41,15 +41,6 @@ def write_photos(root: Path, count: int, seed: int = 0) -> Path:
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(folder / f"{i:05d}.jpg", quality=90)
     return root
-
-
-def images_per_second(loader, finish=lambda b: b) -> float:
-    """One pass over the loader, workers' start-up included (a non-persistent loader pays it each epoch)."""
-    count, start = 0, time.perf_counter()
-    for batch in loader:
-        images, _ = finish(batch)
-        count += len(images)
-    return count / (time.perf_counter() - start)
 
 
 def bench_rows(workdir: Path, quick: bool = False) -> tuple[list[tuple], list[str]]:
@@ -78,10 +69,6 @@ def bench_rows(workdir: Path, quick: bool = False) -> tuple[list[tuple], list[st
     datamodule.setup("fit")
     streamed = datamodule.train_dataloader
 
-    def normalized(batch):
-        images, labels = batch
-        return datamodule.to_model_input(images), labels
-
     size = model_input["input_size"][-1]
     reference = datasets.ImageFolder(
         str(photos),
@@ -99,7 +86,7 @@ def bench_rows(workdir: Path, quick: bool = False) -> tuple[list[tuple], list[st
     )
     results: dict[str, list[float]] = {"streaming": [], "reference": []}
     for _ in range(repeats):
-        results["streaming"].append(images_per_second(streamed(), normalized))
+        results["streaming"].append(images_per_second(streamed(), datamodule.to_model_input))
         results["reference"].append(images_per_second(reference_loader))
     stream_rate, reference_rate = (statistics.median(v) for v in results.values())
     stored = int(size / model_input["crop_pct"])
