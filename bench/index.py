@@ -10,12 +10,11 @@ Alone: python -m bench.index [--quick]
 
 from __future__ import annotations
 
-import statistics
-import time
 from pathlib import Path
 
 import faiss
 import numpy as np
+from torch.utils import benchmark
 
 from bench import THREADS
 from bench.table import run_section
@@ -59,17 +58,17 @@ def recall_at(found: np.ndarray, truth: np.ndarray) -> float:
 def queries_per_second(
     index: CatalogueIndex, queries: np.ndarray, one_at_a_time: bool, repeats: int
 ) -> float:
-    """Median of `repeats`: all queries in one batch, or one call per query (a server answering requests)."""
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+    """Mean of `repeats` runs: all queries in one batch, or one call per query (as a server answers)."""
+
+    def search():
         if one_at_a_time:
             for i in range(len(queries)):
                 index.search(queries[i : i + 1], K)
         else:
             index.search(queries, K)
-        times.append(time.perf_counter() - start)
-    return len(queries) / statistics.median(times)
+
+    timer = benchmark.Timer("search()", globals={"search": search}, num_threads=THREADS)
+    return len(queries) / timer.timeit(repeats).median
 
 
 def index_bytes(index: CatalogueIndex) -> int:

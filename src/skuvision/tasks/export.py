@@ -22,7 +22,6 @@ import timm
 import torch
 from omegaconf import DictConfig
 from torch import nn
-from torch.utils import benchmark
 
 from skuvision.assembly import from_checkpoint
 from skuvision.config import set_threads
@@ -65,6 +64,10 @@ def images_per_second(run, images: torch.Tensor, batch_size: int, repeats: int =
     def all_batches():
         for i in range(0, len(images), batch_size):
             run(images[i : i + batch_size])
+
+    # torch's benchmark module loads cpp_extension, which warns that CUDA_HOME has no runtime on a CPU machine
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    from torch.utils import benchmark
 
     run(images[:batch_size])
     # Timer runs at 1 thread unless told otherwise
