@@ -69,7 +69,9 @@ def from_checkpoint(
 def data_module(data: DictConfig | dict, input_config: dict, split: str | None = None) -> ImageDataModule:
     """A DataModule over the data config `data` fed a trained model's `input_config`, whose predict split is
     `split`: no model is built."""
-    return instantiate(OmegaConf.create(data), input_config=input_config, predict_split=split)
+    # A config node keeps its parent, which its interpolations (${seed}, ...) resolve against.
+    data_cfg = data if isinstance(data, DictConfig) else OmegaConf.create(data)
+    return instantiate(data_cfg, input_config=input_config, predict_split=split)
 
 
 def build_trainer(
