@@ -1,5 +1,5 @@
-"""What every task shares: images for the loggers, JSON out, and the command line's one-line errors and new
-run folders."""
+"""What every task shares: images for the loggers, JSON out (metrics, the data report), and the command
+line's one-line errors and new run folders."""
 
 from __future__ import annotations
 
