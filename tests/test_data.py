@@ -263,10 +263,11 @@ def test_labels_and_file_paths_of_a_split_are_read_off_the_data_module(tmp_path,
 
 @pytest.mark.parametrize(("channels", "mode"), [(1, "L"), (3, "RGB")])
 def test_a_dataset_image_as_a_picture_keeps_its_pixels(channels, mode):
-    from skuvision.data.pictures import pil_image
+    """torchvision's to_pil_image, which galleries, plots, the audit and the server use on dataset images."""
+    from torchvision.transforms.v2.functional import to_pil_image
 
     image = torch.randint(0, 256, (channels, 6, 5), dtype=torch.uint8)
-    picture = pil_image(image)
+    picture = to_pil_image(image)
     assert picture.mode == mode and picture.size == (5, 6)
     expected = image.permute(1, 2, 0).squeeze(-1).numpy()
     assert np.array_equal(np.asarray(picture), expected)

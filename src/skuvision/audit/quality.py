@@ -8,9 +8,9 @@ import logging
 import numpy as np
 import pandas as pd
 from cleanvision import Imagelab
+from torchvision.transforms.v2.functional import to_pil_image
 
 from skuvision.audit.catalogue import Catalogue
-from skuvision.data.pictures import pil_image
 
 log = logging.getLogger("skuvision")
 
@@ -30,7 +30,7 @@ class PILImages:
     def __getitem__(self, i: int):
         split, index = self.catalogue.splits[i], int(self.catalogue.index[i])
         image, label = self.datasets[split][index]
-        return pil_image(image), label
+        return to_pil_image(image), label
 
 
 def meaningful_checks(checks: list[str], catalogue: Catalogue, in_chans: int) -> tuple[list[str], dict]:

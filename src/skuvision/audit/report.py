@@ -6,11 +6,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from torchvision.transforms.v2.functional import to_pil_image
 
 from skuvision.audit.catalogue import Catalogue
 from skuvision.audit.duplicates import Pair, is_leakage
 from skuvision.data.decode import open_rgb
-from skuvision.data.pictures import pil_image
 from skuvision.outputs import new_file, spreadsheet_cell
 from skuvision.outputs import write_csv as write_rows
 from skuvision.plots import plt  # pyplot on the file-only backend the evaluation plots set
@@ -22,7 +22,7 @@ def picture(catalogue: Catalogue, datamodule, i: int) -> np.ndarray:
     """The image as stored (a file at its own size), for galleries."""
     if catalogue.file_backed:
         return np.asarray(open_rgb(catalogue.items[i]))
-    return np.asarray(pil_image(datamodule.splits[catalogue.splits[i]][int(catalogue.index[i])][0]))
+    return np.asarray(to_pil_image(datamodule.splits[catalogue.splits[i]][int(catalogue.index[i])][0]))
 
 
 def gallery_png(images: list[np.ndarray], titles: list[str], path: Path, title: str, cols: int = 4) -> Path:

@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import Dataset, Subset
+from torchvision.transforms.v2.functional import to_pil_image
 
 from skuvision.data.decode import DECODE_ERRORS, JpegFile, device_jpeg, open_rgb
-from skuvision.data.pictures import pil_image
 from skuvision.data.transforms import eval_image_transform, eval_min_side, eval_pixel_budget
 from skuvision.errors import SkuvisionError
 
@@ -49,7 +49,7 @@ class InMemoryImages(Dataset):
     def _transformed(self, i: int) -> torch.Tensor:
         image = self.images[i]
         channels = image.shape[0]
-        out = self.transform(pil_image(image).convert("RGB"))
+        out = self.transform(to_pil_image(image).convert("RGB"))
         return out[:channels] if channels == 1 else out  # gray stays gray: every op treats R, G, B alike
 
     def subset(self, indices: np.ndarray) -> InMemoryImages:

@@ -21,11 +21,11 @@ from functools import cached_property
 from pathlib import Path
 
 import torch
+from torchvision.transforms.v2.functional import to_pil_image
 
 from skuvision.compat import use_boto3_for_plain_http
 from skuvision.data.datamodule import SPLITS, ImageDataModule
 from skuvision.data.decode import DECODE_ERRORS, open_rgb
-from skuvision.data.pictures import pil_image
 from skuvision.data.transforms import scale_size
 from skuvision.errors import SkuvisionError
 from skuvision.outputs import write_new_text
@@ -86,7 +86,7 @@ def write_metadata(root: str, metadata: dict) -> None:
 
 def encode_image(image: torch.Tensor, encoding: str, quality: int) -> bytes:
     """uint8 CHW -> JPEG (lossy, small) or PNG (lossless) bytes."""
-    pil = pil_image(image)
+    pil = to_pil_image(image)
     out = io.BytesIO()
     if encoding == "jpeg":
         pil.save(out, format="JPEG", quality=quality)

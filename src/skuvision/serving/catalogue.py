@@ -13,10 +13,10 @@ import re
 from pathlib import Path
 
 from PIL import Image
+from torchvision.transforms.v2.functional import to_pil_image
 
 from skuvision.assembly import data_module
 from skuvision.data.decode import DECODE_ERRORS, open_rgb
-from skuvision.data.pictures import pil_image
 from skuvision.errors import SkuvisionError
 
 log = logging.getLogger("skuvision")
@@ -70,7 +70,7 @@ class CatalogueImages:
             datamodule = data_module(self.data, self.input_config, split)
             datamodule.setup("predict")
             self.splits[split] = datamodule.splits[split]
-        return pil_image(self.splits[split][i][0]).convert("RGB")
+        return to_pil_image(self.splits[split][i][0]).convert("RGB")
 
     def image(self, item_id: int) -> Image.Image | None:
         """The item as stored (RGB), or None for an id outside the index or an unreadable file."""

@@ -9,11 +9,11 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 from pytorch_lightning import seed_everything
+from torchvision.transforms.v2.functional import to_pil_image
 
 from skuvision import calibration, plots
 from skuvision.assembly import build_trainer, close_loggers, from_checkpoint, instantiate_loggers
 from skuvision.config import set_threads
-from skuvision.data.pictures import pil_image
 from skuvision.errors import SkuvisionError
 from skuvision.metrics import evaluation_report
 from skuvision.outputs import file_sha256, new_file, refuse_existing, write_csv, write_new_json
@@ -168,7 +168,7 @@ def write_plots(
     confidence, predicted = probs.max(dim=1)
     wrong = torch.nonzero(predicted != labels).flatten()
     worst = wrong[confidence[wrong].argsort(descending=True)][:num_errors].tolist()
-    images = [np.asarray(pil_image(dataset[i][0])) for i in worst]
+    images = [np.asarray(to_pil_image(dataset[i][0])) for i in worst]
     return [
         new_png(
             output_dir / "confusion_matrix.png",
