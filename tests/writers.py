@@ -196,3 +196,53 @@ def write_oriented_jpeg(path: Path, upright: Image.Image, orientation: int = 6, 
     exif[0x0112] = orientation  # ExifTags.Base.Orientation
     upright.transpose(STORED_FOR_ORIENTATION[orientation]).save(path, quality=quality, exif=exif)
     return path
+
+
+CATALOGUE_TYPES = {"Tshirts": "Apparel", "Shirts": "Apparel", "Sandals": "Footwear", "Heels": "Footwear"}
+CATALOGUE_COLOURS = {"Red": (200, 40, 40), "Green": (40, 170, 60), "Blue": (40, 60, 200)}
+CATALOGUE_HEADER = (
+    "id,gender,masterCategory,subCategory,articleType,baseColour,season,year,usage,productDisplayName,tags"
+)
+
+
+def catalogue_photo(article: int, colour: tuple, tags: set[str], rng: np.random.Generator) -> Image.Image:
+    """A 48x64 portrait product photo: the article type is where a bright bar stands, the colour tints the
+    whole picture, a "sticker" is a yellow patch in the top rows and "floral" a checker in the bottom rows
+    (both where a centre crop of a portrait photo would cut)."""
+    h, w = 64, 48
+    img = np.clip(rng.normal(0.35, 0.08, (h, w, 1)) * np.array(colour)[None, None] * 1.6, 0, 255)
+    left = 6 + article * 9
+    img[14:50, left : left + 7] = 245
+    if "sticker" in tags:
+        img[1:9, 8:40] = (250, 230, 20)
+    if "floral" in tags:
+        yy, xx = np.mgrid[56:63, 4:44]
+        img[56:63, 4:44] = np.where(((yy // 2 + xx // 2) % 2)[..., None] == 0, 255, 0)
+    return Image.fromarray(img.astype(np.uint8))
+
+
+def write_catalogue_export(root: Path, n: int = 240, seed: int = 0) -> tuple[Path, list[str]]:
+    """A catalogue export laid out like the public product-image set: styles.csv (id, gender,
+    masterCategory, subCategory, articleType, baseColour, ..., productDisplayName, tags) with images at
+    images/<id>.jpg, portrait. Returns the CSV and its lines (header first) so callers can plant defects."""
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    types, colours = list(CATALOGUE_TYPES), list(CATALOGUE_COLOURS)
+    lines = [CATALOGUE_HEADER]
+    for i in range(n):
+        article, colour = i % len(types), int(rng.integers(len(colours)))
+        tags = {t for t in ("sticker", "floral") if rng.random() < 0.35}
+        pid = 10000 + i
+        catalogue_photo(article, CATALOGUE_COLOURS[colours[colour]], tags, rng).save(
+            root / "images" / f"{pid}.jpg", quality=95
+        )
+        name, master = types[article], CATALOGUE_TYPES[types[article]]
+        sub = "Topwear" if master == "Apparel" else "Shoes"
+        display = f"{colours[colour]} {name} {i}"
+        lines.append(
+            f"{pid},Unisex,{master},{sub},{name},{colours[colour]},Summer,2012,Casual,{display},"
+            + ";".join(sorted(tags))
+        )
+    csv_path = root / "styles.csv"
+    csv_path.write_text("\n".join(lines) + "\n")
+    return csv_path, lines

@@ -46,6 +46,8 @@ def build(cfg: DictConfig) -> tuple[ImageDataModule, Classifier]:
         class_weights=datamodule.loss_class_weights(),
         data=plain(cfg.data),
         tta=cfg.get("tta") or "none",
+        heads=datamodule.heads,
+        tag_loss=cfg.get("tag_loss") or "bce",
     )
     return datamodule, module
 

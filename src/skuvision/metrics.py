@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torchmetrics import MetricCollection
+from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import (
     MulticlassAccuracy,
+    MultilabelAveragePrecision,
+    MultilabelF1Score,
     MulticlassAUROC,
     MulticlassConfusionMatrix,
     MulticlassF1Score,
@@ -22,9 +24,11 @@ def eval_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float(), labels)
 
 
-def classification_metrics(num_classes: int) -> MetricCollection:
+def classification_metrics(num_classes: int, ignore_index: int | None = None) -> MetricCollection:
+    """acc, f1_macro (and acc_top5 from 5 classes); `ignore_index`: the target of rows without a label,
+    left out of every figure."""
     # Inputs come from the model and the data module, always well-formed: skip the per-update checks.
-    options = {"num_classes": num_classes, "validate_args": False}
+    options = {"num_classes": num_classes, "validate_args": False, "ignore_index": ignore_index}
     metrics = {
         "acc": MulticlassAccuracy(average="micro", **options),
         "f1_macro": MulticlassF1Score(average="macro", **options),
@@ -32,6 +36,47 @@ def classification_metrics(num_classes: int) -> MetricCollection:
     if num_classes >= 5:
         metrics["acc_top5"] = MulticlassAccuracy(top_k=5, average="micro", **options)
     return MetricCollection(metrics)
+
+
+class MistakeSeverity(Metric):
+    """How far up the taxonomy a finer head's wrong answers go: for each wrong answer, 1 plus the number of
+    coarser levels (`levels`, each a list of the coarse class of every fine class, finer first) at which it
+    is wrong too; the mean over wrong answers (0 without any). Rows whose target is `ignore_index` are left
+    out."""
+
+    higher_is_better = False
+    full_state_update = False
+
+    def __init__(self, levels: list[list[int]], ignore_index: int = -1):
+        super().__init__()
+        self.ignore_index = ignore_index
+        for i, parents in enumerate(levels):
+            self.register_buffer(f"parents_{i}", torch.tensor(parents), persistent=False)
+        self.num_levels = len(levels)
+        self.add_state("severity", torch.tensor(0.0), dist_reduce_fx="sum")
+        self.add_state("mistakes", torch.tensor(0.0), dist_reduce_fx="sum")
+
+    def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
+        keep = target != self.ignore_index
+        predicted, target = preds.argmax(dim=1)[keep], target[keep]
+        wrong = predicted != target
+        severity = wrong.float()
+        for i in range(self.num_levels):
+            parents = getattr(self, f"parents_{i}")
+            severity += wrong & (parents[predicted] != parents[target])
+        self.severity += severity.sum()
+        self.mistakes += wrong.sum()
+
+    def compute(self) -> torch.Tensor:
+        return self.severity / self.mistakes.clamp(min=1)
+
+
+def tag_metrics(num_tags: int) -> MetricCollection:
+    """A tag column's: map (macro average precision over tags) and f1 (macro, at 0.5)."""
+    options = {"num_labels": num_tags, "validate_args": False}
+    return MetricCollection(
+        {"map": MultilabelAveragePrecision(average="macro", **options), "f1": MultilabelF1Score(average="macro", **options)}
+    )
 
 
 def evaluation_report(logits: torch.Tensor, labels: torch.Tensor, class_names: list[str]) -> dict:

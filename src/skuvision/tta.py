@@ -45,9 +45,15 @@ def views(images: torch.Tensor, mode: str) -> list[torch.Tensor]:
     return both + [shifted(x, d, d) for d in (step, -step) for x in both]
 
 
-def tta_logits(
-    forward: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, mode: str
-) -> torch.Tensor:
-    """The mean of `forward`'s logits over the views of `images` (float32)."""
-    outputs = [forward(view).float() for view in views(images, mode)]
-    return outputs[0] if len(outputs) == 1 else torch.stack(outputs).mean(0)
+def tta_logits(forward: Callable, images: torch.Tensor, mode: str):
+    """The mean of `forward`'s logits over the views of `images` (float32); a forward giving {head: logits}
+    gets each head's mean."""
+    outputs = [forward(view) for view in views(images, mode)]
+    if isinstance(outputs[0], dict):
+        return {key: mean_of([out[key] for out in outputs]) for key in outputs[0]}
+    return mean_of(outputs)
+
+
+def mean_of(logits: list[torch.Tensor]) -> torch.Tensor:
+    logits = [x.float() for x in logits]
+    return logits[0] if len(logits) == 1 else torch.stack(logits).mean(0)

@@ -53,6 +53,12 @@ def subset_indices(labels: Sequence[int], subset: float | int | None, seed: int)
     return stratified_split(labels, [count, n - count], seed)[0]
 
 
+def labelled_counts(labels: Sequence[int], num_classes: int) -> list[int]:
+    """Images per class; -1 (no label in this column) is not counted."""
+    labels = np.asarray(labels, dtype=int)
+    return np.bincount(labels[labels >= 0], minlength=num_classes).tolist()
+
+
 def checked_split_fractions(fractions: Sequence[float]) -> list[float]:
     """data.split_fractions (train, val, test) of a source split by seed, as floats; refused unless usable."""
     if len(fractions) != 3 or min(fractions) < 0 or sum(fractions) <= 0:
@@ -144,6 +150,12 @@ class ImageDataModule(LightningDataModule):
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    @property
+    def heads(self) -> list[dict] | None:
+        """Head specs of a table with several label or tag columns (skuvision.models.heads); None where the
+        source has one label per image, `class_names`."""
+        return None
 
     def prepare_data(self) -> None:
         # Lightning calls this on one process per node, before any process reads the files.
@@ -260,10 +272,7 @@ class ImageDataModule(LightningDataModule):
     def class_counts(self) -> dict[str, list[int]]:
         """Images per class in each split, in class-index order."""
         self.setup()
-        return {
-            split: np.bincount(np.asarray(dataset_labels(ds), dtype=int), minlength=self.num_classes).tolist()
-            for split, ds in self.splits.items()
-        }
+        return {split: labelled_counts(dataset_labels(ds), self.num_classes) for split, ds in self.splits.items()}
 
     def split_labels(self, split: str) -> list[int]:
         """Labels of a split's images, in order, without decoding them."""
@@ -299,8 +308,9 @@ class ImageDataModule(LightningDataModule):
         if self.balance != "sampler":
             return None
         labels = np.asarray(dataset_labels(dataset), dtype=int)
-        counts = np.bincount(labels, minlength=self.num_classes)
-        weights = 1.0 / counts[labels]
+        counts = np.asarray(labelled_counts(labels, self.num_classes), dtype=float)
+        # A row without a label (a table's other heads train on it) is drawn like an average class's row.
+        weights = np.where(labels >= 0, 1.0 / counts[labels.clip(min=0)], len(counts) / counts.sum())
         return WeightedRandomSampler(
             torch.as_tensor(weights, dtype=torch.double), len(labels), replacement=True
         )

@@ -121,6 +121,20 @@ class LabelledImageFiles(ImageFiles):
             raise SkuvisionError(f"cannot read image {path}: {err}; remove or replace the file") from err
 
 
+class TableImageFiles(LabelledImageFiles):
+    """A split of a table with several label or tag columns: yields (image, {column: target}), a label
+    column's class index (-1 where the row has no value) and a tag column's multi-hot float vector.
+    `targets` holds the first label column's indices (what stratified splits, subsets and sampling use)."""
+
+    def __init__(self, samples: list[tuple[Path, int]], row_targets: list[dict], transform=None):
+        super().__init__(samples, transform)
+        self.row_targets = row_targets
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict]:
+        image, _ = super().__getitem__(index)
+        return image, self.row_targets[index]
+
+
 class InputImageFiles(ImageFiles):
     """Unlabelled files to predict or embed: (uint8 CHW tensor at the model's size, error message or "")
     per path, so that one bad file (or one over the model's pixel budget) becomes an error row instead of

@@ -1,7 +1,12 @@
 """A catalogue export as data: a CSV or Parquet table with a path column, label columns and an optional split
 column.
 
-One label column is used (`label_column`, e.g. articleType of a catalogue with several). Relative paths
+One label column (`label_column`, e.g. articleType), or several (`label_columns`, one softmax head each) and
+tag columns (`tag_columns`, one sigmoid head each, tags separated by `tag_separator`). With several, a row
+with an empty value in one label column still trains the other heads (its target there is -1, masked out of
+that head's loss); an empty tag cell means "no tags". A label column that is a coarser level of another
+(skuvision.data.taxonomy) is read off the finer head instead of getting one of its own, unless
+`taxonomy=false`. Relative paths
 resolve against the table's folder. Rows whose file is missing or unreadable, or whose label is empty, are
 skipped with a warning and listed in `skipped` (the train task writes it to the run folder), the way the
 image folder source reports unreadable files. A split column holds train/val/test; without one, the rows are
@@ -25,10 +30,13 @@ from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+import torch
 
 from skuvision.data.datamodule import SPLITS, ImageDataModule, checked_split_fractions, stratified_split
-from skuvision.data.datasets import LabelledImageFiles
+from skuvision.data.datasets import LabelledImageFiles, TableImageFiles
+from skuvision.data.taxonomy import find_taxonomy
 from skuvision.errors import SkuvisionError
 
 log = logging.getLogger(__name__)
@@ -73,10 +81,27 @@ class ManifestDataModule(ImageDataModule):
         path_column: str = "path",
         split_column: str | None = None,
         split_fractions: Sequence[float] = (0.8, 0.1, 0.1),
+        label_columns: Sequence[str] | None = None,
+        tag_columns: Sequence[str] | None = None,
+        tag_separator: str = ";",
+        taxonomy: bool = True,
         **kwargs,
     ):
         super().__init__(root=root, input_config=input_config, **kwargs)
-        self.label_column = label_column
+        self.multi = bool(label_columns or tag_columns)
+        self.label_columns = list(label_columns or [label_column])
+        self.tag_columns = list(tag_columns or [])
+        self.label_column = self.label_columns[0]  # what splits are stratified by and samplers balance
+        if self.multi and getattr(self.augment, "needs_even_batch", False):
+            raise SkuvisionError(
+                "augment=mixup_cutmix mixes one label column's targets; with data.label_columns/tag_columns "
+                "use another augment option"
+            )
+        if not tag_separator:
+            raise SkuvisionError("data.tag_separator is empty: give the character between tags, e.g. ';'")
+        self.tag_separator = tag_separator
+        self.taxonomy = bool(taxonomy)
+        self.missing_values: dict[str, dict[str, int]] = {}  # label column -> split -> rows without a value
         self.path_column = path_column
         self.split_column = split_column
         self.split_fractions = checked_split_fractions(split_fractions)
@@ -93,22 +118,28 @@ class ManifestDataModule(ImageDataModule):
     @cached_property
     def table(self) -> pd.DataFrame:
         table = read_table(self.manifest)
-        keys = {"data.path_column": self.path_column, "data.label_column": self.label_column}
+        key = "data.label_columns" if self.multi else "data.label_column"
+        keys = [("data.path_column", self.path_column)] + [(key, c) for c in self.label_columns]
+        keys += [("data.tag_columns", c) for c in self.tag_columns]
         if self.split_column:
-            keys["data.split_column"] = self.split_column
-        for key, column in keys.items():
+            keys.append(("data.split_column", self.split_column))
+        for key, column in keys:
             if column not in table.columns:
                 columns = ", ".join(table.columns)
                 raise SkuvisionError(
                     f"{key}={column} is not a column of {self.manifest}; its columns: {columns}"
                 )
-        given_labels = table[self.label_column]
+        named = self.label_columns + self.tag_columns
+        if len(set(named)) != len(named):
+            raise SkuvisionError(f"data.label_columns/tag_columns name a column twice: {named}")
+        given = table[self.label_columns]
         table = table.apply(lambda column: column.str.strip())
-        self._report_spaced_labels(given_labels, table[self.label_column])
-        self._refuse_case_variants(table[self.label_column])
+        for column in self.label_columns:
+            self._report_spaced_labels(given[column], table[column], column)
+            self._refuse_case_variants(table[column], column)
         return table
 
-    def _report_spaced_labels(self, given: pd.Series, stripped: pd.Series) -> None:
+    def _report_spaced_labels(self, given: pd.Series, stripped: pd.Series, column: str) -> None:
         changed = given[(given != stripped) & (stripped != "")]
         if changed.empty:
             return
@@ -122,12 +153,12 @@ class ManifestDataModule(ImageDataModule):
             "%s: %s of %s had surrounding spaces, removed: %s%s",
             self.manifest,
             plural(len(changed), "value"),
-            self.label_column,
+            column,
             shown,
             more,
         )
 
-    def _refuse_case_variants(self, labels: pd.Series) -> None:
+    def _refuse_case_variants(self, labels: pd.Series, column: str) -> None:
         """Labels equal but for case would be separate classes (one of them often a single mistyped row)."""
         labelled = labels[labels != ""]
         clashes = [group for _, group in labelled.groupby(labelled.str.casefold()) if group.nunique() > 1]
@@ -142,7 +173,7 @@ class ManifestDataModule(ImageDataModule):
         first = " and ".join(counted(clashes[0], value) for value in clashes[0].value_counts().index)
         more = f"; {plural(len(clashes) - 1, 'more label')} with case variants" if len(clashes) > 1 else ""
         raise SkuvisionError(
-            f"{self.manifest}: {self.label_column} values {first} differ only in case and would be separate "
+            f"{self.manifest}: {column} values {first} differ only in case and would be separate "
             f"classes{more}; write each label with one spelling in the manifest"
         )
 
@@ -170,17 +201,89 @@ class ManifestDataModule(ImageDataModule):
         return values
 
     @cached_property
+    def training_rows(self) -> pd.DataFrame:
+        """The rows classes are read from: those of the train split, or all rows without a split column."""
+        if self.row_splits is None:
+            return self.table
+        return self.table[[s == "train" for s in self.row_splits]]
+
+    @cached_property
     def class_names(self) -> list[str]:
-        labels = self.table[self.label_column]
-        if self.row_splits is not None:
-            labels = labels[[s == "train" for s in self.row_splits]]
-        names = sorted(set(labels) - {""})
+        return self.column_classes(self.label_column)
+
+    def column_classes(self, column: str) -> list[str]:
+        names = sorted(set(self.training_rows[column]) - {""})
         if len(names) < 2:
             raise SkuvisionError(
-                f"{self.manifest}: column {self.label_column} needs at least two labels among the training "
+                f"{self.manifest}: column {column} needs at least two labels among the training "
                 f"rows to train a classifier; found {names or 'none'}"
             )
         return names
+
+    def tags_of(self, cell: str) -> list[str]:
+        return [tag for tag in (t.strip() for t in cell.split(self.tag_separator)) if tag]
+
+    def tag_names(self, column: str) -> list[str]:
+        names = sorted({tag for cell in self.training_rows[column] for tag in self.tags_of(cell)})
+        if not names:
+            raise SkuvisionError(
+                f"{self.manifest}: tag column {column} has no tags among the training rows (separator "
+                f"{self.tag_separator!r}, data.tag_separator); fill it or drop it from data.tag_columns"
+            )
+        return names
+
+    @cached_property
+    def hierarchy(self) -> dict[str, tuple[str, dict[str, str]]]:
+        """{coarse column: (trained column it is read off, {fine class: coarse class})}; logged once."""
+        if not (self.multi and self.taxonomy):
+            return {}
+        found = find_taxonomy(self.training_rows, self.label_columns)
+        found = {coarse: self._rooted(coarse, found) for coarse in found}
+        kept = {}
+        for coarse, (fine, mapping) in found.items():
+            if set(mapping) == set(self.column_classes(fine)) and set(mapping.values()) == set(
+                self.column_classes(coarse)
+            ):
+                kept[coarse] = (fine, mapping)
+                log.info(
+                    "taxonomy: %s is read off %s (each of its %d classes has one %s)", coarse, fine,
+                    len(mapping), coarse,
+                )
+        return kept
+
+    @staticmethod
+    def _rooted(coarse: str, found: dict) -> tuple[str, dict[str, str]]:
+        """A coarse column's mapping from a trained column: through its source's source where that one is a
+        coarser level itself."""
+        fine, mapping = found[coarse]
+        while fine in found:
+            finer, finer_mapping = found[fine]
+            mapping = {f: mapping[m] for f, m in finer_mapping.items() if m in mapping}
+            fine = finer
+        return fine, mapping
+
+    @cached_property
+    def heads(self) -> list[dict] | None:
+        """One head spec per label and tag column (skuvision.models.heads); None for one label column."""
+        if not self.multi:
+            return None
+        specs = []
+        for column in self.label_columns:
+            spec = {"column": column, "kind": "label", "classes": self.column_classes(column)}
+            if column in self.hierarchy:
+                fine, mapping = self.hierarchy[column]
+                index = {name: i for i, name in enumerate(spec["classes"])}
+                spec |= {"source": fine, "parents": [index[mapping[f]] for f in self.column_classes(fine)]}
+            specs.append(spec)
+        specs += [{"column": c, "kind": "tags", "classes": self.tag_names(c)} for c in self.tag_columns]
+        return specs
+
+    @cached_property
+    def row_labels(self) -> list:
+        """Each row's label, or with several columns the tuple of its label and tag cells."""
+        if not self.multi:
+            return self.table[self.label_column].tolist()
+        return list(self.table[self.label_columns + self.tag_columns].itertuples(index=False, name=None))
 
     def _rows(self) -> list[tuple[int, Path, str]]:
         """(row, resolved path, label) of the rows with a label and a readable file, one row per file; the
@@ -189,16 +292,15 @@ class ManifestDataModule(ImageDataModule):
         first_row: dict = {}  # file identity -> its first row in `rows`
         repeats: list[tuple[int, tuple]] = []  # (row, the earlier row naming the same file)
         conflicts: list[tuple[int, str, tuple]] = []  # (row, its label, the earlier row with another label)
-        for i, (raw_path, label) in enumerate(
-            zip(self.table[self.path_column], self.table[self.label_column], strict=True)
-        ):
+        for i, (raw_path, label) in enumerate(zip(self.table[self.path_column], self.row_labels, strict=True)):
             path = Path(
                 os.path.normpath(self.manifest.parent / Path(raw_path).expanduser())
             )  # absolute: kept
             if not raw_path:
                 reasons[f"{self.row_name(i)}"] = f"empty {self.path_column}"
-            elif not label:
-                reasons[str(path)] = f"empty {self.label_column} ({self.row_name(i)})"
+            elif not any(label) if self.multi else not label:
+                empty = ", ".join(self.label_columns + self.tag_columns) if self.multi else self.label_column
+                reasons[str(path)] = f"empty {empty} ({self.row_name(i)})"
             elif not path.is_file():
                 reasons[str(path)] = f"file not found ({self.row_name(i)})"
             else:
@@ -226,10 +328,15 @@ class ManifestDataModule(ImageDataModule):
         i, label, (j, path, earlier_label) = conflicts[0]
         more = f" ({plural(len(conflicts) - 1, 'more row')} like it)" if len(conflicts) > 1 else ""
         raise SkuvisionError(
-            f"{self.manifest}: {self.row_place(j)} ({self.label_column}={earlier_label!r}) and "
-            f"{self.row_place(i)} ({self.label_column}={label!r}) name the same file {path}{more}; a file "
+            f"{self.manifest}: {self.row_place(j)} ({self.labels_named(earlier_label)}) and "
+            f"{self.row_place(i)} ({self.labels_named(label)}) name the same file {path}{more}; a file "
             f"has one label: correct or drop one of the rows"
         )
+
+    def labels_named(self, label) -> str:
+        if not self.multi:
+            return f"{self.label_column}={label!r}"
+        return ", ".join(f"{c}={v!r}" for c, v in zip(self.label_columns + self.tag_columns, label, strict=True))
 
     def _report_repeats(self, repeats: list[tuple[int, tuple]]) -> dict[str, str]:
         """Warn once about rows naming a file an earlier row names; {row: why} for `skipped`."""
@@ -261,27 +368,106 @@ class ManifestDataModule(ImageDataModule):
         self.skipped = {}
         index = {name: i for i, name in enumerate(self.class_names)}
         rows = self._rows()
+        first_label = [label[0] if self.multi else label for _, _, label in rows]
         if self.row_splits is None:
-            labels = [index[label] for _, _, label in rows]
-            parts = stratified_split(labels, self.split_fractions, self.seed)
+            parts = stratified_split([index.get(label, -1) for label in first_label], self.split_fractions, self.seed)
             by_split = {s: [rows[i] for i in idx] for s, idx in zip(SPLITS, parts, strict=True)}
         else:
             by_split = {s: [row for row in rows if self.row_splits[row[0]] == s] for s in SPLITS}
-        for split, split_rows in by_split.items():
-            for i, _, label in split_rows:
-                if label not in index:
-                    raise SkuvisionError(
-                        f"{self.row_name(i)}: {self.label_column}={label!r} ({split}) is not among the "
-                        f"training labels {self.class_names}; add training rows for it or drop the row"
-                    )
-        found = {label for _, _, label in by_split["train"]}
+        for column in self.label_columns:
+            self._check_known_labels(by_split, column)
+        found = {self.table[self.label_column].iat[i] for i, _, _ in by_split["train"]}
         empty = [name for name in self.class_names if name not in found]
         if empty:
             raise SkuvisionError(
                 f"{self.manifest}: no readable training images for label(s) {empty} "
                 f"(see the skipped rows logged above); fix the paths or drop the rows"
             )
+        if not self.multi:
+            return {
+                split: LabelledImageFiles([(path, index[label]) for _, path, label in split_rows])
+                for split, split_rows in by_split.items()
+            }
+        self._count_missing(by_split)
         return {
-            split: LabelledImageFiles([(path, index[label]) for _, path, label in split_rows])
+            split: TableImageFiles(
+                [(path, index.get(self.table[self.label_column].iat[i], -1)) for i, path, _ in split_rows],
+                [self.row_targets(i) for i, _, _ in split_rows],
+            )
             for split, split_rows in by_split.items()
         }
+
+    def _check_known_labels(self, by_split: dict, column: str) -> None:
+        known = set(self.column_classes(column))
+        for split, split_rows in by_split.items():
+            for i, _, _ in split_rows:
+                label = self.table[column].iat[i]
+                if label and label not in known:
+                    raise SkuvisionError(
+                        f"{self.row_name(i)}: {column}={label!r} ({split}) is not among the "
+                        f"training labels {sorted(known)}; add training rows for it or drop the row"
+                    )
+
+    @cached_property
+    def target_index(self) -> dict[str, dict[str, int]]:
+        return {h["column"]: {name: k for k, name in enumerate(h["classes"])} for h in self.heads}
+
+    def row_targets(self, i: int) -> dict:
+        """{column: class index or -1} for label columns, {column: multi-hot float32} for tag columns; tags
+        unseen in training are left out (no head can predict them)."""
+        targets: dict = {}
+        for column in self.label_columns:
+            targets[column] = self.target_index[column].get(self.table[column].iat[i], -1)
+        for column in self.tag_columns:
+            index = self.target_index[column]
+            vector = torch.zeros(len(index))
+            for tag in self.tags_of(self.table[column].iat[i]):
+                if tag in index:
+                    vector[index[tag]] = 1.0
+            targets[column] = vector
+        return targets
+
+    def _count_missing(self, by_split: dict) -> None:
+        """Rows without a value per label column and split (each trains the other heads), logged and reported."""
+        self.missing_values = {
+            column: {s: sum(self.table[column].iat[i] == "" for i, _, _ in rows) for s, rows in by_split.items()}
+            for column in self.label_columns
+        }
+        for column, counts in self.missing_values.items():
+            if any(counts.values()):
+                log.warning("%s: rows without %s (they train the other heads): %s", self.manifest, column, counts)
+
+    def data_report(self) -> dict:
+        report = super().data_report()
+        if self.multi:
+            report["columns"] = {
+                "heads": [
+                    {k: v for k, v in h.items() if k != "parents"} | {"classes": len(h["classes"])}
+                    for h in self.heads
+                ],
+                "missing_values": self.missing_values,
+                "taxonomy": {coarse: {"source": fine, "parents": mapping} for coarse, (fine, mapping) in self.hierarchy.items()},
+            }
+        return report
+
+    def loss_class_weights(self):
+        """With balance="loss" and several columns: {column: N / (K * count_k)} per trained label head."""
+        if not self.multi or self.balance != "loss":
+            return super().loss_class_weights()
+        self.setup()
+        weights = {}
+        for head in self.heads:
+            if head["kind"] != "label" or "source" in head:
+                continue
+            labels = np.asarray([t[head["column"]] for t in self.splits_targets("train")])
+            counts = np.bincount(labels[labels >= 0], minlength=len(head["classes"])).astype(float)
+            if (counts == 0).any():
+                raise SkuvisionError(f"data.balance=loss: no training images for some class of {head['column']}")
+            weights[head["column"]] = (counts.sum() / (len(counts) * counts)).tolist()
+        return weights
+
+    def splits_targets(self, split: str) -> list[dict]:
+        dataset = self.splits[split]
+        base = dataset.dataset if hasattr(dataset, "indices") else dataset
+        indices = dataset.indices if hasattr(dataset, "indices") else range(len(base))
+        return [base.row_targets[i] for i in indices]

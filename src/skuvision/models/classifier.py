@@ -22,7 +22,8 @@ from torchmetrics import MaxMetric, MeanMetric
 
 from skuvision.errors import SkuvisionError
 from skuvision.finetune import FinetuneStrategy, Full
-from skuvision.metrics import classification_metrics, eval_loss
+from skuvision.metrics import MistakeSeverity, classification_metrics, eval_loss, tag_metrics
+from skuvision.models.heads import MISSING, Head, HeadLosses, MultiHead, heads_from_specs, replace_classifier
 from skuvision.tta import check_tta, tta_logits
 
 
@@ -38,17 +39,21 @@ class Classifier(LightningModule):
         scheduler: dict | None = None,
         finetune: dict | None = None,
         label_smoothing: float = 0.0,
-        class_weights: list[float] | None = None,
+        class_weights: list[float] | dict[str, list[float]] | None = None,
         data: dict | None = None,
         tta: str = "none",
         load_pretrained: bool = True,
+        heads: list[dict] | None = None,
+        tag_loss: str = "bce",
     ):
         """`model`: a conf/model config (its `_target_` builds the backbone); `input_config`: what
         `resolve_input` gave for it, which the data module was built with too; `finetune`: a conf/finetune
         config (default: everything trains); `data`: the data config, kept so evaluation and prediction can
         rebuild the same splits; `tta`: test-time augmentation of test and predict (skuvision.tta);
         `load_pretrained=False` skips the weights download when a checkpoint's state dict replaces them
-        anyway."""
+        anyway. `heads`: one spec per label or tag column (skuvision.models.heads) for a table with several;
+        None is the one-label model (`class_names`), whose outputs, metrics and checkpoints keep their shape.
+        `class_weights` is then {column: weights}; `tag_loss`: bce or asl."""
         super().__init__()
         if len(class_names) != num_classes:
             raise ValueError(f"{len(class_names)} class names for {num_classes} classes")
@@ -59,14 +64,21 @@ class Classifier(LightningModule):
         )
         self.channels_last = bool(model.get("channels_last", False))
         self.finetune: FinetuneStrategy = instantiate(finetune) if finetune else Full()
-        weight = torch.tensor(class_weights, dtype=torch.float32) if class_weights else None
-        # Training's loss; val/test report plain cross-entropy (`eval_loss`), as eval.py does.
-        self.criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=label_smoothing)
-        self.soft_criterion = SoftTargetCrossEntropy()
-        metrics = classification_metrics(num_classes)
-        self.train_metrics = metrics.clone(prefix="train/")
-        self.val_metrics = metrics.clone(prefix="val/")
-        self.test_metrics = metrics.clone(prefix="test/")
+        self.multi_head: MultiHead | None = None
+        if heads:
+            self.multi_head = replace_classifier(self.backbone, heads_from_specs(heads))
+            self.criterion = HeadLosses(self.multi_head.heads, label_smoothing, class_weights, tag_loss)
+            for stage in ("train", "val", "test"):
+                setattr(self, f"{stage}_metrics", head_metric_collections(self.multi_head.heads, stage))
+        else:
+            weight = torch.tensor(class_weights, dtype=torch.float32) if class_weights else None
+            # Training's loss; val/test report plain cross-entropy (`eval_loss`), as eval.py does.
+            self.criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=label_smoothing)
+            self.soft_criterion = SoftTargetCrossEntropy()
+            metrics = classification_metrics(num_classes)
+            self.train_metrics = metrics.clone(prefix="train/")
+            self.val_metrics = metrics.clone(prefix="val/")
+            self.test_metrics = metrics.clone(prefix="test/")
         self.train_loss, self.val_loss, self.test_loss = MeanMetric(), MeanMetric(), MeanMetric()
         self.val_acc_best = MaxMetric()
         self.predict_embeddings = False  # predict_step returns logits, or features for similarity search
@@ -83,10 +95,32 @@ class Classifier(LightningModule):
     def class_names(self) -> list[str]:
         return list(self.hparams.class_names)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    @property
+    def heads(self) -> list[Head]:
+        """Every output: the columns' heads, or the one-label model's one head (column "")."""
+        if self.multi_head is not None:
+            return list(self.multi_head.heads)
+        return [Head(column="", kind="label", classes=self.class_names)]
+
+    def by_head(self, outputs) -> dict[str, torch.Tensor]:
+        """{column: logits} of a forward pass (the one-label model's under "")."""
+        return outputs if isinstance(outputs, dict) else {"": outputs}
+
+    def forward(self, images: torch.Tensor):
+        """Logits: one tensor, or {column: logits} with several heads (every head, derived ones included)."""
+        out = self.forward_trained(images)
+        return self.multi_head.complete(out) if self.multi_head is not None else out
+
+    def forward_trained(self, images: torch.Tensor):
+        """The backbone's output: with several heads, only the trained ones (what TTA averages)."""
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         return self.backbone(images)
+
+    def predict_logits(self, images: torch.Tensor, mode: str):
+        """The logits test and predict use: the mean over `mode`'s views, derived heads completed after."""
+        out = tta_logits(self.forward_trained, images, mode)
+        return self.multi_head.complete(out) if self.multi_head is not None else out
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """Pre-logit features, the input of the classifier head."""
@@ -96,7 +130,8 @@ class Classifier(LightningModule):
 
     def on_train_start(self) -> None:
         # The sanity check must not count towards the best validation accuracy.
-        self.val_metrics.reset()
+        for metrics in self.val_metrics.values() if self.multi_head is not None else [self.val_metrics]:
+            metrics.reset()
         self.val_loss.reset()
         self.val_acc_best.reset()
 
@@ -105,41 +140,75 @@ class Classifier(LightningModule):
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         images, labels = batch
         logits = self(images)
-        if labels.ndim == 2:  # soft targets from Mixup/CutMix; metrics count the dominant class
+        if self.multi_head is not None:
+            loss = self.criterion(logits, labels)
+            self.update_head_metrics("train", logits, labels)
+        elif labels.ndim == 2:  # soft targets from Mixup/CutMix; metrics count the dominant class
             loss = self.soft_criterion(logits, labels)
             labels = labels.argmax(dim=1)
         else:
             loss = self.criterion(logits, labels)
         self.train_loss.update(loss.detach())
-        self.train_metrics.update(logits.detach(), labels)
+        if self.multi_head is None:
+            self.train_metrics.update(logits.detach(), labels)
         if self.global_step % self.trainer.log_every_n_steps == 0:
             self.log("train/loss_step", loss.detach(), on_step=True, on_epoch=False, prog_bar=True)
         return loss
 
     def on_train_epoch_end(self) -> None:
         self.log("train/loss", self.train_loss)
-        self.log_dict(self.train_metrics)
+        self.log_stage_metrics("train")
 
     def _eval_step(self, batch, stage: str) -> None:
         images, labels = batch
-        logits = tta_logits(self, images, self.tta) if stage == "test" else self(images)
+        logits = self.predict_logits(images, self.tta) if stage == "test" else self(images)
+        if self.multi_head is not None:
+            rows = len(images)
+            getattr(self, f"{stage}_loss").update(self.criterion(logits, labels).detach(), weight=rows)
+            self.update_head_metrics(stage, logits, labels)
+            return
         # Weighted by batch size: the mean over images, whatever the last batch's size.
         getattr(self, f"{stage}_loss").update(eval_loss(logits, labels), weight=len(labels))
         getattr(self, f"{stage}_metrics").update(logits, labels)
 
-    def _log_eval_epoch(self, stage: str) -> None:
+    def update_head_metrics(self, stage: str, logits: dict, targets: dict) -> None:
+        collections = getattr(self, f"{stage}_metrics")
+        for head in self.multi_head.heads:
+            target = targets[head.column]
+            collections[head.column].update(logits[head.column].detach().float(), target.long())
+
+    def log_stage_metrics(self, stage: str) -> torch.Tensor:
+        """Every metric of the stage. With several heads each is `<stage>/<column>/<metric>`, and
+        `<stage>/acc` is the mean over heads of each head's accuracy (a tag head's mAP): what checkpoints
+        and early stopping monitor."""
+        collections = getattr(self, f"{stage}_metrics")
+        if self.multi_head is None:
+            score = collections["acc"].compute()  # cached: logging the collection does not compute it again
+            self.log_dict(collections, prog_bar=stage == "val")
+            return score
+        scores = []
+        for head in self.multi_head.heads:
+            values = collections[head.column].compute()
+            collections[head.column].reset()
+            self.log_dict(values, sync_dist=True)
+            scores.append(values[head.key(stage, "map" if head.kind == "tags" else "acc")])
+        score = torch.stack(scores).mean()
+        self.log(f"{stage}/acc", score, prog_bar=stage == "val", sync_dist=True)
+        return score
+
+    def _log_eval_epoch(self, stage: str) -> torch.Tensor:
         self.log(f"{stage}/loss", getattr(self, f"{stage}_loss"))
-        self.log_dict(getattr(self, f"{stage}_metrics"), prog_bar=stage == "val")
+        return self.log_stage_metrics(stage)
 
     def validation_step(self, batch, batch_idx: int) -> None:
         self._eval_step(batch, "val")
 
     def on_validation_epoch_end(self) -> None:
+        score = self._log_eval_epoch("val")
         if not self.trainer.sanity_checking:
-            self.val_acc_best.update(self.val_metrics["acc"].compute())
+            self.val_acc_best.update(score)
             # Equal on every rank (it comes from synced metrics); without sync_dist Lightning warns under DDP.
             self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=True, sync_dist=True)
-        self._log_eval_epoch("val")
 
     def test_step(self, batch, batch_idx: int) -> None:
         self._eval_step(batch, "test")
@@ -151,7 +220,11 @@ class Classifier(LightningModule):
         """{"outputs": float32 logits, or pre-logit features with `predict_embeddings`, "meta": the batch's
         second item (labels, or per-file errors)}."""
         images, meta = batch if isinstance(batch, (tuple, list)) else (batch, None)
-        outputs = self.embed(images) if self.predict_embeddings else tta_logits(self, images, self.tta)
+        if self.predict_embeddings:
+            return {"outputs": self.embed(images).float(), "meta": meta}
+        outputs = self.predict_logits(images, self.tta)
+        if isinstance(outputs, dict):
+            return {"outputs": {k: v.float() for k, v in outputs.items()}, "meta": meta}
         return {"outputs": outputs.float(), "meta": meta}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -212,6 +285,22 @@ class Classifier(LightningModule):
         if monitor:
             lr_scheduler["monitor"] = monitor
         return {"optimizer": optimizer, "lr_scheduler": lr_scheduler}
+
+
+def head_metric_collections(heads: list[Head], stage: str) -> nn.ModuleDict:
+    """{column: the head's torchmetrics, prefixed `<stage>/<column>/`}: a label column's leave out rows
+    without a value; a head that coarser levels are read off also reports its mistakes' severity."""
+    collections = {}
+    for head in heads:
+        if head.kind == "tags":
+            metrics = tag_metrics(len(head.classes))
+        else:
+            metrics = classification_metrics(len(head.classes), MISSING)
+            coarser = sorted((h for h in heads if h.source == head.column), key=lambda h: -len(h.classes))
+            if coarser:
+                metrics.add_metrics({"mistake_severity": MistakeSeverity([h.parents for h in coarser], MISSING)})
+        collections[head.column] = metrics.clone(prefix=head.key(stage, ""))
+    return nn.ModuleDict(collections)
 
 
 def schedule_steps(checkpoint: dict) -> int | None:

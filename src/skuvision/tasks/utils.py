@@ -49,9 +49,12 @@ def write_json(path: Path, data: dict) -> None:
 
 
 def write_data_report(datamodule: LightningDataModule, output_dir: Path) -> None:
-    """class_counts.json per split, and skipped_images.json when unreadable images were left out."""
+    """class_counts.json per split, skipped_images.json when unreadable images were left out, and for a
+    table with several label or tag columns columns.json (the heads, missing values, the taxonomy found)."""
     report = datamodule.data_report()
     write_json(output_dir / "class_counts.json", report["class_counts"])
+    if "columns" in report:
+        write_json(output_dir / "columns.json", report["columns"])
     skipped = report["skipped"]
     if skipped:
         write_json(output_dir / "skipped_images.json", skipped)

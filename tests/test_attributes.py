@@ -1,0 +1,175 @@
+"""Several attributes, one model: label columns (softmax heads, empty values masked), tag columns (sigmoid
+heads) and the coarser levels of a taxonomy read off a finer head."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from skuvision.data import ManifestDataModule
+from skuvision.data.taxonomy import find_taxonomy
+from skuvision.models.classifier import Classifier
+from skuvision.models.heads import MISSING, HeadLosses, heads_from_specs
+
+torch.set_num_threads(2)
+
+INPUT_32 = {
+    "input_size": [3, 32, 32],
+    "mean": [0.5] * 3,
+    "std": [0.5] * 3,
+    "interpolation": "bilinear",
+    "crop_pct": 1,
+}
+TYPES = ["Heels", "Sandals", "Shirts", "Tshirts"]
+MASTER = {"Heels": "Footwear", "Sandals": "Footwear", "Shirts": "Apparel", "Tshirts": "Apparel"}
+HEADS = [
+    {"column": "articleType", "kind": "label", "classes": TYPES},
+    {"column": "masterCategory", "kind": "label", "classes": ["Apparel", "Footwear"], "source": "articleType",
+     "parents": [1, 1, 0, 0]},
+    {"column": "baseColour", "kind": "label", "classes": ["Blue", "Green", "Red"]},
+    {"column": "tags", "kind": "tags", "classes": ["floral", "sticker"]},
+]
+
+
+def classifier(heads=HEADS, **kwargs) -> Classifier:
+    torch.manual_seed(0)
+    return Classifier(
+        model={"_target_": "skuvision.models.create_backbone", "name": "simple_cnn", "pretrained": False},
+        input_config=INPUT_32,
+        num_classes=len(heads[0]["classes"]),
+        in_chans=3,
+        class_names=heads[0]["classes"],
+        optimizer={"_target_": "torch.optim.SGD", "lr": 0.1},
+        heads=heads,
+        **kwargs,
+    )
+
+
+def head_grads(module: Classifier, images, targets) -> dict[str, torch.Tensor]:
+    module.zero_grad()
+    module.criterion(module(images), targets).backward()
+    return {c: layer.weight.grad.clone() for c, layer in module.multi_head.layers.items()}
+
+
+def test_a_row_without_a_colour_trains_the_category_head_and_not_the_colour_head():
+    module = classifier()
+    images = torch.randn(2, 3, 32, 32)
+    targets = {
+        "articleType": torch.tensor([0, 2]),
+        "masterCategory": torch.tensor([1, 0]),
+        "baseColour": torch.tensor([1, MISSING]),  # the second row has no colour
+        "tags": torch.tensor([[0.0, 1.0], [1.0, 0.0]]),
+    }
+    module.eval()  # no dropout or batch statistics: each row's gradient is its own
+    only_empty = head_grads(module, images[1:], {k: v[1:] for k, v in targets.items()})
+    assert torch.count_nonzero(only_empty["baseColour"]) == 0
+    assert torch.count_nonzero(only_empty["articleType"]) > 0
+    assert torch.count_nonzero(only_empty["tags"]) > 0
+    # With the row beside one that has a colour, the colour head learns from that row alone.
+    both = head_grads(module, images, targets)
+    first = head_grads(module, images[:1], {k: v[:1] for k, v in targets.items()})
+    torch.testing.assert_close(both["baseColour"], first["baseColour"])
+    assert not torch.allclose(both["articleType"], first["articleType"])
+
+
+def test_a_batch_with_no_colour_at_all_gives_a_finite_loss():
+    module = classifier()
+    targets = {
+        "articleType": torch.tensor([0, 2]),
+        "masterCategory": torch.tensor([1, 0]),
+        "baseColour": torch.tensor([MISSING, MISSING]),
+        "tags": torch.zeros(2, 2),
+    }
+    loss = module.criterion(module(torch.randn(2, 3, 32, 32)), targets)
+    assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_the_asymmetric_tag_loss_stays_finite_in_half_precision(dtype):
+    heads = heads_from_specs(HEADS)
+    losses = HeadLosses(heads, tag_loss="asl")
+    tags = heads[-1]
+    logits = torch.tensor([[30.0, -30.0], [-20.0, 25.0]], dtype=dtype, requires_grad=True)
+    loss = losses.head_loss(tags, logits, torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(logits.grad).all()
+
+
+def test_coarser_levels_always_agree_with_the_predicted_finer_level():
+    module = classifier().eval()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        out = module(torch.randn(64, 3, 32, 32) * 3)
+    fine, coarse = out["articleType"], out["masterCategory"]
+    parents = torch.tensor(HEADS[1]["parents"])
+    assert torch.equal(coarse.argmax(1), parents[fine.argmax(1)])
+    # Its probabilities are the sums of the finer level's.
+    summed = torch.zeros(64, 2).index_add_(1, parents, fine.float().softmax(1))
+    torch.testing.assert_close(coarse.softmax(1), summed)
+    assert len(list(module.multi_head.layers)) == 3  # the coarser level has no weights of its own
+
+
+def independent_table(n: int = 400, seed: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    return pd.DataFrame(
+        {
+            "articleType": rng.choice(TYPES, n),
+            "baseColour": rng.choice(["Blue", "Green", "Red"], n),
+            "usage": rng.choice(["Casual", "Formal"], n),
+        }
+    )
+
+
+def test_a_taxonomy_is_found_only_where_one_column_is_a_function_of_another():
+    table = independent_table()
+    assert find_taxonomy(table, list(table.columns)) == {}
+    table["masterCategory"] = table["articleType"].map(MASTER)
+    found = find_taxonomy(table, list(table.columns))
+    assert found == {"masterCategory": ("articleType", MASTER)}
+    # One row saying otherwise: no longer a function, no hierarchy.
+    table.loc[0, "masterCategory"] = "Apparel" if MASTER[table.loc[0, "articleType"]] == "Footwear" else "Footwear"
+    assert find_taxonomy(table, list(table.columns)) == {}
+
+
+def test_rows_of_one_each_are_not_taken_for_a_hierarchy():
+    table = pd.DataFrame({"sku": [f"s{i}" for i in range(12)], "colour": ["Red", "Blue"] * 6})
+    assert find_taxonomy(table, ["sku", "colour"]) == {}
+
+
+def write_table(tmp_path, table: pd.DataFrame):
+    from tests.writers import write_image_folder
+
+    folder = write_image_folder(tmp_path / "imgs", classes=("a",), per_class=len(table), size=32)
+    files = sorted(p for p in folder.rglob("*") if p.suffix in (".png", ".jpg"))
+    table = table.assign(path=[str(p) for p in files])
+    table.to_csv(tmp_path / "styles.csv", index=False)
+    return tmp_path / "styles.csv"
+
+
+def test_the_data_module_reads_heads_taxonomy_and_tags_from_the_table(tmp_path):
+    table = independent_table(60)
+    table["masterCategory"] = table["articleType"].map(MASTER)
+    table["tags"] = ["sticker;floral", "", " sticker ", "floral"] * 15
+    table.loc[3, "baseColour"] = ""
+    csv = write_table(tmp_path, table)
+    dm = ManifestDataModule(
+        str(csv), INPUT_32, label_columns=["articleType", "masterCategory", "baseColour", "usage"],
+        tag_columns=["tags"],
+    )
+    heads = {h["column"]: h for h in dm.heads}
+    assert heads["masterCategory"]["source"] == "articleType"
+    assert "source" not in heads["baseColour"] and "source" not in heads["usage"]
+    assert heads["tags"]["classes"] == ["floral", "sticker"]
+    dm.setup()
+    rows = {
+        str(path): targets for (path, _), targets in zip(dm.splits["train"].samples, dm.splits["train"].row_targets)
+    }
+    by_path = pd.read_csv(csv, dtype=str, keep_default_na=False).set_index("path")
+    for path, targets in rows.items():
+        row = by_path.loc[path]
+        assert targets["baseColour"] == (MISSING if row["baseColour"] == "" else heads["baseColour"]["classes"].index(row["baseColour"]))
+        expected = {t.strip() for t in row["tags"].split(";") if t.strip()}
+        assert {heads["tags"]["classes"][k] for k in torch.nonzero(targets["tags"]).flatten().tolist()} == expected
+    report = dm.data_report()["columns"]
+    assert sum(report["missing_values"]["baseColour"].values()) == 1
+    assert report["taxonomy"]["masterCategory"]["parents"] == MASTER
