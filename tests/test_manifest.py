@@ -3,17 +3,19 @@
 import csv
 import json
 import os
+import re
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
 
+from skuvision.assembly import data_module
 from skuvision.data import ManifestDataModule
 from skuvision.errors import SkuvisionError
 from skuvision.tasks import train
 from tests.helpers import compose_cfg, quick_overrides
-from tests.writers import write_image_folder
+from tests.writers import write_image_folder, write_product_images
 
 INPUT_32 = {
     "input_size": [3, 32, 32],
@@ -294,3 +296,56 @@ def test_training_on_a_manifest_writes_the_skipped_rows(tmp_path, data_root, mon
     counts = json.loads((tmp_path / "run" / "class_counts.json").read_text())
     assert sum(sum(split.values()) for split in counts.values()) == 36
     assert any((tmp_path / "cache" / "decoded").rglob("*")), "the decoded-image cache was not used"
+
+
+@pytest.fixture
+def products(tmp_path) -> list[tuple[str, str]]:
+    """(id, articleType) of 60 products, 20 per class, their JPEGs at tmp_path/images/<id>.jpg."""
+    return write_product_images(tmp_path / "images", {"Shirts": 20, "Tshirts": 20, "Watches": 20})
+
+
+def test_a_path_pattern_builds_each_rows_path_from_its_columns(tmp_path, products):
+    """The pattern wins over a path column; a row whose id is empty is skipped, naming the column."""
+    rows = [(f"elsewhere/{id_}.png", id_, article) for id_, article in products] + [("x.png", "", "Shirts")]
+    manifest = write_csv(tmp_path / "styles.csv", rows, header=("path", "id", "articleType"))
+    dm = ready(
+        ManifestDataModule(
+            str(manifest), INPUT_32, label_column="articleType", path_pattern="images/{id}.jpg"
+        )
+    )
+    assert set().union(*(files_in(dm, s) for s in dm.splits)) == {
+        tmp_path / "images" / f"{id_}.jpg" for id_, _ in products
+    }
+    assert dm.skipped == {f"{manifest} row 61 (line 62)": "empty id (data.path_pattern=images/{id}.jpg)"}
+
+
+@pytest.mark.parametrize(
+    ("pattern", "message"),
+    [
+        (
+            "images/{sku}.jpg",
+            r"names sku, which is not a column of .*styles\.csv; its columns: id, articleType$",
+        ),
+        ("images/{}.jpg", r"is not a path pattern \(name a column in each pair of braces\); name columns in"),
+        ("images/all.jpg", r"is not a path pattern \(name a column in each pair of braces\)"),
+        ("images/{id.jpg", r"is not a path pattern \(expected '}' before end of string\)"),
+        (
+            "images/{id:05d}.jpg",
+            r"is not a path pattern \(Unknown format code 'd' .*\); name columns in braces, cells",
+        ),
+    ],
+)
+def test_a_path_pattern_that_cannot_name_files_is_refused(tmp_path, pattern, message):
+    manifest = write_csv(tmp_path / "styles.csv", [("1000", "Shirts")], header=("id", "articleType"))
+    dm = ManifestDataModule(str(manifest), INPUT_32, label_column="articleType", path_pattern=pattern)
+    with pytest.raises(SkuvisionError, match=rf"^data\.path_pattern={re.escape(pattern)} {message}"):
+        _ = dm.class_names
+
+
+def test_the_path_pattern_is_a_key_of_data_manifest(tmp_path, data_root):
+    manifest = write_csv(
+        tmp_path / "styles.csv", [("1000", "Shirts"), ("1001", "Watches")], header=("id", "type")
+    )
+    overrides = [f"data.root={manifest}", "data.label_column=type", 'data.path_pattern="images/{id}.jpg"']
+    cfg = compose_cfg("train", quick_overrides("manifest", data_root) + overrides, tmp_path / "run")
+    assert data_module(cfg.data, INPUT_32).raw_paths == ["images/1000.jpg", "images/1001.jpg"]

@@ -15,12 +15,16 @@ rows. Surrounding spaces are removed from every cell ("Red " is Red, with a warn
 labels that differ only in case ("Two", "two") stop the run, naming the spellings and their counts: which
 spelling is right, or whether they are one class at all, is the catalogue owner's call, and a guess would name
 a class in the checkpoint and in every prediction.
+
+`path_pattern` (`images/{id}.jpg`) builds each row's path from its columns, in place of a path column.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
+import string
 from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
@@ -51,6 +55,22 @@ def read_table(path: Path) -> pd.DataFrame:
     return table.reset_index(drop=True).apply(lambda column: column.astype("string").fillna(""))
 
 
+def pattern_columns(pattern: str) -> list[str]:
+    """The columns data.path_pattern names, each once ({id}, {id[0]} and {id.x} name id)."""
+    try:
+        fields = [name for _, name, _, _ in string.Formatter().parse(pattern) if name is not None]
+        columns = list(dict.fromkeys(re.match(r"[^.\[]*", name).group() for name in fields))
+        if not columns or not all(columns) or any(c.isdigit() for c in columns):
+            raise ValueError("name a column in each pair of braces")
+        pattern.format_map(dict.fromkeys(columns, ""))  # a format spec for numbers fails here, not per row
+    except (ValueError, KeyError, IndexError, AttributeError) as e:
+        raise SkuvisionError(
+            f"data.path_pattern={pattern} is not a path pattern ({e}); name columns in braces, cells are "
+            f"text: images/{{id}}.jpg"
+        ) from None
+    return columns
+
+
 def file_identity(path: Path) -> tuple | Path:
     """What makes two paths one file: device and inode (links and spellings alike), else the resolved path
     where the file system has no inode numbers."""
@@ -71,6 +91,7 @@ class ManifestDataModule(ImageDataModule):
         input_config: dict,
         label_column: str = "label",
         path_column: str = "path",
+        path_pattern: str | None = None,
         split_column: str | None = None,
         split_fractions: Sequence[float] = (0.8, 0.1, 0.1),
         **kwargs,
@@ -78,6 +99,7 @@ class ManifestDataModule(ImageDataModule):
         super().__init__(root=root, input_config=input_config, **kwargs)
         self.label_column = label_column
         self.path_column = path_column
+        self.path_pattern = path_pattern
         self.split_column = split_column
         self.split_fractions = checked_split_fractions(split_fractions)
 
@@ -96,17 +118,46 @@ class ManifestDataModule(ImageDataModule):
         keys = {"data.path_column": self.path_column, "data.label_column": self.label_column}
         if self.split_column:
             keys["data.split_column"] = self.split_column
+        if self.path_pattern:  # the pattern replaces the path column, which then need not exist
+            del keys["data.path_column"]
         for key, column in keys.items():
             if column not in table.columns:
                 columns = ", ".join(table.columns)
                 raise SkuvisionError(
                     f"{key}={column} is not a column of {self.manifest}; its columns: {columns}"
                 )
+        self._check_path_pattern(table.columns)
         given_labels = table[self.label_column]
         table = table.apply(lambda column: column.str.strip())
         self._report_spaced_labels(given_labels, table[self.label_column])
         self._refuse_case_variants(table[self.label_column])
         return table
+
+    def _check_path_pattern(self, columns: pd.Index) -> None:
+        if not self.path_pattern:
+            return
+        lacking = [c for c in pattern_columns(self.path_pattern) if c not in columns]
+        if lacking:
+            raise SkuvisionError(
+                f"data.path_pattern={self.path_pattern} names {lacking[0]}, which is not a column of "
+                f"{self.manifest}; its columns: {', '.join(columns)}"
+            )
+
+    @cached_property
+    def raw_paths(self) -> list[str]:
+        """Each row's image path as written: its path column, or data.path_pattern filled from its columns (""
+        where one of them is empty)."""
+        if not self.path_pattern:
+            return self.table[self.path_column].tolist()
+        cells = self.table[pattern_columns(self.path_pattern)].to_dict("records")
+        return [self.path_pattern.format_map(row) if all(row.values()) else "" for row in cells]
+
+    def _no_path(self, i: int) -> str:
+        """Why row i has no path: its empty path column, or the empty columns its pattern names."""
+        if not self.path_pattern:
+            return f"empty {self.path_column}"
+        empty = [c for c in pattern_columns(self.path_pattern) if not self.table.at[i, c]]
+        return f"empty {', '.join(empty)} (data.path_pattern={self.path_pattern})"
 
     def _report_spaced_labels(self, given: pd.Series, stripped: pd.Series) -> None:
         changed = given[(given != stripped) & (stripped != "")]
@@ -190,13 +241,13 @@ class ManifestDataModule(ImageDataModule):
         repeats: list[tuple[int, tuple]] = []  # (row, the earlier row naming the same file)
         conflicts: list[tuple[int, str, tuple]] = []  # (row, its label, the earlier row with another label)
         for i, (raw_path, label) in enumerate(
-            zip(self.table[self.path_column], self.table[self.label_column], strict=True)
+            zip(self.raw_paths, self.table[self.label_column], strict=True)
         ):
             path = Path(
                 os.path.normpath(self.manifest.parent / Path(raw_path).expanduser())
             )  # absolute: kept
             if not raw_path:
-                reasons[f"{self.row_name(i)}"] = f"empty {self.path_column}"
+                reasons[f"{self.row_name(i)}"] = self._no_path(i)
             elif not label:
                 reasons[str(path)] = f"empty {self.label_column} ({self.row_name(i)})"
             elif not path.is_file():
