@@ -16,16 +16,24 @@ labels that differ only in case ("Two", "two") stop the run, naming the spelling
 spelling is right, or whether they are one class at all, is the catalogue owner's call, and a guess would name
 a class in the checkpoint and in every prediction.
 
-`path_pattern` (`images/{id}.jpg`) builds each row's path from its columns, in place of a path column.
+A CSV is read as exports write it (a BOM, CRLF line ends, quoted values spanning lines), and each row keeps
+the line it starts on, which every message names. A line with more or fewer fields than the header, or a quote
+that never closes, is left out and listed in `skipped` by its line; more than 5% of the data lines (and more
+than one) stops the run, since then the export's quoting is broken, not a row. `path_pattern`
+(`images/{id}.jpg`) builds each row's path from its columns, in place of a path column.
 """
 
 from __future__ import annotations
 
+import codecs
+import csv
+import io
 import logging
 import os
 import re
 import string
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
@@ -43,16 +51,109 @@ TABLE_SUFFIXES = {".csv": "CSV", ".parquet": "Parquet", ".pq": "Parquet"}
 EXAMPLES = 3  # rows quoted in a warning or an error; the rest are counted
 
 
-def read_table(path: Path) -> pd.DataFrame:
-    """Every column as text, blanks and nulls as "", as written (spaces included)."""
+# Of a CSV's data lines: more malformed ones (and more than one) is a broken export, not a few typos.
+MALFORMED_SHARE = 0.05
+
+
+@dataclass(frozen=True)
+class ReadTable:
+    """A manifest as read: its rows (every cell text, as written), the line each row starts on in a CSV (None
+    for Parquet), and the CSV records left out, by the line each starts on: why."""
+
+    rows: pd.DataFrame
+    lines: list[int] | None = None
+    malformed: dict[int, str] = field(default_factory=dict)
+
+
+def as_text(table: pd.DataFrame) -> pd.DataFrame:
+    return table.reset_index(drop=True).apply(lambda column: column.astype("string").fillna(""))
+
+
+def read_table(path: Path) -> ReadTable:
+    """Every column as text, blanks and nulls as "", as written (spaces included); in a CSV, each row's line
+    and the records left out."""
     kind = TABLE_SUFFIXES.get(path.suffix.lower())
     if kind is None:
         raise SkuvisionError(f"data.root={path}: a manifest is a .csv or .parquet file")
     if kind == "CSV":
-        table = pd.read_csv(path, dtype=str, keep_default_na=False)
-    else:
-        table = pd.read_parquet(path)
-    return table.reset_index(drop=True).apply(lambda column: column.astype("string").fillna(""))
+        return read_csv(path)
+    return ReadTable(as_text(pd.read_parquet(path)))
+
+
+def read_csv(path: Path) -> ReadTable:
+    """A CSV export (a BOM and CRLF line ends allowed) with each row's line; records whose fields do not match
+    the header, or whose quotes do not close, are left out, unless there are too many to be a few typos.
+
+    One csv.reader(strict=True) pass, the reader pandas' python engine uses: its on_bad_lines callable gets a
+    bad line's fields but not its line, and a short line reaches no callable at all (pandas pads it)."""
+    records = csv_records(text_lines(path))
+    first = next(records, None)
+    if first is None:
+        raise SkuvisionError(f"{path} is empty: a manifest's first line names its columns (path,label,...)")
+    start, _, header, why = first
+    if header is None:
+        raise SkuvisionError(f"{path} line {start}: the header is not readable CSV ({why}); fix its quoting")
+    repeated = sorted({name for name in header if header.count(name) > 1})
+    if repeated:
+        names = ", ".join(map(repr, repeated))
+        raise SkuvisionError(
+            f"{path}: the header names {names} more than once; give each column its own name"
+        )
+    rows, lines, malformed = [], [], {}
+    data_lines = bad_lines = 0
+    for start, end, fields, why in records:
+        data_lines += end - start + 1
+        if fields is not None and len(fields) == len(header):
+            rows.append(fields)
+            lines.append(start)
+            continue
+        malformed[start] = why or f"{len(fields)} fields where the header has {len(header)}"
+        bad_lines += end - start + 1
+    if bad_lines > 1 and bad_lines > MALFORMED_SHARE * data_lines:
+        shown = ", ".join(f"line {n} ({why})" for n, why in list(malformed.items())[:EXAMPLES])
+        more = ", ..." if len(malformed) > EXAMPLES else ""
+        raise SkuvisionError(
+            f"{path}: {bad_lines} of {data_lines} data lines are malformed (more than {MALFORMED_SHARE:.0%}):"
+            f' {shown}{more}; quote every value that holds a comma, a quote or a line break ("Red, large"), '
+            f"close every quote, and export again"
+        )
+    return ReadTable(pd.DataFrame(rows, columns=header, dtype="string"), lines, malformed)
+
+
+def text_lines(path: Path) -> list[str]:
+    """The file's lines, line ends kept as written (a quoted value may hold one); a leading BOM dropped."""
+    raw = path.read_bytes().removeprefix(codecs.BOM_UTF8)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise SkuvisionError(
+            f"{path} line {line} is not UTF-8 text ({e.reason}); export the table as UTF-8 (Excel: CSV UTF-8)"
+        ) from None
+    return io.StringIO(text, newline="").readlines()  # splits at \n, \r\n and \r only, as csv does
+
+
+def csv_records(lines: list[str]) -> Iterator[tuple[int, int, list[str] | None, str]]:
+    """(first line, last line, fields or None, why not readable) of each record that is not a blank line."""
+    reader = csv.reader(lines, strict=True)
+    while True:
+        start = reader.line_num + 1
+        try:
+            fields, why = next(reader), ""
+        except StopIteration:
+            return
+        except csv.Error as e:
+            fields, why = None, unclosed_quote(lines, start) if "unexpected end of data" in str(e) else str(e)
+        if fields is None or "".join(fields).strip() or len(fields) > 1:
+            yield start, reader.line_num, fields, why
+
+
+def unclosed_quote(lines: list[str], start: int) -> str:
+    """Why the record starting on line `start` runs to the end of the file: the line its open quote is on."""
+    fields = next(csv.reader(lines[start - 1 :]))  # not strict: the open quote's value runs to the end
+    opened = start + sum(len(re.findall(r"\r\n?|\n", value)) for value in fields[:-1])
+    rest = f": lines {opened}-{len(lines)} were read as one value" if len(lines) > opened else ""
+    return f"the quote opened on line {opened} never closes{rest}"
 
 
 def pattern_columns(pattern: str) -> list[str]:
@@ -113,8 +214,13 @@ class ManifestDataModule(ImageDataModule):
         return path
 
     @cached_property
+    def export(self) -> ReadTable:
+        """The manifest as read: `table` is its rows, cleaned."""
+        return read_table(self.manifest)
+
+    @cached_property
     def table(self) -> pd.DataFrame:
-        table = read_table(self.manifest)
+        table = self.export.rows
         keys = {"data.path_column": self.path_column, "data.label_column": self.label_column}
         if self.split_column:
             keys["data.split_column"] = self.split_column
@@ -159,6 +265,10 @@ class ManifestDataModule(ImageDataModule):
         empty = [c for c in pattern_columns(self.path_pattern) if not self.table.at[i, c]]
         return f"empty {', '.join(empty)} (data.path_pattern={self.path_pattern})"
 
+    def malformed_lines(self) -> dict[str, str]:
+        """{"<manifest> line n": why} of the CSV records left out."""
+        return {f"{self.manifest} line {n}": why for n, why in self.export.malformed.items()}
+
     def _report_spaced_labels(self, given: pd.Series, stripped: pd.Series) -> None:
         changed = given[(given != stripped) & (stripped != "")]
         if changed.empty:
@@ -198,9 +308,9 @@ class ManifestDataModule(ImageDataModule):
         )
 
     def row_place(self, i: int) -> str:
-        """Row i (0-based) as a user finds it: its data row, and its line in a CSV."""
-        line = f" (line {i + 2})" if self.manifest.suffix.lower() == ".csv" else ""
-        return f"row {i + 1}{line}"
+        """Row i (0-based) as a user finds it: its data row, and in a CSV the line it starts on."""
+        lines = self.export.lines
+        return f"row {i + 1}" if lines is None else f"row {i + 1} (line {lines[i]})"
 
     def row_name(self, i: int) -> str:
         return f"{self.manifest} {self.row_place(i)}"
@@ -236,7 +346,7 @@ class ManifestDataModule(ImageDataModule):
     def _rows(self) -> list[tuple[int, Path, str]]:
         """(row, resolved path, label) of the rows with a label and a readable file, one row per file; the
         rest are skipped."""
-        rows, reasons = [], {}
+        rows, reasons = [], self.malformed_lines()
         first_row: dict = {}  # file identity -> its first row in `rows`
         repeats: list[tuple[int, tuple]] = []  # (row, the earlier row naming the same file)
         conflicts: list[tuple[int, str, tuple]] = []  # (row, its label, the earlier row with another label)
