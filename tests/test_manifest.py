@@ -336,6 +336,13 @@ def test_a_path_pattern_builds_each_rows_path_from_its_columns(tmp_path, product
             r"is not a path pattern \(Unknown format code 'd' .*\); name columns in braces, cells",
         ),
     ],
+    ids=[
+        "a column the table lacks",
+        "a positional field",
+        "no field",
+        "an unclosed brace",
+        "a number format",
+    ],
 )
 def test_a_path_pattern_that_cannot_name_files_is_refused(tmp_path, pattern, message):
     manifest = write_csv(tmp_path / "styles.csv", [("1000", "Shirts")], header=("id", "articleType"))
