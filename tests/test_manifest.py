@@ -1,19 +1,23 @@
 """data=manifest: a CSV or Parquet catalogue export of paths, labels and splits."""
 
+import codecs
 import csv
 import json
 import os
+import re
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
 
+from skuvision.assembly import data_module
 from skuvision.data import ManifestDataModule
+from skuvision.data.manifest import read_table
 from skuvision.errors import SkuvisionError
 from skuvision.tasks import train
 from tests.helpers import compose_cfg, quick_overrides
-from tests.writers import write_image_folder
+from tests.writers import write_image_folder, write_product_images
 
 INPUT_32 = {
     "input_size": [3, 32, 32],
@@ -294,3 +298,225 @@ def test_training_on_a_manifest_writes_the_skipped_rows(tmp_path, data_root, mon
     counts = json.loads((tmp_path / "run" / "class_counts.json").read_text())
     assert sum(sum(split.values()) for split in counts.values()) == 36
     assert any((tmp_path / "cache" / "decoded").rglob("*")), "the decoded-image cache was not used"
+
+
+@pytest.fixture
+def products(tmp_path) -> list[tuple[str, str]]:
+    """(id, articleType) of 60 products, 20 per class, their JPEGs at tmp_path/images/<id>.jpg."""
+    return write_product_images(tmp_path / "images", {"Shirts": 20, "Tshirts": 20, "Watches": 20})
+
+
+def test_a_path_pattern_builds_each_rows_path_from_its_columns(tmp_path, products):
+    """The pattern wins over a path column; a row whose id is empty is skipped, naming the column."""
+    rows = [(f"elsewhere/{id_}.png", id_, article) for id_, article in products] + [("x.png", "", "Shirts")]
+    manifest = write_csv(tmp_path / "styles.csv", rows, header=("path", "id", "articleType"))
+    dm = ready(
+        ManifestDataModule(
+            str(manifest), INPUT_32, label_column="articleType", path_pattern="images/{id}.jpg"
+        )
+    )
+    assert set().union(*(files_in(dm, s) for s in dm.splits)) == {
+        tmp_path / "images" / f"{id_}.jpg" for id_, _ in products
+    }
+    assert dm.skipped == {f"{manifest} row 61 (line 62)": "empty id (data.path_pattern=images/{id}.jpg)"}
+
+
+@pytest.mark.parametrize(
+    ("pattern", "message"),
+    [
+        (
+            "images/{sku}.jpg",
+            r"names sku, which is not a column of .*styles\.csv; its columns: id, articleType$",
+        ),
+        ("images/{}.jpg", r"is not a path pattern \(name a column in each pair of braces\); name columns in"),
+        ("images/all.jpg", r"is not a path pattern \(name a column in each pair of braces\)"),
+        ("images/{id.jpg", r"is not a path pattern \(expected '}' before end of string\)"),
+        (
+            "images/{id:05d}.jpg",
+            r"is not a path pattern \(Unknown format code 'd' .*\); name columns in braces, cells",
+        ),
+    ],
+    ids=[
+        "a column the table lacks",
+        "a positional field",
+        "no field",
+        "an unclosed brace",
+        "a number format",
+    ],
+)
+def test_a_path_pattern_that_cannot_name_files_is_refused(tmp_path, pattern, message):
+    manifest = write_csv(tmp_path / "styles.csv", [("1000", "Shirts")], header=("id", "articleType"))
+    dm = ManifestDataModule(str(manifest), INPUT_32, label_column="articleType", path_pattern=pattern)
+    with pytest.raises(SkuvisionError, match=rf"^data\.path_pattern={re.escape(pattern)} {message}"):
+        _ = dm.class_names
+
+
+def test_the_path_pattern_is_a_key_of_data_manifest(tmp_path, data_root):
+    manifest = write_csv(
+        tmp_path / "styles.csv", [("1000", "Shirts"), ("1001", "Watches")], header=("id", "type")
+    )
+    overrides = [f"data.root={manifest}", "data.label_column=type", 'data.path_pattern="images/{id}.jpg"']
+    cfg = compose_cfg("train", quick_overrides("manifest", data_root) + overrides, tmp_path / "run")
+    assert data_module(cfg.data, INPUT_32).raw_paths == ["images/1000.jpg", "images/1001.jpg"]
+
+
+def write_export(path: Path, lines: list[str], end: str = "\r\n") -> Path:
+    """A CSV as a Windows export writes it: a BOM, CRLF line ends, each line as given (none quoted for it)."""
+    path.write_bytes(codecs.BOM_UTF8 + "".join(line + end for line in lines).encode())
+    return path
+
+
+HEADER = "id,gender,articleType,productDisplayName"
+
+
+def test_an_export_with_broken_lines_trains_on_the_rest_and_names_each_by_its_line(
+    tmp_path, products, caplog
+):
+    """A BOM, CRLF, a display name spanning two lines, a blank line, and three broken lines (3 of 65 data
+    lines: under 5%)."""
+    good = [f"{id_},Men,{article},{article} {id_}" for id_, article in products]
+    id_, article = products[10]
+    lines = [
+        HEADER,  # line 1, after the BOM
+        *good[:5],  # lines 2-6
+        "9001,Men,Shirts,Turtle Check Men Navy Blue Shirt, slim fit",  # 7: an unquoted comma
+        *good[5:10],  # 8-12
+        f'{id_},Men,{article},"Printed shirt\r\nwith a second line"',  # 13-14: one quoted value
+        *good[11:20],  # 15-23
+        "9002,Men,Watches",  # 24: too few fields
+        *good[20:],  # 25-64
+        "",  # 65
+        "9003,Men,Watches,Titan Watch",  # 66: readable, its image missing
+        '9004,Men,Shirts,"Unclosed name',  # 67: a quote never closed
+    ]
+    manifest = write_export(tmp_path / "styles.csv", lines)
+    dm = ready(
+        ManifestDataModule(
+            str(manifest), INPUT_32, label_column="articleType", path_pattern="images/{id}.jpg"
+        )
+    )
+    assert dm.skipped == {
+        f"{manifest} line 7": "5 fields where the header has 4",
+        f"{manifest} line 24": "3 fields where the header has 4",
+        f"{manifest} line 67": "the quote opened on line 67 never closes",
+        str(tmp_path / "images" / "9003.jpg"): f"file not found ({manifest} row 61 (line 66))",
+    }
+    assert f"skipping {manifest} line 7 (5 fields where the header has 4)" in caplog.text
+    assert dm.class_names == ["Shirts", "Tshirts", "Watches"]  # no "\r", and the BOM left `id` a column
+    used = set().union(*(files_in(dm, s) for s in dm.splits))
+    assert used == {tmp_path / "images" / f"{id_}.jpg" for id_, _ in products}
+    assert sum(len(dm.splits[s]) for s in dm.splits) == 60
+    assert dm.row_place(10) == "row 11 (line 13)" and dm.row_place(11) == "row 12 (line 15)"
+    assert dm.table.at[10, "productDisplayName"] == "Printed shirt\r\nwith a second line"
+
+
+@pytest.mark.parametrize("end", ["\r\n", "\n", "\r"], ids=["CRLF", "LF", "CR"])
+def test_a_bom_and_line_ends_stay_out_of_the_values(tmp_path, end):
+    lines = [
+        "id,articleType,baseColour",
+        "1,Shirts,Navy Blue",
+        "",
+        "   ",
+        f'2,Watches,"Black{end}Steel"',
+        "3,Shirts,",
+    ]
+    read = read_table(write_export(tmp_path / "styles.csv", lines, end))
+    assert list(read.rows.columns) == ["id", "articleType", "baseColour"]
+    assert read.rows.to_numpy().tolist() == [
+        ["1", "Shirts", "Navy Blue"],
+        ["2", "Watches", f"Black{end}Steel"],  # a quoted line break is the value's own
+        ["3", "Shirts", ""],
+    ]
+    assert read.lines == [2, 5, 7] and read.malformed == {}  # blank lines are no rows, nor broken ones
+
+
+def data_lines(broken: dict[int, str], count: int = 20) -> list[str]:
+    """A header and `count` data lines of two classes, the lines numbered in `broken` replaced."""
+    lines = [HEADER] + [f"{1000 + k},Men,{('Shirts', 'Watches')[k % 2]},Item {k}" for k in range(count)]
+    for number, line in broken.items():
+        lines[number - 1] = line
+    return lines
+
+
+@pytest.mark.parametrize("count", [20, 5], ids=["5% of the lines", "a single line"])
+def test_one_broken_line_is_skipped(tmp_path, count):
+    """1 of 20 lines is 5%, and one line of a short table is one line: a typo, not a broken export."""
+    manifest = write_export(tmp_path / "styles.csv", data_lines({5: "1003,Men,Shirts,Navy, slim"}, count))
+    dm = ManifestDataModule(str(manifest), INPUT_32, label_column="articleType", path_pattern="{id}.jpg")
+    assert dm.class_names == ["Shirts", "Watches"]
+    assert dm.malformed_lines() == {f"{manifest} line 5": "5 fields where the header has 4"}
+    assert len(dm.table) == count - 1 and dm.row_place(3) == "row 4 (line 6)"
+
+
+@pytest.mark.parametrize(
+    ("broken", "message"),
+    [
+        (
+            {5: "1003,Men,Shirts,Navy, slim", 12: "1010,Men"},
+            r"2 of 20 data lines are malformed \(more than 5%\): line 5 \(5 fields where the header has 4\), "
+            r"line 12 \(2 fields where the header has 4\); quote every value that holds a comma",
+        ),
+        (
+            {5: '1003,Men,Shirts,"Navy'},
+            r"17 of 20 data lines are malformed \(more than 5%\): line 5 \(the quote opened on line 5 never "
+            r"closes: lines 5-21 were read as one value\); quote every value .* close every quote",
+        ),
+        (
+            {5: '1003,Men,"Shirts\r\nand more","Navy'},
+            r"18 of 21 data lines are malformed .*: line 5 \(the quote opened on line 6 never closes: lines "
+            r"6-22 were read",
+        ),
+    ],
+    ids=["two broken lines", "a quote never closed", "a quote opened on a record's second line"],
+)
+def test_an_export_with_too_many_broken_lines_is_refused(tmp_path, broken, message):
+    manifest = write_export(tmp_path / "styles.csv", data_lines(broken))
+    dm = ManifestDataModule(str(manifest), INPUT_32, label_column="articleType", path_pattern="{id}.jpg")
+    with pytest.raises(SkuvisionError, match=rf"^{re.escape(str(manifest))}: {message}"):
+        _ = dm.class_names
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"", r"styles\.csv is empty: a manifest's first line names its columns"),
+        (
+            b"id,label,label\n1,a,b\n",
+            r"styles\.csv: the header names 'label' more than once; give each column",
+        ),
+        (
+            b'"id"x,label\n1,a\n',
+            r"styles\.csv line 1: the header is not readable CSV \(.*\); fix its quoting",
+        ),
+        (
+            b"id,label\n1,shirt\n2,caf\xe9\n",
+            r"styles\.csv line 3 is not UTF-8 text \(.*\); export the table as UTF-8",
+        ),
+    ],
+    ids=["empty", "a column twice", "a broken header", "not UTF-8"],
+)
+def test_an_unreadable_csv_is_named(tmp_path, content, message):
+    (tmp_path / "styles.csv").write_bytes(content)
+    with pytest.raises(SkuvisionError, match=message):
+        _ = ManifestDataModule(str(tmp_path / "styles.csv"), INPUT_32).class_names
+
+
+@pytest.mark.parametrize("label_column", ["articleType", "baseColour"])
+def test_surrounding_spaces_are_removed_from_every_column(tmp_path, label_column):
+    lines = [
+        "id,articleType,baseColour",
+        "1000 ,Shirts ,Navy Blue ",
+        " 1001, Watches, Black",
+        "1002,Shirts,Black  ",
+    ]
+    dm = ManifestDataModule(
+        str(write_export(tmp_path / "styles.csv", lines)),
+        INPUT_32,
+        label_column=label_column,
+        path_pattern="images/{id}.jpg",
+    )
+    assert (
+        dm.class_names
+        == {"articleType": ["Shirts", "Watches"], "baseColour": ["Black", "Navy Blue"]}[label_column]
+    )
+    assert dm.raw_paths == ["images/1000.jpg", "images/1001.jpg", "images/1002.jpg"]

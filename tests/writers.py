@@ -136,6 +136,18 @@ def write_manifest(path: Path, folder: Path, **columns) -> Path:
     return path
 
 
+def write_product_images(folder: Path, classes: dict[str, int], first_id: int = 1000, size: int = 32) -> list:
+    """JPEGs named by product id, folder/<id>.jpg, as a catalogue's image dump holds them: `classes` gives the
+    count per class; returns (id, class) in id order."""
+    folder.mkdir(parents=True, exist_ok=True)
+    names = [name for name, count in classes.items() for _ in range(count)]
+    products = [(str(first_id + k), name) for k, name in enumerate(names)]
+    labels = np.array([list(classes).index(name) for name in names])
+    for (id_, _), img in zip(products, pattern_images(labels, size, 3, seed=first_id), strict=True):
+        Image.fromarray(img).save(folder / f"{id_}.jpg", quality=90)
+    return products
+
+
 def write_photo_folder(root: Path, classes=("kettle", "shirt"), per_class: int = 6, seed: int = 0) -> Path:
     """Real photo content (scikit-image's sample photos), cropped and resized to a different size and aspect
     per file, saved as JPEG (quality 90) under root/<class>/; one PNG per class for the non-JPEG path."""

@@ -20,13 +20,25 @@ rows. Surrounding spaces are removed from every cell ("Red " is Red, with a warn
 labels that differ only in case ("Two", "two") stop the run, naming the spellings and their counts: which
 spelling is right, or whether they are one class at all, is the catalogue owner's call, and a guess would name
 a class in the checkpoint and in every prediction.
+
+A CSV is read as exports write it (a BOM, CRLF line ends, quoted values spanning lines), and each row keeps
+the line it starts on, which every message names. A line with more or fewer fields than the header, or a quote
+that never closes, is left out and listed in `skipped` by its line; more than 5% of the data lines (and more
+than one) stops the run, since then the export's quoting is broken, not a row. `path_pattern`
+(`images/{id}.jpg`) builds each row's path from its columns, in place of a path column.
 """
 
 from __future__ import annotations
 
+import codecs
+import csv
+import io
 import logging
 import os
-from collections.abc import Sequence
+import re
+import string
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
@@ -47,16 +59,125 @@ TABLE_SUFFIXES = {".csv": "CSV", ".parquet": "Parquet", ".pq": "Parquet"}
 EXAMPLES = 3  # rows quoted in a warning or an error; the rest are counted
 
 
-def read_table(path: Path) -> pd.DataFrame:
-    """Every column as text, blanks and nulls as "", as written (spaces included)."""
+# Of a CSV's data lines: more malformed ones (and more than one) is a broken export, not a few typos.
+MALFORMED_SHARE = 0.05
+
+
+@dataclass(frozen=True)
+class ReadTable:
+    """A manifest as read: its rows (every cell text, as written), the line each row starts on in a CSV (None
+    for Parquet), and the CSV records left out, by the line each starts on: why."""
+
+    rows: pd.DataFrame
+    lines: list[int] | None = None
+    malformed: dict[int, str] = field(default_factory=dict)
+
+
+def as_text(table: pd.DataFrame) -> pd.DataFrame:
+    return table.reset_index(drop=True).apply(lambda column: column.astype("string").fillna(""))
+
+
+def read_table(path: Path) -> ReadTable:
+    """Every column as text, blanks and nulls as "", as written (spaces included); in a CSV, each row's line
+    and the records left out."""
     kind = TABLE_SUFFIXES.get(path.suffix.lower())
     if kind is None:
         raise SkuvisionError(f"data.root={path}: a manifest is a .csv or .parquet file")
     if kind == "CSV":
-        table = pd.read_csv(path, dtype=str, keep_default_na=False)
-    else:
-        table = pd.read_parquet(path)
-    return table.reset_index(drop=True).apply(lambda column: column.astype("string").fillna(""))
+        return read_csv(path)
+    return ReadTable(as_text(pd.read_parquet(path)))
+
+
+def read_csv(path: Path) -> ReadTable:
+    """A CSV export (a BOM and CRLF line ends allowed) with each row's line; records whose fields do not match
+    the header, or whose quotes do not close, are left out, unless there are too many to be a few typos.
+
+    One csv.reader(strict=True) pass, the reader pandas' python engine uses: its on_bad_lines callable gets a
+    bad line's fields but not its line, and a short line reaches no callable at all (pandas pads it)."""
+    records = csv_records(text_lines(path))
+    first = next(records, None)
+    if first is None:
+        raise SkuvisionError(f"{path} is empty: a manifest's first line names its columns (path,label,...)")
+    start, _, header, why = first
+    if header is None:
+        raise SkuvisionError(f"{path} line {start}: the header is not readable CSV ({why}); fix its quoting")
+    repeated = sorted({name for name in header if header.count(name) > 1})
+    if repeated:
+        names = ", ".join(map(repr, repeated))
+        raise SkuvisionError(
+            f"{path}: the header names {names} more than once; give each column its own name"
+        )
+    rows, lines, malformed = [], [], {}
+    data_lines = bad_lines = 0
+    for start, end, fields, why in records:
+        data_lines += end - start + 1
+        if fields is not None and len(fields) == len(header):
+            rows.append(fields)
+            lines.append(start)
+            continue
+        malformed[start] = why or f"{len(fields)} fields where the header has {len(header)}"
+        bad_lines += end - start + 1
+    if bad_lines > 1 and bad_lines > MALFORMED_SHARE * data_lines:
+        shown = ", ".join(f"line {n} ({why})" for n, why in list(malformed.items())[:EXAMPLES])
+        more = ", ..." if len(malformed) > EXAMPLES else ""
+        raise SkuvisionError(
+            f"{path}: {bad_lines} of {data_lines} data lines are malformed (more than {MALFORMED_SHARE:.0%}):"
+            f' {shown}{more}; quote every value that holds a comma, a quote or a line break ("Red, large"), '
+            f"close every quote, and export again"
+        )
+    return ReadTable(pd.DataFrame(rows, columns=header, dtype="string"), lines, malformed)
+
+
+def text_lines(path: Path) -> list[str]:
+    """The file's lines, line ends kept as written (a quoted value may hold one); a leading BOM dropped."""
+    raw = path.read_bytes().removeprefix(codecs.BOM_UTF8)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise SkuvisionError(
+            f"{path} line {line} is not UTF-8 text ({e.reason}); export the table as UTF-8 (Excel: CSV UTF-8)"
+        ) from None
+    return io.StringIO(text, newline="").readlines()  # splits at \n, \r\n and \r only, as csv does
+
+
+def csv_records(lines: list[str]) -> Iterator[tuple[int, int, list[str] | None, str]]:
+    """(first line, last line, fields or None, why not readable) of each record that is not a blank line."""
+    reader = csv.reader(lines, strict=True)
+    while True:
+        start = reader.line_num + 1
+        try:
+            fields, why = next(reader), ""
+        except StopIteration:
+            return
+        except csv.Error as e:
+            fields, why = None, unclosed_quote(lines, start) if "unexpected end of data" in str(e) else str(e)
+        if fields is None or "".join(fields).strip() or len(fields) > 1:
+            yield start, reader.line_num, fields, why
+
+
+def unclosed_quote(lines: list[str], start: int) -> str:
+    """Why the record starting on line `start` runs to the end of the file: the line its open quote is on."""
+    fields = next(csv.reader(lines[start - 1 :]))  # not strict: the open quote's value runs to the end
+    opened = start + sum(len(re.findall(r"\r\n?|\n", value)) for value in fields[:-1])
+    rest = f": lines {opened}-{len(lines)} were read as one value" if len(lines) > opened else ""
+    return f"the quote opened on line {opened} never closes{rest}"
+
+
+def pattern_columns(pattern: str) -> list[str]:
+    """The columns data.path_pattern names, each once ({id}, {id[0]} and {id.x} name id)."""
+    try:
+        fields = [name for _, name, _, _ in string.Formatter().parse(pattern) if name is not None]
+        columns = list(dict.fromkeys(re.match(r"[^.\[]*", name).group() for name in fields))
+        if not columns or not all(columns) or any(c.isdigit() for c in columns):
+            raise ValueError("name a column in each pair of braces")
+        pattern.format_map(dict.fromkeys(columns, ""))  # a format spec for numbers fails here, not per row
+    except (ValueError, KeyError, IndexError, AttributeError) as e:
+        raise SkuvisionError(
+            f"data.path_pattern={pattern} is not a path pattern ({e}); name columns in braces, cells are "
+            f"text: images/{{id}}.jpg"
+        ) from None
+    return columns
 
 
 def file_identity(path: Path) -> tuple | Path:
@@ -79,6 +200,7 @@ class ManifestDataModule(ImageDataModule):
         input_config: dict,
         label_column: str = "label",
         path_column: str = "path",
+        path_pattern: str | None = None,
         split_column: str | None = None,
         split_fractions: Sequence[float] = (0.8, 0.1, 0.1),
         label_columns: Sequence[str] | None = None,
@@ -103,6 +225,7 @@ class ManifestDataModule(ImageDataModule):
         self.taxonomy = bool(taxonomy)
         self.missing_values: dict[str, dict[str, int]] = {}  # label column -> split -> rows without a value
         self.path_column = path_column
+        self.path_pattern = path_pattern
         self.split_column = split_column
         self.split_fractions = checked_split_fractions(split_fractions)
 
@@ -116,11 +239,17 @@ class ManifestDataModule(ImageDataModule):
         return path
 
     @cached_property
+    def export(self) -> ReadTable:
+        """The manifest as read: `table` is its rows, cleaned."""
+        return read_table(self.manifest)
+
+    @cached_property
     def table(self) -> pd.DataFrame:
-        table = read_table(self.manifest)
+        table = self.export.rows
         key = "data.label_columns" if self.multi else "data.label_column"
-        keys = [("data.path_column", self.path_column)] + [(key, c) for c in self.label_columns]
-        keys += [("data.tag_columns", c) for c in self.tag_columns]
+        # The pattern replaces the path column, which then need not exist.
+        keys = [] if self.path_pattern else [("data.path_column", self.path_column)]
+        keys += [(key, c) for c in self.label_columns] + [("data.tag_columns", c) for c in self.tag_columns]
         if self.split_column:
             keys.append(("data.split_column", self.split_column))
         for key, column in keys:
@@ -129,6 +258,7 @@ class ManifestDataModule(ImageDataModule):
                 raise SkuvisionError(
                     f"{key}={column} is not a column of {self.manifest}; its columns: {columns}"
                 )
+        self._check_path_pattern(table.columns)
         named = self.label_columns + self.tag_columns
         if len(set(named)) != len(named):
             raise SkuvisionError(f"data.label_columns/tag_columns name a column twice: {named}")
@@ -138,6 +268,36 @@ class ManifestDataModule(ImageDataModule):
             self._report_spaced_labels(given[column], table[column], column)
             self._refuse_case_variants(table[column], column)
         return table
+
+    def _check_path_pattern(self, columns: pd.Index) -> None:
+        if not self.path_pattern:
+            return
+        lacking = [c for c in pattern_columns(self.path_pattern) if c not in columns]
+        if lacking:
+            raise SkuvisionError(
+                f"data.path_pattern={self.path_pattern} names {lacking[0]}, which is not a column of "
+                f"{self.manifest}; its columns: {', '.join(columns)}"
+            )
+
+    @cached_property
+    def raw_paths(self) -> list[str]:
+        """Each row's image path as written: its path column, or data.path_pattern filled from its columns (""
+        where one of them is empty)."""
+        if not self.path_pattern:
+            return self.table[self.path_column].tolist()
+        cells = self.table[pattern_columns(self.path_pattern)].to_dict("records")
+        return [self.path_pattern.format_map(row) if all(row.values()) else "" for row in cells]
+
+    def _no_path(self, i: int) -> str:
+        """Why row i has no path: its empty path column, or the empty columns its pattern names."""
+        if not self.path_pattern:
+            return f"empty {self.path_column}"
+        empty = [c for c in pattern_columns(self.path_pattern) if not self.table.at[i, c]]
+        return f"empty {', '.join(empty)} (data.path_pattern={self.path_pattern})"
+
+    def malformed_lines(self) -> dict[str, str]:
+        """{"<manifest> line n": why} of the CSV records left out."""
+        return {f"{self.manifest} line {n}": why for n, why in self.export.malformed.items()}
 
     def _report_spaced_labels(self, given: pd.Series, stripped: pd.Series, column: str) -> None:
         changed = given[(given != stripped) & (stripped != "")]
@@ -178,9 +338,9 @@ class ManifestDataModule(ImageDataModule):
         )
 
     def row_place(self, i: int) -> str:
-        """Row i (0-based) as a user finds it: its data row, and its line in a CSV."""
-        line = f" (line {i + 2})" if self.manifest.suffix.lower() == ".csv" else ""
-        return f"row {i + 1}{line}"
+        """Row i (0-based) as a user finds it: its data row, and in a CSV the line it starts on."""
+        lines = self.export.lines
+        return f"row {i + 1}" if lines is None else f"row {i + 1} (line {lines[i]})"
 
     def row_name(self, i: int) -> str:
         return f"{self.manifest} {self.row_place(i)}"
@@ -288,16 +448,16 @@ class ManifestDataModule(ImageDataModule):
     def _rows(self) -> list[tuple[int, Path, str]]:
         """(row, resolved path, label) of the rows with a label and a readable file, one row per file; the
         rest are skipped."""
-        rows, reasons = [], {}
+        rows, reasons = [], self.malformed_lines()
         first_row: dict = {}  # file identity -> its first row in `rows`
         repeats: list[tuple[int, tuple]] = []  # (row, the earlier row naming the same file)
         conflicts: list[tuple[int, str, tuple]] = []  # (row, its label, the earlier row with another label)
-        for i, (raw_path, label) in enumerate(zip(self.table[self.path_column], self.row_labels, strict=True)):
+        for i, (raw_path, label) in enumerate(zip(self.raw_paths, self.row_labels, strict=True)):
             path = Path(
                 os.path.normpath(self.manifest.parent / Path(raw_path).expanduser())
             )  # absolute: kept
             if not raw_path:
-                reasons[f"{self.row_name(i)}"] = f"empty {self.path_column}"
+                reasons[f"{self.row_name(i)}"] = self._no_path(i)
             elif not any(label) if self.multi else not label:
                 empty = ", ".join(self.label_columns + self.tag_columns) if self.multi else self.label_column
                 reasons[str(path)] = f"empty {empty} ({self.row_name(i)})"
