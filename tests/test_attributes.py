@@ -173,3 +173,120 @@ def test_the_data_module_reads_heads_taxonomy_and_tags_from_the_table(tmp_path):
     report = dm.data_report()["columns"]
     assert sum(report["missing_values"]["baseColour"].values()) == 1
     assert report["taxonomy"]["masterCategory"]["parents"] == MASTER
+
+
+def test_a_real_catalogue_export_trains_every_attribute_and_lists_every_defect(tmp_path):
+    """styles.csv as the public export has it: no path column (images/<id>.jpg), portrait photos, a line
+    with an unquoted comma, images missing, colours left empty; three label columns and a tag column."""
+    import json
+
+    from skuvision.tasks import train
+    from tests.helpers import compose_cfg, quick_overrides
+    from tests.writers import write_catalogue_export
+
+    root = tmp_path / "catalogue"
+    csv, lines = write_catalogue_export(root, n=240)
+    bad_line = 5  # line 5 of the file: the display name gets an unquoted comma, 12 fields for 11
+    lines[bad_line - 1] = lines[bad_line - 1].replace(" Tshirts ", " Tshirts, slim ").replace(" Shirts ", " Shirts, slim ")
+    lines[bad_line - 1] = lines[bad_line - 1].replace(" Sandals ", " Sandals, flat ").replace(" Heels ", " Heels, high ")
+    for k in (10, 11, 12):  # no colour on these rows (their line k + 1)
+        fields = lines[k].split(",")
+        fields[5] = ""
+        lines[k] = ",".join(fields)
+    csv.write_text("\r\n".join(lines) + "\r\n")
+    missing = [root / "images" / f"{10000 + k}.jpg" for k in (20, 21)]
+    for path in missing:
+        path.unlink()
+    out = tmp_path / "run"
+    overrides = quick_overrides("manifest", root) + [
+        f"data.root={csv}",
+        "data.path_pattern=images/{id}.jpg",
+        "data.label_columns=[articleType,masterCategory,baseColour]",
+        "data.tag_columns=[tags]",
+        "input.crop_mode=squash",  # the whole portrait photo: stickers sit in the top rows
+        "trainer.max_epochs=8",
+        "data.batch_size=16",
+        "callbacks.early_stopping=null",
+    ]
+    metrics = train(compose_cfg("train", overrides, out))
+
+    skipped = json.loads((out / "skipped_images.json").read_text())
+    assert skipped[f"{csv} line {bad_line}"] == "12 fields where the header has 11"
+    for path in missing:
+        assert skipped[str(path)].startswith("file not found")
+    assert len(skipped) == 3
+    columns = json.loads((out / "columns.json").read_text())
+    assert sum(columns["missing_values"]["baseColour"].values()) == 3
+    assert columns["taxonomy"]["masterCategory"]["source"] == "articleType"
+    # Each head learns: well above chance (1/4, 1/2, 1/3) and tags well above their frequency (about 0.35).
+    assert metrics["test/articleType/acc"] >= 0.8
+    assert metrics["test/masterCategory/acc"] >= 0.9
+    assert metrics["test/baseColour/acc"] >= 0.7
+    assert metrics["test/tags/map"] >= 0.7
+    saved = json.loads((out / "metrics.json").read_text())
+    assert {"test/articleType/mistake_severity", "test/tags/f1", "val/acc"} <= set(saved)
+
+
+def test_every_head_is_the_head_stage_of_each_fine_tuning_strategy():
+    """Each head's weights are in the optimizer's groups up front, in timm's head stage: a linear probe
+    trains every head and leaves the backbone bit-identical."""
+    from skuvision.finetune.groups import stage_param_names
+
+    module = classifier(finetune={"_target_": "skuvision.finetune.LinearProbe", "head_lr_scale": 10.0})
+    head_params = {f"fc.layers.{c}.{w}" for c in ("articleType", "baseColour", "tags") for w in ("weight", "bias")}
+    assert head_params <= set(stage_param_names(module.backbone)[-1])
+    groups = module.finetune.param_groups(module.backbone, 0.1, 0.0)
+    grouped = {name for g in groups for name in g["param_names"]}
+    assert grouped == {name for name, _ in module.backbone.named_parameters()}
+    assert all(g["lr"] == 1.0 for g in groups if set(g["param_names"]) & head_params)
+    module.finetune.apply(module.backbone, epoch=0)
+    before = {n: p.detach().clone() for n, p in module.backbone.named_parameters()}
+    optimizer = torch.optim.SGD(groups, lr=0.1)
+    targets = {
+        "articleType": torch.tensor([0, 3]),
+        "masterCategory": torch.tensor([1, 0]),
+        "baseColour": torch.tensor([2, 0]),
+        "tags": torch.tensor([[1.0, 0.0], [0.0, 1.0]]),
+    }
+    module.criterion(module(torch.randn(2, 3, 32, 32)), targets).backward()
+    optimizer.step()
+    for name, param in module.backbone.named_parameters():
+        changed = not torch.equal(before[name], param.detach())
+        assert changed == (name in head_params), name
+
+
+def test_a_multi_head_checkpoint_reloads_to_the_same_predictions(tmp_path):
+    from skuvision.checkpoints import load_classifier
+
+    module = classifier().eval()
+    path = tmp_path / "model.ckpt"
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
+                "pytorch-lightning_version": "2.5.0"}, path)
+    reloaded = load_classifier(path).eval()
+    assert [h.column for h in reloaded.heads] == ["articleType", "masterCategory", "baseColour", "tags"]
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        first, again = module(x), reloaded(x)
+    for column in first:
+        torch.testing.assert_close(first[column], again[column], rtol=0, atol=0)
+
+
+def test_class_balance_by_loss_weights_each_label_head_by_its_own_counts(tmp_path):
+    table = independent_table(60)
+    table["baseColour"] = ["Red"] * 40 + ["Blue"] * 20
+    csv = write_table(tmp_path, table)
+    dm = ManifestDataModule(str(csv), INPUT_32, label_columns=["articleType", "baseColour"], balance="loss")
+    weights = dm.loss_class_weights()
+    assert set(weights) == {"articleType", "baseColour"}
+    train_colours = [t["baseColour"] for t in dm.splits_targets("train")]
+    counts = np.bincount(train_colours)
+    assert weights["baseColour"] == pytest.approx((counts.sum() / (2 * counts)).tolist())
+
+
+def test_mixup_is_refused_for_a_table_of_several_columns(tmp_path):
+    from skuvision.data.augment import MixupCutmix
+    from skuvision.errors import SkuvisionError
+
+    csv = write_table(tmp_path, independent_table(20))
+    with pytest.raises(SkuvisionError, match="mixup_cutmix.*label_columns"):
+        ManifestDataModule(str(csv), INPUT_32, label_columns=["articleType", "baseColour"], augment=MixupCutmix())
