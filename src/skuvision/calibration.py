@@ -17,6 +17,10 @@ can carry it:
   falls and has no minimum, and with a handful wrong T follows those few images (its spread shrinks about as
   1 / sqrt(wrong)). A fitted T is applied only with `MIN_EACH_FOR_TEMPERATURE` or more wrong and right val
   predictions and a minimum inside the search range; otherwise T = 1 is used and the fitted value reported.
+
+With several heads (skuvision.models.heads) each label column gets both on its rows with a value, a coarser
+level only a threshold on its probabilities summed from its source's calibrated ones, and each tag of a tag
+column its own decision threshold (`tag_thresholds`); calibration.json holds them under "heads".
 """
 
 from __future__ import annotations
@@ -31,10 +35,12 @@ import torch.nn.functional as F
 from scipy.optimize import minimize_scalar
 from scipy.stats import binomtest
 from torchmetrics.classification import MulticlassCalibrationError
-from torchmetrics.functional.classification import binary_precision_recall_curve
+from torchmetrics.functional.classification import binary_precision_recall_curve, multilabel_f1_score
 
 from skuvision.errors import SkuvisionError
+from skuvision.models.heads import Head
 from skuvision.outputs import file_sha256
+from skuvision.readout import DEFAULT_TAG_THRESHOLD
 
 ECE_BINS = 15
 LOG_T_BOUNDS = (math.log(0.01), math.log(100.0))
@@ -132,6 +138,114 @@ def choose_threshold(confidence: torch.Tensor, correct: torch.Tensor, target: fl
     return Threshold(target, value, exact["accuracy"], exact["coverage"], exact["accepted"], best)
 
 
+TAG_OBJECTIVES = ("f1", "precision")
+
+
+@dataclass
+class TagThreshold:
+    """A tag's decision threshold chosen on val (probability >= it: the tag is predicted) and what it gives
+    there; `reached`: whether the objective's target was met (always for "f1")."""
+
+    value: float
+    precision: float
+    recall: float
+    f1: float
+    reached: bool
+
+
+def choose_tag_threshold(
+    probs: torch.Tensor, positive: torch.Tensor, objective: str, target: float | None
+) -> TagThreshold:
+    """On one tag's val probabilities and 0/1 truth: "f1", the threshold of the highest F1; "precision", the
+    lowest threshold whose predicted tags are at least `target` precise (none reaching it: 1.0, the tag is
+    predicted only at a saturated probability). Candidates are the val probabilities (torchmetrics'
+    precision-recall curve, predicted where probability >= threshold), the lowest on ties."""
+    precision, recall, thresholds = binary_precision_recall_curve(probs, positive.long())
+    precision, recall = precision[:-1].double(), recall[:-1].double()  # the last point has no threshold
+    f1 = (2 * precision * recall / (precision + recall)).nan_to_num(0.0)
+    if objective == "f1":
+        best, reached = int(f1.argmax()), True  # thresholds ascend: argmax takes the lowest of equal F1s
+    else:
+        meets = torch.nonzero(precision >= target).flatten()
+        if len(meets) == 0:
+            return TagThreshold(1.0, float("nan"), 0.0, 0.0, False)
+        best, reached = int(meets[0]), True
+    return TagThreshold(
+        float(thresholds[best]), float(precision[best]), float(recall[best]), float(f1[best]), reached
+    )
+
+
+def tag_thresholds(
+    probs: torch.Tensor,
+    targets: torch.Tensor,
+    names: list[str],
+    objective: str = "f1",
+    target: float | None = None,
+    min_support: int = 10,
+) -> dict:
+    """Per-tag thresholds of one tag column chosen on val ((images, tags) probabilities and 0/1 truth), as
+    calibration.json holds them. A tag with fewer than `min_support` val positives gets one global threshold,
+    chosen the same way over every tag's (probability, truth) pooled, and is listed in "fallback"; tags whose
+    threshold cannot reach `target` precision are listed in "unreached"."""
+    if objective not in TAG_OBJECTIVES:
+        raise SkuvisionError(f"tag_threshold={objective!r}: use one of {', '.join(TAG_OBJECTIVES)}")
+    targets = targets.long()
+    support = targets.sum(dim=0).tolist()
+    if targets.sum() > 0:
+        pooled = choose_tag_threshold(probs.flatten(), targets.flatten(), objective, target)
+    else:  # no val image has any of these tags: nothing to choose a threshold on, none can show a precision
+        by_precision = objective == "precision"
+        pooled = TagThreshold(
+            1.0 if by_precision else DEFAULT_TAG_THRESHOLD, float("nan"), 0.0, 0.0, not by_precision
+        )
+    chosen, fallback, unreached = {}, [], []
+    for j, name in enumerate(names):
+        if support[j] < min_support:
+            fallback.append(name)
+            chosen[name] = pooled
+        else:
+            chosen[name] = choose_tag_threshold(probs[:, j], targets[:, j], objective, target)
+        if not chosen[name].reached:
+            unreached.append(name)
+    cuts = torch.tensor([chosen[name].value for name in names], dtype=probs.dtype)
+    f1 = {
+        "val_f1": multilabel_f1_score((probs >= cuts).long(), targets, len(names), average=None),
+        "val_f1_at_0.5": multilabel_f1_score(
+            (probs >= DEFAULT_TAG_THRESHOLD).long(), targets, len(names), average=None
+        ),
+    }
+    return {
+        "thresholds": {name: chosen[name].value for name in names},
+        "objective": objective,
+        "target": target if objective == "precision" else None,
+        "fallback": fallback,
+        "global_threshold": pooled.value,
+        "min_support": min_support,
+        "unreached": unreached,
+        "val_support": dict(zip(names, support, strict=True)),
+        # Each tag's val F1 at its threshold and at 0.5 (0/1 decisions: torchmetrics applies no threshold).
+        **{key: dict(zip(names, values.tolist(), strict=True)) for key, values in f1.items()},
+    }
+
+
+def describe_tags(report: dict) -> list[str]:
+    """The lines eval.py prints about a tag column's thresholds."""
+    goal = "the highest F1" if report["objective"] == "f1" else f"{report['target']:.1%} precision"
+    shown = ", ".join(f"{name} {t:.3f}" for name, t in report["thresholds"].items())
+    lines = [f"tag thresholds for {goal} (chosen on val): {shown}"]
+    if report["fallback"]:
+        lines.append(
+            f"fewer than {report['min_support']} val positives, the global threshold "
+            f"{report['global_threshold']:.3f} instead: {', '.join(report['fallback'])}"
+        )
+    if report["unreached"]:
+        lines.append(
+            f"no threshold reaches {goal} on val (predicted only at probability 1): "
+            + ", ".join(report["unreached"])
+        )
+    return lines
+
+
 def needed_for(target: float) -> int:
     """The fewest accepted val images whose accuracy can show `target` at all: all of them right gives the
     one-sided Clopper-Pearson lower bound (1 - CONFIDENCE) ** (1 / n), which must reach the target."""
@@ -165,8 +279,39 @@ def calibration_path(given: str | Path) -> Path:
     return path / CALIBRATION_FILE if path.is_dir() else path
 
 
-def load_calibration(given: str | Path, ckpt_path: str | Path, tta: str, class_names: list[str]) -> dict:
-    """The calibration eval.py wrote, checked to belong to this checkpoint, TTA mode and classes."""
+# What calibration.json keeps of a label column's calibration report (the single-label file at its top level).
+SAVED_FIELDS = (
+    "temperature",  # the one to apply: 1 where the fit was not trustworthy
+    "threshold",  # null: none that val can back, every row goes to review
+    "target",
+    "temperature_fitted",
+    "temperature_warning",
+    "threshold_chosen",
+    "threshold_needs",
+    "threshold_warning",
+    "val_images",
+    "val_wrong",
+    "val_accepted",
+    "val_accuracy_lower_bound",
+    "val_accuracy_at_threshold",
+    "val_coverage",
+)
+# A coarser level's (no temperature of its own: its source's).
+SAVED_LEVEL_FIELDS = ("temperature_of", *(f for f in SAVED_FIELDS if not f.startswith("temperature")))
+# A tag column's entry (see tag_thresholds).
+SAVED_TAG_FIELDS = ("thresholds", "objective", "target", "fallback", "global_threshold", "min_support")
+
+
+def load_calibration(
+    given: str | Path,
+    ckpt_path: str | Path,
+    tta: str,
+    class_names: list[str],
+    heads: list[Head] | None = None,
+) -> dict:
+    """The calibration eval.py wrote, checked to belong to this checkpoint, TTA mode and classes; for a model
+    with several heads (`heads`, skuvision.models.heads) also that its "heads" section has each head's
+    column, kind and classes and valid values (read them with calibration_for_heads)."""
     path = calibration_path(given)
     if not path.is_file():
         raise SkuvisionError(
@@ -191,22 +336,97 @@ def load_calibration(given: str | Path, ckpt_path: str | Path, tta: str, class_n
         )
     if saved.get("class_names") != list(class_names):
         raise SkuvisionError(f"calibration={path} was fitted for other classes: {saved.get('class_names')}")
-    if not temperature > 0 or (threshold is not None and not 0 <= float(threshold) <= 1):
+    check_label_entry(path, "", {"temperature": temperature, "threshold": threshold, **saved}, target)
+    if heads is not None and any(h.column for h in heads):
+        check_heads(path, saved, heads)
+    elif "heads" in saved:
         raise SkuvisionError(
-            f"calibration={path}: temperature {temperature} or threshold {threshold} is invalid"
+            f"calibration={path} was fitted for a model with the heads {sorted(saved['heads'])}, not a "
+            "one-label model: pass the calibration of this checkpoint's eval.py run"
         )
-    accepted = saved.get("val_accepted")
+    return saved
+
+
+def check_label_entry(path: Path, column: str, entry: dict, target: float) -> None:
+    """A label column's temperature and threshold are valid, and enough val images back the threshold."""
+    where = f"calibration={path}" + (f", head {column!r}," if column else "")
+    threshold = entry.get("threshold")
+    try:
+        temperature = float(entry["temperature"]) if "temperature" in entry else 1.0
+        if threshold is not None:
+            threshold = float(threshold)
+    except (ValueError, TypeError) as err:
+        raise SkuvisionError(f"{where} is not a calibration file eval.py wrote ({err})") from err
+    if not temperature > 0 or (threshold is not None and not 0 <= threshold <= 1):
+        raise SkuvisionError(f"{where}: temperature {temperature} or threshold {threshold} is invalid")
+    accepted = entry.get("val_accepted")
     if threshold is not None and not (0 < target < 1 and isinstance(accepted, int)):
         raise SkuvisionError(
-            f"calibration={path} does not say how many val images back its threshold (written by an earlier "
+            f"{where} does not say how many val images back its threshold (written by an earlier "
             "version): run eval.py again and pass its run folder"
         )
     if threshold is not None and accepted < needed_for(target):
         raise SkuvisionError(
-            f"calibration={path}: its threshold for {target:.1%} accuracy rests on only {accepted} accepted "
+            f"{where}: its threshold for {target:.1%} accuracy rests on only {accepted} accepted "
             f"val images, and {needed_for(target)} are needed: run eval.py with a larger val split"
         )
-    return saved
+
+
+def check_heads(path: Path, saved: dict, heads: list[Head]) -> None:
+    """The file's "heads" section describes exactly these heads (column, kind, classes, source)."""
+    section = saved.get("heads")
+    rerun = "run eval.py on this checkpoint and pass its run folder"
+    if not isinstance(section, dict):
+        raise SkuvisionError(f'calibration={path} has no "heads" section for this model\'s heads: {rerun}')
+    if sorted(section) != sorted(h.column for h in heads):
+        raise SkuvisionError(
+            f"calibration={path} is for the heads {sorted(section)}, this checkpoint has "
+            f"{sorted(h.column for h in heads)}: {rerun}"
+        )
+    for head in heads:
+        entry = section[head.column]
+        if not isinstance(entry, dict) or entry.get("classes") != head.classes:
+            raise SkuvisionError(
+                f"calibration={path}, head {head.column!r}: fitted for other classes than this "
+                f"checkpoint's {len(head.classes)}: {rerun}"
+            )
+        if head.kind == "tags":
+            thresholds = entry.get("thresholds")
+            if (
+                not isinstance(thresholds, dict)
+                or sorted(thresholds) != sorted(head.classes)
+                or not all(isinstance(t, (int, float)) and 0 <= t <= 1 for t in thresholds.values())
+            ):
+                raise SkuvisionError(
+                    f"calibration={path}, head {head.column!r}: needs a threshold in [0, 1] for each of its "
+                    f"tags {head.classes}: {rerun}"
+                )
+            continue
+        if "thresholds" in entry or entry.get("temperature_of") != head.source:
+            what = f"read off {head.source!r}" if head.derived else "a trained label head"
+            raise SkuvisionError(f"calibration={path}, head {head.column!r}: not fitted as {what}: {rerun}")
+        if not head.derived and "temperature" not in entry:
+            raise SkuvisionError(f"calibration={path}, head {head.column!r} has no temperature: {rerun}")
+        check_label_entry(path, head.column, entry, float(entry.get("target", saved["target"])))
+
+
+def calibration_for_heads(
+    saved: dict,
+) -> tuple[dict[str, float], dict[str, float | None], dict[str, dict[str, float]]]:
+    """What skuvision.readout applies from a calibration.json load_calibration accepted: ({trained label
+    column: temperature}, {label column: review threshold or None}, {tag column: {tag: threshold}}). A
+    one-label model's file gives its values under the column ""."""
+    if "heads" not in saved:
+        return {"": float(saved["temperature"])}, {"": saved["threshold"]}, {}
+    temperatures, thresholds, tag_thresholds = {}, {}, {}
+    for column, entry in saved["heads"].items():
+        if "thresholds" in entry:
+            tag_thresholds[column] = {tag: float(t) for tag, t in entry["thresholds"].items()}
+            continue
+        if "temperature" in entry:
+            temperatures[column] = float(entry["temperature"])
+        thresholds[column] = None if entry["threshold"] is None else float(entry["threshold"])
+    return temperatures, thresholds, tag_thresholds
 
 
 def top1(logits: torch.Tensor, labels: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -226,13 +446,35 @@ def calibration_report(val: tuple, test: tuple, target: float) -> dict:
         "temperature": temperature,
         "temperature_fitted": fitted,
         "temperature_warning": temperature_reason,
+    }
+    return report | errors_and_threshold(
+        {"val": val, "test": test}, {"val": val, "test": test}, temperature, target
+    )
+
+
+def level_report(before: dict, after: dict, source: str, temperature: float, target: float) -> dict:
+    """calibration_report's figures for a coarser level read off `source` (skuvision.models.heads), which
+    has no temperature of its own: `before` and `after` are {split: (log-probabilities, labels)}, the level's
+    probabilities summed from the source's before and after its temperature (T = `temperature`)."""
+    report = {"temperature_of": source, "source_temperature": temperature, "temperature_warning": None}
+    return report | errors_and_threshold(before, after, 1.0, target)
+
+
+def errors_and_threshold(before: dict, after: dict, temperature: float, target: float) -> dict:
+    """ECE and NLL of {split: (logits, labels)} before (T = 1) and after (`after`'s logits at `temperature`),
+    the threshold for `target` accuracy chosen on val's calibrated top-1, and what it gives on test."""
+    val = after["val"]
+    report: dict = {
         "target": target,
         "ece_bins": ECE_BINS,
         "val_wrong": int((val[0].argmax(dim=1) != val[1]).sum()),
     }
-    for split, (logits, labels) in (("val", val), ("test", test)):
-        report[f"{split}_images"] = len(labels)
-        for when, t in (("before", 1.0), ("after", temperature)):
+    for split in ("val", "test"):
+        report[f"{split}_images"] = len(after[split][1])
+        for when, (logits, labels), t in (
+            ("before", before[split], 1.0),
+            ("after", after[split], temperature),
+        ):
             report[f"{split}_ece_{when}"] = ece(logits, labels, t)
             report[f"{split}_nll_{when}"] = nll(logits, labels, t)
     confidence, correct = top1(*val, temperature)
@@ -250,7 +492,7 @@ def calibration_report(val: tuple, test: tuple, target: float) -> dict:
         "val_accepted": chosen.accepted,
         "val_best_accuracy": chosen.best_accuracy,
     }
-    on_test = accepted_accuracy(*top1(*test, temperature), report["threshold"])
+    on_test = accepted_accuracy(*top1(*after["test"], temperature), report["threshold"])
     report |= {
         "test_accuracy_at_threshold": on_test["accuracy"],
         "test_coverage": on_test["coverage"],
@@ -263,10 +505,16 @@ def calibration_report(val: tuple, test: tuple, target: float) -> dict:
 def describe(report: dict) -> list[str]:
     """The lines eval.py prints (and logs) about calibration and the threshold."""
     r = report
-    temperature = (
-        f"temperature T = {r['temperature']:.4f} (fitted on {r['val_images']} val images, {r['val_wrong']} "
-        "wrong)"
-    )
+    if "temperature_of" in r:  # a coarser level (level_report)
+        temperature = (
+            f"probabilities: sums of {r['temperature_of']}'s calibrated ones "
+            f"(its T = {r['source_temperature']:.4f}; {r['val_images']} val images, {r['val_wrong']} wrong)"
+        )
+    else:
+        temperature = (
+            f"temperature T = {r['temperature']:.4f} (fitted on {r['val_images']} val images, "
+            f"{r['val_wrong']} wrong)"
+        )
     if r["temperature_warning"]:
         temperature = f"temperature: {r['temperature_warning']}"
     lines = [

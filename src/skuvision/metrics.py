@@ -7,13 +7,15 @@ import torch.nn.functional as F
 from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import (
     MulticlassAccuracy,
-    MultilabelAveragePrecision,
-    MultilabelF1Score,
     MulticlassAUROC,
     MulticlassConfusionMatrix,
     MulticlassF1Score,
     MulticlassPrecision,
     MulticlassRecall,
+    MultilabelAveragePrecision,
+    MultilabelF1Score,
+    MultilabelPrecision,
+    MultilabelRecall,
 )
 from torchmetrics.retrieval import RetrievalHitRate, RetrievalMAP
 
@@ -75,7 +77,10 @@ def tag_metrics(num_tags: int) -> MetricCollection:
     """A tag column's: map (macro average precision over tags) and f1 (macro, at 0.5)."""
     options = {"num_labels": num_tags, "validate_args": False}
     return MetricCollection(
-        {"map": MultilabelAveragePrecision(average="macro", **options), "f1": MultilabelF1Score(average="macro", **options)}
+        {
+            "map": MultilabelAveragePrecision(average="macro", **options),
+            "f1": MultilabelF1Score(average="macro", **options),
+        }
     )
 
 
@@ -107,6 +112,56 @@ def evaluation_report(logits: torch.Tensor, labels: torch.Tensor, class_names: l
         for i, name in enumerate(class_names)
     }
     report["confusion_matrix"] = MulticlassConfusionMatrix(k)(probs, labels).tolist()
+    return report
+
+
+def column_report(
+    key,
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    class_names: list[str],
+    levels: list[list[int]] | None = None,
+    ignore_index: int = -1,
+) -> dict:
+    """evaluation_report of one label column over its rows with a label (`ignore_index` marks the others),
+    its scalars named `key(metric)` (e.g. test/<column>/acc); with `levels` (MistakeSeverity's, the coarser
+    levels read off this column) also the mistakes' severity."""
+    keep = labels != ignore_index
+    report = evaluation_report(logits[keep], labels[keep], class_names)
+    named = {key(k.removeprefix("test/")) if k.startswith("test/") else k: v for k, v in report.items()}
+    if levels:
+        severity = MistakeSeverity(levels, ignore_index)(logits.float(), labels.long())
+        named[key("mistake_severity")] = severity.item()
+    return named
+
+
+def tag_report(
+    key, logits: torch.Tensor, targets: torch.Tensor, tag_names: list[str], thresholds: list[float]
+) -> dict:
+    """A tag column's test figures: `map` (macro average precision over tags), `f1` (macro) and per tag
+    average precision, precision, recall and F1 with each tag predicted where its probability reaches its
+    threshold, support (images with the tag), and the loss (BCE), all torchmetrics."""
+    k = len(tag_names)
+    probs, targets = logits.float().sigmoid(), targets.long()
+    # Given 0/1 integers torchmetrics takes them as the decisions (its own threshold compares with `>`).
+    predicted = (probs.double() >= torch.tensor(thresholds, dtype=torch.float64)).long()
+    per_tag = {
+        "ap": MultilabelAveragePrecision(k, average=None)(probs, targets),
+        "precision": MultilabelPrecision(k, average=None)(predicted, targets),
+        "recall": MultilabelRecall(k, average=None)(predicted, targets),
+        "f1": MultilabelF1Score(k, average=None)(predicted, targets),
+    }
+    report = {
+        key("loss"): F.binary_cross_entropy_with_logits(logits.float(), targets.float()).item(),
+        key("map"): MultilabelAveragePrecision(k, average="macro")(probs, targets).item(),
+        key("f1"): MultilabelF1Score(k, average="macro")(predicted, targets).item(),
+        key("num_images"): len(targets),
+    }
+    report["per_tag"] = {
+        name: {metric: values[j].item() for metric, values in per_tag.items()}
+        | {"support": int(targets[:, j].sum()), "threshold": float(thresholds[j])}
+        for j, name in enumerate(tag_names)
+    }
     return report
 
 

@@ -1,5 +1,6 @@
-"""The evaluation plots: confusion matrix, one-vs-rest ROC curves, a gallery of confident mistakes, and the
-calibration plots (reliability diagram, accuracy against coverage)."""
+"""The evaluation plots: confusion matrix, one-vs-rest ROC curves, a gallery of confident mistakes, a tag
+column's precision and recall per tag, and the calibration plots (reliability diagram, accuracy against
+coverage)."""
 
 from __future__ import annotations
 
@@ -13,10 +14,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from sklearn.calibration import calibration_curve  # noqa: E402
-from torchmetrics.classification import MulticlassROC  # noqa: E402
+from torchmetrics.classification import MulticlassROC, MultilabelPrecisionRecallCurve  # noqa: E402
 
 
-def confusion_matrix_png(matrix: list[list[int]], class_names: list[str], path: Path) -> Path:
+def confusion_matrix_png(
+    matrix: list[list[int]], class_names: list[str], path: Path, title: str = ""
+) -> Path:
+    """Counts per (true, predicted) class, coloured by the true class's share; `title`: the column's name."""
     counts = np.asarray(matrix, dtype=float)
     rates = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
     k = len(class_names)
@@ -34,7 +38,7 @@ def confusion_matrix_png(matrix: list[list[int]], class_names: list[str], path: 
                     color = "white" if rates[i, j] > 0.5 else "black"
                     ax.text(j, i, f"{int(counts[i, j])}", ha="center", va="center", fontsize=7, color=color)
     fig.colorbar(image, ax=ax, fraction=0.046, label="share of the true class")
-    ax.set_title("confusion matrix (counts; colour: row share)")
+    ax.set_title(f"{title + ': ' if title else ''}confusion matrix (counts; colour: row share)")
     return save(fig, path)
 
 
@@ -69,6 +73,43 @@ def errors_png(
     if not images:
         axes.flat[0].text(0.5, 0.5, "no mistakes", ha="center", va="center")
     fig.suptitle("most confident mistakes", fontsize=10)
+    return save(fig, path)
+
+
+def tags_png(
+    probs: torch.Tensor,
+    targets: torch.Tensor,
+    tag_names: list[str],
+    per_tag: dict,
+    path: Path,
+    title: str = "",
+) -> Path:
+    """One tag column on the test split: each tag's precision-recall curve (torchmetrics) with the point its
+    threshold gives, and precision, recall and F1 per tag at that threshold (the 20 most frequent tags)."""
+    shown = sorted(range(len(tag_names)), key=lambda j: -per_tag[tag_names[j]]["support"])[:20]
+    curve = MultilabelPrecisionRecallCurve(len(tag_names))(probs.float(), targets.long())
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, max(4.8, 0.35 * len(shown) + 2)))
+    for j in shown:
+        name, figures = tag_names[j], per_tag[tag_names[j]]
+        precision, recall, _ = (c[j].numpy() for c in curve)
+        (line,) = left.plot(
+            recall, precision, lw=1, label=f"{name} (AP {figures['ap']:.3f}, {figures['support']} images)"
+        )
+        left.plot(figures["recall"], figures["precision"], "o", color=line.get_color())
+    left.set(xlim=(0, 1.01), ylim=(0, 1.02), xlabel="recall", ylabel="precision")
+    left.set_title("precision-recall per tag (dot: at its threshold)", fontsize=9)
+    left.grid(alpha=0.3)
+    left.legend(fontsize=7, loc="lower left")
+    rows = np.arange(len(shown))
+    for offset, metric in zip((-0.27, 0, 0.27), ("precision", "recall", "f1"), strict=True):
+        values = [per_tag[tag_names[j]][metric] for j in shown]
+        right.barh(rows + offset, values, height=0.27, label=metric)
+    right.set_yticks(rows, [f"{tag_names[j]} (t={per_tag[tag_names[j]]['threshold']:.2f})" for j in shown])
+    right.invert_yaxis()
+    right.set(xlim=(0, 1), xlabel="at the tag's threshold")
+    right.legend(fontsize=8, loc="lower right")
+    right.grid(alpha=0.3, axis="x")
+    fig.suptitle(f"{title + ': ' if title else ''}tags on the test split", fontsize=10)
     return save(fig, path)
 
 

@@ -1,8 +1,10 @@
-"""evaluate(cfg): a checkpoint on its test split (or another data config) -> metrics.json and plots."""
+"""evaluate(cfg): a checkpoint on its test split (or another data config) -> metrics.json and plots; for a
+model with several heads (skuvision.models.heads) the figures, plots and calibration of each column."""
 
 from __future__ import annotations
 
 import logging
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +17,10 @@ from skuvision import calibration, plots
 from skuvision.assembly import build_trainer, close_loggers, from_checkpoint, instantiate_loggers
 from skuvision.config import set_threads
 from skuvision.errors import SkuvisionError
-from skuvision.metrics import evaluation_report
+from skuvision.metrics import column_report, evaluation_report, tag_report
+from skuvision.models.heads import MISSING, Head
 from skuvision.outputs import file_sha256, new_file, refuse_existing, write_csv, write_new_json
+from skuvision.readout import DEFAULT_TAG_THRESHOLD, concat_batches, head_probs, read_heads
 from skuvision.tasks.utils import log_images
 from skuvision.tta import check_tta
 
@@ -24,6 +28,23 @@ log = logging.getLogger("skuvision")
 
 RESULTS = ("metrics.json", "predictions.csv", "confusion_matrix.png", "roc.png", "errors.png")
 CALIBRATION_RESULTS = (calibration.CALIBRATION_FILE, "reliability.png", "coverage.png")
+
+
+def result_names(heads: list[Head], calibrate: bool) -> list[str]:
+    """Every file eval writes for a model with these heads: the one-label model's RESULTS (and
+    CALIBRATION_RESULTS), or per column a confusion matrix or tag plot (and reliability and coverage plots
+    of each trained label column)."""
+    if not any(h.column for h in heads):
+        return list(RESULTS + (CALIBRATION_RESULTS if calibrate else ()))
+    names = ["metrics.json", "predictions.csv"]
+    names += [
+        f"tags_{h.column}.png" if h.kind == "tags" else f"confusion_matrix_{h.column}.png" for h in heads
+    ]
+    if calibrate:
+        names.append(calibration.CALIBRATION_FILE)
+        trained = [h.column for h in heads if h.kind == "label" and not h.derived]
+        names += [f"{plot}_{column}.png" for column in trained for plot in ("reliability", "coverage")]
+    return names
 
 
 def evaluate(cfg: DictConfig) -> dict:
@@ -34,6 +55,11 @@ def evaluate(cfg: DictConfig) -> dict:
     refuse_existing([output_dir / name for name in names], "run it into a new run folder, or remove it")
     module, datamodule = from_checkpoint(cfg.ckpt_path, cfg.get("data"), split="test")
     module.tta = check_tta(cfg.get("tta") or module.tta)
+    # The file names of a model with several heads come from its columns.
+    names = result_names(module.heads, cfg.get("calibrate", True))
+    refuse_existing([output_dir / name for name in names], "run it into a new run folder, or remove it")
+    if module.multi_head is not None:
+        tag_options(cfg)
     loggers = instantiate_loggers(cfg.get("logger"))
     # A logger writing into a fixed folder (the CSV logger's version "") would empty an earlier run's file.
     logger_dirs = [Path(d) for d in (getattr(logger, "log_dir", None) for logger in loggers) if d]
@@ -41,27 +67,24 @@ def evaluate(cfg: DictConfig) -> dict:
     trainer = build_trainer(cfg, loggers)
     try:
         outputs = trainer.predict(module, datamodule=datamodule)
-        logits = torch.cat([o["outputs"] for o in outputs])
-        labels = torch.cat([o["meta"] for o in outputs]).cpu()
-        test_set = datamodule.splits["test"]  # Trainer.predict has set the data module up
-        report = evaluation_report(logits, labels, module.class_names)
-        pngs = write_plots(
-            report, logits, labels, test_set, module.class_names, output_dir, cfg.get("errors", 16)
-        )
-        if cfg.get("calibrate", True):
-            report["calibration"], calibration_pngs = calibrate(
-                cfg, trainer, module, datamodule, (logits.cpu(), labels), output_dir
-            )
-            pngs += calibration_pngs
-        write_new_json(
-            output_dir / "metrics.json", {**report, "checkpoint": str(cfg.ckpt_path), "tta": module.tta}
-        )
+        logits = concat_batches([o["outputs"] for o in outputs])
+        labels = concat_batches([o["meta"] for o in outputs])
         files = datamodule.sample_paths("test")
-        write_predictions(output_dir / "predictions.csv", logits, labels, files, module.class_names)
+        if module.multi_head is not None:
+            report, pngs = evaluate_heads(
+                cfg, trainer, module, datamodule, (logits, labels), files, output_dir
+            )
+        else:
+            report, pngs = evaluate_one(cfg, trainer, module, datamodule, (logits, labels), files, output_dir)
         scalars = {k: v for k, v in report.items() if k.startswith("test/")}
+        calibrated = report.get("calibration", {})
+        by_column = (
+            calibrated if module.multi_head is not None and "skipped" not in calibrated else {"": calibrated}
+        )
         scalars |= {
-            f"calibration/{k}": v
-            for k, v in report.get("calibration", {}).items()
+            "/".join(filter(None, ("calibration", column, k))): v
+            for column, part in by_column.items()
+            for k, v in part.items()
             if isinstance(v, float) and k != "target"
         }
         for logger in loggers:
@@ -73,29 +96,118 @@ def evaluate(cfg: DictConfig) -> dict:
         close_loggers(loggers)
 
 
+def evaluate_one(
+    cfg, trainer, module, datamodule, test: tuple, files, output_dir: Path
+) -> tuple[dict, list[Path]]:
+    """The one-label model: metrics.json, predictions.csv, the plots (and calibration)."""
+    logits, labels = test
+    test_set = datamodule.splits["test"]  # Trainer.predict has set the data module up
+    report = evaluation_report(logits, labels, module.class_names)
+    pngs = write_plots(
+        report, logits, labels, test_set, module.class_names, output_dir, cfg.get("errors", 16)
+    )
+    if cfg.get("calibrate", True):
+        report["calibration"], calibration_pngs = calibrate(
+            cfg, trainer, module, datamodule, test, output_dir
+        )
+        pngs += calibration_pngs
+    write_new_json(
+        output_dir / "metrics.json", {**report, "checkpoint": str(cfg.ckpt_path), "tta": module.tta}
+    )
+    write_predictions(output_dir / "predictions.csv", logits, labels, files, module.class_names)
+    return report, pngs
+
+
+def tag_options(cfg) -> tuple[str, int]:
+    """tag_threshold and tag_min_support, checked before any work."""
+    objective, min_support = cfg.get("tag_threshold", "f1"), cfg.get("tag_min_support", 10)
+    if objective not in calibration.TAG_OBJECTIVES:
+        raise SkuvisionError(
+            f"tag_threshold={objective}: use f1 (each tag's threshold of the highest val F1) or precision "
+            "(the lowest reaching target_precision)"
+        )
+    if not isinstance(min_support, int) or min_support < 1:
+        raise SkuvisionError(
+            f"tag_min_support={min_support}: give a count of val images, 1 or more (e.g. 10)"
+        )
+    return objective, min_support
+
+
+def evaluate_heads(
+    cfg, trainer, module, datamodule, test: tuple, files, output_dir: Path
+) -> tuple[dict, list[Path]]:
+    """Several heads: each label column's figures over its rows with a label, each tag column's at the
+    per-tag thresholds chosen on val (0.5 without calibration), plots per column; with calibrate, fitted
+    per column first (calibrate_heads)."""
+    heads = module.heads
+    logits, targets = test
+    for head in heads:
+        if head.kind == "label":
+            labelled(head, test, "test")  # each label column's figures need rows with a value
+    saved, calibration_pngs = None, []
+    if cfg.get("calibrate", True):
+        calibrated, saved, calibration_pngs = calibrate_heads(
+            cfg, trainer, module, datamodule, test, output_dir
+        )
+    temperatures, _, tag_thresholds = calibration.calibration_for_heads(saved) if saved else ({}, {}, {})
+    how = (
+        f"chosen on val (tag_threshold={cfg.get('tag_threshold', 'f1')})" if saved else "0.5 (no calibration)"
+    )
+    report = heads_report(heads, logits, targets, tag_thresholds, how)
+    if cfg.get("calibrate", True):
+        report["calibration"] = calibrated
+    pngs = write_head_plots(report, heads, logits, targets, output_dir) + calibration_pngs
+    write_new_json(
+        output_dir / "metrics.json", {**report, "checkpoint": str(cfg.ckpt_path), "tta": module.tta}
+    )
+    probs = head_probs(heads, logits, temperatures)
+    write_head_predictions(output_dir / "predictions.csv", heads, probs, targets, files, tag_thresholds)
+    for head in heads:
+        main = "map" if head.kind == "tags" else "acc"
+        print(f"{head.key('test', main)} = {report[head.key('test', main)]:.4f}")
+    return report, pngs
+
+
+def heads_report(heads: list[Head], logits: dict, targets: dict, tag_thresholds: dict, how: str) -> dict:
+    """metrics.json of a model with several heads: the scalars of every column (`test/<column>/...`) and
+    under "columns" each one's full report; `test/acc` is the mean over heads of accuracy (a tag column's
+    mAP), as training's, and `test/loss` the sum of the trained heads' plain losses (cross-entropy, BCE)."""
+    report: dict = {"columns": {}, "test/num_images": len(next(iter(targets.values())))}
+    scores, loss = [], 0.0
+    for head in heads:
+
+        def key(metric: str, head=head) -> str:
+            return head.key("test", metric)
+
+        if head.kind == "tags":
+            cuts = [tag_thresholds.get(head.column, {}).get(t, DEFAULT_TAG_THRESHOLD) for t in head.classes]
+            part = tag_report(key, logits[head.column], targets[head.column], head.classes, cuts)
+            part["thresholds_from"] = how
+            scores.append(part[key("map")])
+        else:
+            levels = [h.parents for h in heads if h.source == head.column]
+            part = column_report(
+                key, logits[head.column], targets[head.column], head.classes, levels, MISSING
+            )
+            scores.append(part[key("acc")])
+        if not head.derived:
+            loss += part[key("loss")]
+        report["columns"][head.column] = part
+        report |= {k: v for k, v in part.items() if k.startswith("test/")}
+    report["test/acc"] = sum(scores) / len(scores)
+    report["test/loss"] = loss
+    return report
+
+
 def calibrate(cfg, trainer, module, datamodule, test: tuple, output_dir: Path) -> tuple[dict, list[Path]]:
     """Temperature and threshold fitted on the val split's logits (same model, same TTA as test), reported
     on val and test; calibration.json for predict.py (with T = 1 and no threshold where val is too small to
     back them: see skuvision.calibration), the reliability and coverage plots. Data without a val split gets
     `{"skipped": why}` and a warning instead."""
-    target = float(cfg.get("target_precision", 0.99))
-    if not 0 < target < 1:
-        raise SkuvisionError(
-            f"target_precision={target} must be an accuracy in (0, 1), e.g. 0.99: no count of val images can "
-            "show 100 %"
-        )
-    val_set = datamodule.splits.get("val")
-    if val_set is None or len(val_set) == 0:
-        why = (
-            "the data has no val split to fit the temperature and threshold on; give it one "
-            "(e.g. data.split_fractions with a val share, or a val/ folder), or pass calibrate=false"
-        )
-        log.warning("calibration skipped: %s", why)
-        return {"skipped": why}, []
-    # The same data module and Trainer as the test split: val gets the test images' transforms and TTA.
-    datamodule.predict_split = "val"
-    outputs = trainer.predict(module, datamodule=datamodule)
-    val = (torch.cat([o["outputs"] for o in outputs]).cpu(), torch.cat([o["meta"] for o in outputs]).cpu())
+    target = checked_target(cfg)
+    val = val_outputs(trainer, module, datamodule)
+    if isinstance(val, str):
+        return {"skipped": val}, []
     report = calibration.calibration_report(val, test, target)
     print("\n".join(calibration.describe(report)))
     for warning in (report["temperature_warning"], report["threshold_warning"]):
@@ -103,36 +215,139 @@ def calibrate(cfg, trainer, module, datamodule, test: tuple, output_dir: Path) -
             log.warning("calibration: %s", warning)
     write_new_json(
         output_dir / calibration.CALIBRATION_FILE,
-        {
-            "temperature": report["temperature"],  # the one to apply: 1 where the fit was not trustworthy
-            "threshold": report["threshold"],  # null: none that val can back, every row goes to review
-            "target": target,
-            **{
-                key: report[key]
-                for key in (
-                    "temperature_fitted",
-                    "temperature_warning",
-                    "threshold_chosen",
-                    "threshold_needs",
-                    "threshold_warning",
-                    "val_images",
-                    "val_wrong",
-                    "val_accepted",
-                    "val_accuracy_lower_bound",
-                )
-            },
-            "val_accuracy_at_threshold": report["val_accuracy_at_threshold"],
-            "val_coverage": report["val_coverage"],
-            "checkpoint": str(cfg.ckpt_path),
-            "checkpoint_sha256": file_sha256(cfg.ckpt_path),
-            "tta": module.tta,
-            "class_names": module.class_names,
-        },
+        {key: report[key] for key in calibration.SAVED_FIELDS} | file_header(cfg, module),
     )
     return report, write_calibration_plots(report, val, test, output_dir)
 
 
-def write_calibration_plots(report: dict, val: tuple, test: tuple, output_dir: Path) -> list[Path]:
+def checked_target(cfg) -> float:
+    target = float(cfg.get("target_precision", 0.99))
+    if not 0 < target < 1:
+        raise SkuvisionError(
+            f"target_precision={target} must be an accuracy in (0, 1), e.g. 0.99: no count of val images can "
+            "show 100 %"
+        )
+    return target
+
+
+def val_outputs(trainer, module, datamodule) -> tuple | str:
+    """The val split's (outputs, labels) through the same data module and Trainer as the test split (val gets
+    the test images' transforms and TTA), or why there are none (logged)."""
+    val_set = datamodule.splits.get("val")
+    if val_set is None or len(val_set) == 0:
+        why = (
+            "the data has no val split to fit the temperature and threshold on; give it one "
+            "(e.g. data.split_fractions with a val share, or a val/ folder), or pass calibrate=false"
+        )
+        log.warning("calibration skipped: %s", why)
+        return why
+    datamodule.predict_split = "val"
+    outputs = trainer.predict(module, datamodule=datamodule)
+    return concat_batches([o["outputs"] for o in outputs]), concat_batches([o["meta"] for o in outputs])
+
+
+def file_header(cfg, module) -> dict:
+    """What ties a calibration.json to its checkpoint, TTA mode and classes (checked by load_calibration)."""
+    return {
+        "checkpoint": str(cfg.ckpt_path),
+        "checkpoint_sha256": file_sha256(cfg.ckpt_path),
+        "tta": module.tta,
+        "class_names": module.class_names,
+    }
+
+
+def labelled(head: Head, split: tuple, name: str) -> tuple:
+    """A label column's (logits, labels) over the split's rows with a value."""
+    logits, targets = split
+    keep = targets[head.column] != MISSING
+    if not keep.any():
+        raise SkuvisionError(
+            f"no {name} row has a {head.column} value, so its head cannot be measured: fill the column in "
+            f"some {name} rows, or leave {head.column} out of data.label_columns"
+            + (" (or pass calibrate=false)" if name == "val" else "")
+        )
+    return logits[head.column][keep], targets[head.column][keep]
+
+
+def calibrate_heads(
+    cfg, trainer, module, datamodule, test: tuple, output_dir: Path
+) -> tuple[dict, dict | None, list]:
+    """calibrate() per head, on each label column's rows with a value: a trained label column's temperature
+    and threshold (calibration_report, its reliability and coverage plots); a coarser level's threshold on
+    its probabilities summed from its source's calibrated ones; a tag column's per-tag thresholds
+    (tag_threshold, tag_min_support). calibration.json: the one-label file's fields for the first label
+    column at the top, and "heads": {column: its entry}. Returns the reports, the file's content (None when
+    skipped) and the plots."""
+    target = checked_target(cfg)
+    objective, min_support = tag_options(cfg)
+    heads = module.heads
+    val = val_outputs(trainer, module, datamodule)
+    if isinstance(val, str):
+        return {"skipped": val}, None, []
+    splits = {"val": val, "test": test}
+    rows = {
+        (head.column, name): labelled(head, split, name)
+        for head in heads
+        if head.kind == "label"
+        for name, split in splits.items()
+    }
+    reports, entries, pngs = {}, {}, []
+    by_column = {h.column: h for h in heads}
+    for head in heads:  # trained label columns first: the coarser levels need their temperatures
+        if head.kind == "label" and not head.derived:
+            val_rows, test_rows = rows[head.column, "val"], rows[head.column, "test"]
+            reports[head.column] = calibration.calibration_report(val_rows, test_rows, target)
+            pngs += write_calibration_plots(
+                reports[head.column], val_rows, test_rows, output_dir, f"_{head.column}"
+            )
+    for head in heads:
+        if head.derived:
+            source, t = by_column[head.source], reports[head.source]["temperature"]
+            before, after = {}, {}
+            for name, (logits, targets) in splits.items():
+                keep = targets[head.column] != MISSING
+                probs = head_probs(
+                    [source, head], {source.column: logits[source.column][keep]}, {source.column: t}
+                )
+                before[name] = rows[head.column, name]
+                after[name] = (probs[head.column].log(), targets[head.column][keep])
+            reports[head.column] = calibration.level_report(before, after, head.source, t, target)
+        elif head.kind == "tags":
+            reports[head.column] = calibration.tag_thresholds(
+                val[0][head.column].double().sigmoid(),
+                val[1][head.column],
+                head.classes,
+                objective,
+                target if objective == "precision" else None,
+                min_support,
+            )
+    for head in heads:
+        report = reports[head.column]
+        if head.kind == "tags":
+            entries[head.column] = {key: report[key] for key in calibration.SAVED_TAG_FIELDS}
+            lines = calibration.describe_tags(report)
+        else:
+            fields = calibration.SAVED_FIELDS if not head.derived else calibration.SAVED_LEVEL_FIELDS
+            entries[head.column] = {key: report[key] for key in fields}
+            lines = calibration.describe(report)
+        entries[head.column]["classes"] = head.classes
+        print("\n".join(f"{head.column}: {line}" for line in lines))
+        for warning in (report.get("temperature_warning"), report.get("threshold_warning")):
+            if warning:
+                log.warning("calibration of %s: %s", head.column, warning)
+    first = next(h for h in heads if h.kind == "label")
+    top = dict(entries[first.column])
+    if first.derived:  # its probabilities come from its source's temperature
+        top["temperature"] = reports[first.column]["source_temperature"]
+    saved = {key: top[key] for key in top if key != "classes"} | file_header(cfg, module) | {"heads": entries}
+    write_new_json(output_dir / calibration.CALIBRATION_FILE, saved)
+    return reports, saved, pngs
+
+
+def write_calibration_plots(
+    report: dict, val: tuple, test: tuple, output_dir: Path, suffix: str = ""
+) -> list[Path]:
+    """reliability.png and coverage.png (with `suffix` after the name: one pair per label column)."""
     temperature = report["temperature"]
     panels = {}
     for title, t, key in (
@@ -142,7 +357,8 @@ def write_calibration_plots(report: dict, val: tuple, test: tuple, output_dir: P
         confidence, correct = calibration.top1(*test, t)
         panels[title] = (confidence.numpy(), correct.numpy(), report[f"test_ece_{key}"])
     reliability = new_png(
-        output_dir / "reliability.png", lambda to: plots.reliability_png(panels, calibration.ECE_BINS, to)
+        output_dir / f"reliability{suffix}.png",
+        lambda to: plots.reliability_png(panels, calibration.ECE_BINS, to),
     )
     curves = {}
     for split, data in (("val", val), ("test", test)):
@@ -155,7 +371,7 @@ def write_calibration_plots(report: dict, val: tuple, test: tuple, output_dir: P
     return [
         reliability,
         new_png(
-            output_dir / "coverage.png",
+            output_dir / f"coverage{suffix}.png",
             lambda to: plots.coverage_png(curves, report["target"], chosen, on_test, to),
         ),
     ]
@@ -191,6 +407,27 @@ def write_plots(
     ]
 
 
+def write_head_plots(
+    report: dict, heads: list[Head], logits: dict, targets: dict, output_dir: Path
+) -> list[Path]:
+    """confusion_matrix_<column>.png per label column, tags_<column>.png per tag column."""
+    pngs = []
+    for head in heads:
+        part = report["columns"][head.column]
+        if head.kind == "tags":
+            probs = logits[head.column].float().sigmoid()
+            draw = partial(
+                plots.tags_png, probs, targets[head.column], head.classes, part["per_tag"], title=head.column
+            )
+        else:
+            draw = partial(
+                plots.confusion_matrix_png, part["confusion_matrix"], head.classes, title=head.column
+            )
+        name = f"tags_{head.column}.png" if head.kind == "tags" else f"confusion_matrix_{head.column}.png"
+        pngs.append(new_png(output_dir / name, lambda to, draw=draw: draw(path=to)))
+    return pngs
+
+
 def new_png(path: Path, draw) -> Path:
     """`draw(to)` saves a figure at `to`: here into a new file `path`, complete or not at all."""
     with new_file(path) as partial:
@@ -207,3 +444,30 @@ def write_predictions(path: Path, logits, labels, files: list[str] | None, class
         for i, (t, p, c) in enumerate(columns)
     ]
     write_csv(path, ["index", "path", "true", "predicted", "confidence"], rows)
+
+
+def write_head_predictions(
+    path: Path, heads: list[Head], probs: dict, targets: dict, files: list[str] | None, tag_thresholds: dict
+) -> None:
+    """One row per test image: its index and file, then per label column the true and predicted class and
+    the predicted class's (calibrated) probability, per tag column the true and the predicted tags
+    (';'-joined, the most probable first; empty where none)."""
+    header = ["index", "path"]
+    for head in heads:
+        header += [f"{head.column}_true", head.column] + (
+            [f"{head.column}_prob"] if head.kind == "label" else []
+        )
+    answers = read_heads(heads, probs, top_k=1, tag_thresholds=tag_thresholds)
+    rows = []
+    for i, answer in enumerate(answers):
+        row = [i, files[i] if files else ""]
+        for head, said in zip(heads, answer, strict=True):
+            truth = targets[head.column][i]
+            if head.kind == "tags":
+                true = ";".join(name for name, on in zip(head.classes, truth.tolist(), strict=True) if on)
+                row += [true, ";".join(tag for tag, _ in said.tags)]
+            else:
+                label, prob = said.ranked[0]
+                row += [head.classes[truth] if truth != MISSING else "", label, f"{prob:.6f}"]
+        rows.append(row)
+    write_csv(path, header, rows)
