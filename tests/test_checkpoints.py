@@ -10,6 +10,8 @@ import pytest
 import torch
 
 from skuvision.checkpoints import load_classifier, read_checkpoint
+from skuvision.data.datasets import InputImageFiles
+from skuvision.data.transforms import ToModelInput
 from skuvision.errors import SkuvisionError
 from skuvision.tasks import evaluate, train
 from skuvision.tasks.audit import audit
@@ -18,6 +20,7 @@ from skuvision.tasks.export import export
 from skuvision.tasks.predict import predict
 from skuvision.tasks.serve import prepared
 from tests.helpers import compose_cfg, run_cli
+from tests.writers import banded_portrait
 
 
 @pytest.fixture(scope="module")
@@ -97,6 +100,31 @@ def test_a_checkpoint_of_an_earlier_version_loads_to_the_same_predictions(traine
     assert "image_size" not in earlier.hparams.data
     images = torch.randn(4, *current.input_config["input_size"])
     torch.testing.assert_close(earlier(images), current(images), rtol=0, atol=0)
+
+
+def test_a_checkpoint_from_before_crop_mode_predicts_a_portrait_photo_as_before(trained, tmp_path):
+    """Its stored input config has no crop_mode: every path reads it as center, the only crop there was, and
+    it predicts a portrait photo exactly as the same weights with crop_mode=center do, not as squash does."""
+    checkpoint = torch.load(trained, map_location="cpu", weights_only=True)
+    hparams = checkpoint["hyper_parameters"]
+    assert hparams["input_config"]["crop_mode"] == "center"
+    hparams["input_config"] = {k: v for k, v in hparams["input_config"].items() if k != "crop_mode"}
+    old = tmp_path / "old.ckpt"
+    torch.save(checkpoint, old)
+    photo = tmp_path / "portrait.jpg"
+    banded_portrait(600, 800, band=60).save(photo, quality=95)
+
+    def logits(module, input_config):
+        image, error = InputImageFiles([photo], input_config)[0]
+        assert error == ""
+        with torch.inference_mode():
+            return module(ToModelInput(input_config)(image.unsqueeze(0)))
+
+    earlier, current = load_classifier(old).eval(), load_classifier(trained).eval()
+    assert "crop_mode" not in earlier.input_config
+    assert torch.equal(logits(earlier, earlier.input_config), logits(current, current.input_config))
+    squashed = {**current.input_config, "crop_mode": "squash"}
+    assert not torch.equal(logits(earlier, earlier.input_config), logits(current, squashed))
 
 
 def zero_stored_bytes(path):

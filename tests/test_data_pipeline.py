@@ -10,10 +10,11 @@ from PIL import Image
 
 from skuvision.data import FashionMNISTDataModule, ImageFolderDataModule
 from skuvision.data.decode import open_rgb
+from skuvision.data.transforms import ToModelInput, eval_image_transform
 from skuvision.errors import SkuvisionError
 from skuvision.tasks import train
 from tests.helpers import ROOT, compose_cfg, quick_overrides
-from tests.writers import pattern_images, write_image_folder
+from tests.writers import banded_portrait, pattern_images, red_pixels, write_image_folder
 
 PRESETS = sorted(p.stem for p in (ROOT / "conf" / "augment").glob("*.yaml"))
 INPUT_64 = {
@@ -255,3 +256,58 @@ def test_every_policy_op_runs_at_the_top_magnitude(tmp_path, preset):
     for op in policy.ops:
         op.prob, op.magnitude, op.magnitude_std = 1.0, 1e6, 0.0  # timm clips it to its top magnitude
         assert op(image).size == image.size, op.name
+
+
+# --- input.crop_mode: a whole portrait photo reaches the model ----------------------------------------------
+INPUT_32 = {**INPUT_64, "input_size": [3, 32, 32], "crop_pct": 1.0}
+
+
+def both_paths(config: dict, image: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 CHW at the model's size from timm's per-image PIL transform and from the batched ToModelInput
+    (in-memory sets, device-decoded JPEGs)."""
+    pil = eval_image_transform(config)(image)
+    pixels = torch.from_numpy(np.array(image)).reshape(image.height, image.width, -1).permute(2, 0, 1)
+    return pil, ToModelInput(config).resize_crop(pixels.unsqueeze(0))[0]
+
+
+def test_center_crop_cuts_off_the_top_and_bottom_of_a_portrait_photo():
+    for image in both_paths({**INPUT_32, "crop_mode": "center"}, banded_portrait()):
+        assert image.shape == (3, 32, 32) and not red_pixels(image).any()
+
+
+def test_squash_keeps_the_top_and_bottom_rows():
+    for image in both_paths({**INPUT_32, "crop_mode": "squash"}, banded_portrait()):
+        red = red_pixels(image)
+        assert red[0].all() and red[-1].all() and not red[8:24].any()
+
+
+def test_border_keeps_the_whole_image_and_pads_the_sides_with_timms_fill():
+    # 60x80 fitted into 32x32 is 24x32: 4 columns of padding each side, the value timm pads with (the mean).
+    fill = torch.tensor([round(255 * m) for m in INPUT_32["mean"]], dtype=torch.uint8).view(3, 1, 1)
+    for image in both_paths({**INPUT_32, "crop_mode": "border"}, banded_portrait()):
+        red = red_pixels(image)
+        assert red[0, 4:28].all() and red[-1, 4:28].all() and not red[8:24].any()
+        assert (image[:, :, :4] == fill).all() and (image[:, :, 28:] == fill).all()
+        assert not (image[:, 1:-1, 4:28] == fill).all(dim=0).all()  # the image itself is not padding
+
+
+@pytest.mark.parametrize("channels", [3, 1])
+@pytest.mark.parametrize("crop_pct", [1.0, 0.875])
+@pytest.mark.parametrize("crop_mode", ["center", "squash", "border"])
+def test_batched_and_pil_paths_agree_for_every_crop_mode(crop_mode, crop_pct, channels):
+    config = {**INPUT_32, "crop_pct": crop_pct, "crop_mode": crop_mode}
+    if channels == 1:
+        config = {**config, "input_size": [1, 32, 32], "mean": [0.45], "std": [0.226]}
+    image = banded_portrait(width=90, height=120)
+    pil, batched = both_paths(config, image if channels == 3 else image.convert("L"))
+    assert pil.shape == batched.shape == (channels, 32, 32)
+    # torchvision's tensor resize and PIL's differ by rounding in their antialiasing filters.
+    assert (pil.int() - batched.int()).abs().max() <= 2
+
+
+def test_a_config_without_crop_mode_is_center():
+    """Input configs stored before crop_mode existed (checkpoints, shards, model.json) cropped the center."""
+    old = dict(INPUT_32)
+    pil, batched = both_paths(old, banded_portrait())
+    center, center_batched = both_paths({**old, "crop_mode": "center"}, banded_portrait())
+    assert torch.equal(pil, center) and torch.equal(batched, center_batched)

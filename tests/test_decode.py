@@ -21,6 +21,7 @@ from skuvision.data.decode import (
     dct_scale,
     decode_batch_on_device,
     decode_error,
+    eval_resize_size,
     open_rgb,
     pixel_budget,
     resized_size,
@@ -32,7 +33,7 @@ from skuvision.data.transforms import ToModelInput, eval_image_transform, eval_m
 from skuvision.errors import SkuvisionError
 from skuvision.tasks import train
 from tests.helpers import compose_cfg, quick_overrides
-from tests.writers import write_huge_png, write_oriented_jpeg, write_photo_folder
+from tests.writers import banded_portrait, red_pixels, write_huge_png, write_oriented_jpeg, write_photo_folder
 
 INPUT_224 = {
     "input_size": (3, 224, 224),
@@ -735,3 +736,107 @@ def test_broken_or_unknown_exif_orientation_leaves_the_image_as_stored(tmp_path,
     for args in ((), (eval_min_side(INPUT_32), "bicubic")):
         assert np.array_equal(np.asarray(open_rgb(path, *args)), np.asarray(open_rgb(plain, *args)))
     assert device_orientation(read_file(str(path))) == 1
+
+
+# --- input.crop_mode on every decode path -------------------------------------------------------------------
+CROP_MODES = ("center", "squash", "border")
+
+
+@pytest.mark.parametrize("size", [(1001, 1333), (1333, 1001)])
+@pytest.mark.parametrize("crop_mode", ["squash", "border"])
+def test_reduced_scale_decoding_matches_full_decoding_for_every_crop_mode(tmp_path, size, crop_mode):
+    """The reduced decode is resized to the mode's own geometry (for border a center-mode pre-resize lands a
+    pixel off: a mean difference of about 5)."""
+    config = {**INPUT_224, "crop_mode": crop_mode}
+    transform, min_side = eval_image_transform(config), eval_min_side(config)
+    assert dct_scale(*size, min_side) > 1
+    for name in ("astronaut", "chelsea"):
+        path = large_photo(tmp_path, getattr(photos, name)(), size, name)
+        full = transform(open_rgb(path))
+        reduced = transform(open_rgb(path, min_side, "bicubic", crop_mode=crop_mode))
+        assert mean_abs_diff(reduced, full) < MAX_MEAN_ABS_DIFF, name
+
+
+@pytest.mark.parametrize("crop_mode", CROP_MODES)
+def test_reduced_size_is_what_the_eval_resize_makes_in_every_crop_mode(crop_mode):
+    """open_rgb resizes a reduced JPEG to the size timm's first eval step (Resize, or ResizeKeepRatio for
+    border) makes of the full image, so that step has nothing left to do."""
+    resize = eval_image_transform({**INPUT_224, "crop_mode": crop_mode}).transforms[0]
+    for width, height in [(1333, 1001), (1001, 1333), (1600, 1000), (257, 256), (999, 1000), (600, 800)]:
+        expected = eval_resize_size(width, height, 256, crop_mode)
+        assert resize(Image.new("RGB", (width, height))).size == expected
+
+
+@pytest.mark.parametrize("crop_mode", CROP_MODES)
+def test_no_crop_mode_upsamples_what_reduced_decoding_keeps(crop_mode):
+    """eval_min_side, the shorter side reduced decoding keeps, is enough for every mode and aspect ratio:
+    border only needs the longer side to reach S, squash and center the shorter. (A file already smaller
+    than that is decoded in full and upsampled by the transform itself, as timm does.)"""
+    side = eval_min_side({**INPUT_224, "crop_mode": crop_mode})
+    reduced = 0
+    for width in range(200, 3000, 61):
+        for height in (width // 3, 3 * width // 4, width, 4 * width // 3, 3 * width):
+            scale = dct_scale(width, height, side)
+            decoded = (-(-width // scale), -(-height // scale))
+            target = eval_resize_size(width, height, side, crop_mode)
+            if scale > 1:
+                reduced += 1
+                assert decoded[0] >= target[0] and decoded[1] >= target[1], (width, height, scale)
+    assert reduced > 100
+
+
+@pytest.mark.parametrize("crop_mode", CROP_MODES)
+def test_every_decode_path_keeps_a_portrait_photo_whole_as_its_crop_mode_says(tmp_path, crop_mode):
+    """A 600x800 JPEG with red bands top and bottom, stored upright and as a phone stores it (turned, with
+    its EXIF tag): the per-image path (reduced decode), the device path (full decode, batched resize) and a
+    full decode through timm's transform give the same picture, cropped, squashed or padded."""
+    config = {**INPUT_32, "crop_pct": 1.0, "crop_mode": crop_mode}
+    twins = oriented_twins(tmp_path, banded_portrait(600, 800, band=60))
+    paths = [twins["upright"], twins["oriented"]]
+    files = InputImageFiles(paths, config)
+    assert dct_scale(600, 800, files.min_side) == 8
+    per_image = [files[i][0] for i in range(2)]
+    files.jpeg_bytes = True
+    images, _ = collate_images([(files.image(i), 0) for i in range(2)])
+    device = decode_batch_on_device(images, torch.device("cpu"), ToModelInput(config).resize_crop)
+    full = eval_image_transform(config)(open_rgb(twins["upright"]))
+    for image in [*per_image, *device]:
+        assert image.shape == (3, 32, 32) and mean_abs_diff(image, full) < MAX_MEAN_ABS_DIFF
+        red = red_pixels(image)
+        if crop_mode == "center":
+            assert not red.any()
+        elif crop_mode == "squash":
+            assert red[0].all() and red[-1].all()
+        else:  # 600x800 fitted into 32x32 is 24x32: 4 columns of padding each side, timm's fill (the mean)
+            fill = torch.tensor([round(255 * m) for m in config["mean"]], dtype=torch.uint8).view(3, 1, 1)
+            assert red[0, 4:28].all() and red[-1, 4:28].all()
+            assert (image[:, :, :4] == fill).all() and (image[:, :, 28:] == fill).all()
+
+
+def test_decoded_cache_keys_differ_by_crop_mode_and_center_keeps_its_key():
+    """A cache filled for center is never read for squash or border (nor border's for another padding
+    value); center caches written before crop_mode existed are still found."""
+    import hashlib
+    import json
+
+    import PIL
+    import torchvision
+
+    from skuvision.data.decode_cache import geometry_key
+
+    before = {  # what format 2 hashed before crop_mode
+        "format": 2,
+        "input_size": [224, 224],
+        "crop_pct": 0.875,
+        "interpolation": "bicubic",
+        "channels": 3,
+        "decode": "pillow-dct-draft-exif",
+        "pillow": PIL.__version__,
+        "torchvision": torchvision.__version__,
+    }
+    old_key = hashlib.sha1(json.dumps(before, sort_keys=True).encode()).hexdigest()[:16]
+    keys = {mode: geometry_key({**INPUT_224, "crop_mode": mode}, 3) for mode in CROP_MODES}
+    assert keys["center"] == geometry_key(INPUT_224, 3) == old_key
+    assert len(set(keys.values())) == 3
+    assert geometry_key({**INPUT_224, "crop_mode": "border", "mean": (0.5, 0.5, 0.5)}, 3) != keys["border"]
+    assert geometry_key({**INPUT_224, "crop_mode": "squash", "mean": (0.5, 0.5, 0.5)}, 3) == keys["squash"]

@@ -21,7 +21,7 @@ from skuvision.tasks import train
 from skuvision.tasks.export import check_timm_architecture, export
 from skuvision.tasks.predict import predict
 from tests.helpers import compose_cfg, quick_overrides
-from tests.writers import write_image_folder
+from tests.writers import banded_portrait, write_image_folder
 
 CLASSES = ("kettle", "phone", "shirt")
 
@@ -143,6 +143,43 @@ def test_timm_folder_loads_in_a_fresh_process_to_predicts_logits(resnet_checkpoi
         for row, p in zip(csv.DictReader(f), probs, strict=True):
             assert row["label_1"] == CLASSES[int(p.argmax())]
             assert float(row["prob_1"]) == pytest.approx(float(p.max()), abs=2e-6)
+
+
+def test_the_folder_carries_the_checkpoints_crop_mode_and_timm_alone_pads_as_skuvision(
+    resnet_checkpoint, tmp_path
+):
+    """A model trained with input.crop_mode=border: config.json says border (not timm's default center), so
+    plain timm fits whole portrait photos into the square and pads them as predict.py does."""
+    checkpoint = torch.load(resnet_checkpoint, map_location="cpu", weights_only=True)
+    checkpoint["hyper_parameters"]["input_config"]["crop_mode"] = "border"
+    bordered = tmp_path / "border.ckpt"
+    torch.save(checkpoint, bordered)
+    folder = tmp_path / "export" / "timm"
+    export(
+        compose_cfg("export", [f"ckpt_path={bordered}", "format=timm", "check_images=8"], tmp_path / "export")
+    )
+    assert json.loads((folder / "config.json").read_text())["pretrained_cfg"]["crop_mode"] == "border"
+
+    paths = []
+    for i in range(4):
+        paths.append(tmp_path / f"portrait_{i}.png")
+        banded_portrait(seed=i).save(paths[-1])
+    listing = tmp_path / "images.txt"
+    listing.write_text("\n".join(str(p) for p in paths))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"HF_HUB_OFFLINE": "1"}
+    fresh = subprocess.run(
+        [sys.executable, "-c", TIMM_ALONE, str(folder), str(listing), str(tmp_path / "timm.npy")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert fresh.returncode == 0, fresh.stderr[-2000:]
+    assert json.loads(fresh.stdout.strip().splitlines()[-1])["config"]["crop_mode"] == "border"
+    timm_logits = np.load(tmp_path / "timm.npy")
+    np.testing.assert_allclose(timm_logits, checkpoint_logits(bordered, paths), atol=1e-5, rtol=0)
+    assert not np.allclose(timm_logits, checkpoint_logits(resnet_checkpoint, paths), atol=1e-3)  # center
 
 
 def test_an_existing_folder_is_never_overwritten(resnet_checkpoint, tmp_path):

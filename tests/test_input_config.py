@@ -7,7 +7,7 @@ import timm
 from skuvision.assembly import build
 from skuvision.data.datamodule import ImageDataModule
 from skuvision.errors import SkuvisionError
-from skuvision.models.input_config import resolve_input
+from skuvision.models.input_config import crop_mode, resolve_input
 from tests.helpers import compose_cfg, quick_overrides, run_cli
 
 
@@ -37,6 +37,7 @@ def test_resolving_the_input_builds_no_model(monkeypatch):
         "std": [0.5],
         "interpolation": "bicubic",
         "crop_pct": 0.875,
+        "crop_mode": "center",
     }
 
 
@@ -89,3 +90,31 @@ def test_a_renamed_key_names_its_new_name(tmp_path):
     assert (
         result.stderr.strip() == "error: data.image_size is now input.image_size: write input.image_size=64"
     )
+
+
+def test_crop_mode_comes_from_timm_and_the_override_wins(tmp_path, data_root):
+    assert resolve_input({"name": "resnet18"}, in_chans=3)["crop_mode"] == "center"
+    # timm's pretrained config of this tag squashes (no crop at crop_pct 1.0)
+    assert resolve_input({"name": "convnext_tiny.in12k_ft_in1k_384"}, in_chans=3)["crop_mode"] == "squash"
+    datamodule, module = built(tmp_path, data_root, "resnet18", ["input.crop_mode=border"])
+    assert module.input_config["crop_mode"] == "border" == datamodule.to_model_input.crop_mode
+    assert datamodule.input_config == module.input_config
+
+
+def test_an_unknown_crop_mode_is_one_line(tmp_path):
+    with pytest.raises(SkuvisionError, match=r"^input\.crop_mode='fit': use one of center, squash, border$"):
+        resolve_input({"name": "resnet18"}, in_chans=3, crop_mode="fit")
+    with pytest.raises(SkuvisionError, match=r"^input\.crop_mode='crop': use one of"):
+        crop_mode({"crop_mode": "crop"})  # a stored config someone edited
+    result = run_cli("train.py", ["model=simple_cnn", "input.crop_mode=fit"], tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: input.crop_mode='fit': use one of center, squash, border"
+    )
+
+
+def test_an_input_config_stored_without_crop_mode_is_center():
+    """Checkpoints, shards and model.json files written before crop_mode existed all cropped the center."""
+    stored = resolve_input({"name": "resnet18"}, in_chans=3)
+    stored.pop("crop_mode")
+    assert crop_mode(stored) == "center"

@@ -15,12 +15,12 @@ import pytest
 import torch
 from PIL import Image
 
-from skuvision.data import StreamingDataModule
+from skuvision.data import ImageFolderDataModule, StreamingDataModule
 from skuvision.data.streaming import METADATA_FILE, read_metadata
 from skuvision.errors import SkuvisionError
 from skuvision.tasks import evaluate, shard, train
 from tests.helpers import compose_cfg, quick_overrides, run_cli
-from tests.writers import pattern_images
+from tests.writers import banded_portrait, pattern_images, red_pixels
 
 N_IDS = 48  # training images of the id set, each its own class: a batch's labels name its images
 
@@ -111,6 +111,52 @@ def test_a_model_bigger_than_the_shards_and_a_folder_without_shards_are_refused(
         StreamingDataModule(str(photo_shards), {**input_64, "crop_pct": 1.0})
     with pytest.raises(SkuvisionError, match=f"holds no {METADATA_FILE}: write shards there first"):
         StreamingDataModule(str(tmp_path), {**input_64, "crop_pct": 1.0})
+
+
+@pytest.mark.parametrize("crop_mode", ["squash", "border"])
+def test_shards_keep_the_whole_photo_for_squash_and_border_and_refuse_another_crop_mode(tmp_path, crop_mode):
+    """shard.py stores the square the model's crop_mode makes (the whole 3:4 photo squashed, or fitted and
+    padded), and streams it as the image folder's eval transform would; shards cropped or padded for
+    another mode would show the model other images, so a model of another mode is refused in one line."""
+    root = tmp_path / "portraits"
+    for c, name in enumerate(("kettle", "shirt")):
+        (root / name).mkdir(parents=True)
+        for i in range(6):
+            banded_portrait(seed=10 * c + i).save(root / name / f"{name}_{i}.png")
+    shards = tmp_path / "shards"
+    metadata = write_shards(
+        ["data=image_folder", f"data.root={root}"],
+        str(shards),
+        tmp_path / "run",
+        [f"input.crop_mode={crop_mode}"],
+    )
+    model_input = metadata["model_input"]
+    assert model_input["crop_mode"] == crop_mode
+    streamed = StreamingDataModule(str(shards), model_input)
+    streamed.setup()
+    folder = ImageFolderDataModule(str(root), model_input)
+    folder.setup()
+    read = [folder.splits["test"][i][0] for i in range(len(folder.splits["test"]))]
+    assert len(streamed.splits["test"]) == len(read) > 0
+    fill = torch.tensor([round(255 * m) for m in model_input["mean"]], dtype=torch.uint8).view(3, 1, 1)
+    for i in range(len(streamed.splits["test"])):
+        image, _ = streamed.splits["test"][i]
+        assert any(torch.equal(image, other) for other in read)  # lossless shards: the folder's pixels
+        red = red_pixels(image)
+        if crop_mode == "squash":
+            assert red[0].all() and red[-1].all()
+        else:  # 60x80 fitted into 32x32: 24x32, padded with timm's fill
+            assert red[0, 4:28].all() and red[-1, 4:28].all() and (image[:, :, :4] == fill).all()
+    with pytest.raises(
+        SkuvisionError,
+        match=rf"^the shards in {shards} hold images for input.crop_mode={crop_mode}.*, this model takes "
+        r"center: write shards for it \(python shard.py model=\.\.\. input.crop_mode=center\)$",
+    ):
+        StreamingDataModule(str(shards), {**model_input, "crop_mode": "center"})
+    if crop_mode == "border":  # padded with another model's mean
+        padded = r"border \(padded with \[128, 128, 128\]\), this model takes border \(padded with \[102, "
+        with pytest.raises(SkuvisionError, match=padded):
+            StreamingDataModule(str(shards), {**model_input, "mean": [0.4, 0.4, 0.4]})
 
 
 def test_fewer_training_images_than_a_batch_is_refused(photo_shards):

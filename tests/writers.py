@@ -258,3 +258,20 @@ def write_catalogue_export(root: Path, n: int = 240, seed: int = 0) -> tuple[Pat
     csv_path = root / "styles.csv"
     csv_path.write_text("\n".join(lines) + "\n")
     return csv_path, lines
+
+
+RED = (255, 0, 0)
+
+
+def banded_portrait(width: int = 60, height: int = 80, band: int = 6, seed: int = 0) -> Image.Image:
+    """A 3:4 product photo stand-in: noise with no red in it (every channel <= 150), a red band of `band` rows
+    at the top and at the bottom: what a center crop cuts off."""
+    pixels = np.random.default_rng(seed).integers(0, 151, size=(height, width, 3), dtype=np.uint8)
+    pixels[:band] = pixels[-band:] = RED
+    return Image.fromarray(pixels)
+
+
+def red_pixels(image) -> np.ndarray:
+    """(H, W) bool: the red pixels of a uint8 CHW tensor (RGB)."""
+    r, g, b = np.asarray(image).astype(int)
+    return (r > 200) & (g < 60) & (b < 60)

@@ -19,6 +19,7 @@ from skuvision.data.decode import DECODE_ON, JpegBatch, collate_images, decode_b
 from skuvision.data.decode_cache import DecodedImageCache
 from skuvision.data.transforms import ToModelInput, eval_image_transform, eval_min_side, eval_pixel_budget
 from skuvision.errors import SkuvisionError
+from skuvision.models.input_config import crop_mode
 
 log = logging.getLogger(__name__)
 
@@ -249,6 +250,7 @@ class ImageDataModule(LightningDataModule):
             return
         base.min_side = eval_min_side(self.input_config)
         base.interpolation = self.input_config["interpolation"]
+        base.crop_mode = crop_mode(self.input_config)
         if self.cache:
             indices = dataset.indices if isinstance(dataset, Subset) else None
             store = DecodedImageCache(self.input_config, base.channels)

@@ -20,6 +20,7 @@ from torchvision.transforms.v2.functional import to_pil_image
 from skuvision.data.decode import DECODE_ERRORS, JpegFile, device_jpeg, open_rgb
 from skuvision.data.transforms import eval_image_transform, eval_min_side, eval_pixel_budget
 from skuvision.errors import SkuvisionError
+from skuvision.models.input_config import crop_mode
 
 
 class InMemoryImages(Dataset):
@@ -65,10 +66,10 @@ def keep_batch(batch):
 class ImageFiles(Dataset):
     """Files at `paths`. The data module sets, per split: `transform` (PIL image -> uint8 CHW tensor),
     `min_side` (the shorter side that transform needs, for reduced-scale JPEG decoding; None decodes in
-    full), `interpolation` (for the eval transform: see decode.open_rgb), `max_pixels` (the pixel budget: a
-    file that would decode to more is refused, see decode.pixel_budget; None: no budget), `cached` (a
-    CachedImages holding this split's images already transformed) and `jpeg_bytes` (True: JPEGs come out as
-    JpegFile, their raw bytes, for `decode.decode_batch_on_device`)."""
+    full), `interpolation` and `crop_mode` (for the eval transform: see decode.open_rgb), `max_pixels` (the
+    pixel budget: a file that would decode to more is refused, see decode.pixel_budget; None: no budget),
+    `cached` (a CachedImages holding this split's images already transformed) and `jpeg_bytes` (True: JPEGs
+    come out as JpegFile, their raw bytes, for `decode.decode_batch_on_device`)."""
 
     channels = 3
 
@@ -77,6 +78,7 @@ class ImageFiles(Dataset):
         self.transform = transform
         self.min_side: int | None = None
         self.interpolation: str | None = None
+        self.crop_mode = "center"
         self.max_pixels: int | None = None
         self.cached = None
         self.jpeg_bytes = False
@@ -86,7 +88,7 @@ class ImageFiles(Dataset):
 
     def decode(self, index: int) -> torch.Tensor:
         """The file decoded and transformed, ignoring the cache; raises DECODE_ERRORS."""
-        img = open_rgb(self.paths[index], self.min_side, self.interpolation, self.max_pixels)
+        img = open_rgb(self.paths[index], self.min_side, self.interpolation, self.max_pixels, self.crop_mode)
         if self.channels == 1:
             img = img.convert("L")
         return self.transform(img)
@@ -146,6 +148,7 @@ class InputImageFiles(ImageFiles):
         self.channels = int(input_config["input_size"][0])
         self.min_side = eval_min_side(input_config)
         self.interpolation = input_config["interpolation"]
+        self.crop_mode = crop_mode(input_config)
         self.max_pixels = eval_pixel_budget(input_config)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:

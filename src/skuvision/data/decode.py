@@ -35,7 +35,7 @@ from typing import IO, NamedTuple
 import numpy as np
 import torch
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
-from timm.data.transforms import str_to_pil_interp
+from timm.data.transforms import ResizeKeepRatio, str_to_pil_interp
 from torch.utils.data import default_collate
 from torchvision.io import ImageReadMode, decode_jpeg, read_file
 
@@ -105,6 +105,18 @@ def resized_size(width: int, height: int, short_side: int) -> tuple[int, int]:
     return (short_side, long) if width <= height else (long, short_side)
 
 
+def eval_resize_size(width: int, height: int, side: int, crop_mode: str = "center") -> tuple[int, int]:
+    """(width, height) timm's eval transform resizes a width x height image to, for its resize side `side`
+    (image_size / crop_pct) and `crop_mode`."""
+    if crop_mode == "squash":
+        return side, side
+    if crop_mode == "border":
+        # timm's own rounding; it reads only the shape of what it is given (here one with no pixels).
+        height, width = ResizeKeepRatio.get_params(torch.empty(0, height, width), (side, side), longest=1.0)
+        return width, height
+    return resized_size(width, height, side)
+
+
 def decode_scale(width: int, height: int, image_format: str | None, min_side: int | None) -> int:
     """The reduction `open_rgb` decodes a file of this size and format at (1: in full)."""
     return dct_scale(width, height, min_side) if min_side and image_format == "JPEG" else 1
@@ -127,16 +139,18 @@ def open_rgb(
     min_side: int | None = None,
     interpolation: str | None = None,
     max_pixels: int | None = None,
+    crop_mode: str = "center",
 ) -> Image.Image:
     """Decode the whole file (so truncation shows now, not mid-epoch) into 8-bit RGB, turned the way its EXIF
     orientation says.
 
     `min_side`: the shorter side the caller's transform needs; a JPEG is then decoded at the largest DCT
     reduction that keeps it (see `dct_scale`). Other formats, and None, decode at full size.
-    `interpolation` (timm's name): a reduced JPEG is then resized at once to the size the full image's
-    shorter side would be resized to, from exactly the region the reduced decode covers (libjpeg rounds the
-    reduced size up, so its last row or column can be a partial pixel); the eval transform's own resize then
-    has nothing left to do, and the result matches a full decode within resampling noise.
+    `interpolation` (timm's name): a reduced JPEG is then resized at once to the size the eval transform
+    resizes the full image to (for its `crop_mode`, see `eval_resize_size`), from exactly the region the
+    reduced decode covers (libjpeg rounds the reduced size up, so its last row or column can be a partial
+    pixel); the eval transform's own resize then has nothing left to do, and the result matches a full
+    decode within resampling noise.
     `max_pixels`: the pixel budget (see `pixel_budget`); a file that would decode to more is refused with
     ImageOverBudget from its header, before any decoding."""
     with Image.open(path) as img:
@@ -154,7 +168,8 @@ def open_rgb(
         rgb = to_rgb(img)
     if interpolation is not None:
         # In the stored orientation, where the box and the sizes were computed.
-        rgb = rgb.resize(resized_size(width, height, min_side), str_to_pil_interp(interpolation), box=box)
+        size = eval_resize_size(width, height, min_side, crop_mode)
+        rgb = rgb.resize(size, str_to_pil_interp(interpolation), box=box)
     # A JPEG's EXIF and XMP travel in `info` through convert and resize: the small result is turned upright.
     ImageOps.exif_transpose(rgb, in_place=True)
     return rgb
@@ -350,9 +365,9 @@ def collate_images(batch: list[tuple]) -> tuple:
 
 def decode_batch_on_device(images: JpegBatch, device: torch.device, resize_crop, channels: int = 3):
     """A JpegBatch -> a uint8 batch at the model's size on `device`. The JPEGs are decoded together (nvJPEG
-    on CUDA), then each is resized and center-cropped on the device by `resize_crop`
-    (ToModelInput.resize_crop: the eval geometry), after being turned upright by its EXIF orientation. A
-    batch the device decoder refuses is decoded on the CPU instead."""
+    on CUDA), then each is resized and cropped (or padded) on the device by `resize_crop`
+    (ToModelInput.resize_crop: the eval geometry of its crop_mode), after being turned upright by its EXIF
+    orientation. A batch the device decoder refuses is decoded on the CPU instead."""
     mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
     out: list[torch.Tensor | None] = [None] * images.num_images
     for position, img in zip(images.decoded_positions.tolist(), images.decoded, strict=True):

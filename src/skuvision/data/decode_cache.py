@@ -2,11 +2,12 @@
 transform makes of it, kept in memory-mapped shards that later epochs and later runs read instead.
 
 Layout: `<cache_dir>/decoded/<geometry key>/<shard>.u8` (raw uint8, rows of C x H x W) and
-`<shard>.json` (the file key of each row). The geometry key hashes the input size, crop_pct, interpolation,
-channels, the decoding policy (reduced-scale JPEGs, EXIF orientation) and the Pillow version: another model
-geometry gets its own folder. A file's key is its absolute path, size and mtime_ns, so a changed file misses
-and is decoded again: nothing stale is served, and nothing is ever overwritten (a shard is written under a
-temporary name, then renamed; its .json is published last, so readers only see complete shards).
+`<shard>.json` (the file key of each row). The geometry key hashes the input size, crop_pct, crop_mode
+(with border's padding value), interpolation, channels, the decoding policy (reduced-scale JPEGs, EXIF
+orientation) and the Pillow version: another model geometry gets its own folder. A file's key is its
+absolute path, size and mtime_ns, so a changed file misses and is decoded again: nothing stale is served,
+and nothing is ever overwritten (a shard is written under a temporary name, then renamed; its .json is
+published last, so readers only see complete shards).
 
 Filling happens once per split in the main process at setup, with a thread pool (Pillow decodes and resizes
 without holding the GIL). DataLoader workers only read: each opens the shards itself, read-only, on first
@@ -32,6 +33,8 @@ from filelock import FileLock
 
 from skuvision.config import cache_dir
 from skuvision.data.decode import DECODE_ERRORS
+from skuvision.data.transforms import border_fill
+from skuvision.models.input_config import crop_mode
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +53,11 @@ def geometry_key(input_config: dict, channels: int) -> str:
         "pillow": PIL.__version__,
         "torchvision": torchvision.__version__,  # its Resize and CenterCrop run in timm's eval transform
     }
+    mode = crop_mode(input_config)
+    if mode != "center":  # center keeps the key it had before crop_mode existed: those caches stay valid
+        geometry["crop_mode"] = mode
+    if mode == "border":
+        geometry["fill"] = border_fill(input_config)  # the padding's pixels
     return hashlib.sha1(json.dumps(geometry, sort_keys=True).encode()).hexdigest()[:16]
 
 

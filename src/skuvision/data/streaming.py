@@ -1,9 +1,10 @@
 """Catalogues beyond one machine: litdata shards, written once by shard.py, streamed from a folder or s3://.
 
 `python shard.py` (skuvision.tasks.shard) reads a file source (image_folder, manifest) through its splits,
-resizes every image once to the model's eval geometry before the crop (the shorter side to
-image_size / crop_pct, center square) and writes per split litdata chunks of encoded images and labels, plus
-`skuvision_shards.json`: class names, geometry and counts, so classes are known without reading a shard.
+resizes every image once to the model's eval geometry before the crop (image_size / crop_pct, the square
+its crop_mode makes: the center square, the whole image squashed, or padded) and writes per split litdata
+chunks of encoded images and labels, plus `skuvision_shards.json`: class names, geometry and counts, so
+classes are known without reading a shard.
 
 `data=streaming` trains from them. The training loader is litdata's StreamingDataLoader, which Lightning saves
 into and restores from the Trainer's checkpoint (a run resumes mid-epoch where it stopped). Under DDP litdata
@@ -26,8 +27,9 @@ from torchvision.transforms.v2.functional import to_pil_image
 from skuvision.compat import use_boto3_for_plain_http
 from skuvision.data.datamodule import SPLITS, ImageDataModule
 from skuvision.data.decode import DECODE_ERRORS, open_rgb
-from skuvision.data.transforms import scale_size
+from skuvision.data.transforms import border_fill, scale_size
 from skuvision.errors import SkuvisionError
+from skuvision.models.input_config import crop_mode
 from skuvision.outputs import write_new_text
 
 log = logging.getLogger(__name__)
@@ -111,6 +113,13 @@ class EncodeSample:
         return {"image": encoded, "label": int(label), "index": index, "path": str(path)}
 
 
+def stored_crop(model_input: dict) -> str:
+    """What a stored square already holds of the eval geometry: center cropped, squashed, or border padded
+    (with that model's mean)."""
+    mode = crop_mode(model_input)
+    return f"{mode} (padded with {border_fill(model_input)})" if mode == "border" else mode
+
+
 class DecodeSample:
     """litdata's per-item transform: a stored item -> (uint8 CHW at the model's size, label), through the same
     per-image transform as the file sources (eval, or the training augmentation), within the model's pixel
@@ -186,12 +195,20 @@ class StreamingDataModule(ImageDataModule):
         return int(self.metadata["image_size"])
 
     def check_geometry(self) -> None:
-        """Shards stored smaller than the model's resize would be upsampled: refuse instead."""
+        """Shards stored smaller than the model's resize would be upsampled, and shards cropped or padded for
+        another crop_mode show the model other images: refuse both."""
         channels, size, _ = self.input_config["input_size"]
         if channels != self.metadata["in_chans"]:
             raise SkuvisionError(
                 f"the shards in {self.root} hold {self.metadata['in_chans']}-channel images, the model takes "
                 f"{channels}"
+            )
+        stored, wanted = stored_crop(self.metadata["model_input"]), stored_crop(self.input_config)
+        if stored != wanted:
+            mode = crop_mode(self.input_config)
+            raise SkuvisionError(
+                f"the shards in {self.root} hold images for input.crop_mode={stored}, this model takes "
+                f"{wanted}: write shards for it (python shard.py model=... input.crop_mode={mode})"
             )
         needed = scale_size(size, self.input_config["crop_pct"])
         if needed > self.stored_size:

@@ -11,10 +11,12 @@ import math
 
 import torch
 from timm.data import create_transform, str_to_interp_mode
+from timm.data.transforms import ResizeKeepRatio, center_crop_or_pad
 from torch import nn
 from torchvision.transforms.v2 import functional as TF
 
 from skuvision.data.decode import pixel_budget
+from skuvision.models.input_config import crop_mode
 
 
 def eval_image_transform(input_config: dict):
@@ -23,6 +25,9 @@ def eval_image_transform(input_config: dict):
         input_size=tuple(input_config["input_size"]),
         interpolation=input_config["interpolation"],
         crop_pct=input_config["crop_pct"],
+        crop_mode=crop_mode(input_config),
+        mean=tuple(input_config["mean"]),  # crop_mode=border pads with it
+        std=tuple(input_config["std"]),
         is_training=False,
         use_prefetcher=True,
     )
@@ -33,8 +38,15 @@ def scale_size(image_size: int, crop_pct: float) -> int:
     return math.floor(image_size / crop_pct)
 
 
+def border_fill(input_config: dict) -> list[int]:
+    """The uint8 value per channel crop_mode=border pads with: the mean, as timm's eval transform pads."""
+    return [round(255 * m) for m in input_config["mean"]]
+
+
 def eval_min_side(input_config: dict) -> int:
-    """The shorter side timm's eval transform resizes every image to: what a file must be decoded to."""
+    """The shorter side a file must be decoded to so that timm's eval transform never upsamples it: S, the
+    side it resizes to. center and squash resize the shorter side to S. border resizes the longer one to S,
+    which a shorter side of S guarantees whatever the aspect ratio (and the pixel budget stays that of S)."""
     return scale_size(int(input_config["input_size"][-1]), input_config["crop_pct"])
 
 
@@ -47,8 +59,9 @@ class ToModelInput(nn.Module):
     """uint8 batch (B, C, h, w) -> float batch at the model's size, scaled to [0, 1] and normalized.
 
     A batch that already has the model's size (the PIL path) is only scaled and normalized. A batch of
-    another size (in-memory sets) is resized and center-cropped the way timm's eval transform does it, in
-    uint8 like PIL (torchvision's fast uint8 kernels), before the float conversion.
+    another size (in-memory sets, device-decoded JPEGs) is resized and cropped (or padded) the way timm's
+    eval transform does it for the config's crop_mode, in uint8 like PIL (torchvision's fast uint8
+    kernels), before the float conversion.
     """
 
     def __init__(self, input_config: dict):
@@ -56,6 +69,8 @@ class ToModelInput(nn.Module):
         self.image_size = int(input_config["input_size"][-1])
         self.scale_size = scale_size(self.image_size, input_config["crop_pct"])
         self.interpolation = str_to_interp_mode(input_config["interpolation"])
+        self.crop_mode = crop_mode(input_config)
+        self.fill = border_fill(input_config)
         mean = torch.tensor(input_config["mean"]).view(1, -1, 1, 1)
         std = torch.tensor(input_config["std"]).view(1, -1, 1, 1)
         self.register_buffer("mean", mean, persistent=False)
@@ -63,10 +78,21 @@ class ToModelInput(nn.Module):
 
     def resize_crop(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 at the model's size (unchanged if it has it already)."""
-        if images.shape[-2:] != (self.image_size, self.image_size):
-            images = TF.resize(images, self.scale_size, interpolation=self.interpolation, antialias=True)
-            images = TF.center_crop(images, [self.image_size, self.image_size])
-        return images
+        crop = [self.image_size, self.image_size]
+        if images.shape[-2:] == tuple(crop):
+            return images
+        if self.crop_mode == "border":
+            # timm's own steps (ResizeKeepRatio, center_crop_or_pad), on the batch; its pad takes one fill
+            # value per call on a tensor, so one call per channel.
+            size = ResizeKeepRatio.get_params(images, (self.scale_size, self.scale_size), longest=1.0)
+            images = TF.resize(images, size, interpolation=self.interpolation, antialias=True)
+            channels = images.split(1, dim=-3)
+            return torch.cat(
+                [center_crop_or_pad(c, crop, fill=f) for c, f in zip(channels, self.fill, strict=True)], -3
+            )
+        size = [self.scale_size, self.scale_size] if self.crop_mode == "squash" else self.scale_size
+        images = TF.resize(images, size, interpolation=self.interpolation, antialias=True)
+        return TF.center_crop(images, crop)
 
     def to_unit(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 -> float in [0, 1] at the model's size."""

@@ -16,7 +16,10 @@ from timm.data.loader import adapt_to_chs
 from skuvision.errors import SkuvisionError
 from skuvision.models import simple_cnn  # noqa: F401  (registers simple_cnn with timm)
 
-INPUT_KEYS = ("image_size", "mean", "std", "interpolation", "crop_pct")
+INPUT_KEYS = ("image_size", "mean", "std", "interpolation", "crop_pct", "crop_mode")
+# timm's eval crop modes (transforms_imagenet_eval): center crops the middle square, squash resizes the whole
+# image to the square, border fits the whole image inside it and pads.
+CROP_MODES = ("center", "squash", "border")
 
 
 def check_model_name(name: str | None) -> None:
@@ -28,9 +31,20 @@ def check_model_name(name: str | None) -> None:
         raise SkuvisionError(f"unknown model.name={name!r}: not a timm model.{hint} See timm.list_models().")
 
 
+def check_crop_mode(mode: str) -> str:
+    if mode not in CROP_MODES:
+        raise SkuvisionError(f"input.crop_mode={mode!r}: use one of {', '.join(CROP_MODES)}")
+    return mode
+
+
+def crop_mode(input_config: dict) -> str:
+    """The config's crop mode: "center" for one stored before crop_mode existed (they all cropped so)."""
+    return check_crop_mode(input_config.get("crop_mode") or "center")
+
+
 def resolve_input(model: dict, in_chans: int, **overrides: Any) -> dict:
-    """{input_size, mean, std, interpolation, crop_pct} for `model` (a model config: name, kwargs) fed
-    `in_chans` channels; non-null overrides win.
+    """{input_size, mean, std, interpolation, crop_pct, crop_mode} for `model` (a model config: name,
+    kwargs) fed `in_chans` channels; non-null overrides win.
 
     With one input channel, mean and std are the averages of the RGB ones: timm's in_chans=1 adaptation sums
     the pretrained first-conv filters, which is what a replicated gray image would see.
@@ -51,4 +65,5 @@ def resolve_input(model: dict, in_chans: int, **overrides: Any) -> dict:
         "std": [float(s) for s in std],
         "interpolation": str(overrides.get("interpolation") or cfg["interpolation"]),
         "crop_pct": float(overrides.get("crop_pct") or cfg["crop_pct"]),
+        "crop_mode": check_crop_mode(str(overrides.get("crop_mode") or cfg.get("crop_mode") or "center")),
     }

@@ -1,8 +1,8 @@
 """export(cfg): a checkpoint -> ONNX (format=onnx) or timm's own folder format (format=timm).
 
 ONNX: the exported graph takes uint8 images (N, C, H, W) at the model's input size and does the scaling and
-normalization itself, so a deployment only resizes and center-crops; checked against PyTorch with
-onnxruntime. model.json beside it holds the class names and the input config.
+normalization itself, so a deployment only resizes and crops (or pads) as input.crop_mode says; checked
+against PyTorch with onnxruntime. model.json beside it holds the class names and the input config.
 
 timm: config.json + model.safetensors written by timm's own `save_for_hf` (what `push_to_hf_hub` uploads),
 with the class names and the checkpoint's input config as the pretrained config; plain timm loads it with
@@ -29,6 +29,7 @@ from skuvision.data.datamodule import ImageDataModule
 from skuvision.data.transforms import ToModelInput
 from skuvision.errors import SkuvisionError
 from skuvision.models.classifier import Classifier
+from skuvision.models.input_config import crop_mode
 from skuvision.outputs import new_file_with_companions, new_folder, refuse_existing, write_new_json
 
 log = logging.getLogger("skuvision")
@@ -181,7 +182,7 @@ def timm_data_config(input_config: dict) -> dict:
         "std": tuple(input_config["std"]),
         "interpolation": input_config["interpolation"],
         "crop_pct": input_config["crop_pct"],
-        "crop_mode": "center",
+        "crop_mode": crop_mode(input_config),
     }
 
 

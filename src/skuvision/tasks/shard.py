@@ -1,7 +1,8 @@
 """shard(cfg): a file source (image_folder, manifest) -> litdata shards per split for data=streaming.
 
-Every image is decoded and resized once, to the model's eval geometry before its crop (the shorter side to
-image_size / crop_pct, the center square): training crops and evaluation take it from there.
+Every image is decoded and resized once, to the model's eval geometry before its crop (image_size / crop_pct,
+the square its input.crop_mode makes: the center square, the whole image squashed, or fitted and padded):
+training crops and evaluation take it from there.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ log = logging.getLogger("skuvision")
 
 
 def shard_input(model_input: dict) -> dict:
-    """The input config whose eval transform stores an image: resized, center square, uncropped."""
+    """The input config whose eval transform stores an image: resized, made square by the model's
+    crop_mode, not cropped further."""
     stored = scale_size(model_input["input_size"][-1], model_input["crop_pct"])
     return {**model_input, "input_size": [model_input["input_size"][0], stored, stored], "crop_pct": 1.0}
 
