@@ -24,8 +24,13 @@ TYPES = ["Heels", "Sandals", "Shirts", "Tshirts"]
 MASTER = {"Heels": "Footwear", "Sandals": "Footwear", "Shirts": "Apparel", "Tshirts": "Apparel"}
 HEADS = [
     {"column": "articleType", "kind": "label", "classes": TYPES},
-    {"column": "masterCategory", "kind": "label", "classes": ["Apparel", "Footwear"], "source": "articleType",
-     "parents": [1, 1, 0, 0]},
+    {
+        "column": "masterCategory",
+        "kind": "label",
+        "classes": ["Apparel", "Footwear"],
+        "source": "articleType",
+        "parents": [1, 1, 0, 0],
+    },
     {"column": "baseColour", "kind": "label", "classes": ["Blue", "Green", "Red"]},
     {"column": "tags", "kind": "tags", "classes": ["floral", "sticker"]},
 ]
@@ -127,7 +132,9 @@ def test_a_taxonomy_is_found_only_where_one_column_is_a_function_of_another():
     found = find_taxonomy(table, list(table.columns))
     assert found == {"masterCategory": ("articleType", MASTER)}
     # One row saying otherwise: no longer a function, no hierarchy.
-    table.loc[0, "masterCategory"] = "Apparel" if MASTER[table.loc[0, "articleType"]] == "Footwear" else "Footwear"
+    table.loc[0, "masterCategory"] = (
+        "Apparel" if MASTER[table.loc[0, "articleType"]] == "Footwear" else "Footwear"
+    )
     assert find_taxonomy(table, list(table.columns)) == {}
 
 
@@ -153,7 +160,9 @@ def test_the_data_module_reads_heads_taxonomy_and_tags_from_the_table(tmp_path):
     table.loc[3, "baseColour"] = ""
     csv = write_table(tmp_path, table)
     dm = ManifestDataModule(
-        str(csv), INPUT_32, label_columns=["articleType", "masterCategory", "baseColour", "usage"],
+        str(csv),
+        INPUT_32,
+        label_columns=["articleType", "masterCategory", "baseColour", "usage"],
         tag_columns=["tags"],
     )
     heads = {h["column"]: h for h in dm.heads}
@@ -162,14 +171,19 @@ def test_the_data_module_reads_heads_taxonomy_and_tags_from_the_table(tmp_path):
     assert heads["tags"]["classes"] == ["floral", "sticker"]
     dm.setup()
     rows = {
-        str(path): targets for (path, _), targets in zip(dm.splits["train"].samples, dm.splits["train"].row_targets)
+        str(path): targets
+        for (path, _), targets in zip(dm.splits["train"].samples, dm.splits["train"].row_targets, strict=True)
     }
     by_path = pd.read_csv(csv, dtype=str, keep_default_na=False).set_index("path")
     for path, targets in rows.items():
         row = by_path.loc[path]
-        assert targets["baseColour"] == (MISSING if row["baseColour"] == "" else heads["baseColour"]["classes"].index(row["baseColour"]))
+        assert targets["baseColour"] == (
+            MISSING if row["baseColour"] == "" else heads["baseColour"]["classes"].index(row["baseColour"])
+        )
         expected = {t.strip() for t in row["tags"].split(";") if t.strip()}
-        assert {heads["tags"]["classes"][k] for k in torch.nonzero(targets["tags"]).flatten().tolist()} == expected
+        assert {
+            heads["tags"]["classes"][k] for k in torch.nonzero(targets["tags"]).flatten().tolist()
+        } == expected
     report = dm.data_report()["columns"]
     assert sum(report["missing_values"]["baseColour"].values()) == 1
     assert report["taxonomy"]["masterCategory"]["parents"] == MASTER
@@ -187,8 +201,12 @@ def test_a_real_catalogue_export_trains_every_attribute_and_lists_every_defect(t
     root = tmp_path / "catalogue"
     csv, lines = write_catalogue_export(root, n=240)
     bad_line = 5  # line 5 of the file: the display name gets an unquoted comma, 12 fields for 11
-    lines[bad_line - 1] = lines[bad_line - 1].replace(" Tshirts ", " Tshirts, slim ").replace(" Shirts ", " Shirts, slim ")
-    lines[bad_line - 1] = lines[bad_line - 1].replace(" Sandals ", " Sandals, flat ").replace(" Heels ", " Heels, high ")
+    lines[bad_line - 1] = (
+        lines[bad_line - 1].replace(" Tshirts ", " Tshirts, slim ").replace(" Shirts ", " Shirts, slim ")
+    )
+    lines[bad_line - 1] = (
+        lines[bad_line - 1].replace(" Sandals ", " Sandals, flat ").replace(" Heels ", " Heels, high ")
+    )
     for k in (10, 11, 12):  # no colour on these rows (their line k + 1)
         fields = lines[k].split(",")
         fields[5] = ""
@@ -200,7 +218,7 @@ def test_a_real_catalogue_export_trains_every_attribute_and_lists_every_defect(t
     out = tmp_path / "run"
     overrides = quick_overrides("manifest", root) + [
         f"data.root={csv}",
-        "data.path_pattern=images/{id}.jpg",
+        'data.path_pattern="images/{id}.jpg"',
         "data.label_columns=[articleType,masterCategory,baseColour]",
         "data.tag_columns=[tags]",
         "input.crop_mode=squash",  # the whole portrait photo: stickers sit in the top rows
@@ -233,7 +251,9 @@ def test_every_head_is_the_head_stage_of_each_fine_tuning_strategy():
     from skuvision.finetune.groups import stage_param_names
 
     module = classifier(finetune={"_target_": "skuvision.finetune.LinearProbe", "head_lr_scale": 10.0})
-    head_params = {f"fc.layers.{c}.{w}" for c in ("articleType", "baseColour", "tags") for w in ("weight", "bias")}
+    head_params = {
+        f"fc.layers.{c}.{w}" for c in ("articleType", "baseColour", "tags") for w in ("weight", "bias")
+    }
     assert head_params <= set(stage_param_names(module.backbone)[-1])
     groups = module.finetune.param_groups(module.backbone, 0.1, 0.0)
     grouped = {name for g in groups for name in g["param_names"]}
@@ -260,8 +280,14 @@ def test_a_multi_head_checkpoint_reloads_to_the_same_predictions(tmp_path):
 
     module = classifier().eval()
     path = tmp_path / "model.ckpt"
-    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
-                "pytorch-lightning_version": "2.5.0"}, path)
+    torch.save(
+        {
+            "state_dict": module.state_dict(),
+            "hyper_parameters": dict(module.hparams),
+            "pytorch-lightning_version": "2.5.0",
+        },
+        path,
+    )
     reloaded = load_classifier(path).eval()
     assert [h.column for h in reloaded.heads] == ["articleType", "masterCategory", "baseColour", "tags"]
     x = torch.randn(4, 3, 32, 32)
@@ -289,4 +315,6 @@ def test_mixup_is_refused_for_a_table_of_several_columns(tmp_path):
 
     csv = write_table(tmp_path, independent_table(20))
     with pytest.raises(SkuvisionError, match="mixup_cutmix.*label_columns"):
-        ManifestDataModule(str(csv), INPUT_32, label_columns=["articleType", "baseColour"], augment=MixupCutmix())
+        ManifestDataModule(
+            str(csv), INPUT_32, label_columns=["articleType", "baseColour"], augment=MixupCutmix()
+        )

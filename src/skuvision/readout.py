@@ -33,7 +33,9 @@ def by_head(outputs) -> dict[str, torch.Tensor]:
     return outputs if isinstance(outputs, dict) else {"": outputs}
 
 
-def head_probs(heads: list[Head], logits, temperatures: dict[str, float] | None = None) -> dict[str, torch.Tensor]:
+def head_probs(
+    heads: list[Head], logits, temperatures: dict[str, float] | None = None
+) -> dict[str, torch.Tensor]:
     """{column: float64 probabilities}: calibrated softmax per label head, a coarser level summed from its
     source's calibrated probabilities, sigmoid per tag head. `temperatures`: {column: T} of trained label
     heads (missing: 1)."""
@@ -86,7 +88,10 @@ def read_heads(
         top_p, top_i = p.topk(k, dim=1)
         if head.kind == "tags":
             cut = torch.tensor(
-                [tag_thresholds.get(head.column, {}).get(name, DEFAULT_TAG_THRESHOLD) for name in head.classes]
+                [
+                    tag_thresholds.get(head.column, {}).get(name, DEFAULT_TAG_THRESHOLD)
+                    for name in head.classes
+                ]
             )
             chosen = p >= cut
         for i in range(rows):

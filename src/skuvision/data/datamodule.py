@@ -274,7 +274,9 @@ class ImageDataModule(LightningDataModule):
     def class_counts(self) -> dict[str, list[int]]:
         """Images per class in each split, in class-index order."""
         self.setup()
-        return {split: labelled_counts(dataset_labels(ds), self.num_classes) for split, ds in self.splits.items()}
+        return {
+            split: labelled_counts(dataset_labels(ds), self.num_classes) for split, ds in self.splits.items()
+        }
 
     def split_labels(self, split: str) -> list[int]:
         """Labels of a split's images, in order, without decoding them."""

@@ -406,8 +406,11 @@ class ManifestDataModule(ImageDataModule):
             ):
                 kept[coarse] = (fine, mapping)
                 log.info(
-                    "taxonomy: %s is read off %s (each of its %d classes has one %s)", coarse, fine,
-                    len(mapping), coarse,
+                    "taxonomy: %s is read off %s (each of its %d classes has one %s)",
+                    coarse,
+                    fine,
+                    len(mapping),
+                    coarse,
                 )
         return kept
 
@@ -496,7 +499,9 @@ class ManifestDataModule(ImageDataModule):
     def labels_named(self, label) -> str:
         if not self.multi:
             return f"{self.label_column}={label!r}"
-        return ", ".join(f"{c}={v!r}" for c, v in zip(self.label_columns + self.tag_columns, label, strict=True))
+        return ", ".join(
+            f"{c}={v!r}" for c, v in zip(self.label_columns + self.tag_columns, label, strict=True)
+        )
 
     def _report_repeats(self, repeats: list[tuple[int, tuple]]) -> dict[str, str]:
         """Warn once about rows naming a file an earlier row names; {row: why} for `skipped`."""
@@ -530,7 +535,9 @@ class ManifestDataModule(ImageDataModule):
         rows = self._rows()
         first_label = [label[0] if self.multi else label for _, _, label in rows]
         if self.row_splits is None:
-            parts = stratified_split([index.get(label, -1) for label in first_label], self.split_fractions, self.seed)
+            parts = stratified_split(
+                [index.get(label, -1) for label in first_label], self.split_fractions, self.seed
+            )
             by_split = {s: [rows[i] for i in idx] for s, idx in zip(SPLITS, parts, strict=True)}
         else:
             by_split = {s: [row for row in rows if self.row_splits[row[0]] == s] for s in SPLITS}
@@ -588,14 +595,18 @@ class ManifestDataModule(ImageDataModule):
         return targets
 
     def _count_missing(self, by_split: dict) -> None:
-        """Rows without a value per label column and split (each trains the other heads), logged and reported."""
+        """Rows without a value per label column and split (they train the other heads): logged, reported."""
         self.missing_values = {
-            column: {s: sum(self.table[column].iat[i] == "" for i, _, _ in rows) for s, rows in by_split.items()}
+            column: {
+                s: sum(self.table[column].iat[i] == "" for i, _, _ in rows) for s, rows in by_split.items()
+            }
             for column in self.label_columns
         }
         for column, counts in self.missing_values.items():
             if any(counts.values()):
-                log.warning("%s: rows without %s (they train the other heads): %s", self.manifest, column, counts)
+                log.warning(
+                    "%s: rows without %s (they train the other heads): %s", self.manifest, column, counts
+                )
 
     def data_report(self) -> dict:
         report = super().data_report()
@@ -606,7 +617,10 @@ class ManifestDataModule(ImageDataModule):
                     for h in self.heads
                 ],
                 "missing_values": self.missing_values,
-                "taxonomy": {coarse: {"source": fine, "parents": mapping} for coarse, (fine, mapping) in self.hierarchy.items()},
+                "taxonomy": {
+                    coarse: {"source": fine, "parents": mapping}
+                    for coarse, (fine, mapping) in self.hierarchy.items()
+                },
             }
         return report
 
@@ -622,7 +636,9 @@ class ManifestDataModule(ImageDataModule):
             labels = np.asarray([t[head["column"]] for t in self.splits_targets("train")])
             counts = np.bincount(labels[labels >= 0], minlength=len(head["classes"])).astype(float)
             if (counts == 0).any():
-                raise SkuvisionError(f"data.balance=loss: no training images for some class of {head['column']}")
+                raise SkuvisionError(
+                    f"data.balance=loss: no training images for some class of {head['column']}"
+                )
             weights[head["column"]] = (counts.sum() / (len(counts) * counts)).tolist()
         return weights
 

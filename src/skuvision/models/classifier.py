@@ -298,7 +298,9 @@ def head_metric_collections(heads: list[Head], stage: str) -> nn.ModuleDict:
             metrics = classification_metrics(len(head.classes), MISSING)
             coarser = sorted((h for h in heads if h.source == head.column), key=lambda h: -len(h.classes))
             if coarser:
-                metrics.add_metrics({"mistake_severity": MistakeSeverity([h.parents for h in coarser], MISSING)})
+                metrics.add_metrics(
+                    {"mistake_severity": MistakeSeverity([h.parents for h in coarser], MISSING)}
+                )
         collections[head.column] = metrics.clone(prefix=head.key(stage, ""))
     return nn.ModuleDict(collections)
 

@@ -43,7 +43,9 @@ class Head:
     @classmethod
     def from_spec(cls, spec: dict) -> Head:
         if spec.get("kind") not in KINDS:
-            raise SkuvisionError(f"head {spec.get('column')!r}: kind {spec.get('kind')!r} is not one of {KINDS}")
+            raise SkuvisionError(
+                f"head {spec.get('column')!r}: kind {spec.get('kind')!r} is not one of {KINDS}"
+            )
         return cls(
             column=str(spec["column"]),
             kind=spec["kind"],
@@ -176,7 +178,11 @@ class HeadLosses(nn.Module):
             return F.binary_cross_entropy_with_logits(logits, target)
         weight = getattr(self, f"weight_{head.column}", None)
         per_row = F.cross_entropy(
-            logits, target, weight=weight, ignore_index=MISSING, label_smoothing=self.label_smoothing,
+            logits,
+            target,
+            weight=weight,
+            ignore_index=MISSING,
+            label_smoothing=self.label_smoothing,
             reduction="none",
         )
         # The weighted mean over rows with a value; a batch with none gives 0 (not NaN) and no sync.
