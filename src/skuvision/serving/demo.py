@@ -1,4 +1,6 @@
-"""The demo page (Gradio): upload or pick an image -> the top-k labels as bars and the most similar items.
+"""The demo page (Gradio): upload or pick an image -> the top-k labels as bars and the most similar items;
+with several heads, one group per attribute, titled by its column: a label column's top-k as bars, a tag
+column's top-k tags with the predicted ones marked.
 
 Offline by construction: no analytics, no share link, no server-side rendering process; Gradio serves its own
 assets. Its file route serves only what Gradio itself wrote into this page's private temp folder (uploads,
@@ -31,23 +33,28 @@ def build_demo(
     title: str,
     top_k: int,
     examples: list[str],
+    attributes: list[tuple[str, str]] | None = None,
 ):
+    """`attributes`: (column, kind) per head of a model with several, in head order; None for one label."""
     import gradio as gr
 
     def classify(path: str | None):
         if not path:
-            return None, []
+            return (*[None] * (len(attributes) if attributes else 1), [])
         try:
             result = answer(Path(path).read_bytes())
         except ValueError as err:
             raise gr.Error(str(err)) from None
-        labels = {item["label"]: item["prob"] for item in result["labels"]}
+        if attributes:
+            shown = [attribute_value(result["attributes"][column], kind) for column, kind in attributes]
+        else:
+            shown = [{item["label"]: item["prob"] for item in result["labels"]}]
         gallery = []
         for item in result.get("similar", []):
             picture = thumbnail(item["id"]) if thumbnail else None
             if picture is not None:
                 gallery.append((picture, f"{item['label'] or item['path']} {item['score']:.2f}"))
-        return labels, gallery
+        return *shown, gallery
 
     with gr.Blocks(title=title, analytics_enabled=False) as demo:
         gr.Markdown(f"## {title}")
@@ -60,13 +67,38 @@ def build_demo(
                 if examples:
                     gr.Examples(examples=[[p] for p in examples], inputs=[image], label="Catalogue examples")
             with gr.Column():
-                labels = gr.Label(num_top_classes=top_k, label="Top labels", elem_id="labels")
+                if attributes:
+                    shown = [attribute_component(gr, column, kind, top_k) for column, kind in attributes]
+                else:
+                    shown = [gr.Label(num_top_classes=top_k, label="Top labels", elem_id="labels")]
                 gallery = gr.Gallery(
                     label="Most similar catalogue items", columns=5, format="png", elem_id="similar"
                 )
-        button.click(classify, inputs=[image], outputs=[labels, gallery], api_name="classify")
-        image.upload(classify, inputs=[image], outputs=[labels, gallery], api_name=False)
+        outputs = [*shown, gallery]
+        button.click(classify, inputs=[image], outputs=outputs, api_name="classify")
+        image.upload(classify, inputs=[image], outputs=outputs, api_name=False)
     return demo
+
+
+def attribute_component(gr, column: str, kind: str, top_k: int):
+    """A label column's top-k as bars; a tag column's top-k tags as text, the predicted ones highlighted."""
+    elem_id = "attribute-" + "".join(c if c.isalnum() else "-" for c in column)
+    if kind == "tags":
+        return gr.HighlightedText(
+            label=f"{column} (predicted tags highlighted)", color_map={"predicted": "green"}, elem_id=elem_id
+        )
+    return gr.Label(num_top_classes=top_k, label=column, elem_id=elem_id)
+
+
+def attribute_value(attribute: dict, kind: str):
+    """One column of a /predict answer's "attributes" as its component shows it."""
+    if kind != "tags":
+        return {item["label"]: item["prob"] for item in attribute["labels"]}
+    predicted = {item["tag"] for item in attribute["tags"]}
+    return [
+        (f"{item['label']} {item['prob']:.2f}", "predicted" if item["label"] in predicted else None)
+        for item in attribute["labels"]
+    ]
 
 
 def write_examples(image: Callable[[int], Image.Image | None], ids: list[int], folder: Path) -> list[str]:

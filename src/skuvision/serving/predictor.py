@@ -1,8 +1,13 @@
-"""One image's bytes -> its top-k labels and, with a catalogue index, its most similar catalogue items.
+"""One image's bytes -> its top-k labels (with several heads, every attribute's) and, with a catalogue index,
+its most similar catalogue items.
 
 The same steps as predict.py: decoded like `open_rgb`, timm's eval transform, the batched uint8 -> normalized
 step, and the checkpoint's test-time augmentation. Two backends run the model: the checkpoint in torch, or
-export.py's ONNX graph (which takes uint8 images at the model's size and normalizes them itself).
+export.py's ONNX graph (which takes uint8 images at the model's size and normalizes them itself; with several
+heads it has one output per head, named by its column).
+
+A model with several heads answers every attribute through skuvision.readout, as predict.py does. The server
+applies no calibration (neither does it for one label): probabilities are T = 1, tags cut at 0.5.
 """
 
 from __future__ import annotations
@@ -23,9 +28,11 @@ from skuvision.data.datasets import InputImageFiles
 from skuvision.data.decode import DECODE_ERRORS, ImageOverBudget
 from skuvision.data.transforms import ToModelInput
 from skuvision.errors import SkuvisionError
+from skuvision.models.heads import Head, heads_from_specs
 from skuvision.outputs import file_sha256
+from skuvision.readout import head_probs, read_heads
 from skuvision.serving.catalogue import catalogue_root, public_name
-from skuvision.tta import check_tta, tta_logits, views
+from skuvision.tta import check_tta, tta_logits
 
 log = logging.getLogger("skuvision")
 
@@ -75,6 +82,13 @@ class ModelCard:
     backend: str
     tta: str
     onnx_path: str | None = None
+    heads: list[dict] | None = None  # the head specs of a model with several (skuvision.models.heads)
+
+    def model_heads(self) -> list[Head]:
+        """Every head; the one-label model's one head has column ""."""
+        if self.heads is None:
+            return [Head(column="", kind="label", classes=self.class_names)]
+        return heads_from_specs(self.heads)
 
 
 def model_card(ckpt_path: str, backend: str = "torch", onnx_path: str | None = None, tta: str | None = None):
@@ -92,6 +106,7 @@ def model_card(ckpt_path: str, backend: str = "torch", onnx_path: str | None = N
         data=dict(hparams["data"]),
         backend=backend,
         tta=check_tta(tta or hparams.get("tta") or "none"),
+        heads=[dict(h) for h in hparams["heads"]] if hparams.get("heads") else None,
     )
     if backend == "onnx":
         onnx = find_onnx(ckpt_path, onnx_path)
@@ -102,7 +117,29 @@ def model_card(ckpt_path: str, backend: str = "torch", onnx_path: str | None = N
                 "export this checkpoint again"
             )
         card.onnx_path = str(onnx)
+        if card.heads is not None:  # refused here, before a server binds, rather than in its worker
+            import onnx as onnx_format
+
+            graph = onnx_format.load(str(onnx), load_external_data=False).graph
+            widths = {o.name: o.type.tensor_type.shape.dim[-1].dim_value or None for o in graph.output}
+            onnx_head_outputs(widths, card.model_heads(), onnx)
     return card
+
+
+def onnx_head_outputs(widths: dict[str, int | None], heads: list[Head], onnx_path) -> list[str]:
+    """The graph outputs to read: one per trained head, named by its column and as wide as its classes (a
+    derived head's output, where the export has one, is not read: its probabilities are summed from its
+    source's, as readout does for torch)."""
+    trained = [h for h in heads if not h.derived]
+    wrong = [
+        h.column for h in trained if h.column not in widths or widths[h.column] not in (None, len(h.classes))
+    ]
+    if wrong:
+        raise SkuvisionError(
+            f"{onnx_path}: its outputs {sorted(widths)} have no output per head for {wrong} (named by the "
+            "column, as wide as its classes): export this checkpoint again with export.py"
+        )
+    return [h.column for h in trained]
 
 
 class Predictor:
@@ -113,6 +150,9 @@ class Predictor:
         self.index = index
         self.catalogue_root = catalogue_root(index.items) if index is not None else None
         self.top_k = min(int(top_k), len(card.class_names))
+        self.requested_top_k = int(top_k)  # per head, at most its classes (readout)
+        self.heads = card.model_heads()
+        self.onnx_outputs: list[str] | None = None  # None: the one-label graph's first output
         self.k = min(int(k), len(index)) if index is not None else int(k)
         self.device = torch.device(device)
         self.to_model_input = ToModelInput(card.input_config).to(self.device)
@@ -129,6 +169,12 @@ class Predictor:
             options = ort.SessionOptions()
             options.intra_op_num_threads = torch.get_num_threads()
             self.session = ort.InferenceSession(card.onnx_path, options, providers=providers)
+            if card.heads is not None:
+                widths = {
+                    o.name: o.shape[-1] if isinstance(o.shape[-1], int) else None
+                    for o in self.session.get_outputs()
+                }
+                self.onnx_outputs = onnx_head_outputs(widths, self.heads, card.onnx_path)
         if index is not None and index.dim != self.embedding_dim():
             raise SkuvisionError(
                 f"index: its vectors have {index.dim} dimensions, this model's embeddings "
@@ -156,8 +202,9 @@ class Predictor:
             raise BadImage(f"not a decodable image ({type(err).__name__}: {err})"[:300]) from None
 
     @torch.inference_mode()
-    def logits_and_features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """uint8 batch at the model's size -> float32 logits (TTA as configured), L2-normalized features."""
+    def logits_and_features(self, images: torch.Tensor) -> tuple:
+        """uint8 batch at the model's size -> float32 logits (TTA as configured; {column: logits} with several
+        heads, the ONNX graph's trained heads only), L2-normalized features."""
         images = images.to(self.device)
         features = None
         if self.module is not None:
@@ -166,25 +213,36 @@ class Predictor:
                 features = F.normalize(self.module.embed(x).float(), dim=1).cpu()
         if self.session is not None:
             # The graph takes uint8: views are made in float (replicate padding has no uint8 kernel) and are
-            # exact integers, so casting back loses nothing.
-            batches = [v.round().to(torch.uint8) for v in views(images.float(), self.card.tta)]
-            outputs = [
-                torch.from_numpy(self.session.run(None, {"images": b.cpu().numpy()})[0]) for b in batches
-            ]
-            logits = outputs[0] if len(outputs) == 1 else torch.stack(outputs).mean(0)
+            # exact integers, so casting back loses nothing. Each head's logits are averaged over the views.
+            logits = tta_logits(
+                lambda view: self.run_onnx(view.round().to(torch.uint8)), images.float(), self.card.tta
+            )
         else:
-            logits = tta_logits(self.module, x, self.card.tta)
+            logits = self.module.predict_logits(x, self.card.tta)
+        if isinstance(logits, dict):
+            return {column: value.float().cpu() for column, value in logits.items()}, features
         return logits.float().cpu(), features
 
+    def run_onnx(self, batch: torch.Tensor):
+        feed = {"images": batch.cpu().numpy()}
+        if self.onnx_outputs is None:
+            return torch.from_numpy(self.session.run(None, feed)[0])
+        values = self.session.run(self.onnx_outputs, feed)
+        return {column: torch.from_numpy(v) for column, v in zip(self.onnx_outputs, values, strict=True)}
+
     def answer(self, images: torch.Tensor) -> list[dict]:
-        """One JSON-ready answer per image of the batch: labels best first, and similar items."""
+        """One JSON-ready answer per image of the batch: labels best first, and similar items. With several
+        heads, "attributes" holds every column's answer and "labels" is the first label column's."""
         logits, features = self.logits_and_features(images)
-        probs, top = logits.softmax(dim=1).topk(self.top_k, dim=1)
-        names = self.card.class_names
-        answers = [
-            {"labels": [{"label": names[j], "prob": round(p, 6)} for j, p in zip(t, q, strict=True)]}
-            for t, q in zip(top.tolist(), probs.tolist(), strict=True)
-        ]
+        if self.card.heads is None:
+            probs, top = logits.softmax(dim=1).topk(self.top_k, dim=1)
+            names = self.card.class_names
+            answers = [
+                {"labels": [{"label": names[j], "prob": round(p, 6)} for j, p in zip(t, q, strict=True)]}
+                for t, q in zip(top.tolist(), probs.tolist(), strict=True)
+            ]
+        else:
+            answers = self.attribute_answers(logits)
         if features is not None:
             scores, indices = self.index.search(
                 np.ascontiguousarray(features.numpy(), dtype=np.float32), self.k
@@ -197,6 +255,22 @@ class Predictor:
                 ]
         for answer in answers:
             answer.update(model=self.card.name, sha256=self.card.sha256, backend=self.card.backend)
+        return answers
+
+    def attribute_answers(self, logits: dict[str, torch.Tensor]) -> list[dict]:
+        """{"labels": the first label column's top-k, "attributes": {column: {"labels": top-k}} and, for a tag
+        column, {"tags": the predicted tags, "labels": the top-k tag probabilities}} per image."""
+        first = next(h.column for h in self.heads if h.kind == "label")
+        answers = []
+        for image in read_heads(self.heads, head_probs(self.heads, logits), self.requested_top_k):
+            attributes = {}
+            for head in image:
+                ranked = [{"label": label, "prob": round(p, 6)} for label, p in head.ranked]
+                tags = [{"tag": tag, "prob": round(p, 6)} for tag, p in head.tags or []]
+                attributes[head.column] = (
+                    {"tags": tags, "labels": ranked} if head.kind == "tags" else {"labels": ranked}
+                )
+            answers.append({"labels": attributes[first]["labels"], "attributes": attributes})
         return answers
 
     def catalogue_item(self, i: int, score: float) -> dict:

@@ -1,7 +1,13 @@
 """predict(cfg): a checkpoint on new images -> predictions.csv (path, top-k labels and probabilities).
 
 With `calibration=<eval run folder>`, probabilities are temperature-scaled and a `review` column marks the
-rows below the auto-tagging threshold eval.py chose on val."""
+rows below the auto-tagging threshold eval.py chose on val.
+
+A model with several heads writes, after path and error, per label column `<column>` (its top-1 label),
+`<column>_prob` and, with calibration, `<column>_review` (that column's threshold; true for unreadable rows);
+per tag column `<column>` (the predicted tags, joined by the training table's tag separator) and
+`<column>_probs` (their probabilities, joined the same way). Tags are cut at the calibration's per-tag
+thresholds, 0.5 without. Every attribute comes from skuvision.readout, as the server's answers do."""
 
 from __future__ import annotations
 
@@ -16,7 +22,9 @@ from skuvision.calibration import calibrated_probs, load_calibration
 from skuvision.config import plain, set_threads
 from skuvision.data.inputs import InputFilesDataModule, collect_inputs
 from skuvision.errors import SkuvisionError
+from skuvision.models.heads import Head
 from skuvision.outputs import refuse_existing, write_csv
+from skuvision.readout import concat_batches, head_probs, read_heads
 from skuvision.tta import check_tta
 
 log = logging.getLogger("skuvision")
@@ -43,14 +51,38 @@ def predict(cfg: DictConfig) -> Path:
         if cfg.get("calibration")
         else None
     )
+    multi = module.multi_head is not None
+    per_head = head_calibration(calibrated, module.heads, cfg) if calibrated and multi else None
+    header = attribute_header(module.heads, calibrated is not None) if multi else None
     outputs = trainer.predict(module, datamodule=datamodule)
-    logits = torch.cat([o["outputs"] for o in outputs]).cpu()
-    probs = calibrated_probs(logits, calibrated["temperature"] if calibrated else 1.0)
+    logits = concat_batches([o["outputs"] for o in outputs])
     errors = [e for o in outputs for e in o["meta"]]
-    k = min(int(cfg.top_k), probs.shape[1])
+    if multi:
+        separator = module.hparams.data.get("tag_separator") or ";"
+        rows, reviews = attribute_rows(module.heads, logits, paths, errors, per_head, separator)
+    else:
+        header, rows, review = ranked_rows(
+            logits, paths, errors, calibrated, module.class_names, int(cfg.top_k)
+        )
+    write_csv(out, header, rows)
+    failed = sum(bool(e) for e in errors)
+    log.info("predicted %d image(s), %d unreadable", len(paths) - failed, failed)
+    print(f"predictions: {out}  ({len(paths) - failed} images, {failed} unreadable)")
+    if calibrated and multi:
+        for column, flags in reviews.items():
+            report_review(column_calibration(calibrated, column, per_head[1][column]), flags, failed, column)
+    elif calibrated:
+        report_review(calibrated, review, failed)
+    return out
+
+
+def ranked_rows(logits, paths, errors, calibrated: dict | None, names: list[str], top_k: int):
+    """predictions.csv of the one-label model: header, rows (path, error, [review], top-k label/prob pairs),
+    and the review flags (None without calibration)."""
+    probs = calibrated_probs(logits, calibrated["temperature"] if calibrated else 1.0)
+    k = min(top_k, probs.shape[1])
     top_probs, top_index = probs.topk(k, dim=1)
     review = needs_review(top_probs[:, 0], errors, calibrated["threshold"]) if calibrated else None
-    names = module.class_names
     ranked_header = [f"{kind}_{i}" for i in range(1, k + 1) for kind in ("label", "prob")]
     rows = []
     for i, (path, error, p, idx) in enumerate(
@@ -60,13 +92,70 @@ def predict(cfg: DictConfig) -> Path:
         ranked = [""] * 2 * k if error else ranked
         marked = [str(review[i]).lower()] if calibrated else []
         rows.append([str(path), error, *marked, *ranked])
-    write_csv(out, ["path", "error", *(["review"] if calibrated else []), *ranked_header], rows)
-    failed = sum(bool(e) for e in errors)
-    log.info("predicted %d image(s), %d unreadable", len(paths) - failed, failed)
-    print(f"predictions: {out}  ({len(paths) - failed} images, {failed} unreadable)")
-    if calibrated:
-        report_review(calibrated, review, failed)
-    return out
+    return ["path", "error", *(["review"] if calibrated else []), *ranked_header], rows, review
+
+
+def head_calibration(saved: dict, heads: list[Head], cfg: DictConfig) -> tuple[dict, dict, dict]:
+    """(temperatures, thresholds, tag thresholds) per column from a calibration file of this model, which must
+    hold a threshold (or None) for every label column."""
+    # eval.py's per-head calibration; imported here while it lands beside this code.
+    from skuvision.calibration import calibration_for_heads
+
+    temperatures, thresholds, tag_thresholds = calibration_for_heads(saved)
+    missing = [h.column for h in heads if h.kind == "label" and h.column not in thresholds]
+    if missing:
+        raise SkuvisionError(
+            f"calibration={cfg.calibration} has no threshold for {missing}: run eval.py "
+            f"ckpt_path={cfg.ckpt_path} again and pass its run folder"
+        )
+    return temperatures, thresholds, tag_thresholds
+
+
+def column_calibration(saved: dict, column: str, threshold: float | None) -> dict:
+    """What report_review reads, for one label column: its section of the file, with the threshold in use."""
+    section = saved.get("heads", {}).get(column, {})
+    return {"target": saved["target"], **section, "threshold": threshold}
+
+
+def attribute_header(heads: list[Head], calibrated: bool) -> list[str]:
+    """predictions.csv's columns for a model with several heads (refused before any image is read if a table
+    column's name would be taken twice)."""
+    header = ["path", "error"]
+    for head in heads:
+        if head.kind == "tags":
+            header += [head.column, f"{head.column}_probs"]
+        else:
+            header += [head.column, f"{head.column}_prob", *([f"{head.column}_review"] if calibrated else [])]
+    if len(set(header)) < len(header):
+        raise SkuvisionError(
+            f"predictions.csv would name a column twice in {header}: rename the table's columns "
+            "(path, error and <column>_prob, _probs, _review are taken)"
+        )
+    return header
+
+
+def attribute_rows(
+    heads: list[Head], logits: dict, paths: list, errors: list[str], calibration: tuple | None, separator: str
+) -> tuple[list[list[str]], dict[str, list[bool]]]:
+    """The rows under attribute_header, and {label column: review flags} (empty without calibration)."""
+    temperatures, thresholds, tag_thresholds = calibration or ({}, {}, {})
+    answers = read_heads(heads, head_probs(heads, logits, temperatures), 1, thresholds, tag_thresholds)
+    reviews: dict[str, list[bool]] = {h.column: [] for h in heads if calibration and h.kind == "label"}
+    rows = []
+    for path, error, image in zip(paths, errors, answers, strict=True):
+        row = [str(path), error]
+        for answer in image:
+            if answer.kind == "tags":
+                tags = answer.tags or []
+                cells = [separator.join(t for t, _ in tags), separator.join(f"{p:.6f}" for _, p in tags)]
+            else:
+                cells = [answer.ranked[0][0], f"{answer.ranked[0][1]:.6f}"]
+            row += [""] * len(cells) if error else cells
+            if answer.column in reviews:
+                reviews[answer.column].append(bool(error) or bool(answer.review))
+                row.append(str(reviews[answer.column][-1]).lower())
+        rows.append(row)
+    return rows, reviews
 
 
 def needs_review(top1: torch.Tensor, errors: list[str], threshold: float | None) -> list[bool]:
@@ -75,16 +164,18 @@ def needs_review(top1: torch.Tensor, errors: list[str], threshold: float | None)
     return [bool(e) or threshold is None or p < threshold for p, e in zip(top1.tolist(), errors, strict=True)]
 
 
-def report_review(calibrated: dict, review: list[bool], failed: int) -> None:
+def report_review(calibrated: dict, review: list[bool], failed: int, column: str = "") -> None:
+    """The review line; with several heads one per label column, named by it."""
     marked = sum(review)
     target = f"{calibrated['target']:.1%}"
+    name = f" {column}" if column else ""
     if calibrated["threshold"] is None:
         why = calibrated.get("threshold_warning")  # eval.py's reason; files without one had no threshold
         why = why or f"no confidence threshold reached {target} accuracy on val"
-        line = f"review: all {marked} rows marked: {why}"
+        line = f"review{name}: all {marked} rows marked: {why}"
     else:
         line = (
-            f"review: {marked} of {len(review)} rows marked (calibrated top-1 probability below "
+            f"review{name}: {marked} of {len(review)} rows marked (calibrated top-1 probability below "
             f"{calibrated['threshold']:.6f}, the threshold for {target} accuracy on val"
             + (f"; {failed} unreadable" if failed else "")
             + f"), {len(review) - marked} accepted"

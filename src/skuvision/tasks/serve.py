@@ -48,7 +48,7 @@ API_KEY_HEADER = "X-API-Key"
 
 def model_info(card: ModelCard, index, cfg: DictConfig) -> dict:
     """GET /info's "model" part: files by name and hash, never by where they lie on the server."""
-    return {
+    info = {
         "name": card.name,
         "checkpoint": Path(card.checkpoint).name,
         "sha256": card.sha256,
@@ -61,6 +61,11 @@ def model_info(card: ModelCard, index, cfg: DictConfig) -> dict:
         "k": int(cfg.k),
         "index": None if index is None else {"items": len(index.items), "kind": index.kind, "dim": index.dim},
     }
+    if card.heads is not None:  # what each column of an answer's "attributes" can hold
+        info["attributes"] = {
+            h.column: {"kind": h.kind, "classes": h.classes, "read_off": h.source} for h in card.model_heads()
+        }
+    return info
 
 
 def check_host(host: str) -> str:
@@ -207,6 +212,7 @@ def mount_demo(app, cfg, card, index_dir, index, answer, private: Path):
         f"skuvision · {card.name} ({card.sha256})",
         int(cfg.top_k),
         examples,
+        [(h.column, h.kind) for h in card.model_heads()] if card.heads is not None else None,
     )
     options = dict(
         allowed_paths=[],
