@@ -16,6 +16,7 @@ import pytest
 import torch
 from torch import nn
 
+from skuvision.calibration import calibration_for_heads
 from skuvision.checkpoints import load_classifier
 from skuvision.data.datasets import InputImageFiles
 from skuvision.data.transforms import ToModelInput
@@ -155,24 +156,6 @@ def test_predictions_csv_has_a_column_per_attribute_and_agrees_with_the_readout(
     )
 
 
-def contract_calibration(saved: dict) -> tuple[dict, dict, dict]:
-    """The brief's `calibration_for_heads`, for this test while eval.py's own lands (see the fixture)."""
-    heads = saved["heads"]
-    temperatures = {c: s["temperature"] for c, s in heads.items() if "temperature" in s}
-    thresholds = {c: s["threshold"] for c, s in heads.items() if "thresholds" not in s}
-    tags = {c: s["thresholds"] for c, s in heads.items() if "thresholds" in s}
-    return temperatures, thresholds, tags
-
-
-@pytest.fixture
-def calibration_for_heads(monkeypatch):
-    from skuvision import calibration
-
-    if not hasattr(calibration, "calibration_for_heads"):  # until eval.py's per-head calibration is merged
-        monkeypatch.setattr(calibration, "calibration_for_heads", contract_calibration, raising=False)
-    return calibration.calibration_for_heads
-
-
 def threshold_fields(threshold: float | None, accepted: int = 40) -> dict:
     return {
         "threshold": threshold,
@@ -195,18 +178,22 @@ def write_calibration(folder: Path, checkpoint: Path, thresholds: dict, tag_thre
     module = load_classifier(checkpoint)
     temperature = {"articleType": 2.5, "baseColour": 0.5}
     heads = {}
+    classes = {h.column: h.classes for h in module.heads}
     for column in ("articleType", "baseColour"):
         heads[column] = {
+            "classes": classes[column],
             "temperature": temperature[column],
             "temperature_fitted": temperature[column],
             "temperature_warning": None,
             **threshold_fields(thresholds[column]),
         }
     heads["masterCategory"] = {
+        "classes": classes["masterCategory"],
         "temperature_of": "articleType",
         **threshold_fields(thresholds["masterCategory"]),
     }
     heads["tags"] = {
+        "classes": classes["tags"],
         "thresholds": tag_thresholds,
         "objective": "f1",
         "target": None,
@@ -231,7 +218,7 @@ def write_calibration(folder: Path, checkpoint: Path, thresholds: dict, tag_thre
 
 
 def test_calibrated_predictions_apply_each_columns_temperature_and_thresholds(
-    predicted, checkpoint, queries, tmp_path, calibration_for_heads, capsys
+    predicted, checkpoint, queries, tmp_path, capsys
 ):
     """Per column: its temperature (masterCategory summed from articleType's calibrated probabilities), its
     review threshold (baseColour has none: every row to review; an unreadable row always), and per-tag

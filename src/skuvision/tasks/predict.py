@@ -18,7 +18,7 @@ import torch
 from omegaconf import DictConfig
 
 from skuvision.assembly import build_trainer, from_checkpoint
-from skuvision.calibration import calibrated_probs, load_calibration
+from skuvision.calibration import calibrated_probs, calibration_for_heads, load_calibration
 from skuvision.config import plain, set_threads
 from skuvision.data.inputs import InputFilesDataModule, collect_inputs
 from skuvision.errors import SkuvisionError
@@ -47,7 +47,7 @@ def predict(cfg: DictConfig) -> Path:
     trainer = build_trainer(cfg, enable_checkpointing=False)
     # Checked before any image is read: a mismatched calibration is refused up front.
     calibrated = (
-        load_calibration(cfg.calibration, cfg.ckpt_path, module.tta, module.class_names)
+        load_calibration(cfg.calibration, cfg.ckpt_path, module.tta, module.class_names, module.heads)
         if cfg.get("calibration")
         else None
     )
@@ -98,9 +98,6 @@ def ranked_rows(logits, paths, errors, calibrated: dict | None, names: list[str]
 def head_calibration(saved: dict, heads: list[Head], cfg: DictConfig) -> tuple[dict, dict, dict]:
     """(temperatures, thresholds, tag thresholds) per column from a calibration file of this model, which must
     hold a threshold (or None) for every label column."""
-    # eval.py's per-head calibration; imported here while it lands beside this code.
-    from skuvision.calibration import calibration_for_heads
-
     temperatures, thresholds, tag_thresholds = calibration_for_heads(saved)
     missing = [h.column for h in heads if h.kind == "label" and h.column not in thresholds]
     if missing:
