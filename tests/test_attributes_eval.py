@@ -4,6 +4,7 @@ per-tag thresholds chosen on val, and the calibration file predict and serve rea
 import csv
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -16,6 +17,7 @@ from skuvision import calibration
 from skuvision.checkpoints import load_classifier
 from skuvision.errors import SkuvisionError
 from skuvision.tasks import evaluate, train
+from skuvision.tasks.predict import predict
 from tests.helpers import compose_cfg, quick_overrides
 from tests.writers import CATALOGUE_TYPES, write_catalogue_export
 
@@ -287,3 +289,30 @@ def test_an_earlier_per_column_plot_is_never_replaced(checkpoint, evaluation, tm
         evaluate(compose_cfg("eval", eval_overrides(checkpoint), again))
     assert sorted(p.name for p in again.iterdir()) == ["tags_tags.png"]
     assert (again / "tags_tags.png").read_bytes() == before
+
+
+def test_predict_with_evals_calibration_answers_as_eval_did(evaluation, predictions, checkpoint, tmp_path):
+    """The same test images through predict.py with calibration=<the eval run>: every label column's top-1 and
+    calibrated probability, and the tags at the per-tag thresholds chosen on val, are eval's."""
+    _, out = evaluation
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    for row in predictions:
+        shutil.copy(row["path"], inputs / Path(row["path"]).name)
+    overrides = [
+        f"ckpt_path={checkpoint}",
+        f"input={inputs}",
+        "num_workers=0",
+        "trainer.accelerator=cpu",
+        "trainer.precision=32",
+        f"calibration={out}",
+    ]
+    written = predict(compose_cfg("predict", overrides, tmp_path / "predict"))
+    with open(written, newline="") as f:
+        predicted = {Path(r["path"]).name: r for r in csv.DictReader(f)}
+    for row in predictions:
+        mine = predicted[Path(row["path"]).name]
+        for column in LABELS:
+            assert mine[column] == row[column], column
+            assert float(mine[f"{column}_prob"]) == pytest.approx(float(row[f"{column}_prob"]), abs=1e-5)
+        assert set(mine["tags"].split(";")) == set(row["tags"].split(";"))
