@@ -316,3 +316,16 @@ def test_predict_with_evals_calibration_answers_as_eval_did(evaluation, predicti
             assert mine[column] == row[column], column
             assert float(mine[f"{column}_prob"]) == pytest.approx(float(row[f"{column}_prob"]), abs=1e-5)
         assert set(mine["tags"].split(";")) == set(row["tags"].split(";"))
+
+
+def test_embed_of_a_multi_head_model_indexes_the_first_label_column(checkpoint, predictions, tmp_path):
+    from skuvision.tasks.embed import embed
+
+    out = tmp_path / "embed"
+    overrides = [f"ckpt_path={checkpoint}", "trainer.accelerator=cpu", "num_workers=0", "threads=2"]
+    result = embed(compose_cfg("embed", overrides, out))
+    saved = np.load(out / "embeddings.npz")
+    classes = load_classifier(checkpoint).heads[0].classes
+    by_path = {r["path"]: r[f"{LABELS[0]}_true"] for r in predictions}
+    assert [classes[i] for i in saved["labels"]] == [by_path[str(item)] for item in saved["items"]]
+    assert result["retrieval"]["recall@1"] > 0.5

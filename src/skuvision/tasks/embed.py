@@ -23,6 +23,7 @@ from skuvision.errors import SkuvisionError
 from skuvision.index import CatalogueIndex, index_params
 from skuvision.metrics import retrieval_report
 from skuvision.outputs import new_file, refuse_existing, write_csv, write_new_json
+from skuvision.readout import concat_batches
 
 log = logging.getLogger("skuvision")
 
@@ -30,9 +31,14 @@ RESULTS = ("embeddings.npz", "index", "neighbours.csv", "retrieval.json")  # in 
 
 
 def features_of(trainer, module, datamodule) -> tuple[torch.Tensor, list]:
+    """Features and each image's meta: its label (with several heads, the first label column's), or its
+    read error."""
     outputs = trainer.predict(module, datamodule=datamodule)
     features = F.normalize(torch.cat([o["outputs"] for o in outputs]), dim=1)
-    return features, [m for o in outputs for m in o["meta"]]
+    metas = [o["meta"] for o in outputs]
+    if metas and isinstance(metas[0], dict):
+        return features, concat_batches(metas)[module.heads[0].column].tolist()
+    return features, [m for meta in metas for m in meta]
 
 
 def embed(cfg: DictConfig) -> dict:
