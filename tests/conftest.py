@@ -68,3 +68,53 @@ def train_cfg(tmp_path, data_root):
         return compose_cfg("train", overrides, tmp_path / "run")
 
     return make
+
+
+CATALOGUE_LABELS = ["articleType", "masterCategory", "baseColour"]
+BROKEN_LINE = 5  # its display name gets an unquoted comma: 12 fields for the header's 11
+MISSING_IMAGES = (20, 21)  # products whose image is not in images/
+
+
+@pytest.fixture(scope="session")
+def catalogue_export(tmp_path_factory) -> Path:
+    """styles.csv as the public product-image export has it, with the defects real ones have: no path column
+    (images/<id>.jpg), 3:4 photos, a line with an unquoted comma, missing images, CRLF line ends, and an
+    empty baseColour on every ninth row."""
+    from tests.writers import write_catalogue_export
+
+    root = tmp_path_factory.mktemp("catalogue_export")
+    csv, lines = write_catalogue_export(root, n=240)
+    for word in ("Tshirts", "Shirts", "Sandals", "Heels"):
+        lines[BROKEN_LINE - 1] = lines[BROKEN_LINE - 1].replace(f" {word} ", f" {word}, slim ")
+    for k in range(1, len(lines), 9):
+        fields = lines[k].split(",")
+        if len(fields) == 11:
+            fields[5] = ""
+            lines[k] = ",".join(fields)
+    csv.write_text("\r\n".join(lines) + "\r\n")
+    for k in MISSING_IMAGES:
+        (root / "images" / f"{10000 + k}.jpg").unlink()
+    return csv
+
+
+@pytest.fixture(scope="session")
+def catalogue_run(catalogue_export, tmp_path_factory) -> Path:
+    """One model trained on the export: three label columns (masterCategory read off articleType), a tag
+    column, the whole portrait photo (crop_mode=squash), flip TTA. Its run folder."""
+    from skuvision.tasks import train
+
+    run = tmp_path_factory.mktemp("catalogue_train") / "run"
+    overrides = quick_overrides("manifest", catalogue_export.parent) + [
+        f"data.root={catalogue_export}",
+        'data.path_pattern="images/{id}.jpg"',
+        f"data.label_columns=[{','.join(CATALOGUE_LABELS)}]",
+        "data.tag_columns=[tags]",
+        "input.crop_mode=squash",  # stickers sit in the top rows, which a centre crop cuts
+        "trainer.max_epochs=6",
+        "data.batch_size=16",
+        "callbacks.early_stopping=null",
+        "trainer.precision=32",
+        "tta=flip",
+    ]
+    train(compose_cfg("train", overrides, run))
+    return run

@@ -189,60 +189,34 @@ def test_the_data_module_reads_heads_taxonomy_and_tags_from_the_table(tmp_path):
     assert report["taxonomy"]["masterCategory"]["parents"] == MASTER
 
 
-def test_a_real_catalogue_export_trains_every_attribute_and_lists_every_defect(tmp_path):
+def test_a_real_catalogue_export_trains_every_attribute_and_lists_every_defect(
+    catalogue_export, catalogue_run
+):
     """styles.csv as the public export has it: no path column (images/<id>.jpg), portrait photos, a line
     with an unquoted comma, images missing, colours left empty; three label columns and a tag column."""
     import json
 
-    from skuvision.tasks import train
-    from tests.helpers import compose_cfg, quick_overrides
-    from tests.writers import write_catalogue_export
+    from tests.conftest import BROKEN_LINE, MISSING_IMAGES
 
-    root = tmp_path / "catalogue"
-    csv, lines = write_catalogue_export(root, n=240)
-    bad_line = 5  # line 5 of the file: the display name gets an unquoted comma, 12 fields for 11
-    lines[bad_line - 1] = (
-        lines[bad_line - 1].replace(" Tshirts ", " Tshirts, slim ").replace(" Shirts ", " Shirts, slim ")
-    )
-    lines[bad_line - 1] = (
-        lines[bad_line - 1].replace(" Sandals ", " Sandals, flat ").replace(" Heels ", " Heels, high ")
-    )
-    for k in (10, 11, 12):  # no colour on these rows (their line k + 1)
-        fields = lines[k].split(",")
-        fields[5] = ""
-        lines[k] = ",".join(fields)
-    csv.write_text("\r\n".join(lines) + "\r\n")
-    missing = [root / "images" / f"{10000 + k}.jpg" for k in (20, 21)]
-    for path in missing:
-        path.unlink()
-    out = tmp_path / "run"
-    overrides = quick_overrides("manifest", root) + [
-        f"data.root={csv}",
-        'data.path_pattern="images/{id}.jpg"',
-        "data.label_columns=[articleType,masterCategory,baseColour]",
-        "data.tag_columns=[tags]",
-        "input.crop_mode=squash",  # the whole portrait photo: stickers sit in the top rows
-        "trainer.max_epochs=8",
-        "data.batch_size=16",
-        "callbacks.early_stopping=null",
-    ]
-    metrics = train(compose_cfg("train", overrides, out))
-
-    skipped = json.loads((out / "skipped_images.json").read_text())
-    assert skipped[f"{csv} line {bad_line}"] == "12 fields where the header has 11"
-    for path in missing:
-        assert skipped[str(path)].startswith("file not found")
-    assert len(skipped) == 3
-    columns = json.loads((out / "columns.json").read_text())
-    assert sum(columns["missing_values"]["baseColour"].values()) == 3
+    skipped = json.loads((catalogue_run / "skipped_images.json").read_text())
+    assert skipped[f"{catalogue_export} line {BROKEN_LINE}"] == "12 fields where the header has 11"
+    for k in MISSING_IMAGES:
+        assert skipped[str(catalogue_export.parent / "images" / f"{10000 + k}.jpg")].startswith(
+            "file not found"
+        )
+    assert len(skipped) == 1 + len(MISSING_IMAGES)
+    columns = json.loads((catalogue_run / "columns.json").read_text())
+    table = pd.read_csv(catalogue_export, dtype=str, keep_default_na=False, on_bad_lines="skip")
+    kept = table[~table["id"].isin([str(10000 + k) for k in MISSING_IMAGES])]
+    assert sum(columns["missing_values"]["baseColour"].values()) == (kept["baseColour"] == "").sum() > 0
     assert columns["taxonomy"]["masterCategory"]["source"] == "articleType"
     # Each head learns: well above chance (1/4, 1/2, 1/3) and tags well above their frequency (about 0.35).
+    metrics = json.loads((catalogue_run / "metrics.json").read_text())
     assert metrics["test/articleType/acc"] >= 0.8
     assert metrics["test/masterCategory/acc"] >= 0.9
     assert metrics["test/baseColour/acc"] >= 0.7
     assert metrics["test/tags/map"] >= 0.7
-    saved = json.loads((out / "metrics.json").read_text())
-    assert {"test/articleType/mistake_severity", "test/tags/f1", "val/acc"} <= set(saved)
+    assert {"test/articleType/mistake_severity", "test/tags/f1", "val/acc"} <= set(metrics)
 
 
 def test_every_head_is_the_head_stage_of_each_fine_tuning_strategy():

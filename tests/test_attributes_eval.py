@@ -7,7 +7,6 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 from PIL import Image
@@ -16,10 +15,10 @@ from sklearn.metrics import f1_score, precision_score
 from skuvision import calibration
 from skuvision.checkpoints import load_classifier
 from skuvision.errors import SkuvisionError
-from skuvision.tasks import evaluate, train
+from skuvision.tasks import evaluate
 from skuvision.tasks.predict import predict
-from tests.helpers import compose_cfg, quick_overrides
-from tests.writers import CATALOGUE_TYPES, write_catalogue_export
+from tests.helpers import compose_cfg
+from tests.writers import CATALOGUE_TYPES
 
 torch.set_num_threads(2)
 
@@ -97,30 +96,8 @@ def test_a_tag_with_too_few_val_positives_falls_back_to_the_pooled_threshold_and
 
 
 @pytest.fixture(scope="module")
-def catalogue(tmp_path_factory):
-    root = tmp_path_factory.mktemp("catalogue")
-    csv_path, _ = write_catalogue_export(root)
-    table = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
-    table.insert(0, "path", [f"images/{i}.jpg" for i in table["id"]])
-    table.loc[::9, "baseColour"] = ""  # rows without a colour: left out of that column's figures only
-    table.to_csv(root / "with_path.csv", index=False)
-    return root / "with_path.csv"
-
-
-@pytest.fixture(scope="module")
-def run(tmp_path_factory, catalogue):
-    folder = tmp_path_factory.mktemp("train") / "run"
-    overrides = quick_overrides("manifest", catalogue.parent) + [
-        f"data.root={catalogue}",
-        f"data.label_columns=[{','.join(LABELS)}]",
-        "data.tag_columns=[tags]",
-        "trainer.max_epochs=4",
-        "data.batch_size=16",
-        "callbacks.early_stopping=null",
-        "trainer.precision=32",
-    ]
-    train(compose_cfg("train", overrides, folder))
-    return folder
+def run(catalogue_run):
+    return catalogue_run
 
 
 @pytest.fixture(scope="module")

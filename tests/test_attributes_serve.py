@@ -11,7 +11,6 @@ import shutil
 from pathlib import Path
 
 import httpx
-import pandas as pd
 import pytest
 import torch
 from torch import nn
@@ -25,9 +24,9 @@ from skuvision.outputs import file_sha256
 from skuvision.readout import head_probs, read_heads
 from skuvision.serving.predictor import Predictor, model_card
 from skuvision.tasks.predict import predict
-from tests.helpers import compose_cfg, quick_overrides
+from tests.helpers import compose_cfg
 from tests.serving_fixtures import RunningServer
-from tests.writers import CATALOGUE_TYPES, write_catalogue_export
+from tests.writers import CATALOGUE_TYPES
 
 torch.set_num_threads(2)
 
@@ -36,34 +35,15 @@ QUERIES = 12
 
 
 @pytest.fixture(scope="module")
-def catalogue(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("catalogue")
-    csv_path, _ = write_catalogue_export(root)
-    table = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
-    table.insert(0, "path", [f"images/{i}.jpg" for i in table["id"]])
-    table.to_csv(root / "with_path.csv", index=False)
-    return root
+def catalogue(catalogue_export) -> Path:
+    return catalogue_export.parent
 
 
 @pytest.fixture(scope="module")
-def checkpoint(catalogue, tmp_path_factory) -> Path:
+def checkpoint(catalogue_run) -> Path:
     """articleType, its coarser masterCategory (read off it), baseColour and a tag column; flip TTA, so every
     reader must average the views per head."""
-    run = tmp_path_factory.mktemp("heads_train") / "run"
-    overrides = quick_overrides("manifest", catalogue) + [
-        f"data.root={catalogue / 'with_path.csv'}",
-        f"data.label_columns=[{','.join(LABELS)}]",
-        "data.tag_columns=[tags]",
-        "trainer.max_epochs=6",
-        "data.batch_size=16",
-        "callbacks.early_stopping=null",
-        "trainer.precision=32",
-        "tta=flip",
-    ]
-    from skuvision.tasks import train
-
-    train(compose_cfg("train", overrides, run))
-    return sorted((run / "checkpoints").glob("best-*.ckpt"))[0]
+    return sorted((catalogue_run / "checkpoints").glob("best-*.ckpt"))[0]
 
 
 @pytest.fixture(scope="module")
