@@ -60,3 +60,24 @@ def run_cli(script: str, overrides: list[str], cwd, extra_env: dict | None = Non
         timeout=300,
         env=env,
     )
+
+
+def predict_csv(checkpoint, inputs, folder: Path, *extra: str) -> tuple[list[str], list[dict]]:
+    """predict.py on a folder of images on the CPU in float32: (header, rows) of its CSV."""
+    import csv
+
+    from skuvision.tasks.predict import predict
+
+    overrides = [
+        f"ckpt_path={checkpoint}",
+        f"input={inputs}",
+        "num_workers=0",
+        "trainer.accelerator=cpu",
+        "trainer.precision=32",
+        *extra,
+    ]
+    out = predict(compose_cfg("predict", overrides, folder / "run"))
+    with open(out, newline="") as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+    return reader.fieldnames, rows

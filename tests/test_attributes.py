@@ -10,16 +10,10 @@ from skuvision.data import ManifestDataModule
 from skuvision.data.taxonomy import find_taxonomy
 from skuvision.models.classifier import Classifier
 from skuvision.models.heads import MISSING, HeadLosses, heads_from_specs
+from tests.test_manifest import INPUT_32
 
 torch.set_num_threads(2)
 
-INPUT_32 = {
-    "input_size": [3, 32, 32],
-    "mean": [0.5] * 3,
-    "std": [0.5] * 3,
-    "interpolation": "bilinear",
-    "crop_pct": 1,
-}
 TYPES = ["Heels", "Sandals", "Shirts", "Tshirts"]
 MASTER = {"Heels": "Footwear", "Sandals": "Footwear", "Shirts": "Apparel", "Tshirts": "Apparel"}
 HEADS = [

@@ -16,8 +16,7 @@ from skuvision import calibration
 from skuvision.checkpoints import load_classifier
 from skuvision.errors import SkuvisionError
 from skuvision.tasks import evaluate
-from skuvision.tasks.predict import predict
-from tests.helpers import compose_cfg
+from tests.helpers import compose_cfg, predict_csv
 from tests.writers import CATALOGUE_TYPES
 
 torch.set_num_threads(2)
@@ -276,17 +275,8 @@ def test_predict_with_evals_calibration_answers_as_eval_did(evaluation, predicti
     inputs.mkdir()
     for row in predictions:
         shutil.copy(row["path"], inputs / Path(row["path"]).name)
-    overrides = [
-        f"ckpt_path={checkpoint}",
-        f"input={inputs}",
-        "num_workers=0",
-        "trainer.accelerator=cpu",
-        "trainer.precision=32",
-        f"calibration={out}",
-    ]
-    written = predict(compose_cfg("predict", overrides, tmp_path / "predict"))
-    with open(written, newline="") as f:
-        predicted = {Path(r["path"]).name: r for r in csv.DictReader(f)}
+    _, rows = predict_csv(checkpoint, inputs, tmp_path / "predict", f"calibration={out}")
+    predicted = {Path(r["path"]).name: r for r in rows}
     for row in predictions:
         mine = predicted[Path(row["path"]).name]
         for column in LABELS:

@@ -5,7 +5,6 @@ and the server goes on."""
 
 from __future__ import annotations
 
-import csv
 import json
 import shutil
 from pathlib import Path
@@ -23,8 +22,7 @@ from skuvision.errors import SkuvisionError
 from skuvision.outputs import file_sha256
 from skuvision.readout import head_probs, read_heads
 from skuvision.serving.predictor import Predictor, model_card
-from skuvision.tasks.predict import predict
-from tests.helpers import compose_cfg
+from tests.helpers import predict_csv
 from tests.serving_fixtures import RunningServer
 from tests.writers import CATALOGUE_TYPES
 
@@ -67,22 +65,6 @@ def readout(checkpoint: Path, paths: list[Path], calibration: tuple = ({}, None,
     return module.heads, read_heads(module.heads, probs, 5, thresholds, tag_thresholds)
 
 
-def run_predict(checkpoint, inputs, folder: Path, *extra: str) -> tuple[list[str], list[dict]]:
-    overrides = [
-        f"ckpt_path={checkpoint}",
-        f"input={inputs}",
-        "num_workers=0",
-        "trainer.accelerator=cpu",
-        "trainer.precision=32",
-        *extra,
-    ]
-    out = predict(compose_cfg("predict", overrides, folder / "run"))
-    with open(out, newline="") as f:
-        reader = csv.DictReader(f)
-        rows = list(reader)
-    return reader.fieldnames, rows
-
-
 def assert_row_is_the_readout(row: dict, answers, calibrated: bool = False) -> None:
     for answer in answers:
         column = answer.column
@@ -104,7 +86,7 @@ def predicted(checkpoint, queries, tmp_path_factory):
     folder = queries[0].parent
     (folder / "broken.jpg").write_bytes(b"not a jpeg at all")
     try:
-        return run_predict(checkpoint, folder, tmp_path_factory.mktemp("predict"))
+        return predict_csv(checkpoint, folder, tmp_path_factory.mktemp("predict"))
     finally:
         (folder / "broken.jpg").unlink()
 
@@ -223,7 +205,7 @@ def test_calibrated_predictions_apply_each_columns_temperature_and_thresholds(
     inputs = queries[0].parent
     (inputs / "broken.jpg").write_bytes(b"not a jpeg at all")
     try:
-        header, rows = run_predict(checkpoint, inputs, tmp_path, f"calibration={folder}")
+        header, rows = predict_csv(checkpoint, inputs, tmp_path, f"calibration={folder}")
     finally:
         (inputs / "broken.jpg").unlink()
     assert header == [
