@@ -2,10 +2,14 @@
 named there. A failure here means the behaviour changed: adapt or drop the workaround, then this test."""
 
 import csv
+from types import SimpleNamespace
 
 import pytest
 import torch
+from pytorch_lightning import LightningModule
+from pytorch_lightning.callbacks import WeightAveraging
 from pytorch_lightning.loggers import CSVLogger
+from torch.optim.swa_utils import AveragedModel
 
 from skuvision.compat import (
     NATIVE_BF16_CHECKS,
@@ -14,7 +18,9 @@ from skuvision.compat import (
     cpu_has_native_bf16,
     end_page_streams,
     keep_earlier_csv_rows,
+    replace_averaging_update,
 )
+from skuvision.host_reads import counting_host_reads
 
 
 def rows(path):
@@ -138,3 +144,31 @@ def test_setting_a_mounted_apps_stop_event_ends_its_heartbeat_streams(tmp_path, 
             reader.join(10)
             assert not reader.is_alive()  # ...until the stop event is set
     assert "data: ALIVE" in lines
+
+
+class Linear(LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.layer = torch.nn.Linear(3, 2)
+
+
+def test_torchs_averaged_model_reads_its_counter_on_the_host_at_every_update():
+    model = Linear()
+    average = AveragedModel(model, use_buffers=True)
+    average.update_parameters(model)
+    with counting_host_reads() as reads:
+        average.update_parameters(model)
+    assert [method for method, _ in reads.reads[None]] == ["__bool__", "__bool__"]  # when gone: drop ours
+
+
+def test_lightnings_weight_averaging_updates_the_averaged_model_it_keeps_in_average_model():
+    model, calls = Linear(), []
+    callback = WeightAveraging()
+    callback.setup(None, model, "fit")
+    average = replace_averaging_update(callback, calls.append)
+    assert isinstance(average, AveragedModel) and average.module is not model
+    callback.on_train_batch_end(SimpleNamespace(global_step=1), model, None, None, 0)
+    assert calls == [model]
+    assert set(average.state_dict()) == {"n_averaged", "module.layer.weight", "module.layer.bias"}
+    with pytest.raises(RuntimeError, match="replace_averaging_update"):
+        replace_averaging_update(WeightAveraging(), calls.append)  # before setup: nothing to replace

@@ -5,12 +5,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from pytorch_lightning import Callback, seed_everything
+from pytorch_lightning import Callback, LightningModule, seed_everything
+from torch.optim.swa_utils import AveragedModel
 
 from skuvision.assembly import build, build_trainer, instantiate_callbacks
 from skuvision.callbacks import WeightEMA, warmed_up_decay
 from skuvision.checkpoints import load_classifier
 from skuvision.data.augment import ShiftFlip
+from skuvision.host_reads import counting_host_reads
 from skuvision.tasks import evaluate, train
 from skuvision.tta import tta_logits, views
 from tests.helpers import compose_cfg, quick_overrides
@@ -65,6 +67,45 @@ def test_the_decay_warms_up_to_its_value():
     ]
     with pytest.raises(Exception, match=r"callbacks\.ema\.decay=1\.5 must be in \[0, 1\]"):
         WeightEMA(decay=1.5)
+
+
+class LinearBatchNorm(LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.layers = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))
+
+
+def torch_update(averages, currents, updates):
+    """The update as it was, through torch's AveragedModel: its checkpoints must resume alike."""
+    if not averages[0].is_floating_point():
+        for average, current in zip(averages, currents, strict=True):
+            average.copy_(current)
+        return
+    decay = warmed_up_decay(0.9, int(updates))
+    for average, current in zip(averages, currents, strict=True):
+        average.lerp_(current, 1 - decay)
+
+
+def test_the_update_is_torchs_average_with_nothing_read_on_the_host():
+    torch.manual_seed(0)
+    model = LinearBatchNorm()
+    ema = WeightEMA(decay=0.9)
+    ema.setup(None, model, "fit")
+    reference = AveragedModel(model, use_buffers=True, multi_avg_fn=torch_update)
+    for _ in range(6):
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.add_(torch.randn_like(parameter))
+        model.layers(torch.randn(8, 4))  # BatchNorm's statistics and step counter move
+        with counting_host_reads() as reads:
+            ema.average.update_parameters(model)  # what Lightning calls after a step
+        assert reads.reads == {}, reads.describe(None)
+        reference.update_parameters(model)
+        ours, theirs = ema.average.state_dict(), reference.state_dict()
+        assert ours.keys() == theirs.keys()
+        for key, value in theirs.items():
+            torch.testing.assert_close(ours[key], value, rtol=1e-6, atol=1e-7, msg=key)
+    assert int(theirs["n_averaged"]) == ema.updates == 6
 
 
 def test_flip_tta_logits_are_the_mean_of_the_two_passes():

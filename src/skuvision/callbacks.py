@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import time
+from itertools import chain
 
 import torch
 from pytorch_lightning import Callback
 from pytorch_lightning.callbacks import WeightAveraging
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from skuvision.compat import replace_averaging_update
 from skuvision.errors import SkuvisionError
 
 
@@ -46,12 +49,9 @@ class TrainingThroughput(Callback):
         self._stop()
 
 
-def warmed_up_decay(decay: float, updates):
+def warmed_up_decay(decay: float, updates: int) -> float:
     """The EMA decay after `updates` updates: (1 + n) / (10 + n) until that reaches `decay`, so an average
-    over a short run does not stay anchored to the first weights. A tensor `updates` gives a tensor, computed
-    where it lives (reading a GPU counter on the host would wait for the device every step)."""
-    if isinstance(updates, torch.Tensor):
-        return torch.clamp((1 + updates) / (10 + updates), max=decay)
+    over a short run does not stay anchored to the first weights."""
     return min(decay, (1 + updates) / (10 + updates))
 
 
@@ -61,6 +61,10 @@ class WeightEMA(WeightAveraging):
     left after fit use the averaged weights, and a resumed fit continues the average.
 
     `warmup`: the decay grows as (1 + n) / (10 + n) up to `decay` over the first updates.
+
+    The update reads nothing on the host (on a GPU, torch's own waits for the device at every step): the
+    count of updates is a Python int here, mirrored in the AveragedModel's `n_averaged` for the checkpoint.
+    `average`: that AveragedModel, during fit.
     """
 
     def __init__(self, decay: float = 0.998, warmup: bool = True, every_n_steps: int = 1):
@@ -69,19 +73,47 @@ class WeightEMA(WeightAveraging):
         self.decay = float(decay)
         self.warmup = bool(warmup)
         self.every_n_steps = int(every_n_steps)
-        super().__init__(use_buffers=True, multi_avg_fn=self.update_averages)
+        super().__init__(use_buffers=True)
+        self.updates = 0
+        self.average: AveragedModel | None = None
+        self._pairs: tuple[list, list, list] | None = None
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage == "fit":
+            self.average = replace_averaging_update(self, self.update_average)
+            self.updates, self._pairs = 0, None
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        super().on_load_checkpoint(trainer, pl_module, checkpoint)
+        if self.average is not None:  # whatever count Lightning restored (0 from a checkpoint without one)
+            self.updates = int(self.average.n_averaged)
 
     @torch.no_grad()
-    def update_averages(self, averages: list, currents: list, num_averaged: torch.Tensor) -> None:
-        """One update of a group of tensors of one device and dtype (torch's AveragedModel groups them)."""
-        if not averages[0].is_floating_point():  # BatchNorm's step counters: the model's own
-            for average, current in zip(averages, currents, strict=True):
-                average.copy_(current)
-            return
-        decay = warmed_up_decay(self.decay, num_averaged.to(averages[0].dtype)) if self.warmup else self.decay
-        weight = 1.0 - decay
-        for average, current in zip(averages, currents, strict=True):
-            average.lerp_(current, weight)
+    def update_average(self, model: torch.nn.Module) -> None:
+        """What torch's AveragedModel.update_parameters does with this decay, from the Python count: the
+        first update copies the weights, later ones lerp the float tensors; integer buffers (BatchNorm's step
+        counters) are the model's own."""
+        if self._pairs is None:  # the same tensors all fit: Lightning swaps and restores values in place
+            tensors = zip(
+                chain(self.average.module.parameters(), self.average.module.buffers()),
+                chain(model.parameters(), model.buffers()),
+                strict=True,
+            )
+            pairs = [(average.detach(), current.detach()) for average, current in tensors]
+            floats = [pair for pair in pairs if pair[0].is_floating_point()]
+            others = [pair for pair in pairs if not pair[0].is_floating_point()]
+            self._pairs = ([a for a, _ in floats], [c for _, c in floats], others)
+        averages, currents, others = self._pairs
+        if self.updates == 0:
+            others = others + list(zip(averages, currents, strict=True))
+        elif averages:
+            decay = warmed_up_decay(self.decay, self.updates) if self.warmup else self.decay
+            get_ema_multi_avg_fn(decay)(averages, currents, None)
+        for average, current in others:
+            average.copy_(current)
+        self.average.n_averaged.add_(1)
+        self.updates += 1
 
     def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
         return step_idx is not None and step_idx % self.every_n_steps == 0

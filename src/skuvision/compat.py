@@ -7,6 +7,9 @@ may use it.
 - torch names no public check for native bf16 on the CPU (torch 2.14.1: `torch.cpu._is_avx512_bf16_supported`,
   `torch.cpu._is_amx_tile_supported`, in `cpu_has_native_bf16`);
 - litdata's obstore client refuses plain-http endpoints (litdata 0.2.76: `_OBSTORE_AVAILABLE`);
+- torch's AveragedModel reads its update counter on the host at every update (torch 2.14.1), and Lightning's
+  WeightAveraging keeps it in `_average_model` with no way to update it otherwise (pytorch-lightning 2.6.6:
+  `replace_averaging_update`);
 - LitServe names its HTTP processes `LitServer-<n>` (litserve 0.2.19);
 - a Gradio page mounted with `gr.mount_gradio_app` is never marked as launched, so Gradio skips its path
   checks on file payloads, and nothing ends its pages' heartbeat streams on shutdown (gradio 6.31.0:
@@ -64,6 +67,24 @@ def continue_csv_logs(loggers: list) -> None:
             if path.is_file():
                 header = path.read_text().splitlines()[0].split(",")
                 logger.experiment.metrics_keys = sorted(set(logger.experiment.metrics_keys) | set(header))
+
+
+def replace_averaging_update(callback, update):
+    """Lightning's WeightAveraging builds a torch AveragedModel in `setup`, keeps it in `_average_model`
+    (pytorch-lightning 2.6.6) and calls its `update_parameters(pl_module)` after each optimizer step it
+    chooses; torch's reads the model's `n_averaged` on the host twice per call (torch 2.14.1), a GPU sync.
+    On this one instance that method becomes `update`; its state, the checkpoint's keys and Lightning's
+    hooks stay as they are. Returns the AveragedModel."""
+    from torch.optim.swa_utils import AveragedModel
+
+    average = getattr(callback, "_average_model", None)
+    if not isinstance(average, AveragedModel):
+        raise RuntimeError(
+            "Lightning's WeightAveraging no longer keeps an AveragedModel in `_average_model` after setup: "
+            "adapt skuvision.compat.replace_averaging_update to this Lightning version"
+        )
+    average.update_parameters = update
+    return average
 
 
 # LitServe names its HTTP server processes LitServer-<n> (checked against litserve 0.2.19; the SIGTERM test
