@@ -8,6 +8,8 @@ import torch
 
 from skuvision.data import ManifestDataModule
 from skuvision.data.taxonomy import find_taxonomy
+from skuvision.host_reads import counting_host_reads
+from skuvision.metrics import MistakeSeverity, tag_metrics
 from skuvision.models.classifier import Classifier
 from skuvision.models.heads import MISSING, HeadLosses, heads_from_specs
 from tests.test_manifest import INPUT_32
@@ -286,3 +288,31 @@ def test_mixup_is_refused_for_a_table_of_several_columns(tmp_path):
         ManifestDataModule(
             str(csv), INPUT_32, label_columns=["articleType", "baseColour"], augment=MixupCutmix()
         )
+
+
+def test_mistake_severity_counts_how_far_up_wrong_answers_go_leaving_out_rows_without_a_label():
+    severity = MistakeSeverity([[0, 0, 1, 1]], MISSING)  # four classes under two
+    predicted = torch.tensor([1, 2, 3, 2, 0])
+    target = torch.tensor([0, 0, 3, MISSING, MISSING])  # wrong within its parent, wrong above it, right
+    with counting_host_reads() as reads:
+        severity.update(torch.nn.functional.one_hot(predicted, 4).float(), target)
+    assert reads.reads == {}
+    assert severity.compute().item() == pytest.approx(1.5)
+
+
+def test_tag_metrics_given_probabilities_give_torchmetrics_figures_for_the_logits_without_host_reads():
+    from torchmetrics.classification import MultilabelAveragePrecision, MultilabelF1Score
+
+    torch.manual_seed(0)
+    batches = [(3 * torch.randn(16, 5), torch.randint(0, 2, (16, 5))) for _ in range(3)]
+    ours = tag_metrics(5)
+    theirs = {"map": MultilabelAveragePrecision(5), "f1": MultilabelF1Score(5)}
+    for logits, target in batches:
+        with counting_host_reads() as reads:
+            ours.update(logits.sigmoid(), target)
+        assert reads.reads == {}, reads.describe(None)
+        for metric in theirs.values():
+            metric.update(logits, target)
+    figures = ours.compute()
+    for name, metric in theirs.items():
+        torch.testing.assert_close(figures[name], metric.compute())

@@ -19,6 +19,7 @@ from skuvision.compat import (
     end_page_streams,
     keep_earlier_csv_rows,
     replace_averaging_update,
+    store_probabilities,
 )
 from skuvision.host_reads import counting_host_reads
 
@@ -172,3 +173,18 @@ def test_lightnings_weight_averaging_updates_the_averaged_model_it_keeps_in_aver
     assert set(average.state_dict()) == {"n_averaged", "module.layer.weight", "module.layer.bias"}
     with pytest.raises(RuntimeError, match="replace_averaging_update"):
         replace_averaging_update(WeightAveraging(), calls.append)  # before setup: nothing to replace
+
+
+def test_torchmetrics_reads_multilabel_probabilities_on_the_host_and_keeps_them_in_preds_and_target():
+    from torchmetrics.classification import MultilabelAveragePrecision
+
+    probabilities, target = torch.rand(8, 3), torch.randint(0, 2, (8, 3))
+    theirs, ours = MultilabelAveragePrecision(3, validate_args=False), MultilabelAveragePrecision(3)
+    with counting_host_reads() as reads:
+        theirs.update(probabilities, target)
+    assert "__bool__" in [method for method, _ in reads.reads[None]]  # when gone: drop ours
+    store_probabilities(ours, probabilities, target)
+    assert all(
+        torch.equal(a, b) for a, b in zip(ours.preds + ours.target, theirs.preds + theirs.target, strict=True)
+    )
+    assert ours.compute() == theirs.compute()

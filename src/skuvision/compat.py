@@ -10,6 +10,9 @@ may use it.
 - torch's AveragedModel reads its update counter on the host at every update (torch 2.14.1), and Lightning's
   WeightAveraging keeps it in `_average_model` with no way to update it otherwise (pytorch-lightning 2.6.6:
   `replace_averaging_update`);
+- torchmetrics' multilabel precision-recall metrics check on every update whether their inputs are logits,
+  a host read on the CPU, and keep probabilities in list states `preds` and `target` (torchmetrics 1.9.0:
+  `store_probabilities`);
 - LitServe names its HTTP processes `LitServer-<n>` (litserve 0.2.19);
 - a Gradio page mounted with `gr.mount_gradio_app` is never marked as launched, so Gradio skips its path
   checks on file payloads, and nothing ends its pages' heartbeat streams on shutdown (gradio 6.31.0:
@@ -85,6 +88,15 @@ def replace_averaging_update(callback, update):
         )
     average.update_parameters = update
     return average
+
+
+def store_probabilities(metric, preds, target) -> None:
+    """The update of a torchmetrics multilabel precision-recall metric without thresholds (average
+    precision's), given probabilities [rows, labels] and 0/1 targets: appended to its `preds` and `target`
+    states as its own update would (torchmetrics 1.9.0), without its check whether `preds` are logits, which
+    reads them on the host on the CPU (`normalize_logits_if_needed`)."""
+    metric.preds.append(preds)
+    metric.target.append(target)
 
 
 # LitServe names its HTTP server processes LitServer-<n> (checked against litserve 0.2.19; the SIGTERM test

@@ -19,6 +19,8 @@ from torchmetrics.classification import (
 )
 from torchmetrics.retrieval import RetrievalHitRate, RetrievalMAP
 
+from skuvision.compat import store_probabilities
+
 
 def eval_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """The val/test loss: plain cross-entropy, whatever the training loss adds (label smoothing, class
@@ -59,9 +61,11 @@ class MistakeSeverity(Metric):
         self.add_state("mistakes", torch.tensor(0.0), dist_reduce_fx="sum")
 
     def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
+        # Rows left out are masked, not dropped: dropping them by a mask waits for a GPU to count them.
         keep = target != self.ignore_index
-        predicted, target = preds.argmax(dim=1)[keep], target[keep]
-        wrong = predicted != target
+        predicted = preds.argmax(dim=1)
+        wrong = (predicted != target) & keep
+        target = torch.where(keep, target, 0)  # any class: those rows count nowhere
         severity = wrong.float()
         for i in range(self.num_levels):
             parents = getattr(self, f"parents_{i}")
@@ -73,13 +77,30 @@ class MistakeSeverity(Metric):
         return self.severity / self.mistakes.clamp(min=1)
 
 
+class ProbabilityAveragePrecision(MultilabelAveragePrecision):
+    """torchmetrics' multilabel average precision, updated with probabilities: its own update checks whether
+    they are logits, a host read per update on the CPU."""
+
+    def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
+        store_probabilities(self, preds, target)
+
+
+class ProbabilityF1Score(MultilabelF1Score):
+    """torchmetrics' multilabel F1, updated with probabilities: given the decisions at its threshold, as it
+    would take them, it skips its check of whether they are logits (a host read on the CPU)."""
+
+    def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
+        super().update(preds > self.threshold, target)
+
+
 def tag_metrics(num_tags: int) -> MetricCollection:
-    """A tag column's: map (macro average precision over tags) and f1 (macro, at 0.5)."""
+    """A tag column's: map (macro average precision over tags) and f1 (macro, at 0.5), updated with the
+    tags' probabilities (sigmoid of the logits)."""
     options = {"num_labels": num_tags, "validate_args": False}
     return MetricCollection(
         {
-            "map": MultilabelAveragePrecision(average="macro", **options),
-            "f1": MultilabelF1Score(average="macro", **options),
+            "map": ProbabilityAveragePrecision(average="macro", **options),
+            "f1": ProbabilityF1Score(average="macro", **options),
         }
     )
 

@@ -79,7 +79,10 @@ class Classifier(LightningModule):
             self.train_metrics = metrics.clone(prefix="train/")
             self.val_metrics = metrics.clone(prefix="val/")
             self.test_metrics = metrics.clone(prefix="test/")
-        self.train_loss, self.val_loss, self.test_loss = MeanMetric(), MeanMetric(), MeanMetric()
+        self.step_loss: torch.Tensor | None = None  # the last one logged
+        # A NaN training loss shows as NaN: dropping it with a warning reads every step's loss on the host.
+        self.train_loss = MeanMetric(nan_strategy="disable")
+        self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
         self.val_acc_best = MaxMetric()
         self.predict_embeddings = False  # predict_step returns logits, or features for similarity search
         self.tta = check_tta(tta)  # eval.py and predict.py may choose another mode than training's test
@@ -152,7 +155,9 @@ class Classifier(LightningModule):
         if self.multi_head is None:
             self.train_metrics.update(logits.detach(), labels)
         if self.global_step % self.trainer.log_every_n_steps == 0:
-            self.log("train/loss_step", loss.detach(), on_step=True, on_epoch=False, prog_bar=True)
+            # Not prog_bar=True: Lightning would read it on the host at every batch until the epoch ends.
+            self.step_loss = loss.detach()  # callbacks.ProgressBar shows it
+            self.log("train/loss_step", self.step_loss, on_step=True, on_epoch=False)
         return loss
 
     def on_train_epoch_end(self) -> None:
@@ -175,7 +180,10 @@ class Classifier(LightningModule):
         collections = getattr(self, f"{stage}_metrics")
         for head in self.multi_head.heads:
             target = targets[head.column]
-            collections[head.column].update(logits[head.column].detach().float(), target.long())
+            scores = logits[head.column].detach().float()
+            if head.kind == "tags":
+                scores = scores.sigmoid()  # tag_metrics take probabilities
+            collections[head.column].update(scores, target.long())
 
     def log_stage_metrics(self, stage: str) -> torch.Tensor:
         """Every metric of the stage. With several heads each is `<stage>/<column>/<metric>`, and
