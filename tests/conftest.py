@@ -97,6 +97,18 @@ def catalogue_export(tmp_path_factory) -> Path:
     return csv
 
 
+def catalogue_overrides(export: Path) -> list[str]:
+    """A model with several heads on the export: three label columns (masterCategory read off
+    articleType) and a tag column, the whole portrait photo (crop_mode=squash)."""
+    return quick_overrides("manifest", export.parent) + [
+        f"data.root={export}",
+        'data.path_pattern="images/{id}.jpg"',
+        f"data.label_columns=[{','.join(CATALOGUE_LABELS)}]",
+        "data.tag_columns=[tags]",
+        "input.crop_mode=squash",  # stickers sit in the top rows, which a centre crop cuts
+    ]
+
+
 @pytest.fixture(scope="session")
 def catalogue_run(catalogue_export, tmp_path_factory) -> Path:
     """One model trained on the export: three label columns (masterCategory read off articleType), a tag
@@ -104,12 +116,7 @@ def catalogue_run(catalogue_export, tmp_path_factory) -> Path:
     from skuvision.tasks import train
 
     run = tmp_path_factory.mktemp("catalogue_train") / "run"
-    overrides = quick_overrides("manifest", catalogue_export.parent) + [
-        f"data.root={catalogue_export}",
-        'data.path_pattern="images/{id}.jpg"',
-        f"data.label_columns=[{','.join(CATALOGUE_LABELS)}]",
-        "data.tag_columns=[tags]",
-        "input.crop_mode=squash",  # stickers sit in the top rows, which a centre crop cuts
+    overrides = catalogue_overrides(catalogue_export) + [
         "trainer.max_epochs=6",
         "data.batch_size=16",
         "callbacks.early_stopping=null",

@@ -1,4 +1,5 @@
-"""Callbacks the trainer config adds (conf/callbacks/): training throughput, and the weight EMA."""
+"""Callbacks the trainer config adds (conf/callbacks/): training throughput, the weight EMA, the progress
+bar."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from itertools import chain
 
 import torch
 from pytorch_lightning import Callback
-from pytorch_lightning.callbacks import WeightAveraging
+from pytorch_lightning.callbacks import RichProgressBar, WeightAveraging
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from skuvision.compat import replace_averaging_update
@@ -47,6 +48,24 @@ class TrainingThroughput(Callback):
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         self._stop()
+
+
+class ProgressBar(RichProgressBar):
+    """Rich's progress bar, also showing the step loss the model last logged (its `step_loss`), read on the
+    host once per logging interval: Lightning reads a value logged with prog_bar=True at every batch."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._step_loss: tuple[torch.Tensor, float] | None = None
+
+    def get_metrics(self, trainer, pl_module) -> dict:
+        items = super().get_metrics(trainer, pl_module)
+        loss = getattr(pl_module, "step_loss", None)
+        if loss is not None:
+            if self._step_loss is None or self._step_loss[0] is not loss:
+                self._step_loss = (loss, loss.item())
+            items["train/loss_step"] = self._step_loss[1]
+        return items
 
 
 def warmed_up_decay(decay: float, updates: int) -> float:

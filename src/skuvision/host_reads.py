@@ -72,16 +72,19 @@ def counting_host_reads(stack_depth: int = 6) -> Iterator[HostReads]:
 
 
 class ReadsPerStep(Callback):
-    """Groups the reads by training step: from a step's start to the next one's, so the callbacks after the
-    step (the weight EMA's update among them) and the loading of the next batch count with it. Reads after
-    the last step (validation, the epoch's logging) are grouped under "after the steps"."""
+    """Groups the reads by training step (`trainer.global_step` at its start): from a step's start to the
+    next one's, so the callbacks after the step (the weight EMA's update among them) and the loading of the
+    next batch count with it. Reads from validation on are grouped under "after the steps"."""
 
     def __init__(self, reads: HostReads):
         self.reads = reads
         self.steps: list[int] = []
+        self.last_of_epochs: list[int] = []
+        self.log_every_n_steps = 1
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self.reads.mark = trainer.global_step
+        self.log_every_n_steps = trainer.log_every_n_steps
         self.steps.append(trainer.global_step)
 
     def on_validation_start(self, trainer, pl_module) -> None:
@@ -89,8 +92,12 @@ class ReadsPerStep(Callback):
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         self.reads.mark = "after the steps"
+        if self.steps:
+            self.last_of_epochs.append(self.steps[-1])
 
-    def quiet_steps(self, log_every_n_steps: int) -> list[int]:
-        """The steps that log nothing: the step loss is logged at steps k % n == 0, and Lightning writes
-        its logs at steps (k + 1) % n == 0."""
-        return [k for k in self.steps if k % log_every_n_steps not in (0, log_every_n_steps - 1)]
+    def quiet_steps(self) -> list[int]:
+        """The steps that log nothing: with n = trainer.log_every_n_steps, the step loss is logged at steps
+        k % n == 0, Lightning writes its logs at steps (k + 1) % n == 0, and an epoch's last step runs into
+        the epoch's end (validation)."""
+        n = self.log_every_n_steps
+        return [k for k in self.steps if k % n not in (0, n - 1) and k not in self.last_of_epochs]
