@@ -32,6 +32,7 @@ from skuvision.config import auto_precision, compose_config
 from skuvision.data.datasets import InMemoryImages
 from skuvision.data.fashion_mnist import DEBIAN_DIR, FILES
 from skuvision.data.transforms import eval_image_transform
+from skuvision.host_reads import ReadsPerStep, counting_host_reads
 from skuvision.tasks import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,17 +85,19 @@ def overrides_for(model: str, size: int, data_root: Path, device: str) -> list[s
     ]
 
 
-def skuvision_steps(model, size, data_root, steps, warmup, device, workdir, extra=()) -> float:
-    """img/s of skuvision's real training path: default Trainer config, callbacks, metrics and logging."""
+def skuvision_steps(model, size, data_root, steps, warmup, device, workdir, extra=(), probes=()) -> float:
+    """img/s of skuvision's real training path: default Trainer config, callbacks (the weight EMA among
+    them), metrics and logging. `probes`: callbacks added after the recipe's."""
     cfg = compose_config(
         "train",
         overrides_for(model, size, data_root, device)
         + [*extra, f"trainer.limit_train_batches={steps + warmup}"],
         workdir / f"sku-{time.time_ns()}",
     )
+    assert cfg.callbacks.ema is not None, "the default recipe trains with the weight EMA"
     datamodule, module = build(cfg)
     timer = StepTimer(warmup)
-    callbacks = instantiate_callbacks(cfg.callbacks) + [timer]
+    callbacks = instantiate_callbacks(cfg.callbacks) + [timer, *probes]
     trainer = build_trainer(cfg, instantiate_loggers(cfg.logger), callbacks)
     trainer.fit(module, datamodule=datamodule)
     return timer.steps * datamodule.batch_size / (timer.end - timer.start)
@@ -165,6 +168,27 @@ def framework_cost(data_root, repeats, device, workdir) -> dict:
         raw.append(8e3 / raw_steps("simple_cnn", 8, data_root, 300, 20, device, workdir, extra))
         ours.append(8e3 / skuvision_steps("simple_cnn", 8, data_root, 300, 20, device, workdir, extra))
     return {"skuvision": statistics.median(ours), "raw": statistics.median(raw)}
+
+
+def host_reads_per_step(data_root, device, workdir, steps: int = 150) -> dict:
+    """Host reads of tensor values per training step of the default recipe (simple_cnn at 28 px, its
+    callbacks and log_every_n_steps), counted as tests/test_host_reads.py counts them; and the plain
+    loop's."""
+    with counting_host_reads() as reads:
+        per_step = ReadsPerStep(reads)
+        skuvision_steps("simple_cnn", 28, data_root, steps, 0, device, workdir, probes=[per_step])
+    quiet = per_step.quiet_steps()
+    logging = [k for k in per_step.steps if k not in quiet]
+    with counting_host_reads() as plain:
+        raw_steps("simple_cnn", 28, data_root, steps, 0, device, workdir)
+    return {
+        "quiet": statistics.mean(reads.count(k) for k in quiet),
+        "quiet_steps": len(quiet),
+        "logging": statistics.mean(reads.count(k) for k in logging),
+        "logging_steps": len(logging),
+        "every": per_step.log_every_n_steps,
+        "raw": plain.count(None) / steps,
+    }
 
 
 def torchvision_fashion_root(source: Path, workdir: Path) -> Path:
@@ -456,6 +480,25 @@ def step_rows(data_root, args, device, info, workdir, rows, notes) -> None:
             "",
         )
     )
+    reads = host_reads_per_step(data_root, device, workdir)
+    rows.append(
+        (
+            "host reads of tensor values per training step (default recipe, weight EMA on): between "
+            "logging intervals",
+            f"{reads['quiet']:.2f} (mean of {reads['quiet_steps']} steps)",
+            f"{reads['raw']:.2f} (plain PyTorch loop)",
+            "",
+            "0",
+        )
+    )
+    notes.append(
+        f"Host reads: `.item()`, `bool()`, `float()`, `int()`, `.tolist()`, `.cpu()`, `.numpy()` and "
+        f"`__index__` of any tensor, called from Python (skuvision.host_reads); on a GPU each waits for the "
+        f"device. The {reads['logging_steps']} steps of {reads['quiet_steps'] + reads['logging_steps']} "
+        f"that log (every {reads['every']}th) or end the epoch read {reads['logging']:.1f} each on average. "
+        "The plain loop's are its AdamW (torch's single-tensor one; the recipe's is fused) reading each "
+        "parameter's step count, a CPU tensor even on a GPU, so no sync there."
+    )
     cases = [("simple_cnn", 28), ("resnet18", 64)] + ([("resnet50", 224)] if device == "cuda" else [])
     for model, size in cases:
         r = overhead(model, size, data_root, args.steps, 5, args.repeats, device, workdir)
@@ -481,8 +524,8 @@ def step_rows(data_root, args, device, info, workdir, rows, notes) -> None:
     )
     notes.append(
         "Train-step figures time steps 6 onwards of one epoch; the skuvision side is the real Trainer "
-        "with the default callbacks (checkpointing, early stopping, LR monitor, progress bar), metrics "
-        "and CSV logging."
+        "with the default callbacks (checkpointing, early stopping, LR monitor, the weight EMA, progress "
+        "bar), metrics and CSV logging; the plain loop has no EMA."
     )
 
 
