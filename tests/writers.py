@@ -10,6 +10,7 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 from PIL import Image
 
 from skuvision.data.cifar import CIFAR100_CLASSES
@@ -246,3 +247,13 @@ def write_catalogue_export(root: Path, n: int = 240, seed: int = 0) -> tuple[Pat
     csv_path = root / "styles.csv"
     csv_path.write_text("\n".join(lines) + "\n")
     return csv_path, lines
+
+
+def write_catalogue_table(root: Path, n: int = 240, seed: int = 0) -> tuple[Path, pd.DataFrame]:
+    """write_catalogue_export's data as a manifest: its styles.csv with a path column (images/<id>.jpg) in
+    root/manifest.csv; returns the file and its table (every cell text), for callers to plant defects."""
+    csv_path, _ = write_catalogue_export(root, n=n, seed=seed)
+    table = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+    table.insert(0, "path", [f"images/{pid}.jpg" for pid in table["id"]])
+    table.to_csv(root / "manifest.csv", index=False)
+    return root / "manifest.csv", table
