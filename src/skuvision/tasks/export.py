@@ -30,11 +30,10 @@ from torch import nn
 from skuvision.assembly import from_checkpoint
 from skuvision.config import set_threads
 from skuvision.data.datamodule import ImageDataModule
-from skuvision.data.transforms import ToModelInput
+from skuvision.data.transforms import ToModelInput, crop_mode
 from skuvision.errors import SkuvisionError
 from skuvision.models.classifier import Classifier
 from skuvision.models.heads import set_classifier
-from skuvision.models.input_config import crop_mode
 from skuvision.outputs import new_file_with_companions, new_folder, refuse_existing, write_new_json
 
 log = logging.getLogger("skuvision")
