@@ -23,6 +23,7 @@ from bench import THREADS
 from bench.table import run_section
 from skuvision.assembly import from_checkpoint
 from skuvision.config import compose_config
+from skuvision.data.datamodule import SPLITS, stratified_split
 from skuvision.data.transforms import ToModelInput
 from skuvision.tasks import train
 from skuvision.tasks.export import check_images, images_per_second
@@ -88,8 +89,14 @@ def inference(checkpoints: dict[str, Path], images_count: int, batch: int, repea
 
 def bench_rows(workdir: Path, quick: bool = False) -> tuple[list[tuple], list[str]]:
     n, epochs, repeats = (240, 3, 1) if quick else (600, 4, 3)
-    manifest, _ = write_catalogue_table(workdir / "catalogue", n=n, square=True)
-    base = recipe(manifest, epochs)
+    manifest, table = write_catalogue_table(workdir / "catalogue", n=n, square=True)
+    # One split column for every model: otherwise each one-label model's split is stratified by its own
+    # column, and the models would be tested on different images.
+    table["split"] = ""
+    for split, rows in zip(SPLITS, stratified_split(table[LABELS[0]], (0.8, 0.1, 0.1), seed=0), strict=True):
+        table.loc[rows, "split"] = split
+    table.to_csv(manifest, index=False)
+    base = recipe(manifest, epochs) + ["data.split_column=split"]
     # A table's tag column trains beside a label column (the manifest needs one): the tags-only model is the
     # tag head with the first label column's head beside it, whose accuracy is not counted here.
     configs = {
@@ -169,16 +176,16 @@ def bench_rows(workdir: Path, quick: bool = False) -> tuple[list[tuple], list[st
     )
     notes = [
         f"Attributes: the tests' catalogue table (tests.writers.write_catalogue_table, {n} rows, 48x64 "
-        "photos padded to 64x64 so a centre crop keeps the tag marks; 80/10/10 split stratified by "
-        f"articleType). Every model: simple_cnn at 32 px, batch 32, {epochs} epochs, early stopping off, the "
-        "train config's defaults otherwise (AdamW, one-cycle, weight EMA, flip augmentation and flip TTA on "
-        "test), one seed. The model with 4 heads trains a head for articleType, baseColour and tags and "
-        "reads masterCategory off the articleType head; the separate models are 3 one-label models and a "
-        "tag model, which also carries an articleType head (a table's tag column trains beside a label "
-        f"column). Training time: fit/time_s of metrics.json (validation included, set-up and test not), "
-        f"the fastest of {repeats} alternating runs of each model (accuracy: the first run; all runs, "
-        f"s: {'; '.join(f'{k} ' + ', '.join(f'{t:.1f}' for t in v) for k, v in times.items())}). "
-        "Inference: the tested checkpoints in float32, torch's benchmark Timer, median of alternating "
+        "photos padded to 64x64 so a centre crop keeps the tag marks; one 80/10/10 split column, stratified "
+        f"by articleType, for every model). Every model: simple_cnn at 32 px, batch 32, {epochs} epochs, "
+        "early stopping off, the train config's defaults otherwise (AdamW, one-cycle, weight EMA, flip "
+        "augmentation and flip TTA on test), one seed. The model with 4 heads trains a head for articleType, "
+        "baseColour and tags and reads masterCategory off the articleType head; the separate models are 3 "
+        "one-label models and a tag model, which also carries an articleType head (a table's tag column "
+        "trains beside a label column). Training time: fit/time_s of metrics.json (validation included, "
+        f"set-up and test not), the fastest of {repeats} alternating runs of each model (accuracy: the first "
+        f"run; all runs, s: {'; '.join(f'{k} ' + ', '.join(f'{t:.1f}' for t in v) for k, v in times.items())}"
+        "). Inference: the tested checkpoints in float32, torch's benchmark Timer, median of alternating "
         "repeats, on the test images (repeated) already at the model's size. An untimed 1-epoch run goes "
         "first, so that no timed run pays the process's one-off costs.",
     ]
