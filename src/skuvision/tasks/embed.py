@@ -3,6 +3,10 @@
 Writes embeddings.npz (L2-normalized features with their items and labels), a CatalogueIndex of them in index/
 (FAISS; exact by default), the k nearest neighbours of every item (or of one query image) found with that
 index, and, for a labelled split, retrieval quality by exact search: recall@1/5/10 and mAP.
+
+With input= files on several processes (trainer=ddp, ddp_cpu, multinode) each writes its images' features in
+shards in the run folder's shards/ and rank zero merges them in input order (skuvision.shards); a rerun with
+hydra.run.dir=<that run folder> skips the images finished shards hold.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from skuvision.index import CatalogueIndex, index_params
 from skuvision.metrics import retrieval_report
 from skuvision.outputs import new_file, refuse_existing, write_csv, write_new_json
 from skuvision.readout import concat_batches
+from skuvision.shards import plan_of, predict_in_shards, sharded
 
 log = logging.getLogger("skuvision")
 
@@ -55,20 +60,32 @@ def embed(cfg: DictConfig) -> dict:
     trainer = build_trainer(cfg, enable_checkpointing=False)
     if cfg.get("input"):
         items = [str(p) for p in collect_inputs(plain(cfg.input))]
-        files = InputFilesDataModule(
-            [Path(p) for p in items],
-            module.input_config,
-            cfg.batch_size,
-            cfg.num_workers,
-            cache=bool(cfg.get("cache", False)),
-        )
-        features, errors = features_of(trainer, module, files)
+        if sharded(cfg, trainer):
+            plan = plan_of("embed", cfg.ckpt_path, items, precision=str(trainer.precision))
+            merged = predict_in_shards(cfg, trainer, module, [Path(p) for p in items], plan)
+            if merged is None:  # not rank zero: rank zero writes the results
+                return {}
+            features, errors = F.normalize(merged[0], dim=1), merged[1]
+        else:
+            files = InputFilesDataModule(
+                [Path(p) for p in items],
+                module.input_config,
+                cfg.batch_size,
+                cfg.num_workers,
+                cache=bool(cfg.get("cache", False)),
+            )
+            features, errors = features_of(trainer, module, files)
         keep = [i for i, e in enumerate(errors) if not e]
         for i in set(range(len(items))) - set(keep):
             log.warning("skipping unreadable %s (%s)", items[i], errors[i])
         features, items, labels = features[keep], [items[i] for i in keep], None
         source = f"input={cfg.input}"
     else:
+        if sharded(cfg, trainer):
+            raise SkuvisionError(
+                f"split={cfg.split} on {trainer.world_size} processes (or shards=true): not supported yet; "
+                "embed its files with input=<folder or list file>, or run on one process"
+            )
         datamodule.prepare_data()
         datamodule.setup("predict")
         if cfg.split not in datamodule.splits:
@@ -83,6 +100,8 @@ def embed(cfg: DictConfig) -> dict:
     index = build_index(cfg, features.numpy(), items, labels, module.class_names)
     if cfg.get("query"):
         query_files = InputFilesDataModule(collect_inputs(str(cfg.query)), module.input_config, 1, 0)
+        if trainer.world_size > 1:  # one image on one process (the others have returned)
+            trainer = build_trainer(cfg, devices=1, num_nodes=1, strategy="auto", enable_checkpointing=False)
         query, errors = features_of(trainer, module, query_files)
         if errors[0]:
             raise SkuvisionError(f"query={cfg.query}: cannot read it ({errors[0]})")

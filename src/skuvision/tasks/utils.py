@@ -25,6 +25,8 @@ from pytorch_lightning.loggers import Logger
 from skuvision.config import in_multirun
 from skuvision.errors import SkuvisionError
 from skuvision.outputs import replacing_file, taken
+from skuvision.shards import FOLDER as SHARDS
+from skuvision.shards import PLAN
 
 log = logging.getLogger("skuvision")
 
@@ -93,10 +95,22 @@ class NewRunFolder(HydraCallback):
     were (`hydra.run.dir=<an earlier run>` would otherwise replace its config)."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        refuse_used_folder(Path(config.hydra.run.dir), "hydra.run.dir")
+        folder = Path(config.hydra.run.dir)
+        if lightning_rerun(config):
+            return  # rank > 0 of trainer=ddp: Lightning re-ran the command into rank zero's run folder
+        if (folder / SHARDS / PLAN).is_file():
+            print(f"resuming the unfinished run in {folder} (its finished shards are kept)", file=sys.stderr)
+            return  # predict/embed on shards: the task checks the plan and refuses a finished run's results
+        refuse_used_folder(folder, "hydra.run.dir")
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         refuse_used_folder(Path(config.hydra.sweep.dir), "hydra.sweep.dir")
+
+
+def lightning_rerun(config: DictConfig) -> bool:
+    """Whether Lightning's DDP launcher started this process by re-running rank zero's command (it sets
+    LOCAL_RANK and hydra.output_subdir=null: pytorch-lightning 2.6.6, _hydra_subprocess_cmd)."""
+    return os.environ.get("LOCAL_RANK", "0") != "0" and config.hydra.output_subdir is None
 
 
 def refuse_used_folder(folder: Path, key: str) -> None:
