@@ -9,8 +9,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 
-from skuvision.shards import STOP_AFTER, shard_files
+from skuvision.errors import SkuvisionError
+from skuvision.shards import STOP_AFTER, as_columns, merge, shard_files, write_shard
 from skuvision.tasks import train
 from skuvision.tasks.embed import embed
 from tests.helpers import compose_cfg, predict_csv, quick_overrides, run_cli
@@ -113,3 +115,33 @@ def test_embed_on_two_processes_resumes_and_matches_one(checkpoint, photos, tmp_
     np.testing.assert_allclose(got["features"], expected["features"], atol=1e-5)
     assert (run / "index").is_dir() and (run / "neighbours.csv").is_file()
     assert os.listdir(run / "index")
+
+
+def test_embed_of_a_split_in_shards_matches_one_pass(checkpoint, tmp_path):
+    """A split of files goes through the same shards (here on one process: shards=true) with its labels."""
+    overrides = [f"ckpt_path={checkpoint}", "split=train", "num_workers=0", "trainer.accelerator=cpu"]
+    overrides += ["trainer.precision=32", "k=2"]
+    embed(compose_cfg("embed", overrides, tmp_path / "one"))
+    embed(
+        compose_cfg("embed", [*overrides, "shards=true", "shard_size=5", "batch_size=5"], tmp_path / "shards")
+    )
+    expected, got = (np.load(tmp_path / run / "embeddings.npz") for run in ("one", "shards"))
+    assert got["items"].tolist() == expected["items"].tolist()
+    assert got["labels"].tolist() == expected["labels"].tolist()
+    np.testing.assert_allclose(got["features"], expected["features"], atol=1e-5)
+    assert len(shard_files(tmp_path / "shards" / "shards")) == -(-len(got["items"]) // 5)
+
+
+def test_shards_of_several_heads_merge_in_input_order_each_image_once(tmp_path):
+    logits = {"colour": np.arange(12, dtype=np.float32).reshape(6, 2), "tags": np.ones((6, 3), np.float32)}
+    errors = ["", "", "bad", "", "", ""]
+    for rank, rows in ((1, [1, 3, 5]), (0, [0, 2, 4])):
+        part = as_columns({k: torch.from_numpy(v[rows]) for k, v in logits.items()})
+        write_shard(tmp_path, rank, np.array(rows), [errors[i] for i in rows], part)
+    merged, read_errors = merge(tmp_path, 6)
+    assert list(merged) == ["colour", "tags"] and read_errors == errors
+    assert merged["colour"].numpy().tolist() == logits["colour"].tolist()
+    again = as_columns({k: torch.from_numpy(v[[5]]) for k, v in logits.items()})
+    write_shard(tmp_path, 0, np.array([5]), [""], again)
+    with pytest.raises(SkuvisionError, match=r"once \(twice: \[5\], missing: \[\]"):
+        merge(tmp_path, 6)

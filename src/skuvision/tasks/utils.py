@@ -98,13 +98,21 @@ class NewRunFolder(HydraCallback):
         folder = Path(config.hydra.run.dir)
         if lightning_rerun(config):
             return  # rank > 0 of trainer=ddp: Lightning re-ran the command into rank zero's run folder
-        if (folder / SHARDS / PLAN).is_file():
+        if (folder / SHARDS / PLAN).is_file() and not finished(folder, config):
             print(f"resuming the unfinished run in {folder} (its finished shards are kept)", file=sys.stderr)
             return  # predict/embed on shards: the task checks the plan and refuses a finished run's results
         refuse_used_folder(folder, "hydra.run.dir")
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         refuse_used_folder(Path(config.hydra.sweep.dir), "hydra.sweep.dir")
+
+
+def finished(folder: Path, config: DictConfig) -> bool:
+    """Whether predict or embed merged its shards into its result already (then it is not resumed)."""
+    result = config.get("output") or folder / (
+        "embeddings.npz" if config.task_name == "embed" else "predictions.csv"
+    )
+    return taken(Path(result))
 
 
 def lightning_rerun(config: DictConfig) -> bool:
