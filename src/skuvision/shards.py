@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -162,14 +163,13 @@ class ShardWriter(Callback):
         self.buffer, self.buffered, self.written = [], 0, self.written + 1
         if trainer.is_global_zero:
             rate = self.images / max(time.perf_counter() - self.started, 1e-9)
-            log.info(
-                "%s: %d image(s); rank 0 at %.1f images/s, about %.1f images/s on %d process(es)",
-                path.name,
-                len(index),
-                rate,
-                rate * trainer.world_size,
-                trainer.world_size,
+            line = (
+                f"{path.name}: {len(index)} image(s); rank 0 at {rate:.1f} images/s, about "
+                f"{rate * trainer.world_size:.1f} images/s on {trainer.world_size} process(es)"
             )
+            log.info(line)
+            if not log.hasHandlers():  # a process ddp_spawn started: Hydra's logging is not set up there
+                print(line, file=sys.stderr, flush=True)
         if self.stop_after and self.written >= self.stop_after:
             raise RuntimeError(f"stopped after {self.written} shard(s) ({STOP_AFTER})")
 

@@ -90,7 +90,19 @@ class InputFilesDataModule(LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.cache and self.dataset.cached is None:
             store = DecodedImageCache(self.dataset.input_config, self.dataset.channels)
-            self.dataset.cached = store.fill(self.dataset, workers=max(2, self.num_workers))
+            self.dataset.cached = store.fill(
+                self.dataset, self.own_positions(), workers=max(2, self.num_workers)
+            )
+
+    def own_positions(self) -> list[int] | None:
+        """The positions this process will read: with several processes, every world_size-th of `positions`
+        from its rank, as Lightning's UnrepeatedDistributedSampler deals them (a position outside it is only
+        decoded without the cache)."""
+        if self.positions is None:
+            return None
+        world = self.trainer.world_size if self.trainer is not None else 1
+        rank = self.trainer.global_rank if self.trainer is not None else 0
+        return list(self.positions)[rank::world]
 
     def predict_dataloader(self) -> DataLoader:
         dataset = self.dataset if self.positions is None else Positioned(self.dataset, self.positions)

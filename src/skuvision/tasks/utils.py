@@ -98,13 +98,24 @@ class NewRunFolder(HydraCallback):
         folder = Path(config.hydra.run.dir)
         if lightning_rerun(config):
             return  # rank > 0 of trainer=ddp: Lightning re-ran the command into rank zero's run folder
-        if (folder / SHARDS / PLAN).is_file() and not finished(folder, config):
+        if unfinished_shards(folder, config):
             print(f"resuming the unfinished run in {folder} (its finished shards are kept)", file=sys.stderr)
             return  # predict/embed on shards: the task checks the plan and refuses a finished run's results
         refuse_used_folder(folder, "hydra.run.dir")
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        refuse_used_folder(Path(config.hydra.sweep.dir), "hydra.sweep.dir")
+        folder = Path(config.hydra.sweep.dir)
+        if any(unfinished_shards(job, config) for job in folder.glob("*/")):
+            print(
+                f"resuming the unfinished jobs in {folder} (their finished shards are kept)", file=sys.stderr
+            )
+            return  # e.g. a SLURM predict/embed submitted again with the same hydra.sweep.dir
+        refuse_used_folder(folder, "hydra.sweep.dir")
+
+
+def unfinished_shards(folder: Path, config: DictConfig) -> bool:
+    """Whether `folder` holds shards of a predict or embed run that did not get to merge them."""
+    return (folder / SHARDS / PLAN).is_file() and not finished(folder, config)
 
 
 def finished(folder: Path, config: DictConfig) -> bool:
