@@ -22,6 +22,7 @@ from PIL import Image
 from pytorch_lightning import LightningDataModule
 from pytorch_lightning.loggers import Logger
 
+from skuvision.compat import rerun_by_lightning_ddp
 from skuvision.config import in_multirun
 from skuvision.errors import SkuvisionError
 from skuvision.outputs import replacing_file, taken
@@ -96,7 +97,7 @@ class NewRunFolder(HydraCallback):
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         folder = Path(config.hydra.run.dir)
-        if lightning_rerun(config):
+        if rerun_by_lightning_ddp(config.hydra.output_subdir):
             return  # rank > 0 of trainer=ddp: Lightning re-ran the command into rank zero's run folder
         if unfinished_shards(folder, config):
             print(f"resuming the unfinished run in {folder} (its finished shards are kept)", file=sys.stderr)
@@ -124,12 +125,6 @@ def finished(folder: Path, config: DictConfig) -> bool:
         "embeddings.npz" if config.task_name == "embed" else "predictions.csv"
     )
     return taken(Path(result))
-
-
-def lightning_rerun(config: DictConfig) -> bool:
-    """Whether Lightning's DDP launcher started this process by re-running rank zero's command (it sets
-    LOCAL_RANK and hydra.output_subdir=null: pytorch-lightning 2.6.6, _hydra_subprocess_cmd)."""
-    return os.environ.get("LOCAL_RANK", "0") != "0" and config.hydra.output_subdir is None
 
 
 def refuse_used_folder(folder: Path, key: str) -> None:
