@@ -12,7 +12,17 @@ import pytest
 import torch
 
 from skuvision.errors import SkuvisionError
-from skuvision.shards import STOP_AFTER, as_columns, merge, shard_files, write_shard
+from skuvision.outputs import write_new_json
+from skuvision.shards import (
+    PLAN,
+    STOP_AFTER,
+    as_columns,
+    check_plan,
+    merge,
+    positions_left,
+    shard_files,
+    write_shard,
+)
 from skuvision.tasks import train
 from skuvision.tasks.embed import embed
 from tests.helpers import compose_cfg, predict_csv, quick_overrides, run_cli
@@ -81,6 +91,7 @@ def stopped_then_resumed(script: str, checkpoint: Path, photos: Path, run: Path,
     return first
 
 
+@pytest.mark.slow
 def test_predict_on_two_processes_resumes_and_matches_one(checkpoint, photos, tmp_path):
     header, expected = predict_csv(checkpoint, photos, tmp_path / "one")
     run = tmp_path / "two" / "run"
@@ -97,6 +108,7 @@ def test_predict_on_two_processes_resumes_and_matches_one(checkpoint, photos, tm
         assert np.abs(probs).max() <= 1e-5
 
 
+@pytest.mark.slow
 def test_embed_on_two_processes_resumes_and_matches_one(checkpoint, photos, tmp_path):
     overrides = [
         f"ckpt_path={checkpoint}",
@@ -145,3 +157,14 @@ def test_shards_of_several_heads_merge_in_input_order_each_image_once(tmp_path):
     write_shard(tmp_path, 0, np.array([5]), [""], again)
     with pytest.raises(SkuvisionError, match=r"once \(twice: \[5\], missing: \[\]"):
         merge(tmp_path, 6)
+
+
+def test_shards_of_another_plan_are_refused_and_too_few_images_for_the_processes(tmp_path):
+    write_new_json(tmp_path / PLAN, {"task": "predict", "items": 25, "tta": "none"})
+    check_plan(tmp_path, {"task": "predict", "items": 25, "tta": "none"})
+    with pytest.raises(SkuvisionError, match=r"holds shards of another run \(tta differ\)"):
+        check_plan(tmp_path, {"task": "predict", "items": 25, "tta": "flip"})
+    write_shard(tmp_path, 0, np.arange(4), [""] * 4, as_columns(torch.zeros(4, 2)))
+    assert positions_left(tmp_path, 6, 2) == [4, 5]
+    with pytest.raises(SkuvisionError, match=r"1 image\(s\) left for 2 processes"):
+        positions_left(tmp_path, 5, 2)
