@@ -410,10 +410,12 @@ def write_results(path: Path, info: dict, rows: list[tuple], notes: list[str]) -
     print("\n".join(lines))
 
 
-SECTIONS = ("steps", "data", "recipe", "decode", "stream", "index", "serve", "audit", "calib", "gpu")
+SECTIONS = (
+    "steps", "data", "recipe", "decode", "stream", "index", "serve", "audit", "calib", "attributes", "gpu",
+)  # fmt: skip
 # Sections that live in their own module bench/<name>.py: bench_rows(workdir, quick) -> (rows, notes).
 # gpu measures only where CUDA is available (else it adds a note).
-MODULE_SECTIONS = ("decode", "stream", "index", "serve", "audit", "calib", "gpu")
+MODULE_SECTIONS = ("decode", "stream", "index", "serve", "audit", "calib", "attributes", "gpu")
 
 
 def main() -> None:
@@ -448,7 +450,9 @@ def main() -> None:
         notes.append(
             f"WARNING: the machine was loaded (1-min load {load}) when the run started; timings are noisy."
         )
-    data_root = locate_fashion(ROOT / "data" / "fashion_mnist")
+    # Only these sections read real Fashion-MNIST here (the module sections find their own data)
+    needs_fashion = {"steps", "data", "recipe"} & set(sections)
+    data_root = locate_fashion(ROOT / "data" / "fashion_mnist") if needs_fashion else None
     device = "cuda" if torch.cuda.is_available() else "cpu"
     workdir = Path(tempfile.mkdtemp(prefix="skuvision-bench-"))
     rows = []

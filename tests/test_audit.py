@@ -4,6 +4,7 @@ images are not, planted dark, blurry and tiny images are flagged, and the report
 
 import csv
 import shutil
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -20,7 +21,7 @@ from skuvision.errors import SkuvisionError
 from skuvision.tasks import train
 from skuvision.tasks.audit import audit
 from tests.helpers import compose_cfg, quick_overrides
-from tests.writers import balanced_labels, pattern_images, write_idx
+from tests.writers import balanced_labels, pattern_images, write_catalogue_table, write_idx
 
 N_TRAIN = 1000
 
@@ -311,3 +312,147 @@ def test_audit_tables_quote_cells_a_spreadsheet_would_run(tmp_path):
     written = pd.read_csv(tmp_path / "image_issues.csv", keep_default_na=False)
     assert written["item"].tolist() == ["'-x.png", "'\tcat/a.png", 'a, "b"\nc.png']
     assert written["dark_score"].tolist() == [0.1, 0.2, -0.5]
+
+
+# ---- a table with several columns: issues per label column and per tag column ----
+
+HEAD_COLUMNS = ["articleType", "masterCategory", "baseColour", "tags"]
+
+
+def plant_catalogue_defects(table: pd.DataFrame, seed: int = 1) -> dict:
+    """10 % of the rows get another colour, another 10 % one tag removed or added; a few rows lose their
+    colour or article type (empty cells). Returns {what: {image path: detail}}."""
+    rng = np.random.default_rng(seed)
+    n = len(table)
+    order = rng.permutation(n)
+    flipped, retagged, no_colour, no_type = np.split(order[: n // 5 + 8], [n // 10, n // 5, n // 5 + 6])
+    colours = sorted(set(table["baseColour"]))
+    planted: dict = {"colour": {}, "tags": {}, "no_colour": set(), "no_type": set()}
+    for i in flipped:
+        others = [c for c in colours if c != table.at[i, "baseColour"]]
+        table.at[i, "baseColour"] = others[rng.integers(len(others))]
+        planted["colour"][table.at[i, "path"]] = table.at[i, "baseColour"]
+    for i in retagged:
+        tags = set(filter(None, table.at[i, "tags"].split(";")))
+        if tags and rng.random() < 0.5:
+            changed = ("missing", sorted(tags)[int(rng.integers(len(tags)))])
+            tags.discard(changed[1])
+        else:
+            absent = sorted({"floral", "sticker"} - tags)
+            changed = ("extra", absent[int(rng.integers(len(absent)))]) if absent else None
+            tags |= set(absent[:1]) if absent else set()
+        table.at[i, "tags"] = ";".join(sorted(tags))
+        if changed:
+            planted["tags"][table.at[i, "path"]] = changed
+    for i in no_colour:
+        table.at[i, "baseColour"] = ""
+        planted["no_colour"].add(table.at[i, "path"])
+    for i in no_type:
+        table.at[i, "articleType"] = ""
+        planted["no_type"].add(table.at[i, "path"])
+    return planted
+
+
+@pytest.fixture(scope="module")
+def catalogue_audit(tmp_path_factory):
+    """The catalogue table (photos padded square, so a centre crop keeps the tag marks) with planted colour
+    flips, tag errors and empty cells; a simple_cnn with a head per column trained on it, then audited in
+    cheap mode with 2 folds."""
+    base = tmp_path_factory.mktemp("columns")
+    manifest, table = write_catalogue_table(base / "catalogue", n=240, square=True)
+    planted = plant_catalogue_defects(table)
+    table.to_csv(manifest, index=False)
+    overrides = quick_overrides("manifest", base) + [
+        f"data.root={manifest}",
+        "data.label_columns=[articleType,masterCategory,baseColour]",
+        "data.tag_columns=[tags]",
+        "data.batch_size=16",
+        "trainer.max_epochs=6",
+        "callbacks.early_stopping=null",
+        "trainer.precision=32",
+        "tta=none",
+    ]
+    train_cfg, ckpt = train_checkpoint(base / "train", overrides)
+    out = base / "audit"
+    summary = audit(
+        compose_cfg("audit", audit_overrides(ckpt, ["audit.folds=2", "audit.quality=false"]), out)
+    )
+    return summary, out / "audit", planted, train_cfg, ckpt, manifest.parent
+
+
+def found_rows(out, column: str, root) -> dict[str, dict]:
+    """A column's flagged rows by image path relative to the table's folder."""
+    return {str(Path(r["item"]).relative_to(root)): r for r in read_csv(out / f"label_issues_{column}.csv")}
+
+
+def training_paths(train_cfg, ckpt, root) -> set[str]:
+    """The audited training split's images: the split the data module made."""
+    datamodule = instantiate(train_cfg.data, input_config=load_classifier(ckpt).input_config)
+    datamodule.setup()
+    return {str(Path(path).relative_to(root)) for path in datamodule.sample_paths("train")}
+
+
+def recall_precision(found: set, truth: set) -> tuple[float, float]:
+    hits = len(found & truth)
+    return hits / max(1, len(truth)), hits / max(1, len(found))
+
+
+def test_each_column_gets_its_own_report_and_finds_what_was_planted_in_it(catalogue_audit):
+    summary, out, planted, train_cfg, ckpt, root = catalogue_audit
+    columns = summary["label_issues"]["columns"]
+    assert list(columns) == HEAD_COLUMNS and columns["masterCategory"]["source"] == "articleType"
+    assert not (out / "label_issues.csv").exists()  # the one-column file names stay the one-column model's
+    for column in HEAD_COLUMNS:
+        for suffix in (".csv", ".png"):
+            assert (out / f"label_issues_{column}{suffix}").is_file()
+        assert f"### {column}" in (out / "audit.md").read_text()
+    train = training_paths(train_cfg, ckpt, root)
+    n_train = len(train)
+    colour_truth = set(planted["colour"]) & train
+    tag_truth = set(planted["tags"]) & train
+    colour = found_rows(out, "baseColour", root)
+    tags = found_rows(out, "tags", root)
+    for name, found, truth in (("baseColour", colour, colour_truth), ("tags", tags, tag_truth)):
+        recall, precision = recall_precision(set(found), truth)
+        print(f"{name}: recall {recall:.2f}, precision {precision:.2f} ({len(found)} flagged)")
+        assert recall >= 0.7 and precision >= 0.7  # about 10 % of the rows were planted: chance is 0.1
+        assert columns[name]["flagged"] == len(found) == len(columns[name]["flagged_indices"])
+    # a flagged tag row says which tag looks missing or extra: the one planted
+    said = [tags[p]["likely_" + kind] == tag for p, (kind, tag) in planted["tags"].items() if p in tags]
+    assert sum(said) >= 0.8 * len(said)
+    assert all(colour[p]["given"] == planted["colour"][p] for p in colour_truth & set(colour))
+    # rows without a colour are left out of that column, and kept in the others
+    assert not set(colour) & planted["no_colour"]
+    assert columns["baseColour"]["images"] == n_train - len(planted["no_colour"] & train)
+    assert columns["tags"]["images"] == n_train
+    assert columns["articleType"]["images"] == n_train - len(planted["no_type"] & train)
+    assert columns["articleType"]["flagged"] <= 2  # the clean column stays clean
+
+
+def test_full_mode_gives_every_column_from_one_training_per_fold(catalogue_audit, tmp_path, monkeypatch):
+    """K trainings in all, not K per column; each column still finds its planted rows well above chance."""
+    summary, _, planted, train_cfg, ckpt, root = catalogue_audit
+    saved = train_cfg.copy()
+    with open_dict(saved):
+        del saved["hydra"]
+    OmegaConf.save(saved, tmp_path / "config.yaml")
+    fits = []
+    fit_fold = label_audit.fit_fold
+    monkeypatch.setattr(label_audit, "fit_fold", lambda *args: fits.append(args[1]) or fit_fold(*args))
+    overrides = audit_overrides(
+        ckpt,
+        [
+            "audit.label_mode=full",
+            "audit.folds=2",
+            f"audit.train_config={tmp_path / 'config.yaml'}",
+            "audit.quality=false",
+        ],
+    )
+    full = audit(compose_cfg("audit", overrides, tmp_path / "run"))["label_issues"]
+    assert full["mode"] == "full" and len(fits) == 2 and list(full["columns"]) == HEAD_COLUMNS
+    out = tmp_path / "run" / "audit"
+    train = training_paths(train_cfg, ckpt, root)
+    for column, truth in (("baseColour", planted["colour"]), ("tags", planted["tags"])):
+        recall, precision = recall_precision(set(found_rows(out, column, root)), set(truth) & train)
+        print(f"full mode, {column}: recall {recall:.2f}, precision {precision:.2f}")
+        assert recall >= 0.6 and precision >= 0.4  # chance: 0.1

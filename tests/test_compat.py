@@ -188,3 +188,27 @@ def test_torchmetrics_reads_multilabel_probabilities_on_the_host_and_keeps_them_
         torch.equal(a, b) for a, b in zip(ours.preds + ours.target, theirs.preds + theirs.target, strict=True)
     )
     assert ours.compute() == theirs.compute()
+
+
+def test_lightning_ddp_reruns_the_command_with_local_rank_and_no_output_subdir(monkeypatch):
+    """NewRunFolder lets such a process into rank zero's run folder (rerun_by_lightning_ddp)."""
+    import inspect
+    from types import SimpleNamespace
+
+    from hydra.core.hydra_config import HydraConfig
+    from lightning_fabric.strategies.launchers import subprocess_script
+
+    from skuvision.compat import rerun_by_lightning_ddp
+
+    monkeypatch.setattr(
+        HydraConfig, "get", staticmethod(lambda: SimpleNamespace(run=SimpleNamespace(dir="r")))
+    )
+    monkeypatch.setattr("hydra.utils.get_original_cwd", lambda: "/")
+    command, _ = subprocess_script._hydra_subprocess_cmd(local_rank=1)
+    assert "hydra.output_subdir=null" in command and 'hydra.run.dir="r"' in command
+    launcher = inspect.getsource(subprocess_script._SubprocessScriptLauncher._call_children_scripts)
+    assert 'env_copy["LOCAL_RANK"] = f"{local_rank}"' in launcher
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert rerun_by_lightning_ddp(None) and not rerun_by_lightning_ddp(".hydra")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert not rerun_by_lightning_ddp(None)

@@ -1,4 +1,5 @@
-"""export.py format=timm: a folder that plain timm, in a fresh process, loads to the checkpoint's logits."""
+"""export.py format=timm: a folder that plain timm, in a fresh process, loads to the checkpoint's logits; and
+the exports of a model with several heads (ONNX: an output per head; timm: the trained heads side by side)."""
 
 import csv
 import json
@@ -8,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 import timm
 import torch
@@ -16,12 +18,13 @@ from safetensors.torch import load_file
 
 from skuvision.assembly import from_checkpoint
 from skuvision.data.inputs import InputFilesDataModule
+from skuvision.data.transforms import ToModelInput
 from skuvision.errors import SkuvisionError
 from skuvision.tasks import train
-from skuvision.tasks.export import check_timm_architecture, export
+from skuvision.tasks.export import check_images, check_timm_architecture, export
 from skuvision.tasks.predict import predict
 from tests.helpers import compose_cfg, quick_overrides
-from tests.writers import banded_portrait, write_image_folder
+from tests.writers import banded_portrait, write_catalogue_table, write_image_folder
 
 CLASSES = ("kettle", "phone", "shirt")
 
@@ -225,3 +228,98 @@ def test_unknown_format_is_refused(resnet_checkpoint, tmp_path):
     cfg = compose_cfg("export", [f"ckpt_path={resnet_checkpoint}", "format=tflite"], tmp_path / "run")
     with pytest.raises(SkuvisionError, match="format=tflite"):
         export(cfg)
+
+
+# ---- a model with several heads (label columns, a taxonomy level read off one, a tag column) ----
+
+COLUMNS = ["articleType", "masterCategory", "baseColour", "tags"]
+
+
+@pytest.fixture(scope="module")
+def heads_checkpoint(tmp_path_factory):
+    """resnet18 with a head per column of the catalogue table (masterCategory read off articleType), a few
+    steps at 32 px."""
+    root = tmp_path_factory.mktemp("catalogue")
+    manifest, _ = write_catalogue_table(root, n=120)
+    run = tmp_path_factory.mktemp("train_heads")
+    overrides = quick_overrides("manifest", run, model="resnet18") + [
+        f"data.root={manifest}",
+        "data.label_columns=[articleType,masterCategory,baseColour]",
+        "data.tag_columns=[tags]",
+        "trainer.max_epochs=1",
+        "+trainer.limit_train_batches=2",
+        "test=false",
+        "trainer.precision=32",
+    ]
+    train(compose_cfg("train", overrides, run / "run"))
+    return sorted((run / "run" / "checkpoints").glob("*.ckpt"))[0]
+
+
+def module_inputs(checkpoint, count: int = 12):
+    """The checkpoint's module (eval) and real uint8 test images at its size, with their model input."""
+    module, datamodule = from_checkpoint(str(checkpoint), split="test")
+    images = check_images(datamodule, count)
+    return module.eval(), images, ToModelInput(module.input_config)(images)
+
+
+def test_onnx_of_several_heads_has_one_output_per_head_equal_to_the_module(heads_checkpoint, tmp_path):
+    cfg = compose_cfg(
+        "export", [f"ckpt_path={heads_checkpoint}", "check_images=16", "batch_size=8"], tmp_path / "run"
+    )
+    result = export(cfg)
+    assert set(result["max_abs_diff_per_head"]) == set(COLUMNS) and result["max_abs_diff"] <= 1e-4
+    session = ort.InferenceSession(str(tmp_path / "run" / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()] == COLUMNS  # head order, derived level included
+    meta = json.loads((tmp_path / "run" / "model.json").read_text())
+    module, images, x = module_inputs(heads_checkpoint)
+    assert meta["outputs"] == COLUMNS and meta["heads"] == [
+        {"column": h.column, "kind": h.kind, "classes": h.classes, "source": h.source} for h in module.heads
+    ]
+    assert meta["heads"][1]["source"] == "articleType" and meta["class_names"] == module.class_names
+    with torch.inference_mode():
+        expected = module(x)
+    for batch in (1, 5, 12):  # the batch dimension is dynamic
+        outputs = session.run(None, {"images": images[:batch].numpy()})
+        for column, out in zip(COLUMNS, outputs, strict=True):
+            np.testing.assert_allclose(out, expected[column][:batch].numpy(), atol=1e-4, rtol=0)
+    # the coarser level is computed in the graph: log of the summed probabilities of its members
+    article, master = session.run(["articleType", "masterCategory"], {"images": images.numpy()})
+    parents = np.asarray(module.heads[1].parents)
+    summed = np.stack([softmax(article)[:, parents == k].sum(1) for k in range(2)], axis=1)
+    np.testing.assert_allclose(np.exp(master), summed, atol=1e-5)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    e = np.exp(logits - logits.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
+
+def test_timm_folder_of_several_heads_carries_every_trained_head_and_the_backbone(heads_checkpoint, tmp_path):
+    folder = tmp_path / "export" / "timm"
+    cfg = compose_cfg(
+        "export", [f"ckpt_path={heads_checkpoint}", "format=timm", "check_images=8"], tmp_path / "export"
+    )
+    assert export(cfg)["max_abs_diff"] <= 1e-5
+    config = json.loads((folder / "config.json").read_text())
+    module, _, x = module_inputs(heads_checkpoint)
+    heads = {h["column"]: h for h in config["heads"]}
+    assert [h["column"] for h in config["heads"]] == COLUMNS
+    assert heads["articleType"]["outputs"] == [0, 4] and heads["baseColour"]["outputs"] == [4, 7]
+    assert heads["tags"] == {
+        "column": "tags", "kind": "tags", "classes": ["floral", "sticker"], "source": None, "outputs": [7, 9],
+        "weight_shape": [2, 512],
+    }  # fmt: skip
+    assert heads["masterCategory"]["source"] == "articleType" and "outputs" not in heads["masterCategory"]
+    assert heads["masterCategory"]["parents"] == module.heads[1].parents
+    assert config["num_classes"] == 9 and config["label_names"][4] == "baseColour=Blue"
+    weights = load_file(folder / "model.safetensors")
+    assert weights["fc.weight"].shape == (9, 512) and not [k for k in weights if k.startswith("heads")]
+
+    loaded = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+    backbone = timm.create_model(f"local-dir:{folder}", pretrained=True, num_classes=0).eval()
+    with torch.inference_mode():
+        logits, expected = loaded(x), module(x)
+        for column in ("articleType", "baseColour", "tags"):
+            start, end = heads[column]["outputs"]
+            torch.testing.assert_close(logits[:, start:end], expected[column], atol=1e-5, rtol=0)
+        torch.testing.assert_close(backbone(x), module.embed(x), atol=1e-5, rtol=0)

@@ -6,8 +6,9 @@ import timm
 
 from skuvision.assembly import build
 from skuvision.data.datamodule import ImageDataModule
+from skuvision.data.transforms import crop_mode
 from skuvision.errors import SkuvisionError
-from skuvision.models.input_config import crop_mode, resolve_input
+from skuvision.models.input_config import resolve_input
 from tests.helpers import compose_cfg, quick_overrides, run_cli
 
 

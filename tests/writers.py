@@ -10,6 +10,7 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 from PIL import Image
 
 from skuvision.data.cifar import CIFAR100_CLASSES
@@ -275,3 +276,23 @@ def red_pixels(image) -> np.ndarray:
     """(H, W) bool: the red pixels of a uint8 CHW tensor (RGB)."""
     r, g, b = np.asarray(image).astype(int)
     return (r > 200) & (g < 60) & (b < 60)
+
+
+def write_catalogue_table(
+    root: Path, n: int = 240, seed: int = 0, square: bool = False
+) -> tuple[Path, pd.DataFrame]:
+    """write_catalogue_export's data as a manifest: its styles.csv with a path column (images/<id>.jpg) in
+    root/manifest.csv; returns the file and its table (every cell text), for callers to plant defects.
+    `square`: each photo padded with white to 64x64, as catalogues often store them, so that a centre crop
+    keeps the sticker and floral marks (the tags) at the top and bottom."""
+    csv_path, _ = write_catalogue_export(root, n=n, seed=seed)
+    table = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+    table.insert(0, "path", [f"images/{pid}.jpg" for pid in table["id"]])
+    if square:
+        for path in table["path"]:
+            photo = Image.open(root / path)
+            canvas = Image.new("RGB", (max(photo.size),) * 2, (255, 255, 255))
+            canvas.paste(photo, ((canvas.width - photo.width) // 2, (canvas.height - photo.height) // 2))
+            canvas.save(root / path, quality=95)
+    table.to_csv(root / "manifest.csv", index=False)
+    return root / "manifest.csv", table

@@ -6,6 +6,8 @@ may use it.
   fails when it adds columns to it (pytorch-lightning 2.6.6);
 - torch names no public check for native bf16 on the CPU (torch 2.14.1: `torch.cpu._is_avx512_bf16_supported`,
   `torch.cpu._is_amx_tile_supported`, in `cpu_has_native_bf16`);
+- Lightning's DDP launcher starts ranks other than zero by re-running the command line with LOCAL_RANK set and
+  `hydra.output_subdir=null` (pytorch-lightning 2.6.6: `_hydra_subprocess_cmd`, in `rerun_by_lightning_ddp`);
 - litdata's obstore client refuses plain-http endpoints (litdata 0.2.76: `_OBSTORE_AVAILABLE`);
 - torch's AveragedModel reads its update counter on the host at every update (torch 2.14.1), and Lightning's
   WeightAveraging keeps it in `_average_model` with no way to update it otherwise (pytorch-lightning 2.6.6:
@@ -39,6 +41,12 @@ def cpu_has_native_bf16() -> bool:
     """AVX512-BF16 or AMX: bf16 autocast about doubles training speed there, and is emulated (slower than
     float32) elsewhere."""
     return any(getattr(torch.cpu, name, lambda: False)() for name in NATIVE_BF16_CHECKS)
+
+
+def rerun_by_lightning_ddp(output_subdir: str | None) -> bool:
+    """Whether Lightning's DDP launcher started this process (a rank other than zero) by re-running rank
+    zero's command into rank zero's run folder; `output_subdir`: the composed hydra.output_subdir."""
+    return os.environ.get("LOCAL_RANK", "0") != "0" and output_subdir is None
 
 
 def keep_earlier_csv_rows(loggers: list) -> None:

@@ -66,6 +66,9 @@ class Catalogue:
     descriptors: np.ndarray  # float32 (N, E): duplicate descriptors
     mirrored: np.ndarray  # the same for the mirror images
     file_backed: bool
+    # A table with several columns: {label column: class index or -1, tag column: (N, T) multi-hot}; `labels`
+    # is then its first label column's
+    targets: dict[str, np.ndarray] | None = None
 
     def __len__(self) -> int:
         return len(self.items)
@@ -78,6 +81,7 @@ def embed_catalogue(trainer, classifier, datamodule, descriptor: str, grid: int)
     """Runs the model over every split of the (set up) data module."""
     embedder = AuditEmbedder(classifier, descriptor, grid)
     parts: dict[str, list] = {key: [] for key in ("splits", "index", "items", "labels")}
+    targets: dict[str, list] = {}
     arrays: dict[str, list] = {key: [] for key in ("embedding", "plain", "mirrored")}
     paths_known = []
     for split, dataset in datamodule.splits.items():
@@ -89,7 +93,13 @@ def embed_catalogue(trainer, classifier, datamodule, descriptor: str, grid: int)
         parts["splits"] += [split] * n
         parts["index"].append(np.arange(n))
         parts["items"] += paths or [f"{split}[{i}]" for i in range(n)]
-        parts["labels"].append(torch.cat([torch.as_tensor(o["labels"]) for o in outputs]).cpu().numpy())
+        if isinstance(outputs[0]["labels"], dict):  # a table's columns
+            for column in outputs[0]["labels"]:
+                values = torch.cat([o["labels"][column] for o in outputs]).cpu().numpy()
+                targets.setdefault(column, []).append(values)
+            parts["labels"].append(np.asarray(datamodule.split_labels(split)))
+        else:
+            parts["labels"].append(torch.cat([torch.as_tensor(o["labels"]) for o in outputs]).cpu().numpy())
         for key in arrays:
             arrays[key].append(torch.cat([o[key] for o in outputs]).cpu().numpy())
 
@@ -105,4 +115,5 @@ def embed_catalogue(trainer, classifier, datamodule, descriptor: str, grid: int)
         descriptors=stacked("plain"),
         mirrored=stacked("mirrored"),
         file_backed=all(paths_known),
+        targets={column: np.concatenate(values) for column, values in targets.items()} or None,
     )

@@ -4,6 +4,11 @@ cleanlab's confident learning.
 Cheap mode fits a logistic regression on the checkpoint's embeddings (scikit-learn's cross_val_predict);
 full mode trains the checkpoint's own training config K times, each run on K-1 folds, and predicts the
 held-out fold.
+
+With several label and tag columns (one head each) one K-fold split serves every head: each training (or each
+fold's regressions) predicts every column of the fold it did not see. A label column's issues are cleanlab's
+`find_label_issues` over the rows that have a value in it; a tag column's, cleanlab's multi-label filter over
+every row (an empty cell is the label "no tags").
 """
 
 from __future__ import annotations
@@ -14,12 +19,15 @@ from pathlib import Path
 import numpy as np
 import torch
 from cleanlab.filter import find_label_issues
+from cleanlab.multilabel_classification import filter as multilabel_filter
+from cleanlab.multilabel_classification import rank as multilabel_rank
 from cleanlab.rank import get_label_quality_scores
 from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning import seed_everything
 from pytorch_lightning.callbacks import LearningRateMonitor
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold, cross_val_predict
+from sklearn.multiclass import OneVsRestClassifier
 from threadpoolctl import threadpool_limits
 from torch.utils.data import Dataset, Subset
 
@@ -27,13 +35,16 @@ from skuvision.assembly import build, build_trainer, instantiate_callbacks
 from skuvision.checkpoints import read_checkpoint
 from skuvision.data.datasets import InMemoryImages
 from skuvision.errors import SkuvisionError
+from skuvision.models.heads import Head, members
+from skuvision.readout import concat_batches, head_probs
 
 log = logging.getLogger("skuvision")
 
 
 def stratified_folds(labels: np.ndarray, class_names: list[str], folds: int, seed: int) -> StratifiedKFold:
-    """K stratified folds; refuses classes too small for every fold to hold one of their images."""
-    counts = np.bincount(labels, minlength=len(class_names))
+    """K stratified folds; refuses classes too small for every fold to hold one of their images. Rows without
+    a label (-1: a table's empty cell) are left out of the count and spread over the folds as a group."""
+    counts = np.bincount(labels[labels >= 0], minlength=len(class_names))
     small = [f"{class_names[c]} ({n})" for c, n in enumerate(counts) if n < folds]
     if small:
         raise SkuvisionError(
@@ -54,10 +65,52 @@ def cheap_pred_probs(
     (it lifts low-variance directions, where what the network memorized of the noisy labels seems to lie)."""
     cv = stratified_folds(labels, class_names, folds, seed)
     model = LogisticRegression(C=c, max_iter=1000)
-    features = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
     # BLAS threads next to torch's OpenMP pool fight for the cores: one BLAS thread fitted 3x faster here.
     with threadpool_limits(limits=1, user_api="blas"):
-        return cross_val_predict(model, features, labels, cv=cv, method="predict_proba")
+        return cross_val_predict(model, unit_rows(features), labels, cv=cv, method="predict_proba")
+
+
+def unit_rows(features: np.ndarray) -> np.ndarray:
+    return features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
+
+
+def fold_splits(labels: np.ndarray, class_names: list[str], folds: int, seed: int) -> list[tuple]:
+    """(training rows, held-out rows) of each fold, stratified by `labels` (a table's first label column)."""
+    cv = stratified_folds(labels, class_names, folds, seed)
+    return list(cv.split(np.zeros(len(labels)), labels))
+
+
+def cheap_head_probs(
+    features: np.ndarray,
+    targets: dict[str, np.ndarray],
+    heads: list[Head],
+    splits: list[tuple],
+    c: float = 1.0,
+) -> dict[str, np.ndarray]:
+    """Out-of-sample probabilities of every head for every training row, as cheap_pred_probs for one column:
+    per fold, a logistic regression per label column on the fold's rows that have a value, one per tag
+    (one-vs-rest) on all of them; a coarser level sums its source's, as the model's derived head does."""
+    features = unit_rows(features)
+    probs: dict[str, np.ndarray] = {}
+    with threadpool_limits(limits=1, user_api="blas"):
+        for head in (h for h in heads if not h.derived):
+            y = targets[head.column]
+            out = np.zeros((len(features), len(head.classes)))
+            for train_idx, held_idx in splits:
+                if head.kind == "tags":
+                    model = OneVsRestClassifier(LogisticRegression(C=c, max_iter=1000))
+                    model.fit(features[train_idx], y[train_idx].astype(int))
+                    out[held_idx] = model.predict_proba(features[held_idx])
+                    continue
+                rows = train_idx[y[train_idx] >= 0]
+                model = LogisticRegression(C=c, max_iter=1000).fit(features[rows], y[rows])
+                # a class absent from the fold's training rows gets probability 0 there
+                out[np.ix_(held_idx, model.classes_)] = model.predict_proba(features[held_idx])
+            probs[head.column] = out
+    for head in (h for h in heads if h.derived):
+        source = probs[head.source]
+        probs[head.column] = source @ members(head, source.shape[1]).double().numpy()
+    return {h.column: probs[h.column] for h in heads}
 
 
 def take(dataset: Dataset, indices: np.ndarray) -> Dataset:
@@ -105,16 +158,19 @@ def fit_fold(cfg: DictConfig, train_idx: np.ndarray, output_dir: Path):
 
 def full_pred_probs(
     cfg: DictConfig, eval_datamodule, labels: np.ndarray, class_names: list[str], folds: int, seed: int,
-    output_dir: Path,
-) -> np.ndarray:  # fmt: skip
+    output_dir: Path, heads: list[Head] | None = None,
+) -> np.ndarray | dict[str, np.ndarray]:  # fmt: skip
     """Out-of-sample class probabilities of K trainings of `cfg`, each predicting the fold it did not see.
 
     `eval_datamodule`: the audited data module (eval transforms, set up); its training split is predicted.
+    With `heads` (a table's columns), {column: probabilities} of every head from the same K trainings.
     """
-    cv = stratified_folds(labels, class_names, folds, seed)
-    probs = np.zeros((len(labels), len(class_names)), dtype=np.float64)
+    if heads is None:
+        probs = np.zeros((len(labels), len(class_names)), dtype=np.float64)
+    else:
+        probs = {h.column: np.zeros((len(labels), len(h.classes))) for h in heads}
     full_train = eval_datamodule.splits["train"]
-    for k, (train_idx, held_idx) in enumerate(cv.split(np.zeros(len(labels)), labels)):
+    for k, (train_idx, held_idx) in enumerate(fold_splits(labels, class_names, folds, seed)):
         log.info("label audit, full mode: fold %d of %d (%d training images)", k + 1, folds, len(train_idx))
         trainer = fit_fold(cfg.copy(), train_idx, output_dir / f"fold_{k}")
         module = trainer.lightning_module
@@ -126,7 +182,12 @@ def full_pred_probs(
         outputs = trainer.predict(
             module, datamodule=eval_datamodule, ckpt_path=best or None, weights_only=True
         )
-        probs[held_idx] = torch.cat([o["outputs"] for o in outputs]).softmax(dim=1).cpu().numpy()
+        if heads is None:
+            probs[held_idx] = torch.cat([o["outputs"] for o in outputs]).softmax(dim=1).cpu().numpy()
+            continue
+        logits = concat_batches([o["outputs"] for o in outputs])
+        for column, p in head_probs(heads, logits).items():
+            probs[column][held_idx] = p.numpy()
     del eval_datamodule.splits["held_out"]
     return probs
 
@@ -138,3 +199,29 @@ def label_issues(labels: np.ndarray, pred_probs: np.ndarray, filter_by: str) -> 
     )
     scores = get_label_quality_scores(labels, pred_probs, method="self_confidence")
     return np.asarray(flagged, dtype=int), scores
+
+
+def tag_issues(tags: np.ndarray, pred_probs: np.ndarray, filter_by: str) -> tuple[np.ndarray, np.ndarray]:
+    """A tag column's (flagged rows, worst first; label quality of every row): cleanlab's multi-label filter
+    on multi-hot `tags` (N, T) and sigmoid probabilities; a row is flagged when any tag looks wrong (missing
+    or extra)."""
+    lists = [np.flatnonzero(row).tolist() for row in tags]
+    flagged = multilabel_filter.find_label_issues(
+        lists, pred_probs, filter_by=filter_by, return_indices_ranked_by="self_confidence"
+    )
+    scores = multilabel_rank.get_label_quality_scores(lists, pred_probs)
+    return np.asarray(flagged, dtype=int), scores
+
+
+def column_issues(
+    head: Head, targets: np.ndarray, pred_probs: np.ndarray, filter_by: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """One column's (flagged rows, worst first; label quality per row, NaN where the row has no value): a
+    label column's rows without a value are left out."""
+    if head.kind == "tags":
+        return tag_issues(targets, pred_probs, filter_by)
+    rows = np.flatnonzero(targets >= 0)
+    flagged, row_scores = label_issues(targets[rows], pred_probs[rows], filter_by)
+    scores = np.full(len(targets), np.nan)
+    scores[rows] = row_scores
+    return rows[flagged], scores

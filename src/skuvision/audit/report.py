@@ -55,9 +55,11 @@ def short(item: str, width: int = 28) -> str:
 
 def write_label_issues(
     path: Path, catalogue: Catalogue, train: np.ndarray, flagged: np.ndarray, probs: np.ndarray,
-    scores: np.ndarray, class_names: list[str],
+    scores: np.ndarray, class_names: list[str], labels: np.ndarray | None = None,
 ) -> list[dict]:  # fmt: skip
-    """One row per flagged training image, lowest label quality first."""
+    """One row per flagged training image, lowest label quality first. `labels`: a table column's class
+    indices of every image (default: the catalogue's labels)."""
+    labels = catalogue.labels if labels is None else labels
     rows = []
     for rank, t in enumerate(flagged, 1):
         i = train[t]
@@ -67,7 +69,7 @@ def write_label_issues(
                 "rank": rank,
                 "index": int(catalogue.index[i]),
                 "item": catalogue.items[i],
-                "given": class_names[catalogue.labels[i]],
+                "given": class_names[labels[i]],
                 "suggested": class_names[suggested],
                 "suggested_prob": round(float(probs[t, suggested]), 4),
                 "label_quality": round(float(scores[t]), 6),
@@ -75,6 +77,46 @@ def write_label_issues(
         )
     write_csv(path, rows, ["rank", "index", "item", "given", "suggested", "suggested_prob", "label_quality"])
     return rows
+
+
+TAG_ISSUE_COLUMNS = [
+    "rank", "index", "item", "given", "suggested", "likely_missing", "likely_extra", "label_quality",
+]  # fmt: skip
+
+
+def write_tag_issues(
+    path: Path, catalogue: Catalogue, train: np.ndarray, flagged: np.ndarray, probs: np.ndarray,
+    scores: np.ndarray, tag_names: list[str], tags: np.ndarray, separator: str,
+) -> list[dict]:  # fmt: skip
+    """One row per flagged training image of a tag column, lowest label quality first: its tags, those the
+    out-of-sample probabilities reach 0.5 for, and the difference both ways."""
+
+    def joined(mask) -> str:
+        return separator.join(name for name, on in zip(tag_names, mask, strict=True) if on)
+
+    rows = []
+    for rank, t in enumerate(flagged, 1):
+        i = train[t]
+        given, seen = tags[i] > 0, probs[t] >= 0.5
+        rows.append(
+            {
+                "rank": rank,
+                "index": int(catalogue.index[i]),
+                "item": catalogue.items[i],
+                "given": joined(given),
+                "suggested": joined(seen),
+                "likely_missing": joined(seen & ~given),
+                "likely_extra": joined(given & ~seen),
+                "label_quality": round(float(scores[t]), 6),
+            }
+        )
+    write_csv(path, rows, TAG_ISSUE_COLUMNS)
+    return rows
+
+
+def class_name(class_names: list[str], k: int) -> str:
+    """A label's name; "" for a table row without one (-1)."""
+    return class_names[k] if k >= 0 else ""
 
 
 DUPLICATE_COLUMNS = [
@@ -94,10 +136,10 @@ def duplicate_rows(pairs: list[Pair], catalogue: Catalogue, class_names: list[st
                 "kind": p.kind,
                 "item_a": catalogue.items[a],
                 "split_a": catalogue.splits[a],
-                "label_a": class_names[catalogue.labels[a]],
+                "label_a": class_name(class_names, catalogue.labels[a]),
                 "item_b": catalogue.items[b],
                 "split_b": catalogue.splits[b],
-                "label_b": class_names[catalogue.labels[b]],
+                "label_b": class_name(class_names, catalogue.labels[b]),
                 "similarity": round(p.similarity, 6),
                 "mirrored": p.mirrored,
                 "same_label": bool(catalogue.labels[a] == catalogue.labels[b]),

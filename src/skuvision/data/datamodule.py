@@ -17,9 +17,14 @@ from skuvision.data.augment import TrainAugment
 from skuvision.data.datasets import ImageFiles, InMemoryImages, dataset_labels, dataset_paths, keep_batch
 from skuvision.data.decode import DECODE_ON, JpegBatch, collate_images, decode_batch_on_device, scan_images
 from skuvision.data.decode_cache import DecodedImageCache
-from skuvision.data.transforms import ToModelInput, eval_image_transform, eval_min_side, eval_pixel_budget
+from skuvision.data.transforms import (
+    ToModelInput,
+    crop_mode,
+    eval_image_transform,
+    eval_min_side,
+    eval_pixel_budget,
+)
 from skuvision.errors import SkuvisionError
-from skuvision.models.input_config import crop_mode
 
 log = logging.getLogger(__name__)
 

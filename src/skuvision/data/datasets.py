@@ -18,9 +18,8 @@ from torch.utils.data import Dataset, Subset
 from torchvision.transforms.v2.functional import to_pil_image
 
 from skuvision.data.decode import DECODE_ERRORS, JpegFile, device_jpeg, open_rgb
-from skuvision.data.transforms import eval_image_transform, eval_min_side, eval_pixel_budget
+from skuvision.data.transforms import crop_mode, eval_image_transform, eval_min_side, eval_pixel_budget
 from skuvision.errors import SkuvisionError
-from skuvision.models.input_config import crop_mode
 
 
 class InMemoryImages(Dataset):

@@ -33,8 +33,7 @@ from filelock import FileLock
 
 from skuvision.config import cache_dir
 from skuvision.data.decode import DECODE_ERRORS
-from skuvision.data.transforms import border_fill
-from skuvision.models.input_config import crop_mode
+from skuvision.data.transforms import border_fill, crop_mode
 
 log = logging.getLogger(__name__)
 

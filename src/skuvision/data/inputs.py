@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from pytorch_lightning import LightningDataModule
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from skuvision.data.datasets import InputImageFiles, broken_link
 from skuvision.data.decode import IMAGE_SUFFIXES
@@ -47,10 +47,28 @@ def collect_inputs(inputs: str | Sequence[str]) -> list[Path]:
     return paths
 
 
+class Positioned(Dataset):
+    """The files at `positions` (of the input, in order): each sample carries its position beside its read
+    error, {"error": ..., "index": position}, so outputs are matched to files without relying on the order
+    batches come in (skuvision.shards)."""
+
+    def __init__(self, files: InputImageFiles, positions: Sequence[int]):
+        self.files = files
+        self.positions = list(positions)
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __getitem__(self, i: int):
+        image, error = self.files[self.positions[i]]
+        return image, {"error": error, "index": self.positions[i]}
+
+
 class InputFilesDataModule(LightningDataModule):
     """Batches of files for Trainer.predict, normalized on the device like the training data.
 
-    `cache`: read and fill the decoded-image cache (see skuvision.data.decode_cache)."""
+    `cache`: read and fill the decoded-image cache (see skuvision.data.decode_cache). `positions`: read only
+    these files (positions in `paths`), each sample carrying its position (Positioned)."""
 
     def __init__(
         self,
@@ -59,9 +77,11 @@ class InputFilesDataModule(LightningDataModule):
         batch_size: int = 64,
         num_workers: int = 2,
         cache: bool = False,
+        positions: Sequence[int] | None = None,
     ):
         super().__init__()
         self.dataset = InputImageFiles(paths, input_config)
+        self.positions = positions
         self.to_model_input = ToModelInput(input_config)
         self.batch_size = batch_size
         self.num_workers = num_workers
@@ -70,12 +90,23 @@ class InputFilesDataModule(LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.cache and self.dataset.cached is None:
             store = DecodedImageCache(self.dataset.input_config, self.dataset.channels)
-            self.dataset.cached = store.fill(self.dataset, workers=max(2, self.num_workers))
+            self.dataset.cached = store.fill(
+                self.dataset, self.own_positions(), workers=max(2, self.num_workers)
+            )
+
+    def own_positions(self) -> list[int] | None:
+        """The positions this process will read: with several processes, every world_size-th of `positions`
+        from its rank, as Lightning's UnrepeatedDistributedSampler deals them (a position outside it is only
+        decoded without the cache)."""
+        if self.positions is None:
+            return None
+        world = self.trainer.world_size if self.trainer is not None else 1
+        rank = self.trainer.global_rank if self.trainer is not None else 0
+        return list(self.positions)[rank::world]
 
     def predict_dataloader(self) -> DataLoader:
-        return DataLoader(
-            self.dataset, batch_size=self.batch_size, num_workers=self.num_workers, shuffle=False
-        )
+        dataset = self.dataset if self.positions is None else Positioned(self.dataset, self.positions)
+        return DataLoader(dataset, batch_size=self.batch_size, num_workers=self.num_workers, shuffle=False)
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         images, errors = batch

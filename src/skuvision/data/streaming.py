@@ -27,9 +27,8 @@ from torchvision.transforms.v2.functional import to_pil_image
 from skuvision.compat import use_boto3_for_plain_http
 from skuvision.data.datamodule import SPLITS, ImageDataModule
 from skuvision.data.decode import DECODE_ERRORS, open_rgb
-from skuvision.data.transforms import border_fill, scale_size
+from skuvision.data.transforms import border_fill, crop_mode, scale_size
 from skuvision.errors import SkuvisionError
-from skuvision.models.input_config import crop_mode
 from skuvision.outputs import write_new_text
 
 log = logging.getLogger(__name__)

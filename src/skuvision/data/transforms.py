@@ -16,7 +16,22 @@ from torch import nn
 from torchvision.transforms.v2 import functional as TF
 
 from skuvision.data.decode import pixel_budget
-from skuvision.models.input_config import crop_mode
+from skuvision.errors import SkuvisionError
+
+# timm's eval crop modes (transforms_imagenet_eval): center crops the middle square, squash resizes the whole
+# image to the square, border fits the whole image inside it and pads.
+CROP_MODES = ("center", "squash", "border")
+
+
+def check_crop_mode(mode: str) -> str:
+    if mode not in CROP_MODES:
+        raise SkuvisionError(f"input.crop_mode={mode!r}: use one of {', '.join(CROP_MODES)}")
+    return mode
+
+
+def crop_mode(input_config: dict) -> str:
+    """The config's crop mode: "center" for one stored before crop_mode existed (they all cropped so)."""
+    return check_crop_mode(input_config.get("crop_mode") or "center")
 
 
 def eval_image_transform(input_config: dict):

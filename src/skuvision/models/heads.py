@@ -137,11 +137,17 @@ def replace_classifier(backbone: nn.Module, heads: list[Head]) -> MultiHead:
             f"{type(backbone).__name__}: its classifier ({type(classifier).__name__}) is not a linear layer "
             "that several heads can replace; use another model for data.label_columns/tag_columns"
         )
+    multi = MultiHead(int(in_features), heads)
+    set_classifier(backbone, multi)
+    return multi
+
+
+def set_classifier(backbone: nn.Module, layer: nn.Module) -> None:
+    """Put `layer` where the backbone's classifier (the module `get_classifier()` returns) is."""
+    classifier = backbone.get_classifier()
     path = next(name for name, module in backbone.named_modules() if module is classifier)
     parent_path, _, attr = path.rpartition(".")
-    multi = MultiHead(int(in_features), heads)
-    setattr(backbone.get_submodule(parent_path) if parent_path else backbone, attr, multi)
-    return multi
+    setattr(backbone.get_submodule(parent_path) if parent_path else backbone, attr, layer)
 
 
 class HeadLosses(nn.Module):

@@ -13,13 +13,11 @@ import timm
 from timm.data import resolve_data_config
 from timm.data.loader import adapt_to_chs
 
+from skuvision.data.transforms import check_crop_mode
 from skuvision.errors import SkuvisionError
 from skuvision.models import simple_cnn  # noqa: F401  (registers simple_cnn with timm)
 
 INPUT_KEYS = ("image_size", "mean", "std", "interpolation", "crop_pct", "crop_mode")
-# timm's eval crop modes (transforms_imagenet_eval): center crops the middle square, squash resizes the whole
-# image to the square, border fits the whole image inside it and pads.
-CROP_MODES = ("center", "squash", "border")
 
 
 def check_model_name(name: str | None) -> None:
@@ -29,17 +27,6 @@ def check_model_name(name: str | None) -> None:
         close = timm.list_models(f"*{name.split('.')[0][:6]}*")[:5]
         hint = f" Similar: {', '.join(close)}." if close else ""
         raise SkuvisionError(f"unknown model.name={name!r}: not a timm model.{hint} See timm.list_models().")
-
-
-def check_crop_mode(mode: str) -> str:
-    if mode not in CROP_MODES:
-        raise SkuvisionError(f"input.crop_mode={mode!r}: use one of {', '.join(CROP_MODES)}")
-    return mode
-
-
-def crop_mode(input_config: dict) -> str:
-    """The config's crop mode: "center" for one stored before crop_mode existed (they all cropped so)."""
-    return check_crop_mode(input_config.get("crop_mode") or "center")
 
 
 def resolve_input(model: dict, in_chans: int, **overrides: Any) -> dict:

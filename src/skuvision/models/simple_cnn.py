@@ -45,6 +45,7 @@ class SimpleCNN(nn.Module):
             )
         w1, w2 = widths[:2]
         self.num_classes = num_classes
+        self.in_chans = in_chans  # timm's save_for_hf reads it (else its default config's: 1 channel)
         self.drop_rate = drop_rate
         self.stem = nn.Sequential(*conv_bn_relu(in_chans, w1))
         self.stages = nn.Sequential(

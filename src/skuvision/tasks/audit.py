@@ -1,7 +1,9 @@
 """audit(cfg): what a checkpoint and its data reveal about the catalogue, written to <run folder>/audit/.
 
 - label_issues.csv and label_issues.png: training images whose given label is likely wrong (cleanlab on
-  out-of-sample predicted probabilities from K-fold cross-fitting);
+  out-of-sample predicted probabilities from K-fold cross-fitting); with several label and tag columns, one
+  label_issues_<column>.csv and .png per column instead (a tag column's rows say which tags look missing or
+  extra);
 - duplicates.csv and duplicates.png: exact and near duplicates within and across splits, with `leakage`
   marking a val or test image that duplicates a training image;
 - image_issues.csv: cleanvision's quality checks;
@@ -11,9 +13,11 @@
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
+import torch
 from omegaconf import DictConfig
 from pytorch_lightning import seed_everything
 
@@ -25,6 +29,8 @@ from skuvision.audit.duplicates import EVALUATION_SPLITS, find_duplicates
 from skuvision.audit.quality import flagged, meaningful_checks, run_imagelab
 from skuvision.config import plain, set_threads
 from skuvision.errors import SkuvisionError
+from skuvision.metrics import tag_metrics
+from skuvision.models.heads import Head, heads_from_specs
 from skuvision.outputs import refuse_existing, write_new_json, write_new_text
 from skuvision.tasks.launch import check_devices
 
@@ -129,6 +135,8 @@ def audit(cfg: DictConfig) -> dict:
 
 
 def audit_labels(cfg, train_cfg, catalogue: Catalogue, datamodule, out: Path, md: list[str]) -> dict:
+    if catalogue.targets is not None:
+        return audit_columns(cfg, train_cfg, catalogue, datamodule, out, md)
     options = cfg.audit
     class_names = list(datamodule.class_names)
     train = catalogue.of_split("train")
@@ -151,10 +159,7 @@ def audit_labels(cfg, train_cfg, catalogue: Catalogue, datamodule, out: Path, md
     shown = rows[: options.gallery]
     report.gallery_png(
         [report.picture(catalogue, datamodule, train[t]) for t in flagged_idx[: options.gallery]],
-        [
-            f"#{r['index']} given: {r['given']}\nsuggested: {r['suggested']} ({r['suggested_prob']:.0%})"
-            for r in shown
-        ],
+        [label_title(r) for r in shown],
         out / "label_issues.png",
         "likely label errors (lowest label quality first)",
     )
@@ -182,6 +187,118 @@ def audit_labels(cfg, train_cfg, catalogue: Catalogue, datamodule, out: Path, md
         + "\n\n![likely label errors](label_issues.png)\n",
     )
     return result
+
+
+def label_title(row: dict) -> str:
+    return (
+        f"#{row['index']} given: {row['given']}\nsuggested: {row['suggested']} ({row['suggested_prob']:.0%})"
+    )
+
+
+def tag_title(row: dict) -> str:
+    return (
+        f"#{row['index']} given: {row['given'] or '-'}\nmissing: {row['likely_missing'] or '-'}, "
+        f"extra: {row['likely_extra'] or '-'}"
+    )
+
+
+def column_file(column: str) -> str:
+    """label_issues_<column>, the column's name kept to characters every file system takes."""
+    return "label_issues_" + re.sub(r"[^\w-]", "_", column)
+
+
+def audit_columns(cfg, train_cfg, catalogue: Catalogue, datamodule, out: Path, md: list[str]) -> dict:
+    """A table's label and tag columns: one K-fold cross-fitting gives every head's out-of-sample
+    probabilities; each column gets its own cleanlab filter, CSV and gallery (skuvision.audit.labels)."""
+    options = cfg.audit
+    heads = heads_from_specs(datamodule.heads)  # the data's columns and classes, which the targets index
+    class_names = list(datamodule.class_names)
+    train = catalogue.of_split("train")
+    labels = catalogue.labels[train]  # the first label column's: what the folds are stratified by
+    targets = {column: values[train] for column, values in catalogue.targets.items()}
+    folds = int(options.folds)
+    if options.label_mode == "cheap":
+        how = f"logistic regressions on the checkpoint's embeddings, {folds}-fold cross-fitting"
+        splits = label_audit.fold_splits(labels, class_names, folds, cfg.seed)
+        features = catalogue.embeddings[train]
+        probs = label_audit.cheap_head_probs(features, targets, heads, splits, float(options.regularization))
+    else:
+        how = f"{folds} trainings of the checkpoint's config, each predicting the fold it did not see"
+        probs = label_audit.full_pred_probs(
+            train_cfg, datamodule, labels, class_names, folds, cfg.seed, out / "folds", heads=heads
+        )
+    result: dict = {"mode": options.label_mode, "folds": folds, "columns": {}}
+    sections = []
+    for head in heads:
+        column, name = head.column, column_file(head.column)
+        flagged, scores = label_audit.column_issues(head, targets[column], probs[column], options.filter_by)
+        issues = (out / f"{name}.csv", catalogue, train, flagged, probs[column], scores, head.classes)
+        if head.kind == "tags":
+            separator = getattr(datamodule, "tag_separator", ";")
+            rows = report.write_tag_issues(*issues, catalogue.targets[column], separator)
+            titles = [tag_title(r) for r in rows[: options.gallery]]
+        else:
+            rows = report.write_label_issues(*issues, catalogue.targets[column])
+            titles = [label_title(r) for r in rows[: options.gallery]]
+        report.gallery_png(
+            [report.picture(catalogue, datamodule, train[t]) for t in flagged[: options.gallery]],
+            titles,
+            out / f"{name}.png",
+            f"{column}: likely {'tag' if head.kind == 'tags' else 'label'} errors (lowest quality first)",
+        )
+        summary = column_figures(head, targets[column], probs[column]) | {
+            "flagged": len(flagged),
+            "flagged_indices": [int(catalogue.index[train[t]]) for t in flagged],
+            "file": f"{name}.csv",
+        }
+        summary["flagged_share"] = round(len(flagged) / max(1, summary["images"]), 6)
+        result["columns"][column] = summary
+        sections.append(column_section(head, summary, rows, name, options))
+    md.insert(
+        2,
+        f"## Label issues (training split)\n\n{how}, one head per column; cleanlab `find_label_issues` per "
+        f"label column over the rows with a value, its multi-label version per tag column "
+        f"(filter_by={options.filter_by}).\n\n" + "\n".join(sections),
+    )
+    return result
+
+
+def column_figures(head: Head, targets: np.ndarray, probs: np.ndarray) -> dict:
+    """How far the out-of-sample probabilities agree with a column's given values: accuracy over the rows
+    with a value, or a tag column's mAP (torchmetrics, as training's val/<column>/map)."""
+    figures: dict = {"kind": head.kind} | ({"source": head.source} if head.derived else {})
+    if head.kind == "tags":
+        scores = tag_metrics(len(head.classes))(
+            torch.from_numpy(probs).float(), torch.from_numpy(targets).long()
+        )
+        return figures | {"images": len(targets), "out_of_sample_map": round(float(scores["map"]), 6)}
+    present = targets >= 0
+    agree = float((probs[present].argmax(1) == targets[present]).mean()) if present.any() else float("nan")
+    return figures | {"images": int(present.sum()), "out_of_sample_accuracy": round(agree, 6)}
+
+
+def column_section(head: Head, summary: dict, rows: list[dict], name: str, options) -> str:
+    if head.kind == "tags":
+        agreement = f"out-of-sample mAP over the tags {summary['out_of_sample_map']:.3f}"
+        header = ["rank", "item", "given", "likely missing", "likely extra", "label quality"]
+        keys = ["given", "likely_missing", "likely_extra", "label_quality"]
+    else:
+        accuracy = summary["out_of_sample_accuracy"]
+        agreement = f"out-of-sample predictions agree with the given label for {accuracy:.2%}"
+        header = ["rank", "item", "given", "suggested", "p", "label quality"]
+        keys = ["given", "suggested", "suggested_prob", "label_quality"]
+    table = [
+        [r["rank"], f"`{report.short(r['item'], 40)}`", *(r[k] for k in keys)]
+        for r in rows[: options.table_rows]
+    ]
+    source = f" (read off {head.source})" if head.derived else ""
+    share = summary["flagged_share"]
+    flagged = f"{summary['flagged']} of {summary['images']} training images flagged ({share:.2%})"
+    return (
+        f"### {head.column}{source}\n\n- {flagged}; {agreement}\n\n"
+        + report.markdown_table(header, table)
+        + f"\n\n![{head.column}]({name}.png)\n"
+    )
 
 
 def pair_titles(row: dict) -> tuple[str, str]:

@@ -3,6 +3,11 @@
 Writes embeddings.npz (L2-normalized features with their items and labels), a CatalogueIndex of them in index/
 (FAISS; exact by default), the k nearest neighbours of every item (or of one query image) found with that
 index, and, for a labelled split, retrieval quality by exact search: recall@1/5/10 and mAP.
+
+With input= files, or a split of files (image folder, manifest), on several processes (trainer=ddp,
+ddp_cpu, multinode) each process writes its images' features in shards in the run folder's shards/ and rank
+zero merges them in input order (skuvision.shards); a rerun with hydra.run.dir=<that run folder> skips the
+images finished shards hold.
 """
 
 from __future__ import annotations
@@ -18,12 +23,14 @@ from omegaconf import DictConfig
 
 from skuvision.assembly import build_trainer, from_checkpoint
 from skuvision.config import plain, set_threads
+from skuvision.data.datasets import dataset_labels
 from skuvision.data.inputs import InputFilesDataModule, collect_inputs
 from skuvision.errors import SkuvisionError
 from skuvision.index import CatalogueIndex, index_params
 from skuvision.metrics import retrieval_report
 from skuvision.outputs import new_file, refuse_existing, write_csv, write_new_json
 from skuvision.readout import concat_batches
+from skuvision.shards import plan_of, predict_in_shards, sharded
 
 log = logging.getLogger("skuvision")
 
@@ -41,6 +48,14 @@ def features_of(trainer, module, datamodule) -> tuple[torch.Tensor, list]:
     return features, [m for meta in metas for m in meta]
 
 
+def features_in_shards(cfg: DictConfig, trainer, module, items: list[str], **plan) -> tuple | None:
+    """Features of the files `items` written in shards by every process, merged on rank zero: (normalized
+    features, read errors) in the order of `items`; None on the other ranks."""
+    plan = plan_of("embed", cfg.ckpt_path, items, precision=str(trainer.precision), **plan)
+    merged = predict_in_shards(cfg, trainer, module, [Path(p) for p in items], plan)
+    return None if merged is None else (F.normalize(merged[0], dim=1), merged[1])
+
+
 def embed(cfg: DictConfig) -> dict:
     set_threads(cfg.get("threads"))
     if cfg.get("threads"):
@@ -55,14 +70,20 @@ def embed(cfg: DictConfig) -> dict:
     trainer = build_trainer(cfg, enable_checkpointing=False)
     if cfg.get("input"):
         items = [str(p) for p in collect_inputs(plain(cfg.input))]
-        files = InputFilesDataModule(
-            [Path(p) for p in items],
-            module.input_config,
-            cfg.batch_size,
-            cfg.num_workers,
-            cache=bool(cfg.get("cache", False)),
-        )
-        features, errors = features_of(trainer, module, files)
+        if sharded(cfg, trainer):
+            merged = features_in_shards(cfg, trainer, module, items)
+            if merged is None:  # not rank zero: rank zero writes the results
+                return {}
+            features, errors = merged
+        else:
+            files = InputFilesDataModule(
+                [Path(p) for p in items],
+                module.input_config,
+                cfg.batch_size,
+                cfg.num_workers,
+                cache=bool(cfg.get("cache", False)),
+            )
+            features, errors = features_of(trainer, module, files)
         keep = [i for i, e in enumerate(errors) if not e]
         for i in set(range(len(items))) - set(keep):
             log.warning("skipping unreadable %s (%s)", items[i], errors[i])
@@ -73,16 +94,34 @@ def embed(cfg: DictConfig) -> dict:
         datamodule.setup("predict")
         if cfg.split not in datamodule.splits:
             raise SkuvisionError(f"split={cfg.split}: choose one of {sorted(datamodule.splits)}")
-        features, labels = features_of(trainer, module, datamodule)
-        labels = torch.as_tensor(labels)
         dataset = datamodule.splits[cfg.split]
-        items = datamodule.sample_paths(cfg.split) or [f"{cfg.split}[{i}]" for i in range(len(dataset))]
+        paths = datamodule.sample_paths(cfg.split)
+        if sharded(cfg, trainer):
+            if paths is None:
+                raise SkuvisionError(
+                    f"split={cfg.split}: its images are not files of their own, which several processes "
+                    "(or shards=true) need: embed on one process, or use data=image_folder or data=manifest"
+                )
+            merged = features_in_shards(cfg, trainer, module, paths, split=cfg.split)
+            if merged is None:
+                return {}
+            features, errors = merged
+            if any(errors):
+                bad = next(i for i, e in enumerate(errors) if e)
+                raise SkuvisionError(f"split={cfg.split}: {paths[bad]} became unreadable ({errors[bad]})")
+            labels = dataset_labels(dataset)
+        else:
+            features, labels = features_of(trainer, module, datamodule)
+        labels = torch.as_tensor(labels)
+        items = paths or [f"{cfg.split}[{i}]" for i in range(len(dataset))]
         source = f"split={cfg.split}"
     check_enough_items(len(items), source, bool(cfg.get("query")), labels is not None)
     result: dict = {"embeddings": str(written["embeddings.npz"]), "dim": features.shape[1]}
     index = build_index(cfg, features.numpy(), items, labels, module.class_names)
     if cfg.get("query"):
         query_files = InputFilesDataModule(collect_inputs(str(cfg.query)), module.input_config, 1, 0)
+        if trainer.world_size > 1:  # one image on one process (the others have returned)
+            trainer = build_trainer(cfg, devices=1, num_nodes=1, strategy="auto", enable_checkpointing=False)
         query, errors = features_of(trainer, module, query_files)
         if errors[0]:
             raise SkuvisionError(f"query={cfg.query}: cannot read it ({errors[0]})")

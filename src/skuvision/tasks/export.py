@@ -2,12 +2,16 @@
 
 ONNX: the exported graph takes uint8 images (N, C, H, W) at the model's input size and does the scaling and
 normalization itself, so a deployment only resizes and crops (or pads) as input.crop_mode says; checked
-against PyTorch with onnxruntime. model.json beside it holds the class names and the input config.
+against PyTorch with onnxruntime. model.json beside it holds the class names and the input config. A model
+with several heads has one output per head, named by its column, in head order (coarser taxonomy levels
+computed in the graph), and model.json lists the heads.
 
 timm: config.json + model.safetensors written by timm's own `save_for_hf` (what `push_to_hf_hub` uploads),
 with the class names and the checkpoint's input config as the pretrained config; plain timm loads it with
 `timm.create_model("local-dir:<folder>", pretrained=True)`. It is loaded back that way and checked against
-the checkpoint's logits. The weights are the checkpoint's (the EMA average, where training kept one).
+the checkpoint's logits. The weights are the checkpoint's (the EMA average, where training kept one). A model
+with several heads is written as one classifier whose outputs are its trained heads' side by side (see
+`concatenated_heads`); config.json's "heads" says which outputs are whose.
 """
 
 from __future__ import annotations
@@ -26,25 +30,44 @@ from torch import nn
 from skuvision.assembly import from_checkpoint
 from skuvision.config import set_threads
 from skuvision.data.datamodule import ImageDataModule
-from skuvision.data.transforms import ToModelInput
+from skuvision.data.transforms import ToModelInput, crop_mode
 from skuvision.errors import SkuvisionError
 from skuvision.models.classifier import Classifier
-from skuvision.models.input_config import crop_mode
+from skuvision.models.heads import set_classifier
 from skuvision.outputs import new_file_with_companions, new_folder, refuse_existing, write_new_json
 
 log = logging.getLogger("skuvision")
 
 
 class Deployable(nn.Module):
-    """uint8 images at the model's size -> logits: normalization plus the backbone."""
+    """uint8 images at the model's size -> logits: normalization plus the backbone. With several heads, a
+    tuple of every head's logits in head order (derived levels completed in the graph): ONNX outputs are
+    positional, so a dict could not carry the names (output_names does)."""
 
     def __init__(self, module: Classifier):
         super().__init__()
         self.to_model_input = ToModelInput(module.input_config)
         self.backbone = module.backbone
+        self.complete = module.multi_head.complete if module.multi_head is not None else None
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.backbone(self.to_model_input(images))
+    def forward(self, images: torch.Tensor):
+        out = self.backbone(self.to_model_input(images))
+        if self.complete is None:
+            return out
+        return tuple(self.complete(out).values())
+
+
+def output_names(module: Classifier) -> list[str]:
+    """The ONNX outputs: `logits`, or one per head named by its column."""
+    return ["logits"] if module.multi_head is None else [h.column for h in module.heads]
+
+
+def head_cards(module: Classifier) -> list[dict]:
+    """What model.json and config.json say of each head: column, kind, classes, and the trained head a coarser
+    level is read off (null for a trained head)."""
+    return [
+        {"column": h.column, "kind": h.kind, "classes": h.classes, "source": h.source} for h in module.heads
+    ]
 
 
 def check_images(datamodule: ImageDataModule, count: int) -> torch.Tensor:
@@ -114,15 +137,16 @@ def export_onnx(cfg: DictConfig, module: Classifier, datamodule: ImageDataModule
     with new_file_with_companions(out) as partial:
         result = write_and_check_onnx(cfg, model, module, images, partial)
     result["onnx"] = str(out)
-    write_new_json(
-        out.with_suffix(".json"),
-        {
-            "class_names": module.class_names,
-            "input": module.input_config,
-            "input_dtype": "uint8",
-            "checkpoint": str(cfg.ckpt_path),
-        },
-    )
+    card = {
+        "class_names": module.class_names,
+        "input": module.input_config,
+        "input_dtype": "uint8",
+        "checkpoint": str(cfg.ckpt_path),
+    }
+    if module.multi_head is not None:
+        card["outputs"] = output_names(module)
+        card["heads"] = head_cards(module)
+    write_new_json(out.with_suffix(".json"), card)
     write_new_json(Path(cfg.paths.output_dir) / "export_check.json", result)
     print(f"ONNX: {out}")
     return result
@@ -135,7 +159,7 @@ def write_and_check_onnx(cfg: DictConfig, model: Deployable, module: Classifier,
             (images[:2],),
             str(out),
             input_names=["images"],
-            output_names=["logits"],
+            output_names=output_names(module),
             dynamic_shapes={"images": {0: torch.export.Dim("batch")}},
             opset_version=cfg.opset,
             dynamo=True,
@@ -145,15 +169,19 @@ def write_and_check_onnx(cfg: DictConfig, model: Deployable, module: Classifier,
             f"ONNX export of {module.hparams.model['name']} failed: {str(err).splitlines()[0]}"
         ) from err
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    names = output_names(module)
     with torch.inference_mode():
-        reference = model(images).numpy()
-    onnx_logits = np.concatenate(
-        [
-            session.run(None, {"images": images[i : i + cfg.batch_size].numpy()})[0]
-            for i in range(0, len(images), cfg.batch_size)
-        ]
-    )
-    max_diff = float(np.abs(onnx_logits - reference).max())
+        reference = model(images)
+    reference = [reference.numpy()] if module.multi_head is None else [r.numpy() for r in reference]
+    batches = [
+        session.run(names, {"images": images[i : i + cfg.batch_size].numpy()})
+        for i in range(0, len(images), cfg.batch_size)
+    ]
+    diffs = {
+        name: float(np.abs(np.concatenate([b[k] for b in batches]) - reference[k]).max())
+        for k, name in enumerate(names)
+    }
+    max_diff = max(diffs.values())
     with torch.inference_mode():
         torch_speed = images_per_second(model, images, cfg.batch_size)
     onnx_speed = images_per_second(lambda x: session.run(None, {"images": x.numpy()}), images, cfg.batch_size)
@@ -166,12 +194,15 @@ def write_and_check_onnx(cfg: DictConfig, model: Deployable, module: Classifier,
             f"onnxruntime differs from PyTorch by {max_diff:.2e} > tolerance={cfg.tolerance}: "
             "nothing was written"
         )
-    return {
+    result = {
         "max_abs_diff": max_diff,
         "images": len(images),
         "pytorch_img_per_s": torch_speed,
         "onnxruntime_img_per_s": onnx_speed,
     }
+    if module.multi_head is not None:
+        result["max_abs_diff_per_head"] = diffs
+    return result
 
 
 def timm_data_config(input_config: dict) -> dict:
@@ -219,8 +250,12 @@ def export_timm(cfg: DictConfig, module: Classifier, datamodule: ImageDataModule
 
 def write_and_check_timm(cfg: DictConfig, module: Classifier, datamodule: ImageDataModule, out: Path):
     # A copy in the default memory layout: safetensors stores contiguous tensors only (channels_last is not).
-    names = module.class_names
     backbone = copy.deepcopy(module.backbone).to(memory_format=torch.contiguous_format).eval()
+    extra = {}
+    if module.multi_head is None:
+        names = module.class_names
+    else:
+        names, extra["heads"] = concatenated_heads(backbone, module)
     timm.models.save_for_hf(
         backbone,
         str(out),
@@ -229,6 +264,7 @@ def write_and_check_timm(cfg: DictConfig, module: Classifier, datamodule: ImageD
         model_config={
             "label_names": names,
             "pretrained_cfg": {"num_classes": len(names), "label_names": names},
+            **extra,
         },
         data_config=timm_data_config(module.input_config),
         safe_serialization=True,
@@ -239,10 +275,46 @@ def write_and_check_timm(cfg: DictConfig, module: Classifier, datamodule: ImageD
     to_model_input = ToModelInput(module.input_config)
     with torch.inference_mode():
         x = to_model_input(images)
-        max_diff = float((loaded(x) - module.eval()(x)).abs().max())
+        reference = module.eval()(x)
+        if module.multi_head is not None:
+            reference = torch.cat([reference[h.column] for h in module.heads if not h.derived], dim=1)
+        max_diff = float((loaded(x) - reference).abs().max())
     if max_diff > cfg.tolerance:
         raise SkuvisionError(
             f"the exported timm model differs by {max_diff:.2e} > tolerance={cfg.tolerance}: "
             "nothing was written"
         )
     return max_diff, len(images)
+
+
+def concatenated_heads(backbone: nn.Module, module: Classifier) -> tuple[list[str], list[dict]]:
+    """Replaces the copied backbone's heads by one linear layer whose outputs are the trained heads' side by
+    side; returns its label names (`column=class`) and config.json's "heads": each head's column, kind,
+    classes, its outputs [start, end) and weight shape, or for a coarser level its source and parents.
+
+    Not `heads.<column>.weight` tensors beside the backbone's in model.safetensors: timm loads a folder with
+    `load_state_dict(strict=True)` unless the num_classes asked for differs from config.json's (timm's
+    `load_pretrained`), so extra keys would make `create_model("local-dir:...", pretrained=True)` fail, and
+    with config.json's num_classes=0, `num_classes=0` too. The heads are linear layers on the same pre-logit
+    features, so their rows stacked are one exact linear layer that timm's format carries as any classifier:
+    plain timm computes every trained head in one pass, and `num_classes=0` drops it (timm discards the
+    classifier's keys) to leave the backbone. A coarser level has no weights: its probabilities are the sums
+    of its source's softmax over `parents` (see skuvision.models.heads)."""
+    layers = module.multi_head.layers
+    trained = [h for h in module.heads if not h.derived]
+    linear = nn.Linear(layers[trained[0].column].in_features, sum(len(h.classes) for h in trained))
+    with torch.no_grad():
+        linear.weight.copy_(torch.cat([layers[h.column].weight for h in trained]))
+        linear.bias.copy_(torch.cat([layers[h.column].bias for h in trained]))
+    set_classifier(backbone, linear)
+    backbone.num_classes = linear.out_features  # what save_for_hf writes and timm rebuilds the model with
+    names, heads, start = [], [], 0
+    for card, head in zip(head_cards(module), module.heads, strict=True):
+        if head.derived:
+            heads.append(card | {"parents": head.parents})
+            continue
+        shape = list(layers[head.column].weight.shape)
+        heads.append(card | {"outputs": [start, start + len(head.classes)], "weight_shape": shape})
+        names += [f"{head.column}={name}" for name in head.classes]
+        start += len(head.classes)
+    return names, heads

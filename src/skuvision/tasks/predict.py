@@ -7,7 +7,11 @@ A model with several heads writes, after path and error, per label column `<colu
 `<column>_prob` and, with calibration, `<column>_review` (that column's threshold; true for unreadable rows);
 per tag column `<column>` (the predicted tags, joined by the training table's tag separator) and
 `<column>_probs` (their probabilities, joined the same way). Tags are cut at the calibration's per-tag
-thresholds, 0.5 without. Every attribute comes from skuvision.readout, as the server's answers do."""
+thresholds, 0.5 without. Every attribute comes from skuvision.readout, as the server's answers do.
+
+On several processes (trainer=ddp, ddp_cpu, multinode) each writes its images' logits in shards in the run
+folder's shards/ and rank zero merges them into the one CSV, in input order (skuvision.shards); a rerun with
+hydra.run.dir=<that run folder> skips the images finished shards hold."""
 
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ from skuvision.errors import SkuvisionError
 from skuvision.models.heads import Head
 from skuvision.outputs import refuse_existing, write_csv
 from skuvision.readout import concat_batches, head_probs, read_heads
+from skuvision.shards import plan_of, predict_in_shards, sharded
 from skuvision.tta import check_tta
 
 log = logging.getLogger("skuvision")
@@ -41,9 +46,6 @@ def predict(cfg: DictConfig) -> Path:
     module, _ = from_checkpoint(cfg.ckpt_path)
     module.tta = check_tta(cfg.get("tta") or module.tta)
     paths = collect_inputs(plain(cfg.input))
-    datamodule = InputFilesDataModule(
-        paths, module.input_config, cfg.batch_size, cfg.num_workers, cache=bool(cfg.get("cache", False))
-    )
     trainer = build_trainer(cfg, enable_checkpointing=False)
     # Checked before any image is read: a mismatched calibration is refused up front.
     calibrated = (
@@ -54,9 +56,25 @@ def predict(cfg: DictConfig) -> Path:
     multi = module.multi_head is not None
     per_head = head_calibration(calibrated, module.heads, cfg) if calibrated and multi else None
     header = attribute_header(module.heads, calibrated is not None) if multi else None
-    outputs = trainer.predict(module, datamodule=datamodule)
-    logits = concat_batches([o["outputs"] for o in outputs])
-    errors = [e for o in outputs for e in o["meta"]]
+    if sharded(cfg, trainer):
+        plan = plan_of(
+            "predict",
+            cfg.ckpt_path,
+            [str(p) for p in paths],
+            tta=module.tta,
+            precision=str(trainer.precision),
+        )
+        merged = predict_in_shards(cfg, trainer, module, paths, plan)
+        if merged is None:  # not rank zero: rank zero writes the CSV
+            return out
+        logits, errors = merged
+    else:
+        datamodule = InputFilesDataModule(
+            paths, module.input_config, cfg.batch_size, cfg.num_workers, cache=bool(cfg.get("cache", False))
+        )
+        outputs = trainer.predict(module, datamodule=datamodule)
+        logits = concat_batches([o["outputs"] for o in outputs])
+        errors = [e for o in outputs for e in o["meta"]]
     if multi:
         separator = module.hparams.data.get("tag_separator") or ";"
         rows, reviews = attribute_rows(module.heads, logits, paths, errors, per_head, separator)

@@ -22,9 +22,12 @@ from PIL import Image
 from pytorch_lightning import LightningDataModule
 from pytorch_lightning.loggers import Logger
 
+from skuvision.compat import rerun_by_lightning_ddp
 from skuvision.config import in_multirun
 from skuvision.errors import SkuvisionError
 from skuvision.outputs import replacing_file, taken
+from skuvision.shards import FOLDER as SHARDS
+from skuvision.shards import PLAN
 
 log = logging.getLogger("skuvision")
 
@@ -93,10 +96,35 @@ class NewRunFolder(HydraCallback):
     were (`hydra.run.dir=<an earlier run>` would otherwise replace its config)."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        refuse_used_folder(Path(config.hydra.run.dir), "hydra.run.dir")
+        folder = Path(config.hydra.run.dir)
+        if rerun_by_lightning_ddp(config.hydra.output_subdir):
+            return  # rank > 0 of trainer=ddp: Lightning re-ran the command into rank zero's run folder
+        if unfinished_shards(folder, config):
+            print(f"resuming the unfinished run in {folder} (its finished shards are kept)", file=sys.stderr)
+            return  # predict/embed on shards: the task checks the plan and refuses a finished run's results
+        refuse_used_folder(folder, "hydra.run.dir")
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        refuse_used_folder(Path(config.hydra.sweep.dir), "hydra.sweep.dir")
+        folder = Path(config.hydra.sweep.dir)
+        if any(unfinished_shards(job, config) for job in folder.glob("*/")):
+            print(
+                f"resuming the unfinished jobs in {folder} (their finished shards are kept)", file=sys.stderr
+            )
+            return  # e.g. a SLURM predict/embed submitted again with the same hydra.sweep.dir
+        refuse_used_folder(folder, "hydra.sweep.dir")
+
+
+def unfinished_shards(folder: Path, config: DictConfig) -> bool:
+    """Whether `folder` holds shards of a predict or embed run that did not get to merge them."""
+    return (folder / SHARDS / PLAN).is_file() and not finished(folder, config)
+
+
+def finished(folder: Path, config: DictConfig) -> bool:
+    """Whether predict or embed merged its shards into its result already (then it is not resumed)."""
+    result = config.get("output") or folder / (
+        "embeddings.npz" if config.task_name == "embed" else "predictions.csv"
+    )
+    return taken(Path(result))
 
 
 def refuse_used_folder(folder: Path, key: str) -> None:

@@ -1,0 +1,170 @@
+"""predict.py and embed.py on 2 CPU processes (trainer=ddp_cpu): each image once, results equal to one
+process's, in input order; a run stopped after its first shard resumes without redoing it."""
+
+import csv
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from skuvision.errors import SkuvisionError
+from skuvision.outputs import write_new_json
+from skuvision.shards import (
+    PLAN,
+    STOP_AFTER,
+    as_columns,
+    check_plan,
+    merge,
+    positions_left,
+    shard_files,
+    write_shard,
+)
+from skuvision.tasks import train
+from skuvision.tasks.embed import embed
+from tests.helpers import compose_cfg, predict_csv, quick_overrides, run_cli
+from tests.writers import write_image_folder
+
+IMAGES = 24  # and one unreadable file
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("catalogue")
+    write_image_folder(root, classes=("kettle", "phone", "shirt"), per_class=IMAGES // 3, size=40)
+    (root / "phone" / "broken.jpg").write_bytes(b"not a jpeg")
+    return root
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, photos) -> Path:
+    run = tmp_path_factory.mktemp("train")
+    overrides = quick_overrides("image_folder", run) + [
+        f"data.root={photos}",
+        "trainer.max_epochs=1",
+        "trainer.precision=32",
+        "tta=none",
+    ]
+    train(compose_cfg("train", overrides, run / "run"))
+    return Path(json.loads((run / "run" / "metrics.json").read_text())["checkpoint"])
+
+
+def on_two_processes(script: str, checkpoint: Path, photos: Path, run: Path, *extra: str, stop: bool = False):
+    overrides = [
+        f"ckpt_path={checkpoint}",
+        f"input={photos}",
+        "trainer=ddp_cpu",
+        "trainer.devices=2",
+        "trainer.precision=32",
+        "batch_size=4",
+        "shard_size=4",  # 13 and 12 images per process: 4 shards each
+        "num_workers=0",
+        "threads=1",
+        f"hydra.run.dir={run}",
+        *extra,
+    ]
+    env = {"OMP_NUM_THREADS": "1", **({STOP_AFTER: "1"} if stop else {})}
+    run.parent.mkdir(parents=True, exist_ok=True)
+    return run_cli(script, overrides, run.parent, env)
+
+
+def stopped_then_resumed(script: str, checkpoint: Path, photos: Path, run: Path, *extra: str) -> dict:
+    """Run stopped after each process's first shard, then the same command again: the shards the first
+    attempt finished, {name: (inode, mtime)}, checked unchanged after the rerun."""
+    stopped = on_two_processes(script, checkpoint, photos, run, *extra, stop=True)
+    assert stopped.returncode != 0 and STOP_AFTER in stopped.stderr, stopped.stderr[-3000:]
+    first = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in shard_files(run / "shards")}
+    assert 1 <= len(first) <= 2, first
+    resumed = on_two_processes(script, checkpoint, photos, run, *extra)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming the unfinished run" in resumed.stderr
+    after = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in shard_files(run / "shards")}
+    assert {name: after[name] for name in first} == first  # not rewritten
+    positions = np.concatenate(
+        [pq.read_table(p).column("index").to_numpy() for p in shard_files(run / "shards")]
+    )
+    assert sorted(positions.tolist()) == list(range(IMAGES + 1))  # every image once
+    assert len(after) > len(first)
+    return first
+
+
+@pytest.mark.slow
+def test_predict_on_two_processes_resumes_and_matches_one(checkpoint, photos, tmp_path):
+    header, expected = predict_csv(checkpoint, photos, tmp_path / "one")
+    run = tmp_path / "two" / "run"
+    stopped_then_resumed("predict.py", checkpoint, photos, run)
+    with open(run / "predictions.csv", newline="") as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+    assert reader.fieldnames == header
+    assert [r["path"] for r in rows] == [r["path"] for r in expected]  # input order
+    assert sum(bool(r["error"]) for r in rows) == 1
+    for got, want in zip(rows, expected, strict=True):
+        assert [got[f"label_{i}"] for i in (1, 2, 3)] == [want[f"label_{i}"] for i in (1, 2, 3)]
+        probs = [float(got[f"prob_{i}"] or 0) - float(want[f"prob_{i}"] or 0) for i in (1, 2, 3)]
+        assert np.abs(probs).max() <= 1e-5
+
+
+@pytest.mark.slow
+def test_embed_on_two_processes_resumes_and_matches_one(checkpoint, photos, tmp_path):
+    overrides = [
+        f"ckpt_path={checkpoint}",
+        f"input={photos}",
+        "num_workers=0",
+        "trainer.accelerator=cpu",
+        "trainer.precision=32",
+    ]
+    embed(compose_cfg("embed", overrides, tmp_path / "one"))
+    expected = np.load(tmp_path / "one" / "embeddings.npz")
+    run = tmp_path / "two" / "run"
+    stopped_then_resumed("embed.py", checkpoint, photos, run)
+    got = np.load(run / "embeddings.npz")
+    assert got["items"].tolist() == expected["items"].tolist()  # input order, the unreadable file left out
+    assert len(got["items"]) == IMAGES
+    np.testing.assert_allclose(got["features"], expected["features"], atol=1e-5)
+    assert (run / "index").is_dir() and (run / "neighbours.csv").is_file()
+    assert os.listdir(run / "index")
+
+
+def test_embed_of_a_split_in_shards_matches_one_pass(checkpoint, tmp_path):
+    """A split of files goes through the same shards (here on one process: shards=true) with its labels."""
+    overrides = [f"ckpt_path={checkpoint}", "split=train", "num_workers=0", "trainer.accelerator=cpu"]
+    overrides += ["trainer.precision=32", "k=2"]
+    embed(compose_cfg("embed", overrides, tmp_path / "one"))
+    embed(
+        compose_cfg("embed", [*overrides, "shards=true", "shard_size=5", "batch_size=5"], tmp_path / "shards")
+    )
+    expected, got = (np.load(tmp_path / run / "embeddings.npz") for run in ("one", "shards"))
+    assert got["items"].tolist() == expected["items"].tolist()
+    assert got["labels"].tolist() == expected["labels"].tolist()
+    np.testing.assert_allclose(got["features"], expected["features"], atol=1e-5)
+    assert len(shard_files(tmp_path / "shards" / "shards")) == -(-len(got["items"]) // 5)
+
+
+def test_shards_of_several_heads_merge_in_input_order_each_image_once(tmp_path):
+    logits = {"colour": np.arange(12, dtype=np.float32).reshape(6, 2), "tags": np.ones((6, 3), np.float32)}
+    errors = ["", "", "bad", "", "", ""]
+    for rank, rows in ((1, [1, 3, 5]), (0, [0, 2, 4])):
+        part = as_columns({k: torch.from_numpy(v[rows]) for k, v in logits.items()})
+        write_shard(tmp_path, rank, np.array(rows), [errors[i] for i in rows], part)
+    merged, read_errors = merge(tmp_path, 6)
+    assert list(merged) == ["colour", "tags"] and read_errors == errors
+    assert merged["colour"].numpy().tolist() == logits["colour"].tolist()
+    again = as_columns({k: torch.from_numpy(v[[5]]) for k, v in logits.items()})
+    write_shard(tmp_path, 0, np.array([5]), [""], again)
+    with pytest.raises(SkuvisionError, match=r"once \(twice: \[5\], missing: \[\]"):
+        merge(tmp_path, 6)
+
+
+def test_shards_of_another_plan_are_refused_and_too_few_images_for_the_processes(tmp_path):
+    write_new_json(tmp_path / PLAN, {"task": "predict", "items": 25, "tta": "none"})
+    check_plan(tmp_path, {"task": "predict", "items": 25, "tta": "none"})
+    with pytest.raises(SkuvisionError, match=r"holds shards of another run \(tta differ\)"):
+        check_plan(tmp_path, {"task": "predict", "items": 25, "tta": "flip"})
+    write_shard(tmp_path, 0, np.arange(4), [""] * 4, as_columns(torch.zeros(4, 2)))
+    assert positions_left(tmp_path, 6, 2) == [4, 5]
+    with pytest.raises(SkuvisionError, match=r"1 image\(s\) left for 2 processes"):
+        positions_left(tmp_path, 5, 2)
