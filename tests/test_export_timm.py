@@ -47,6 +47,24 @@ print(json.dumps({"labels": model.pretrained_cfg["label_names"], "leaked": leake
 """
 
 
+def run_timm_alone(folder, paths, tmp_path) -> subprocess.CompletedProcess:
+    """TIMM_ALONE in a fresh process without this checkout on its path: the exported folder's logits of
+    `paths` to tmp_path/timm.npy, and its report on the last line of stdout."""
+    listing = tmp_path / "images.txt"
+    listing.write_text("\n".join(str(p) for p in paths))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"HF_HUB_OFFLINE": "1"}
+    fresh = subprocess.run(
+        [sys.executable, "-c", TIMM_ALONE, str(folder), str(listing), str(tmp_path / "timm.npy")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert fresh.returncode == 0, fresh.stderr[-2000:]
+    return fresh
+
+
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory):
     root = tmp_path_factory.mktemp("shop")
@@ -113,18 +131,7 @@ def test_timm_folder_loads_in_a_fresh_process_to_predicts_logits(resnet_checkpoi
     assert again.keys() == exported.keys() and all(torch.equal(again[k], exported[k]) for k in again)
 
     paths = sorted(p for p in photos.rglob("*.*"))[:20]
-    listing = tmp_path / "images.txt"
-    listing.write_text("\n".join(str(p) for p in paths))
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"HF_HUB_OFFLINE": "1"}
-    fresh = subprocess.run(
-        [sys.executable, "-c", TIMM_ALONE, str(folder), str(listing), str(tmp_path / "timm.npy")],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert fresh.returncode == 0, fresh.stderr[-2000:]
+    fresh = run_timm_alone(folder, paths, tmp_path)
     report = json.loads(fresh.stdout.strip().splitlines()[-1])
     assert report["leaked"] == [] and report["labels"] == list(CLASSES)
     timm_logits = np.load(tmp_path / "timm.npy")
@@ -136,7 +143,13 @@ def test_timm_folder_loads_in_a_fresh_process_to_predicts_logits(resnet_checkpoi
     predicted = predict(
         compose_cfg(
             "predict",
-            [f"ckpt_path={resnet_checkpoint}", f"input={listing}", "tta=none", "top_k=3", "num_workers=0"]
+            [
+                f"ckpt_path={resnet_checkpoint}",
+                f"input={tmp_path / 'images.txt'}",
+                "tta=none",
+                "top_k=3",
+                "num_workers=0",
+            ]
             + ["trainer.precision=32", "trainer.accelerator=cpu"],
             tmp_path / "predict",
         )
@@ -167,18 +180,7 @@ def test_the_folder_carries_the_checkpoints_crop_mode_and_timm_alone_pads_as_sku
     for i in range(4):
         paths.append(tmp_path / f"portrait_{i}.png")
         banded_portrait(seed=i).save(paths[-1])
-    listing = tmp_path / "images.txt"
-    listing.write_text("\n".join(str(p) for p in paths))
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"HF_HUB_OFFLINE": "1"}
-    fresh = subprocess.run(
-        [sys.executable, "-c", TIMM_ALONE, str(folder), str(listing), str(tmp_path / "timm.npy")],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert fresh.returncode == 0, fresh.stderr[-2000:]
+    fresh = run_timm_alone(folder, paths, tmp_path)
     assert json.loads(fresh.stdout.strip().splitlines()[-1])["config"]["crop_mode"] == "border"
     timm_logits = np.load(tmp_path / "timm.npy")
     np.testing.assert_allclose(timm_logits, checkpoint_logits(bordered, paths), atol=1e-5, rtol=0)
