@@ -10,13 +10,16 @@ blocked outright.
 
 from __future__ import annotations
 
+import base64
+import io
 import os
 from collections.abc import Callable
 from pathlib import Path
 
 from PIL import Image
 
-ANSWER = Callable[[bytes], dict]  # image bytes -> the /predict JSON; raises ValueError with the reason
+# (image bytes, explain) -> the /predict JSON ("explanation" when asked); raises ValueError with the reason
+ANSWER = Callable[[bytes, bool], dict]
 
 
 def use_private_gradio_dirs(root: Path) -> None:
@@ -38,11 +41,11 @@ def build_demo(
     """`attributes`: (column, kind) per head of a model with several, in head order; None for one label."""
     import gradio as gr
 
-    def classify(path: str | None):
+    def classify(path: str | None, explain: bool = False):
         if not path:
-            return (*[None] * (len(attributes) if attributes else 1), [])
+            return (*[None] * (len(attributes) if attributes else 1), [], None)
         try:
-            result = answer(Path(path).read_bytes())
+            result = answer(Path(path).read_bytes(), bool(explain))
         except ValueError as err:
             raise gr.Error(str(err)) from None
         if attributes:
@@ -54,7 +57,7 @@ def build_demo(
             picture = thumbnail(item["id"]) if thumbnail else None
             if picture is not None:
                 gallery.append((picture, f"{item['label'] or item['path']} {item['score']:.2f}"))
-        return *shown, gallery
+        return *shown, gallery, explanation_picture(result.get("explanation"))
 
     with gr.Blocks(title=title, analytics_enabled=False) as demo:
         gr.Markdown(f"## {title}")
@@ -63,6 +66,7 @@ def build_demo(
                 image = gr.Image(
                     type="filepath", label="Product photo", sources=["upload"], height=280, elem_id="query"
                 )
+                explain = gr.Checkbox(label="Show where the model looked (Grad-CAM)", elem_id="explain")
                 button = gr.Button("Classify", variant="primary", elem_id="classify")
                 if examples:
                     gr.Examples(examples=[[p] for p in examples], inputs=[image], label="Catalogue examples")
@@ -74,10 +78,25 @@ def build_demo(
                 gallery = gr.Gallery(
                     label="Most similar catalogue items", columns=5, format="png", elem_id="similar"
                 )
-        outputs = [*shown, gallery]
-        button.click(classify, inputs=[image], outputs=outputs, api_name="classify")
-        image.upload(classify, inputs=[image], outputs=outputs, api_name=False)
+                heatmap = gr.Image(
+                    type="pil",
+                    label="Grad-CAM of the top label",
+                    height=280,
+                    format="png",
+                    interactive=False,
+                    elem_id="explanation",
+                )
+        outputs = [*shown, gallery, heatmap]
+        button.click(classify, inputs=[image, explain], outputs=outputs, api_name="classify")
+        image.upload(classify, inputs=[image, explain], outputs=outputs, api_name=False)
     return demo
+
+
+def explanation_picture(explanation: dict | None) -> Image.Image | None:
+    """The overlay of a /predict answer's "explanation" (a base64 PNG), or None when none was asked for."""
+    if not explanation:
+        return None
+    return Image.open(io.BytesIO(base64.b64decode(explanation["overlay_png"]))).convert("RGB")
 
 
 def attribute_component(gr, column: str, kind: str, top_k: int):
