@@ -1,7 +1,7 @@
-"""Grad-CAM explanations: the pointing game (the heatmap's peak inside the object's known box) on digits pasted
-at random places of a blank canvas, for models trained here in a few seconds; the target layer and token grid
-found for timm's families and our own nets; flat memory over many batches; predict.py explain=gradcam's
-files, names and column."""
+"""Grad-CAM explanations: the pointing game (the heatmap's peak inside the object's known box) on digits
+pasted at random places of a blank canvas, for models trained here in a few seconds; the target layer and
+token grid found for timm's families and our own nets; flat memory over many batches; predict.py
+explain=gradcam's files, names and column."""
 
 from __future__ import annotations
 
@@ -74,9 +74,9 @@ def pointing_game(heatmaps: np.ndarray, boxes) -> float:
 @pytest.fixture(scope="module")
 def cnn():
     torch.manual_seed(0)
-    images, targets, _ = canvases(300, seed=0)
+    images, targets, _ = canvases(200, seed=0)
     model = timm.create_model("simple_cnn", num_classes=3, in_chans=1, widths=(8, 16), drop_rate=0.0)
-    return trained(model, images, targets, epochs=6, lr=1e-2)
+    return trained(model, images, targets, epochs=5, lr=1e-2)
 
 
 @pytest.fixture(scope="module")
