@@ -41,11 +41,11 @@ def build_demo(
     """`attributes`: (column, kind) per head of a model with several, in head order; None for one label."""
     import gradio as gr
 
-    def classify(path: str | None, explain: bool = False):
+    def classify(path: str | None):
         if not path:
-            return (*[None] * (len(attributes) if attributes else 1), [], None)
+            return (*[None] * (len(attributes) if attributes else 1), [])
         try:
-            result = answer(Path(path).read_bytes(), bool(explain))
+            result = answer(Path(path).read_bytes(), False)
         except ValueError as err:
             raise gr.Error(str(err)) from None
         if attributes:
@@ -57,7 +57,15 @@ def build_demo(
             picture = thumbnail(item["id"]) if thumbnail else None
             if picture is not None:
                 gallery.append((picture, f"{item['label'] or item['path']} {item['score']:.2f}"))
-        return *shown, gallery, explanation_picture(result.get("explanation"))
+        return *shown, gallery
+
+    def explain(path: str | None):
+        if not path:
+            return None
+        try:
+            return explanation_picture(answer(Path(path).read_bytes(), True).get("explanation"))
+        except ValueError as err:
+            raise gr.Error(str(err)) from None
 
     with gr.Blocks(title=title, analytics_enabled=False) as demo:
         gr.Markdown(f"## {title}")
@@ -66,8 +74,8 @@ def build_demo(
                 image = gr.Image(
                     type="filepath", label="Product photo", sources=["upload"], height=280, elem_id="query"
                 )
-                explain = gr.Checkbox(label="Show where the model looked (Grad-CAM)", elem_id="explain")
                 button = gr.Button("Classify", variant="primary", elem_id="classify")
+                why = gr.Button("Where did it look? (Grad-CAM)", elem_id="explain")
                 if examples:
                     gr.Examples(examples=[[p] for p in examples], inputs=[image], label="Catalogue examples")
             with gr.Column():
@@ -86,9 +94,11 @@ def build_demo(
                     interactive=False,
                     elem_id="explanation",
                 )
-        outputs = [*shown, gallery, heatmap]
-        button.click(classify, inputs=[image, explain], outputs=outputs, api_name="classify")
-        image.upload(classify, inputs=[image, explain], outputs=outputs, api_name=False)
+        outputs = [*shown, gallery]
+        button.click(classify, inputs=[image], outputs=outputs, api_name="classify")
+        image.upload(classify, inputs=[image], outputs=outputs, api_name=False)
+        # Its own event, so classify's answers keep their shape: the page asks /predict with explain=true.
+        why.click(explain, inputs=[image], outputs=[heatmap], api_name="explain")
     return demo
 
 
