@@ -110,23 +110,34 @@ def test_pointing_game_cnn(cnn):
     assert pointing_game(np.random.default_rng(0).random(heatmaps.shape), boxes) < 0.3
 
 
-def test_pointing_game_vit(vit):
+@pytest.fixture(scope="module")
+def vit_scores(vit):
+    """(the pointing game's share, that of the same maps given to the next image), and the explainer."""
     images, targets, boxes = canvases(100, seed=1, cell=CELL)
     with torch.no_grad():
-        assert (vit(images).argmax(1) == targets).float().mean() >= 0.9
+        assert (vit(images).argmax(1) == targets).float().mean() >= 0.9  # it learned the digits
     explainer = Explainer(vit)
     heatmaps = explainer(images)
+    return pointing_game(heatmaps, boxes), pointing_game(np.roll(heatmaps, 1, axis=0), boxes), explainer
+
+
+def test_pointing_game_vit_reads_its_tokens_on_their_grid(vit_scores):
+    score, shifted, explainer = vit_scores
     # Only the class token feeds the head: the block before the last is read, its 1 prefix token dropped.
-    assert (explainer.target.name, explainer.target.layout, explainer.target.prefix_tokens) == (
-        "blocks.0",
-        "tokens",
-        1,
-    )
-    score = pointing_game(heatmaps, boxes)
-    assert pointing_game(np.roll(heatmaps, 1, axis=0), boxes) < 0.3
-    if score < 0.8:
-        pytest.xfail(f"Grad-CAM of a tiny class-token ViT: peak in the box on {score:.0%} of the images")
-    assert score >= 0.8
+    target = explainer.target
+    assert (target.name, target.layout, target.prefix_tokens) == ("blocks.0", "tokens", 1)
+    # Far above chance (a 1/16 box) and above the shifted maps: tokens land on their own patches (a
+    # transposed or shifted grid scores at chance).
+    assert score >= 0.2 and score > 2 * shifted, (score, shifted)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="Grad-CAM weighs a ViT token's activations by the gradient averaged over all tokens: on this tiny "
+    "class-token ViT the peak is in the box on about a third of the images (README: Why did it say that?)",
+)
+def test_pointing_game_vit_reaches_80_percent(vit_scores):
+    assert vit_scores[0] >= 0.8
 
 
 @pytest.mark.parametrize(

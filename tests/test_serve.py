@@ -626,3 +626,8 @@ def test_explain_true_adds_an_overlay_and_bad_values_get_400(
     assert_good_answer(post_file(onnx, good), predicted_top1[str(good)], classes)
     with httpx.Client(base_url=url) as client:
         assert_attack_refused(client, servers["torch"], "/demo", serve_checkpoint, event="explain")
+    from gradio_client import Client, handle_file
+
+    page = Client(url + "/demo/", verbose=False, download_files=str(servers["torch"].tmp / "downloads"))
+    shown = Image.open(page.predict(handle_file(str(good)), api_name="/explain"))
+    assert shown.size == (size, size)  # the page's button shows the overlay the API answers
