@@ -74,9 +74,9 @@ def pointing_game(heatmaps: np.ndarray, boxes) -> float:
 @pytest.fixture(scope="module")
 def cnn():
     torch.manual_seed(0)
-    images, targets, _ = canvases(200, seed=0)
+    images, targets, _ = canvases(300, seed=0)
     model = timm.create_model("simple_cnn", num_classes=3, in_chans=1, widths=(8, 16), drop_rate=0.0)
-    return trained(model, images, targets, epochs=5, lr=1e-2)
+    return trained(model, images, targets, epochs=6, lr=1e-2)
 
 
 @pytest.fixture(scope="module")
@@ -197,7 +197,7 @@ def test_memory_stays_flat_and_the_model_is_left_as_it_was():
     for _ in range(3):
         explainer(images)
     before = tensors()
-    for _ in range(40):
+    for _ in range(20):
         explainer(images)
     assert tensors() == before  # no activations, gradients or graphs kept from batch to batch
     assert model.training and all(p.requires_grad and p.grad is None for p in model.parameters())
