@@ -60,9 +60,11 @@ def find_onnx(ckpt_path: str | Path, onnx_path: str | None) -> Path:
             p / "model.onnx" for p in (ckpt.parent, ckpt.parent.parent) if (p / "model.onnx").is_file()
         ]
         if not candidates:
+            run = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
             raise SkuvisionError(
                 f"serve.backend=onnx: no model.onnx beside {ckpt} or in its run folder; run `python "
-                f"export.py ckpt_path={ckpt} output={ckpt.parent / 'model.onnx'}` or set serve.onnx_path"
+                f"export.py ckpt_path={ckpt} output={run / 'model.onnx'}` or set serve.onnx_path to the "
+                "model.onnx export.py wrote"
             )
     if not candidates[0].with_suffix(".json").is_file():
         raise SkuvisionError(f"{candidates[0]}: model.json is missing beside it (export.py writes both)")
