@@ -15,7 +15,14 @@ from pytorch_lightning.callbacks import LearningRateMonitor
 from pytorch_lightning.tuner import Tuner
 from pytorch_lightning.utilities import rank_zero_only
 
-from skuvision.assembly import build, build_trainer, close_loggers, instantiate_callbacks, instantiate_loggers
+from skuvision.assembly import (
+    build,
+    build_trainer,
+    check_trainer_keys,
+    close_loggers,
+    instantiate_callbacks,
+    instantiate_loggers,
+)
 from skuvision.callbacks import TrainingThroughput
 from skuvision.compat import keep_earlier_csv_rows
 from skuvision.config import plain, set_threads
@@ -115,6 +122,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if rank_zero_only.rank != 0:  # the other DDP processes would repeat every line of rank zero's log
         logging.getLogger("skuvision").setLevel(logging.WARNING)
     check_devices(cfg.trainer)
+    check_trainer_keys(cfg.trainer)  # before the data and model are built
     seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
     ckpt_path = resume_path(cfg)
