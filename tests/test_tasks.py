@@ -510,7 +510,7 @@ def test_eval_without_ckpt_path_is_one_line_naming_the_key(tmp_path):
     assert result.returncode == 2, result.stderr[-2000:]
     assert result.stderr.strip().splitlines()[-1] == (
         "error: ckpt_path is not set: give it on the command line, e.g. python eval.py "
-        "ckpt_path=outputs/<date>/<time>/checkpoints/last.ckpt"
+        "ckpt_path=outputs/<date>/<time> (a train.py run folder, or a .ckpt in its checkpoints/)"
     )
     assert "Traceback" not in result.stderr and "MissingMandatoryValue" not in result.stderr
 

@@ -68,6 +68,14 @@ def find_onnx(ckpt_path: str | Path, onnx_path: str | None) -> Path:
             )
     if not candidates[0].with_suffix(".json").is_file():
         raise SkuvisionError(f"{candidates[0]}: model.json is missing beside it (export.py writes both)")
+    if not onnx_path:  # found, not named: it must be this checkpoint's export, not a sibling's
+        exported = json.loads(candidates[0].with_suffix(".json").read_text()).get("checkpoint")
+        if exported and Path(exported).name != Path(ckpt_path).name:
+            raise SkuvisionError(
+                f"serve.backend=onnx: {candidates[0]} was exported from {Path(exported).name}, not "
+                f"ckpt_path={ckpt_path}: give ckpt_path={exported} (or its run folder's), or "
+                "serve.onnx_path to this checkpoint's export"
+            )
     return candidates[0]
 
 
