@@ -108,10 +108,10 @@ def test_summary_commands_carry_awkward_paths_whole(tmp_path, monkeypatch, capsy
     from skuvision.tasks.utils import command, print_summary
 
     monkeypatch.chdir(tmp_path)
-    odd = tmp_path / "shop's photos, 2026" / "run [1]=x"
+    odd = tmp_path / "shop's photos, 2026" / "run [1]=x ~#é"
     text = print_summary("demo", [odd / "a.csv"], {"n": 3}, [command("serve.py", f"ckpt_path={odd}", "k=5")])
     assert capsys.readouterr().out.strip() == text
-    assert "shop's photos, 2026/run [1]=x/a.csv" in text  # relative to the working folder
+    assert "shop's photos, 2026/run [1]=x ~#é/a.csv" in text  # relative to the working folder
     ((python, script, *words),) = next_commands(text)
     assert (python, script) == ("python", "serve.py")
     assert dict(hydra_value(w) for w in words) == {"ckpt_path": str(odd), "k": 5}

@@ -77,22 +77,30 @@ def resolve_checkpoint(cfg: DictConfig) -> Path:
     return path
 
 
-# Characters Hydra's override grammar reads as syntax in an unquoted value.
-HYDRA_SPECIAL = re.compile(r"""[\s,\[\]{}()='"\\$*]""")
+# What Hydra's override grammar takes unquoted in a value; anything else is quoted.
+HYDRA_PLAIN = re.compile(r"[A-Za-z0-9_\-+./%:@]*")
+
+
+def hydra_quoted(value: str) -> str:
+    """`value` as one Hydra override value: quoted where needed, with its quotes (and the backslashes
+    before them, or at its end) escaped as Hydra's grammar reads them, and `${` kept from interpolating."""
+    if HYDRA_PLAIN.fullmatch(value) and value not in ("", "null", "true", "false"):
+        return value
+    value = re.sub(r"(\\*)'", lambda m: m.group(1) * 2 + "\\'", value)
+    value = re.sub(r"(\\+)$", lambda m: m.group(1) * 2, value)
+    return "'" + value.replace("${", "\\${") + "'"
 
 
 def command(script: str, *overrides: str) -> str:
     """`python <script> key=value ...`, each value quoted as Hydra and then the shell need it to arrive
-    whole (a path with a space or a comma)."""
+    whole (a path with a space or a comma); a `<placeholder>` value is left for the user to replace."""
     words = ["python", script]
     for override in overrides:
         key, _, value = override.partition("=")
-        if value.startswith("<") and value.endswith(">"):  # a placeholder the user replaces
+        if value.startswith("<") and value.endswith(">"):
             words.append(override)
-            continue
-        if HYDRA_SPECIAL.search(value):
-            value = "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
-        words.append(shlex.quote(f"{key}={value}"))
+        else:
+            words.append(shlex.quote(f"{key}={hydra_quoted(value)}"))
     return " ".join(words)
 
 
