@@ -56,6 +56,9 @@ def test_a_run_folder_is_its_tested_checkpoint_found_by_name_inside_it(run_copy)
     assert checkpoint_file(run_copy / "checkpoints") == tested
     file = next(p for p in (run_copy / "checkpoints").glob("*.ckpt") if p != tested)
     assert checkpoint_file(file) == file  # a file is taken as given
+    for empty in ("", " ", None):  # never the working folder
+        with pytest.raises(SkuvisionError, match="ckpt_path is empty"):
+            checkpoint_file(empty)
 
 
 def test_a_wrong_path_lists_the_checkpoints_nearby(run_copy):

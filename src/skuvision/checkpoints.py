@@ -156,6 +156,11 @@ def checkpoint_file(value: str | Path, key: str = "ckpt_path") -> Path:
     as the checkpoint its metrics.json records as tested, looked up by name in that folder's checkpoints/
     (a record pointing elsewhere is never followed). Without a record, a folder holding one checkpoint gives
     it; several are refused, listed. A wrong path lists the checkpoints found nearby."""
+    if value is None or not str(value).strip():  # Path("") would be the working folder
+        raise SkuvisionError(
+            f"{key} is empty: give a train.py run folder or a .ckpt in its checkpoints/, e.g. "
+            f"{key}=outputs/<date>/<time>"
+        )
     path = Path(str(value)).expanduser()
     if path.is_file():
         return path
