@@ -433,7 +433,7 @@ def test_second_export_into_the_same_folder_or_output_changes_nothing(checkpoint
     overrides = [f"ckpt_path={checkpoint}", "check_images=8", "batch_size=8"]
     export(compose_cfg("export", overrides, tmp_path / "run"))
     before = snapshot(tmp_path / "run")
-    results = {"model.onnx", "model.json", "export_check.json"}
+    results = {"model.onnx", "model.json", "export_check.json", "README.md"}
     assert results <= {p.name for p in before} <= results | {"model.onnx.data"}  # its external weights
     one_line_refusal(lambda: export(compose_cfg("export", overrides, tmp_path / "run")), "model.onnx exists")
     output = [f"output={tmp_path / 'run' / 'model.onnx'}"]
@@ -510,7 +510,7 @@ def test_eval_without_ckpt_path_is_one_line_naming_the_key(tmp_path):
     assert result.returncode == 2, result.stderr[-2000:]
     assert result.stderr.strip().splitlines()[-1] == (
         "error: ckpt_path is not set: give it on the command line, e.g. python eval.py "
-        "ckpt_path=outputs/<date>/<time>/checkpoints/last.ckpt"
+        "ckpt_path=outputs/<date>/<time> (a train.py run folder, or a .ckpt in its checkpoints/)"
     )
     assert "Traceback" not in result.stderr and "MissingMandatoryValue" not in result.stderr
 

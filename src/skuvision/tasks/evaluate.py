@@ -21,7 +21,7 @@ from skuvision.metrics import column_report, evaluation_report, tag_report
 from skuvision.models.heads import MISSING, Head
 from skuvision.outputs import file_sha256, new_file, refuse_existing, write_csv, write_new_json
 from skuvision.readout import DEFAULT_TAG_THRESHOLD, concat_batches, head_probs, read_heads
-from skuvision.tasks.utils import log_images
+from skuvision.tasks.utils import command, log_images, print_summary, resolve_checkpoint, shown
 from skuvision.tta import check_tta
 
 log = logging.getLogger("skuvision")
@@ -49,6 +49,7 @@ def result_names(heads: list[Head], calibrate: bool) -> list[str]:
 
 def evaluate(cfg: DictConfig) -> dict:
     set_threads(cfg.get("threads"))
+    resolve_checkpoint(cfg)
     seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
     names = RESULTS + (CALIBRATION_RESULTS if cfg.get("calibrate", True) else ())
@@ -91,9 +92,23 @@ def evaluate(cfg: DictConfig) -> dict:
             logger.log_metrics(scalars)
         log_images(loggers, pngs)
         print(f"test/acc = {report['test/acc']:.4f}   run folder: {output_dir}")
+        eval_summary(cfg, report, output_dir, names)
         return report
     finally:
         close_loggers(loggers)
+
+
+def eval_summary(cfg, report: dict, output_dir: Path, names: list[str]) -> str:
+    """Its files, test/acc (and the threshold), and predict.py with this folder's calibration."""
+    wrote = [output_dir / name for name in names if (output_dir / name).exists()]
+    figures = {"test/acc": f"{report['test/acc']:.4f}"}
+    threshold = report.get("calibration", {}).get("threshold")
+    if isinstance(threshold, float):
+        figures["threshold"] = f"{threshold:.4f}"
+    calibrated = (output_dir / calibration.CALIBRATION_FILE).is_file()
+    overrides = [f"ckpt_path={shown(cfg.ckpt_path)}", "input=<photos>"]
+    overrides += [f"calibration={shown(output_dir)}"] if calibrated else []
+    return print_summary("eval", wrote, figures, [command("predict.py", *overrides)])
 
 
 def evaluate_one(

@@ -30,6 +30,7 @@ from skuvision.models.heads import Head
 from skuvision.outputs import refuse_existing, write_csv
 from skuvision.readout import concat_batches, head_probs, read_heads
 from skuvision.shards import plan_of, predict_in_shards, sharded
+from skuvision.tasks.utils import command, print_summary, resolve_checkpoint, shown
 from skuvision.tta import check_tta
 
 log = logging.getLogger("skuvision")
@@ -37,6 +38,7 @@ log = logging.getLogger("skuvision")
 
 def predict(cfg: DictConfig) -> Path:
     set_threads(cfg.get("threads"))
+    resolve_checkpoint(cfg)
     out = Path(cfg.output) if cfg.get("output") else Path(cfg.paths.output_dir) / "predictions.csv"
     if out.is_dir() and not any(out.iterdir()):
         raise SkuvisionError(
@@ -91,7 +93,19 @@ def predict(cfg: DictConfig) -> Path:
             report_review(column_calibration(calibrated, column, per_head[1][column]), flags, failed, column)
     elif calibrated:
         report_review(calibrated, review, failed)
+    predict_summary(cfg, out, len(paths) - failed, failed)
     return out
+
+
+def predict_summary(cfg: DictConfig, out: Path, read: int, failed: int) -> str:
+    """The CSV (and the gallery beside it, when one was written), and embed.py for the catalogue index."""
+    wrote = [out] + [p for p in (out.with_name("predictions.html"),) if p.is_file()]
+    return print_summary(
+        "predict",
+        wrote,
+        {"images": read, "unreadable": failed},
+        [command("embed.py", f"ckpt_path={shown(cfg.ckpt_path)}", "split=train")],
+    )
 
 
 def ranked_rows(logits, paths, errors, calibrated: dict | None, names: list[str], top_k: int):
