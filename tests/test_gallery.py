@@ -181,6 +181,24 @@ def test_gallery_options_are_checked_and_gallery_false_turns_it_off(tmp_path):
         options("gallery.thumb_px=4")
 
 
+def test_errors_page_of_a_set_without_files_shows_the_data_sets_images(tmp_path):
+    import torch
+
+    from skuvision.tasks.evaluate import write_errors_page
+
+    names = ["red", "green", "blue"]
+    dataset = [
+        (torch.tensor(COLOURS[c], dtype=torch.uint8).view(3, 1, 1).expand(3, 28, 28), 0) for c in names
+    ]
+    logits = torch.tensor([[0.0, 3.0, 0.0], [0.0, 5.0, 0.0], [0.0, 0.0, 1.0]])  # 0 wrong, 1 right, 2 wrong
+    labels = torch.tensor([0, 1, 1])
+    write_errors_page(tmp_path / "errors.html", logits, labels, None, dataset, names, GalleryOptions())
+    page = read_page(tmp_path / "errors.html")
+    assert [t.name for t in page.tiles] == ["test image 0", "test image 2"]  # the surer mistake first
+    assert [t.cells[0][1] for t in page.tiles] == ["red", "green"]  # the true labels
+    assert near(picture(page.tiles[1].images[0]["src"]).getpixel((3, 3)), "blue")
+
+
 @pytest.fixture(scope="module")
 def gallery_run(serve_checkpoint, shop, tmp_path_factory):
     """predict.py on the shop's photos and one file that is not an image: (run folder, CSV rows)."""

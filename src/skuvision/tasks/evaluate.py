@@ -17,6 +17,7 @@ from skuvision import calibration, plots
 from skuvision.assembly import build_trainer, close_loggers, from_checkpoint, instantiate_loggers
 from skuvision.config import set_threads
 from skuvision.errors import SkuvisionError
+from skuvision.gallery import Answer, Tile, gallery_options, write_gallery
 from skuvision.metrics import column_report, evaluation_report, tag_report
 from skuvision.models.heads import MISSING, Head
 from skuvision.outputs import file_sha256, new_file, refuse_existing, write_csv, write_new_json
@@ -28,6 +29,7 @@ log = logging.getLogger("skuvision")
 
 RESULTS = ("metrics.json", "predictions.csv", "confusion_matrix.png", "roc.png", "errors.png")
 CALIBRATION_RESULTS = (calibration.CALIBRATION_FILE, "reliability.png", "coverage.png")
+ERRORS_PAGE = ("errors.html",)  # the one-label model's mistakes, most confident first (gallery=false: none)
 
 
 def result_names(heads: list[Head], calibrate: bool) -> list[str]:
@@ -51,7 +53,12 @@ def evaluate(cfg: DictConfig) -> dict:
     set_threads(cfg.get("threads"))
     seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
-    names = RESULTS + (CALIBRATION_RESULTS if cfg.get("calibrate", True) else ())
+    gallery = gallery_options(cfg)
+    names = (
+        RESULTS
+        + (CALIBRATION_RESULTS if cfg.get("calibrate", True) else ())
+        + (ERRORS_PAGE if gallery else ())
+    )
     refuse_existing([output_dir / name for name in names], "run it into a new run folder, or remove it")
     module, datamodule = from_checkpoint(cfg.ckpt_path, cfg.get("data"), split="test")
     module.tta = check_tta(cfg.get("tta") or module.tta)
@@ -106,6 +113,11 @@ def evaluate_one(
     pngs = write_plots(
         report, logits, labels, test_set, module.class_names, output_dir, cfg.get("errors", 16)
     )
+    options = gallery_options(cfg)
+    if options:
+        write_errors_page(
+            output_dir / ERRORS_PAGE[0], logits, labels, files, test_set, module.class_names, options
+        )
     if cfg.get("calibrate", True):
         report["calibration"], calibration_pngs = calibrate(
             cfg, trainer, module, datamodule, test, output_dir
@@ -377,13 +389,40 @@ def write_calibration_plots(
     ]
 
 
-def write_plots(
-    report, logits, labels, dataset, class_names, output_dir: Path, num_errors: int
-) -> list[Path]:
+def mistakes(logits, labels) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Softmax probabilities, predicted classes and the wrong images' indices, most confident first."""
     probs = logits.softmax(dim=1)
     confidence, predicted = probs.max(dim=1)
     wrong = torch.nonzero(predicted != labels).flatten()
-    worst = wrong[confidence[wrong].argsort(descending=True)][:num_errors].tolist()
+    return probs, predicted, wrong[confidence[wrong].argsort(descending=True, stable=True)].tolist()
+
+
+def write_errors_page(path: Path, logits, labels, files, dataset, class_names, options) -> Path:
+    """errors.html: the test images predicted wrong, most confident first, each with its true class and the
+    top 3 predicted (the file as stored, or the data set's image where there are no files)."""
+    probs, _, wrong = mistakes(logits, labels)
+    top_p, top_i = probs.topk(min(3, probs.shape[1]), dim=1)
+    tiles = []
+    for i in wrong:
+        ranked = [(class_names[j], p) for j, p in zip(top_i[i].tolist(), top_p[i].tolist(), strict=True)]
+        picture = Path(files[i]) if files else partial(dataset_picture, dataset, i)
+        answers = [Answer("", "truth", [(class_names[labels[i]], None)]), Answer("", "label", ranked)]
+        tiles.append(Tile(files[i] if files else f"test image {i}", picture, answers))
+    summary = f"{len(wrong)} of {len(labels)} test images predicted wrong, the most confident mistakes first"
+    write_gallery(path, "errors on the test split", tiles, options, summary)
+    return path
+
+
+def dataset_picture(dataset, i: int):
+    return to_pil_image(dataset[i][0])
+
+
+def write_plots(
+    report, logits, labels, dataset, class_names, output_dir: Path, num_errors: int
+) -> list[Path]:
+    probs, predicted, worst = mistakes(logits, labels)
+    confidence = probs.max(dim=1).values
+    worst = worst[:num_errors]
     images = [np.asarray(to_pil_image(dataset[i][0])) for i in worst]
     return [
         new_png(
