@@ -104,9 +104,8 @@ def gallery_options(cfg, key: str = "gallery") -> GalleryOptions | None:
         raise SkuvisionError(f"{key}.{unknown[0]} is not a gallery key: use {', '.join(sorted(known))}")
     options = GalleryOptions(**dict(section))
     for name in known:
-        value = getattr(options, name)
-        if not isinstance(value, int) or isinstance(value, bool) or value < (16 if name == "thumb_px" else 0):
-            least = 16 if name == "thumb_px" else 0
+        value, least = getattr(options, name), 16 if name == "thumb_px" else 0
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise SkuvisionError(f"{key}.{name}={value}: give a whole number, {least} or more")
     return options
 
@@ -127,7 +126,7 @@ def tiles_from_predictions(
     for row in rows:
         cells = dict(zip(header, row, strict=True))
         answers = []
-        if "label_1" in cells:
+        if not any(h.column for h in heads):  # the one-label model
             ranked, i = [], 1
             while f"label_{i}" in cells:
                 if cells[f"label_{i}"] or cells[f"prob_{i}"]:
