@@ -111,8 +111,8 @@ def test_the_contact_sheet_shows_the_pages_first_images_in_its_order(tmp_path):
     options = GalleryOptions(sheet_images=2)
     write_gallery_and_sheet(tmp_path / "p.html", tmp_path / "p.png", "sheet", ordered, options)
     with Image.open(tmp_path / "p.png") as sheet:
-        assert sheet.size == (320, 240)  # 2 columns of 1.6 in, one row of 2.0 in + the title, at 100 dpi
-        left, right = sheet.convert("RGB").getpixel((80, 110)), sheet.convert("RGB").getpixel((240, 110))
+        assert sheet.size == (2 * 140, 30 + 96 + 44)  # 2 cells of 140 px, a 96 px thumbnail and its caption
+        left, right = sheet.convert("RGB").getpixel((70, 78)), sheet.convert("RGB").getpixel((210, 78))
     assert near(left, "green") and near(right, "blue")  # lowest confidence first; red is left out
     assert [Path(t.name).stem for t in read_page(tmp_path / "p.html").tiles] == ["green", "blue", "red"]
 
