@@ -199,6 +199,42 @@ def test_errors_page_of_a_set_without_files_shows_the_data_sets_images(tmp_path)
     assert near(picture(page.tiles[1].images[0]["src"]).getpixel((3, 3)), "blue")
 
 
+def test_errors_page_of_several_heads_shows_each_columns_truth_most_confident_mistake_first(tmp_path):
+    import torch
+
+    from skuvision.models.heads import MISSING
+    from skuvision.tasks.evaluate import write_head_errors_page
+
+    heads = [Head("type", "label", ["bag", "shoe"]), Head("colour", "label", ["red", "blue"])]
+    heads.append(Head("tags", "tags", ["sale"]))
+    probs = {
+        "type": torch.tensor([[0.9, 0.1], [0.3, 0.7], [0.6, 0.4], [0.2, 0.8]], dtype=torch.float64),
+        "colour": torch.tensor([[0.8, 0.2], [0.45, 0.55], [0.9, 0.1], [0.3, 0.7]], dtype=torch.float64),
+        "tags": torch.tensor([[0.9], [0.1], [0.2], [0.7]], dtype=torch.float64),
+    }
+    targets = {
+        "type": torch.tensor([0, 0, 0, 1]),  # image 1 wrong (0.7)
+        "colour": torch.tensor([0, MISSING, 1, 1]),  # image 2 wrong (0.9); image 1 has no colour
+        "tags": torch.tensor([[1.0], [0.0], [0.0], [1.0]]),
+    }
+    files = [str(solid(tmp_path / f"{i}.png", "red")) for i in range(4)]
+    write_head_errors_page(tmp_path / "errors.html", heads, probs, targets, files, None, GalleryOptions())
+    page = read_page(tmp_path / "errors.html")
+    assert [t.name for t in page.tiles] == [files[2], files[1]]
+    assert page.tiles[0].cells == [
+        ["type true", "bag", ""],
+        ["type", "bag", "60.0%"],
+        ["colour true", "blue", ""],
+        ["colour", "red", "90.0%"],
+    ]
+    assert page.tiles[1].cells == [
+        ["type true", "bag", ""],
+        ["type", "shoe", "70.0%"],
+        ["colour", "blue", "55.0%"],
+    ]
+    assert "2 of 4 test images" in "".join(page.text)
+
+
 @pytest.fixture(scope="module")
 def gallery_run(serve_checkpoint, shop, tmp_path_factory):
     """predict.py on the shop's photos and one file that is not an image: (run folder, CSV rows)."""

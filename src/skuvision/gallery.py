@@ -263,7 +263,8 @@ def answer_rows(tile: Tile) -> str:
     for answer in tile.answers:
         column = e(answer.column or ("label" if answer.kind == "label" else answer.kind))
         if answer.kind == "truth":
-            rows.append(f"<tr class=truth><th>true</th><td>{e(answer.ranked[0][0])}</td><td></td></tr>")
+            name = f"{column} true" if answer.column else "true"
+            rows.append(f"<tr class=truth><th>{name}</th><td>{e(answer.ranked[0][0])}</td><td></td></tr>")
             continue
         flag = " <span class=flag>review</span>" if answer.review else ""
         shown = answer.ranked or [("(none)" if answer.kind == "tags" else "", None)]

@@ -32,13 +32,13 @@ CALIBRATION_RESULTS = (calibration.CALIBRATION_FILE, "reliability.png", "coverag
 ERRORS_PAGE = ("errors.html",)  # the one-label model's mistakes, most confident first (gallery=false: none)
 
 
-def result_names(heads: list[Head], calibrate: bool) -> list[str]:
+def result_names(heads: list[Head], calibrate: bool, gallery: bool = False) -> list[str]:
     """Every file eval writes for a model with these heads: the one-label model's RESULTS (and
     CALIBRATION_RESULTS), or per column a confusion matrix or tag plot (and reliability and coverage plots
     of each trained label column)."""
     if not any(h.column for h in heads):
-        return list(RESULTS + (CALIBRATION_RESULTS if calibrate else ()))
-    names = ["metrics.json", "predictions.csv"]
+        return list(RESULTS + (CALIBRATION_RESULTS if calibrate else ()) + (ERRORS_PAGE if gallery else ()))
+    names = ["metrics.json", "predictions.csv", *(ERRORS_PAGE if gallery else ())]
     names += [
         f"tags_{h.column}.png" if h.kind == "tags" else f"confusion_matrix_{h.column}.png" for h in heads
     ]
@@ -63,7 +63,7 @@ def evaluate(cfg: DictConfig) -> dict:
     module, datamodule = from_checkpoint(cfg.ckpt_path, cfg.get("data"), split="test")
     module.tta = check_tta(cfg.get("tta") or module.tta)
     # The file names of a model with several heads come from its columns.
-    names = result_names(module.heads, cfg.get("calibrate", True))
+    names = result_names(module.heads, cfg.get("calibrate", True), gallery is not None)
     refuse_existing([output_dir / name for name in names], "run it into a new run folder, or remove it")
     if module.multi_head is not None:
         tag_options(cfg)
@@ -174,6 +174,10 @@ def evaluate_heads(
     )
     probs = head_probs(heads, logits, temperatures)
     write_head_predictions(output_dir / "predictions.csv", heads, probs, targets, files, tag_thresholds)
+    options = gallery_options(cfg)
+    if options:
+        test_set = datamodule.splits["test"]
+        write_head_errors_page(output_dir / ERRORS_PAGE[0], heads, probs, targets, files, test_set, options)
     for head in heads:
         main = "map" if head.kind == "tags" else "acc"
         print(f"{head.key('test', main)} = {report[head.key('test', main)]:.4f}")
@@ -410,6 +414,36 @@ def write_errors_page(path: Path, logits, labels, files, dataset, class_names, o
         tiles.append(Tile(files[i] if files else f"test image {i}", picture, answers))
     summary = f"{len(wrong)} of {len(labels)} test images predicted wrong, the most confident mistakes first"
     write_gallery(path, "errors on the test split", tiles, options, summary)
+    return path
+
+
+def write_head_errors_page(
+    path: Path, heads: list[Head], probs: dict, targets: dict, files, dataset, options
+) -> Path:
+    """errors.html of a model with several heads: the test images with a label column predicted wrong, the
+    most confident of its mistakes first; each label column's true (where the row has one) and predicted
+    class."""
+    answers = read_heads(heads, probs, top_k=1)
+    mistakes_of = []
+    for i, image in enumerate(answers):
+        shown, wrong = [], []
+        for head, said in zip(heads, image, strict=True):
+            if head.kind != "label":
+                continue
+            truth, (label, p) = int(targets[head.column][i]), said.ranked[0]
+            if truth != MISSING:
+                shown.append(Answer(head.column, "truth", [(head.classes[truth], None)]))
+                wrong += [p] if head.classes[truth] != label else []
+            shown.append(Answer(head.column, "label", [(label, p)]))
+        if wrong:
+            picture = Path(files[i]) if files else partial(dataset_picture, dataset, i)
+            mistakes_of.append((max(wrong), Tile(files[i] if files else f"test image {i}", picture, shown)))
+    mistakes_of.sort(key=lambda m: -m[0])
+    summary = (
+        f"{len(mistakes_of)} of {len(answers)} test images with a label column predicted wrong, the most "
+        "confident mistake first"
+    )
+    write_gallery(path, "errors on the test split", [t for _, t in mistakes_of], options, summary)
     return path
 
 
