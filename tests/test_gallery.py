@@ -286,6 +286,14 @@ def test_predict_writes_the_gallery_and_sheet_beside_its_csv_and_refuses_to_repl
     assert not (tmp_path / "run" / "predictions.csv").exists()
 
 
+def test_an_output_the_gallery_would_take_is_refused_before_any_work(tmp_path):
+    for name in ("p.html", "p.png"):
+        overrides = ["ckpt_path=missing.ckpt", "input=x", f"output={tmp_path / name}"]
+        cfg = compose_cfg("predict", overrides, tmp_path)
+        with pytest.raises(SkuvisionError, match=rf"output=.*{name}: name a .csv file"):
+            predict(cfg)
+
+
 def test_predict_with_gallery_false_writes_only_the_csv(serve_checkpoint, shop, tmp_path):
     overrides = [f"ckpt_path={serve_checkpoint}", f"input={shop / 'phone'}", "num_workers=0", "gallery=false"]
     out = predict(compose_cfg("predict", overrides + ["trainer.accelerator=cpu"], tmp_path / "run"))
