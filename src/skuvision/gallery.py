@@ -58,6 +58,10 @@ class Answer:
 
 @dataclass
 class Tile:
+    """One image of the page: its name (a path), its picture (a file, or a function giving a PIL image,
+    called only if the tile is shown), the heads' answers, why it could not be read, extra pictures by title,
+    and notes."""
+
     name: str
     picture: Picture | None
     answers: list[Answer]
