@@ -126,6 +126,24 @@ def test_plots_are_valid_pngs(evaluation):
             assert img.format == "PNG" and min(img.size) > 200
 
 
+def test_errors_page_shows_every_mistake_most_confident_first(evaluation):
+    from tests.pages import read_page
+
+    _, out = evaluation
+    with open(out / "predictions.csv") as f:
+        wrong = [row for row in csv.DictReader(f) if row["true"] != row["predicted"]]
+    assert wrong
+    page = read_page(out / "errors.html")
+    assert [t.name for t in page.tiles] == [
+        row["path"] for row in sorted(wrong, key=lambda r: -float(r["confidence"]))
+    ]
+    for tile, row in zip(page.tiles, sorted(wrong, key=lambda r: -float(r["confidence"])), strict=True):
+        truth, said, *_ = tile.cells
+        assert truth[:2] == ["true", row["true"]] and said[1] == row["predicted"]
+        assert said[2] == f"{float(row['confidence']):.1%}" and len(tile.images) == 1
+    assert f"{len(wrong)} of" in "".join(page.text)
+
+
 def test_predict_csv_agrees_with_eval(evaluation, checkpoint, tmp_path):
     _, out = evaluation
     with open(out / "predictions.csv") as f:
