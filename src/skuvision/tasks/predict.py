@@ -39,7 +39,6 @@ log = logging.getLogger("skuvision")
 
 def predict(cfg: DictConfig) -> Path:
     set_threads(cfg.get("threads"))
-    resolve_checkpoint(cfg)
     out = Path(cfg.output) if cfg.get("output") else Path(cfg.paths.output_dir) / "predictions.csv"
     if out.is_dir() and not any(out.iterdir()):
         raise SkuvisionError(
@@ -48,6 +47,7 @@ def predict(cfg: DictConfig) -> Path:
     gallery = gallery_options(cfg)
     pages = page_paths(out) if gallery else []
     refuse_existing([out, *pages], "give another output=, or remove it")
+    resolve_checkpoint(cfg)
     module, _ = from_checkpoint(cfg.ckpt_path)
     module.tta = check_tta(cfg.get("tta") or module.tta)
     paths = collect_inputs(plain(cfg.input))
