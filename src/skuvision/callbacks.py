@@ -9,7 +9,7 @@ from itertools import chain
 import torch
 from pytorch_lightning import Callback
 from pytorch_lightning.callbacks import RichProgressBar, WeightAveraging
-from rich import get_console
+from rich.console import Console
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from skuvision.compat import replace_averaging_update
@@ -58,14 +58,15 @@ class ProgressBar(RichProgressBar):
     Where stdout is not a terminal (a log file, CI, a batch job) no bar is drawn: one line per validation of
     the fit instead, with the bar's metrics."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, *args, console_kwargs: dict | None = None, **kwargs):
+        super().__init__(*args, console_kwargs=console_kwargs, **kwargs)
         self._step_loss: tuple[torch.Tensor, float] | None = None
+        self.console_options = dict(console_kwargs or {})
         self.on_terminal = True
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
-        self.on_terminal = get_console().is_terminal
+        self.on_terminal = Console(**self.console_options).is_terminal
         if not self.on_terminal:
             self.disable()
 
