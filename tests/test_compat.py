@@ -6,6 +6,7 @@ import csv
 import io
 import logging
 import re
+import threading
 import warnings
 from types import SimpleNamespace
 
@@ -406,3 +407,45 @@ def test_cleanvision_draws_its_bars_only_on_a_terminal(tmp_path, monkeypatch):
     assert stderr_of_a_check(io.StringIO()) == ""
     on_terminal = stderr_of_a_check(Terminal())
     assert "Computing scores" in on_terminal and "Computing hashes" in on_terminal
+
+
+def test_litservers_monitor_losing_its_manager_at_shutdown_is_dropped_and_other_crashes_show(
+    pristine_logging,
+):
+    import litserve as ls
+
+    class Echo(ls.LitAPI):
+        def setup(self, device):
+            pass
+
+        def predict(self, x):
+            return x
+
+    class GoneManager:
+        """The manager's Event once the manager process has ended (as at shutdown), or broken otherwise."""
+
+        def __init__(self, error: BaseException):
+            self.error = error
+
+        def is_set(self):
+            raise self.error
+
+    def monitor_fails_with(error: BaseException) -> list[str]:
+        server = ls.LitServer(Echo(), accelerator="cpu")
+        server._shutdown_event = GoneManager(error)
+        records = Records()
+        logging.getLogger("litserve.server").addHandler(records)
+        try:
+            server._start_worker_monitoring(None, {})
+            for thread in threading.enumerate():
+                if thread.name == "litserve-monitoring":
+                    thread.join(10)
+        finally:
+            logging.getLogger("litserve.server").removeHandler(records)
+        return records.messages
+
+    assert monitor_fails_with(BrokenPipeError(32, "Broken pipe")) == ["Monitoring worker crashed"]
+    quiet_known_noise()
+    assert monitor_fails_with(BrokenPipeError(32, "Broken pipe")) == []
+    assert monitor_fails_with(EOFError()) == []
+    assert monitor_fails_with(RuntimeError("a real crash")) == ["Monitoring worker crashed"]

@@ -19,7 +19,7 @@ may use it.
 - a Gradio page mounted with `gr.mount_gradio_app` is never marked as launched, so Gradio skips its path
   checks on file payloads, and nothing ends its pages' heartbeat streams on shutdown (gradio 6.31.0:
   `Blocks.has_launched`, `App.stop_event`, in `check_file_payloads` and `end_page_streams`);
-- known-harmless messages of Lightning, torch and the ONNX optimiser, dropped where they are emitted
+- known-harmless messages of Lightning, torch, LitServe and the ONNX optimiser, dropped where they are emitted
   (`KNOWN_WARNINGS`, `KNOWN_LOG_LINES`, `CHATTY_LOGGERS`, `TEST_AFTER_FIT`, each with its version), and
   cleanvision's progress bars, drawn whatever the stream is (cleanvision 0.3.7:
   `progress_bars_only_on_a_terminal`).
@@ -160,13 +160,15 @@ def end_page_streams(gradio_app, loop: asyncio.AbstractEventLoop) -> None:
 class Noise:
     """A library's message that says nothing a skuvision user can act on. `message`: a regular expression
     matched at the message's start; a warning also by its `category` and the exact `module` it is attributed
-    to, a log line by the exact `logger` that emits it."""
+    to, a log line by the exact `logger` that emits it (and, where `raised` is given, only when the record
+    carries one of those exceptions)."""
 
     why: str
     message: str
     category: type[Warning] = Warning
     module: str = ""
     logger: str = ""
+    raised: tuple[type[BaseException], ...] = ()
 
 
 KNOWN_WARNINGS = (
@@ -192,12 +194,20 @@ KNOWN_WARNINGS = (
     ),
 )
 
-# pytorch-lightning 2.6.6 advertises litlogger and litmodels at INFO with every Trainer it builds.
 KNOWN_LOG_LINES = (
+    # pytorch-lightning 2.6.6 advertises litlogger and litmodels at INFO with every Trainer it builds.
     Noise(
         "Lightning's tips to install its cloud products",
         message=r"💡 Tip: ",
         logger="pytorch_lightning.utilities.rank_zero",
+    ),
+    # litserve 0.2.19: its worker monitor asks the multiprocessing manager every 2 s whether to stop; when
+    # the manager has gone at shutdown, the question fails and a traceback is logged at ERROR.
+    Noise(
+        "LitServe's monitor losing its manager at shutdown",
+        message=r"Monitoring worker crashed$",
+        logger="litserve.server",
+        raised=(BrokenPipeError, ConnectionResetError, EOFError),
     ),
 )
 
@@ -226,11 +236,15 @@ class DropLines(logging.Filter):
 
     def __init__(self, noises: tuple[Noise, ...]):
         super().__init__()
-        self.patterns = [re.compile(noise.message) for noise in noises]
+        self.patterns = [(re.compile(noise.message), noise.raised) for noise in noises]
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        return not any(pattern.match(message) for pattern in self.patterns)
+        raised = record.exc_info[0] if record.exc_info else None
+        return not any(
+            pattern.match(message) and (not kinds or (raised is not None and issubclass(raised, kinds)))
+            for pattern, kinds in self.patterns
+        )
 
 
 def quiet_known_noise() -> None:
