@@ -15,9 +15,11 @@ from typing import Any
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning import Callback, Trainer
+from pytorch_lightning.callbacks.progress import ProgressBar as AnyProgressBar
 from pytorch_lightning.loggers import Logger
 from pytorch_lightning.utilities import rank_zero_only
 
+from skuvision.callbacks import ProgressBar
 from skuvision.checkpoints import load_classifier, read_checkpoint
 from skuvision.config import plain
 from skuvision.data.datamodule import ImageDataModule
@@ -99,9 +101,14 @@ def build_trainer(
     cfg: DictConfig, loggers: Sequence[Logger] = (), callbacks: Sequence[Callback] = (), **overrides: Any
 ) -> Trainer:
     """The Trainer `cfg.trainer` describes, with these loggers and callbacks (none: no logging and no
-    callbacks of the config's) and any of its arguments overridden."""
+    callbacks of the config's) and any of its arguments overridden. Its bar, unless `callbacks` has one or
+    enable_progress_bar is false, is skuvision's: none where stdout is not a terminal."""
     check_trainer_keys(cfg.trainer)
-    return instantiate(cfg.trainer, callbacks=list(callbacks), logger=list(loggers) or False, **overrides)
+    callbacks = list(callbacks)
+    bar = overrides.get("enable_progress_bar", cfg.trainer.get("enable_progress_bar", True))
+    if bar and not any(isinstance(c, AnyProgressBar) for c in callbacks):
+        callbacks.append(ProgressBar())
+    return instantiate(cfg.trainer, callbacks=callbacks, logger=list(loggers) or False, **overrides)
 
 
 def instantiate_all(group: DictConfig | None) -> list:

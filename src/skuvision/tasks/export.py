@@ -199,6 +199,7 @@ def write_and_check_onnx(cfg: DictConfig, model: Deployable, module: Classifier,
             dynamic_shapes={"images": {0: torch.export.Dim("batch")}},
             opset_version=cfg.opset,
             dynamo=True,
+            verbose=False,  # else the exporter prints each of its steps
         )
     except Exception as err:  # the exporter's errors are long; the first line says what failed
         raise SkuvisionError(
