@@ -33,7 +33,8 @@ data:
 		echo "Fashion-MNIST: no local copy and no apt; train.py downloads it if the network allows"; \
 	fi
 
-# Debian's headless Chromium and its driver, for the demo page's browser test (skipped, saying why, without them).
+# Debian's headless Chromium and its driver, for the browser tests of the demo page and the prediction gallery
+# (skipped, saying why, without them).
 browser:
 	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then \
 		echo "chromium: found"; \

@@ -1,7 +1,7 @@
 """Fixtures of the server and browser tests (a plugin named in conftest.py, so the session ones are built
 once for both): one small checkpoint, its ONNX export and catalogue index, predict.py's answers for a few
-real image files, and, per test module, serve.py running as a user starts it (each server with a temp folder
-of its own, so a test sees every file it writes there)."""
+real image files, one headless browser, and, per test module, serve.py running as a user starts it (each
+server with a temp folder of its own, so a test sees every file it writes there)."""
 
 from __future__ import annotations
 
@@ -84,6 +84,18 @@ def catalogue_index(serve_checkpoint, tmp_path_factory) -> Path:
     embed(compose_cfg("embed", overrides, run))
     assert (run / "index" / "index.faiss").is_file()
     return run
+
+
+@pytest.fixture(scope="session")
+def browser(tmp_path_factory):
+    """One headless Chromium for every page test of the session (tests.browser)."""
+    from tests.browser import chromium
+
+    driver = chromium(tmp_path_factory.mktemp("chromium_profile"))
+    try:
+        yield driver
+    finally:
+        driver.quit()
 
 
 @pytest.fixture(scope="session")

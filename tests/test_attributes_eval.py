@@ -17,6 +17,7 @@ from skuvision.checkpoints import load_classifier
 from skuvision.errors import SkuvisionError
 from skuvision.tasks import evaluate
 from tests.helpers import compose_cfg, predict_csv
+from tests.pages import read_page
 from tests.writers import CATALOGUE_TYPES
 
 torch.set_num_threads(2)
@@ -168,6 +169,29 @@ def test_per_column_metrics_agree_with_the_predictions_csv(evaluation, predictio
     main = [written[f"test/{c}/acc"] for c in LABELS] + [written["test/tags/map"]]
     assert written["test/acc"] == pytest.approx(np.mean(main))
     assert report["test/acc"] == written["test/acc"]
+
+
+def test_errors_page_shows_every_image_with_a_wrong_column_the_most_confident_mistake_first(
+    evaluation, predictions
+):
+    _, out = evaluation
+
+    def mistakes(row) -> list[float]:
+        return [float(row[f"{c}_prob"]) for c in LABELS if row[f"{c}_true"] and row[c] != row[f"{c}_true"]]
+
+    wrong = {row["path"]: row for row in predictions if mistakes(row)}  # none, where the model is right
+    page = read_page(out / "errors.html")
+    assert f"{len(wrong)} of {len(predictions)} test images" in "".join(page.text)
+    assert sorted(t.name for t in page.tiles) == sorted(wrong)
+    worst = [max(mistakes(wrong[t.name])) for t in page.tiles]
+    assert all(a >= b - 1e-6 for a, b in zip(worst, worst[1:], strict=False))
+    for tile in page.tiles:
+        row = wrong[tile.name]
+        cells = {head: (label, prob) for head, label, prob in tile.cells}
+        for c in LABELS:
+            assert cells[c] == (row[c], f"{float(row[f'{c}_prob']):.1%}")
+            assert cells.get(f"{c} true", ("", ""))[0] == row[f"{c}_true"]
+        assert len(tile.images) == 1
 
 
 def test_the_coarse_prediction_is_always_the_parent_of_the_fine_one(predictions):

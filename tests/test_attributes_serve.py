@@ -23,6 +23,7 @@ from skuvision.outputs import file_sha256
 from skuvision.readout import head_probs, read_heads
 from skuvision.serving.predictor import Predictor, model_card
 from tests.helpers import predict_csv
+from tests.pages import read_page
 from tests.serving_fixtures import RunningServer
 from tests.writers import CATALOGUE_TYPES
 
@@ -236,6 +237,30 @@ def test_calibrated_predictions_apply_each_columns_temperature_and_thresholds(
     marked = reviews["articleType"].count("true") + 1  # and the unreadable row
     assert f"review articleType: {marked} of {QUERIES + 1} rows marked" in printed
     assert f"review baseColour: all {QUERIES + 1} rows marked" in printed
+    assert_gallery_shows_the_csv(tmp_path / "run" / "predictions.html", by_path, broken["path"])
+
+
+def assert_gallery_shows_the_csv(page_path: Path, by_path: dict, broken: str) -> None:
+    """predictions.html: every column of every row as the CSV has it, review flags, the unreadable file and
+    then the lowest of an image's label probabilities first."""
+    page = read_page(page_path)
+    assert page.tiles[0].name == broken and page.tiles[0].review and not page.tiles[0].images
+    shown = page.tiles[1:]
+    assert {t.name for t in shown} == set(by_path)
+    lowest = {p: min(float(row[f"{c}_prob"]) for c in LABELS) for p, row in by_path.items()}
+    assert [t.name for t in shown] == sorted(by_path, key=lowest.get)
+    for tile in shown:
+        row, said, column = by_path[tile.name], {}, ""
+        for head, label, prob in tile.cells:
+            column = head.split()[0] if head else column
+            said.setdefault(column, []).append((label, prob))
+            if head:
+                assert ("review" in head.split()) == (row.get(f"{column}_review") == "true"), column
+        for c in LABELS:
+            assert said[c] == [(row[c], f"{float(row[f'{c}_prob']):.1%}")], c
+        pairs = zip(row["tags"].split(";"), row["tags_probs"].split(";"), strict=True) if row["tags"] else []
+        assert said["tags"] == ([(t, f"{float(p):.1%}") for t, p in pairs] or [("(none)", "")])
+        assert tile.confidence == pytest.approx(lowest[tile.name], abs=1e-6) and len(tile.images) == 1
 
 
 @pytest.fixture(scope="module")

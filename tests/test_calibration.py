@@ -18,6 +18,7 @@ from skuvision.errors import SkuvisionError
 from skuvision.tasks import evaluate, train
 from skuvision.tasks.predict import predict
 from tests.helpers import compose_cfg, quick_overrides
+from tests.pages import read_page
 from tests.writers import write_image_folder
 
 CLASSES = ("kettle", "phone", "shirt", "toaster", "watch")
@@ -294,6 +295,11 @@ def test_predict_marks_exactly_the_rows_below_the_threshold(evaluation, checkpoi
     marked = sum(row["review"] == "true" for row in rows)
     assert marked == int((expected < threshold).sum()) and 0 < marked < len(rows)
     assert f"review: {marked} of {len(rows)} rows marked" in capsys.readouterr().out
+    # The gallery puts the rows to review first, each group the least confident first, flagged as the CSV.
+    page = read_page(tmp_path / "calibrated" / "run" / "predictions.html")
+    doubtful = sorted(rows, key=lambda r: (r["review"] != "true", float(r["prob_1"])))
+    assert [t.name for t in page.tiles] == [r["path"] for r in doubtful]
+    assert [t.review for t in page.tiles] == [r["review"] == "true" for r in doubtful]
     # eval.py's own calibration: too few val images for a threshold, so nothing is accepted, and said why.
     capsys.readouterr()
     rows = run_predict(checkpoint, listing, tmp_path / "eval", out)

@@ -1,25 +1,40 @@
 """The behaviours of Lightning, torch, litdata and Gradio that skuvision.compat works around, at the versions
 named there. A failure here means the behaviour changed: adapt or drop the workaround, then this test."""
 
+import contextlib
 import csv
+import io
+import logging
+import re
+import threading
+import warnings
 from types import SimpleNamespace
 
 import pytest
 import torch
-from pytorch_lightning import LightningModule
+from pytorch_lightning import LightningModule, Trainer
 from pytorch_lightning.callbacks import WeightAveraging
 from pytorch_lightning.loggers import CSVLogger
 from torch.optim.swa_utils import AveragedModel
+from torch.utils.data import DataLoader, TensorDataset
 
 from skuvision.compat import (
+    CHATTY_LOGGERS,
+    KNOWN_LOG_LINES,
+    KNOWN_WARNINGS,
     NATIVE_BF16_CHECKS,
+    TEST_AFTER_FIT,
+    DropLines,
     check_file_payloads,
     continue_csv_logs,
     cpu_has_native_bf16,
     end_page_streams,
     keep_earlier_csv_rows,
+    progress_bars_only_on_a_terminal,
+    quiet_known_noise,
     replace_averaging_update,
     store_probabilities,
+    testing_after_fit,
 )
 from skuvision.host_reads import counting_host_reads
 
@@ -212,3 +227,225 @@ def test_lightning_ddp_reruns_the_command_with_local_rank_and_no_output_subdir(m
     assert rerun_by_lightning_ddp(None) and not rerun_by_lightning_ddp(".hydra")
     monkeypatch.setenv("LOCAL_RANK", "0")
     assert not rerun_by_lightning_ddp(None)
+
+
+# Known-harmless library messages (skuvision.compat's KNOWN_WARNINGS, KNOWN_LOG_LINES, CHATTY_LOGGERS,
+# TEST_AFTER_FIT): each test makes the library say its message, shows it without the filter (a changed
+# message fails here) and gone with it, while an unrelated message of the same place still shows.
+
+
+class Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@pytest.fixture
+def pristine_logging():
+    """The noise filters' loggers as the libraries leave them; restored afterwards."""
+    loggers = [logging.getLogger(n) for n in {*CHATTY_LOGGERS, *(x.logger for x in KNOWN_LOG_LINES)}]
+    saved = [(logger, logger.level, list(logger.filters)) for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.NOTSET)
+        for f in [f for f in logger.filters if isinstance(f, DropLines)]:
+            logger.removeFilter(f)
+    yield
+    for logger, level, filters in saved:
+        logger.setLevel(level)
+        logger.filters[:] = filters
+
+
+class TinyModule(LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.layer = torch.nn.Linear(4, 2)
+
+    def training_step(self, batch, batch_idx):
+        (x,) = batch
+        warnings.warn("a warning of the model's own", UserWarning, stacklevel=1)
+        return self.layer(x).sum()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def tiny_fit(tmp_path, quiet: bool) -> tuple[list[str], list[str]]:
+    """A one-step fit in bf16-mixed with a CSV logger and 3 batches an epoch: (warnings, Lightning's log)."""
+    lightning_log = Records()
+    logging.getLogger(KNOWN_LOG_LINES[0].logger).addHandler(lightning_log)
+    try:
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            if quiet:
+                quiet_known_noise()
+            trainer = Trainer(
+                accelerator="cpu",
+                precision="bf16-mixed",
+                max_steps=1,
+                logger=CSVLogger(tmp_path),
+                enable_checkpointing=False,
+                enable_progress_bar=False,
+                log_every_n_steps=50,
+            )
+            data = DataLoader(TensorDataset(torch.randn(6, 4)), batch_size=2)
+            trainer.fit(TinyModule(), train_dataloaders=data)
+    finally:
+        logging.getLogger(KNOWN_LOG_LINES[0].logger).removeHandler(lightning_log)
+    return [str(w.message) for w in seen], lightning_log.messages
+
+
+def said(messages: list[str], noise) -> bool:
+    return any(re.match(noise.message, m) for m in messages)
+
+
+def test_lightnings_known_noise_is_dropped_and_nothing_else(tmp_path, pristine_logging):
+    shown, logged = tiny_fit(tmp_path / "loud", quiet=False)
+    assert all(said(shown, noise) for noise in KNOWN_WARNINGS), shown
+    assert said(logged, KNOWN_LOG_LINES[0]), logged
+    shown_quiet, logged_quiet = tiny_fit(tmp_path / "quiet", quiet=True)
+    assert not any(said(shown_quiet, noise) for noise in KNOWN_WARNINGS), shown_quiet
+    assert not said(logged_quiet, KNOWN_LOG_LINES[0])
+    # Everything else still shows: the model's own warning, Lightning's device lines.
+    others = [m for m in shown if not any(said([m], noise) for noise in KNOWN_WARNINGS)]
+    assert "a warning of the model's own" in others
+    assert shown_quiet == others
+    assert logged_quiet == [m for m in logged if not said([m], KNOWN_LOG_LINES[0])]
+    assert any(m.startswith("GPU available") for m in logged_quiet)
+
+
+def test_a_known_message_from_elsewhere_or_another_message_from_there_still_shows():
+    leafspec = KNOWN_WARNINGS[0]
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        quiet_known_noise()
+        text = "`isinstance(treespec, LeafSpec)` is deprecated, use ..."
+        warnings.warn_explicit(text, FutureWarning, "ours.py", 1, module="skuvision.somewhere")
+        warnings.warn_explicit("something else", FutureWarning, "_pytree.py", 1, module=leafspec.module)
+        warnings.warn_explicit(text, FutureWarning, "_pytree.py", 1, module=leafspec.module)
+    assert [str(w.message) for w in seen] == [text, "something else"]
+
+
+def test_the_ckpt_path_callbacks_warning_is_dropped_only_in_the_test_after_fit():
+    from pytorch_lightning.trainer.call import _call_callbacks_on_load_checkpoint
+
+    trainer = Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
+    checkpoint = {"callbacks": {"WeightEMA": {}}, "pytorch-lightning_version": "2.6.6"}
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        quiet_known_noise()  # not among the filters every command installs: a resumed fit needs it
+        _call_callbacks_on_load_checkpoint(trainer, checkpoint)
+        with testing_after_fit():
+            _call_callbacks_on_load_checkpoint(trainer, checkpoint)
+            warnings.warn("another warning", UserWarning, stacklevel=1)
+        _call_callbacks_on_load_checkpoint(trainer, checkpoint)
+    messages = [str(w.message) for w in seen]
+    assert [said([m], TEST_AFTER_FIT) for m in messages] == [True, False, True], messages
+    assert messages[1] == "another warning" and "WeightEMA" in messages[0]
+
+
+def test_the_onnx_optimisers_info_lines_are_dropped_and_its_warnings_show(pristine_logging):
+    import onnx
+    import onnxscript.optimizer
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"]), helper.make_node("Neg", ["x"], ["unused"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    tops = [logging.getLogger(name.split(".")[0]) for name in CHATTY_LOGGERS]
+    records = Records()
+    for top in tops:  # as Hydra's job logging leaves them: INFO through the root
+        top.setLevel(logging.INFO)
+        top.addHandler(records)
+    try:
+        onnxscript.optimizer.optimize(onnx.ModelProto.FromString(model.SerializeToString()))
+        loud = list(records.messages)
+        records.messages.clear()
+        quiet_known_noise()
+        onnxscript.optimizer.optimize(onnx.ModelProto.FromString(model.SerializeToString()))
+        for name in CHATTY_LOGGERS:
+            logging.getLogger(f"{name}.anything").warning("a warning of %s", name)
+    finally:
+        for top in tops:
+            top.setLevel(logging.NOTSET)
+            top.removeHandler(records)
+    assert any(m.startswith("Removed 1 unused nodes") for m in loud), loud
+    assert records.messages == [f"a warning of {name}" for name in CHATTY_LOGGERS]
+
+
+def test_cleanvision_draws_its_bars_only_on_a_terminal(tmp_path, monkeypatch):
+    from cleanvision import Imagelab
+    from cleanvision.issue_managers import duplicate_issue_manager, image_property_issue_manager
+    from PIL import Image
+
+    for module in (duplicate_issue_manager, image_property_issue_manager):
+        monkeypatch.setattr(module, "tqdm", module.tqdm)  # put back after the test
+    paths = []
+    for k in range(3):
+        paths.append(str(tmp_path / f"{k}.png"))
+        Image.new("RGB", (16, 16), (k * 60, 0, 0)).save(paths[-1])
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    def stderr_of_a_check(stream: io.StringIO) -> str:
+        with contextlib.redirect_stderr(stream):
+            Imagelab(filepaths=paths, verbose=False).find_issues(
+                {"dark": {}, "exact_duplicates": {}}, verbose=False
+            )
+        return stream.getvalue()
+
+    assert "Computing scores" in stderr_of_a_check(io.StringIO())  # cleanvision's own: bars into a log file
+    progress_bars_only_on_a_terminal()
+    assert stderr_of_a_check(io.StringIO()) == ""
+    on_terminal = stderr_of_a_check(Terminal())
+    assert "Computing scores" in on_terminal and "Computing hashes" in on_terminal
+
+
+def test_litservers_monitor_losing_its_manager_at_shutdown_is_dropped_and_other_crashes_show(
+    pristine_logging,
+):
+    import litserve as ls
+
+    class Echo(ls.LitAPI):
+        def setup(self, device):
+            pass
+
+        def predict(self, x):
+            return x
+
+    class GoneManager:
+        """The manager's Event once the manager process has ended (as at shutdown), or broken otherwise."""
+
+        def __init__(self, error: BaseException):
+            self.error = error
+
+        def is_set(self):
+            raise self.error
+
+    def monitor_fails_with(error: BaseException) -> list[str]:
+        server = ls.LitServer(Echo(), accelerator="cpu")
+        server._shutdown_event = GoneManager(error)
+        records = Records()
+        logging.getLogger("litserve.server").addHandler(records)
+        try:
+            server._start_worker_monitoring(None, {})
+            for thread in threading.enumerate():
+                if thread.name == "litserve-monitoring":
+                    thread.join(10)
+        finally:
+            logging.getLogger("litserve.server").removeHandler(records)
+        return records.messages
+
+    assert monitor_fails_with(BrokenPipeError(32, "Broken pipe")) == ["Monitoring worker crashed"]
+    quiet_known_noise()
+    assert monitor_fails_with(BrokenPipeError(32, "Broken pipe")) == []
+    assert monitor_fails_with(EOFError()) == []
+    assert monitor_fails_with(RuntimeError("a real crash")) == ["Monitoring worker crashed"]

@@ -3,7 +3,6 @@ see the similar items' gallery, and find that the page asked nothing of any othe
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
@@ -11,40 +10,12 @@ from urllib.parse import urlsplit
 
 import pytest
 
-CHROMIUM = Path(os.environ.get("SKUVISION_CHROMIUM", "/usr/bin/chromium"))
-CHROMEDRIVER = Path(os.environ.get("SKUVISION_CHROMEDRIVER", "/usr/bin/chromedriver"))
-# Without the networking flags Chromium keeps reaching for outside hosts.
-CHROMIUM_FLAGS = (
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-    "--window-size=1280,900",
-)
+from tests.browser import MISSING, have_chromium, requested_urls
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(
-        not (CHROMIUM.is_file() and CHROMEDRIVER.is_file()),
-        reason=f"needs Chromium at {CHROMIUM} and chromedriver at {CHROMEDRIVER} "
-        "(apt-get install -y chromium chromium-driver; .ci/run installs them)",
-    ),
+    pytest.mark.skipif(not have_chromium(), reason=MISSING),
 ]
-
-
-def chromium(user_data_dir: Path):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    for flag in (*CHROMIUM_FLAGS, f"--user-data-dir={user_data_dir}"):
-        options.add_argument(flag)
-    options.set_capability("goog:loggingPrefs", {"performance": "ALL"})  # every request the page makes
-    return webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
 
 
 def classify_in_page(driver, url: str, image: Path, k: int, timeout: float = 90) -> tuple[str, int]:
@@ -62,26 +33,15 @@ def classify_in_page(driver, url: str, image: Path, k: int, timeout: float = 90)
     return top, len(driver.find_elements(By.CSS_SELECTOR, "#similar img"))
 
 
-def requested_urls(driver) -> list[str]:
-    urls = []
-    for entry in driver.get_log("performance"):
-        message = json.loads(entry["message"])["message"]
-        if message["method"] == "Network.requestWillBeSent":
-            urls.append(message["params"]["request"]["url"])
-    return urls
-
-
-def test_demo_page_shows_predict_py_top1(demo_server, query_files, predicted_top1, tmp_path):
+def test_demo_page_shows_predict_py_top1(browser, demo_server, query_files, predicted_top1, tmp_path):
     image = query_files[0]
-    driver = chromium(tmp_path / "profile")
-    try:
-        top, similar = classify_in_page(driver, demo_server.url + "/demo/", image, k=3)
-        driver.save_screenshot(str(tmp_path / "demo.png"))
-        urls = requested_urls(driver)
-        if os.environ.get("SKUVISION_DEMO_SCREENSHOT"):  # a picture for the docs, on request
-            shutil.copy(tmp_path / "demo.png", os.environ["SKUVISION_DEMO_SCREENSHOT"])
-    finally:
-        driver.quit()
+    driver = browser
+    requested_urls(driver)  # what earlier pages asked for
+    top, similar = classify_in_page(driver, demo_server.url + "/demo/", image, k=3)
+    driver.save_screenshot(str(tmp_path / "demo.png"))
+    urls = requested_urls(driver)
+    if os.environ.get("SKUVISION_DEMO_SCREENSHOT"):  # a picture for the docs, on request
+        shutil.copy(tmp_path / "demo.png", os.environ["SKUVISION_DEMO_SCREENSHOT"])
     assert top == predicted_top1[str(image)]
     assert similar == 3
     # Offline by construction: fonts, scripts, analytics, everything on the web comes from this server.

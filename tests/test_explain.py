@@ -248,6 +248,8 @@ def test_predict_writes_overlays_heatmaps_and_a_safe_column(serve_checkpoint, sh
 
         assert Image.open(run / row["explanation"]).size == (32, 32)
     assert len(written) == 2 * 5
+    page = (run / "predictions.html").read_text()  # the gallery shows each overlay beside its image
+    assert page.count('alt="explanation"') == 5 and "is missing" not in page
     # A second run into the same folder is refused before any work, and changes nothing.
     before = {p: p.stat().st_mtime_ns for p in run.rglob("*")}
     with pytest.raises(SkuvisionError, match="exists"):

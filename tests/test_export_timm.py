@@ -4,6 +4,7 @@ the exports of a model with several heads (ONNX: an output per head; timm: the t
 import csv
 import json
 import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -105,9 +106,15 @@ def test_timm_folder_loads_in_a_fresh_process_to_predicts_logits(resnet_checkpoi
     )
     result = export(cfg)
     assert result["max_abs_diff"] <= 1e-5 and sorted(p.name for p in folder.iterdir()) == [
+        "README.md",  # the model card
         "config.json",
         "model.safetensors",
     ]
+    umask = os.umask(0)
+    os.umask(umask)
+    for file in folder.iterdir():  # safetensors writes 0600; shipped files get the umask's mode
+        assert stat.S_IMODE(file.stat().st_mode) == 0o666 & ~umask, file
+    assert "library_name: timm" in (folder / "README.md").read_text()
     config = json.loads((folder / "config.json").read_text())
     assert config["architecture"] == "resnet18" and config["num_classes"] == 3
     assert config["label_names"] == list(CLASSES)

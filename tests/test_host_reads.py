@@ -4,6 +4,7 @@ the default recipe with its callbacks, the weight EMA among them, with one head 
 import pytest
 import torch
 from pytorch_lightning import Callback, seed_everything
+from rich.console import Console
 
 from skuvision.assembly import build, build_trainer, instantiate_callbacks, instantiate_loggers
 from skuvision.callbacks import ProgressBar
@@ -71,9 +72,10 @@ def assert_quiet_steps_read_nothing(reads, per_step) -> None:
         assert reads.count(step) == 0, reads.describe(step)
 
 
-def test_training_steps_read_nothing_on_the_host_between_logging_intervals(tmp_path, data_root):
+def test_training_steps_read_nothing_on_the_host_between_logging_intervals(tmp_path, data_root, monkeypatch):
     overrides = quick_overrides("fashion_mnist", data_root)
-    overrides.remove("callbacks.progress_bar=null")  # the default recipe's bar
+    overrides.remove("callbacks.progress_bar=null")  # the default recipe's bar, drawn as on a terminal
+    monkeypatch.setattr(Console, "is_terminal", property(lambda console: True))
     reads, per_step, trainer = fit_counting_reads(tmp_path, overrides)
     assert_quiet_steps_read_nothing(reads, per_step)
     assert reads.count(0) > 0  # the logging step reads its loss

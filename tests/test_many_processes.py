@@ -26,6 +26,7 @@ from skuvision.shards import (
 from skuvision.tasks import train
 from skuvision.tasks.embed import embed
 from tests.helpers import compose_cfg, predict_csv, quick_overrides, run_cli
+from tests.pages import read_page
 from tests.writers import write_image_folder
 
 IMAGES = 24  # and one unreadable file
@@ -106,6 +107,12 @@ def test_predict_on_two_processes_resumes_and_matches_one(checkpoint, photos, tm
         assert [got[f"label_{i}"] for i in (1, 2, 3)] == [want[f"label_{i}"] for i in (1, 2, 3)]
         probs = [float(got[f"prob_{i}"] or 0) - float(want[f"prob_{i}"] or 0) for i in (1, 2, 3)]
         assert np.abs(probs).max() <= 1e-5
+    # Rank zero writes the gallery of every image, as one process does.
+    shown = [t.name for t in read_page(run / "predictions.html").tiles]
+    assert sorted(shown) == sorted(
+        t.name for t in read_page(tmp_path / "one" / "run" / "predictions.html").tiles
+    )
+    assert len(shown) == len(rows)
 
 
 @pytest.mark.slow

@@ -126,6 +126,24 @@ def test_plots_are_valid_pngs(evaluation):
             assert img.format == "PNG" and min(img.size) > 200
 
 
+def test_errors_page_shows_every_mistake_most_confident_first(evaluation):
+    from tests.pages import read_page
+
+    _, out = evaluation
+    with open(out / "predictions.csv") as f:
+        wrong = [row for row in csv.DictReader(f) if row["true"] != row["predicted"]]
+    assert wrong
+    page = read_page(out / "errors.html")
+    assert [t.name for t in page.tiles] == [
+        row["path"] for row in sorted(wrong, key=lambda r: -float(r["confidence"]))
+    ]
+    for tile, row in zip(page.tiles, sorted(wrong, key=lambda r: -float(r["confidence"])), strict=True):
+        truth, said, *_ = tile.cells
+        assert truth[:2] == ["true", row["true"]] and said[1] == row["predicted"]
+        assert said[2] == f"{float(row['confidence']):.1%}" and len(tile.images) == 1
+    assert f"{len(wrong)} of" in "".join(page.text)
+
+
 def test_predict_csv_agrees_with_eval(evaluation, checkpoint, tmp_path):
     _, out = evaluation
     with open(out / "predictions.csv") as f:
@@ -433,7 +451,7 @@ def test_second_export_into_the_same_folder_or_output_changes_nothing(checkpoint
     overrides = [f"ckpt_path={checkpoint}", "check_images=8", "batch_size=8"]
     export(compose_cfg("export", overrides, tmp_path / "run"))
     before = snapshot(tmp_path / "run")
-    results = {"model.onnx", "model.json", "export_check.json"}
+    results = {"model.onnx", "model.json", "export_check.json", "README.md"}
     assert results <= {p.name for p in before} <= results | {"model.onnx.data"}  # its external weights
     one_line_refusal(lambda: export(compose_cfg("export", overrides, tmp_path / "run")), "model.onnx exists")
     output = [f"output={tmp_path / 'run' / 'model.onnx'}"]
@@ -510,7 +528,7 @@ def test_eval_without_ckpt_path_is_one_line_naming_the_key(tmp_path):
     assert result.returncode == 2, result.stderr[-2000:]
     assert result.stderr.strip().splitlines()[-1] == (
         "error: ckpt_path is not set: give it on the command line, e.g. python eval.py "
-        "ckpt_path=outputs/<date>/<time>/checkpoints/last.ckpt"
+        "ckpt_path=outputs/<date>/<time> (a train.py run folder, or a .ckpt in its checkpoints/)"
     )
     assert "Traceback" not in result.stderr and "MissingMandatoryValue" not in result.stderr
 

@@ -2,6 +2,7 @@
 
 import json
 import pickle
+import re
 from pathlib import Path
 
 import pytest
@@ -113,15 +114,50 @@ def test_training_learns_the_pattern(train_cfg):
     assert metrics["test/acc"] > 0.6
 
 
-def test_train_cli_writes_one_run_folder(data_root, tmp_path):
-    overrides = quick_overrides("fashion_mnist", data_root) + ["trainer.fast_dev_run=true"]
-    result = run_cli("train.py", overrides, tmp_path)
+# Warnings a train.py run may print, each by its exact text and explained in the README ("What a run
+# prints"). None today: library messages known to be harmless are filtered where they are emitted
+# (skuvision.compat.KNOWN_WARNINGS and its neighbours).
+EXPLAINED_WARNINGS: tuple[str, ...] = ()
+
+
+def unexplained_warnings(output: str) -> list[str]:
+    """Lines that look like a warning or a tip: Python's `file.py:N: Category: ...` and Lightning's shorter
+    `file.py:N: ...`, a log record at WARNING, any line naming a warning, a deprecation or a tip."""
+    suspicious = re.compile(r"warn|deprecat|tip:|\.py:\d+: ", re.IGNORECASE)
+    lines = output.replace("\r", "\n").splitlines()
+    return [line for line in lines if suspicious.search(line) and line not in EXPLAINED_WARNINGS]
+
+
+def test_train_cli_writes_one_run_folder_and_prints_no_unexplained_warning(data_root, tmp_path):
+    """A whole small train.py run with the default callbacks (bar, model summary, EMA, checkpoints) and its
+    test of the last checkpoint: one run folder, and no warning the README does not explain (issue 26)."""
+    defaults = ("callbacks.progress_bar=null", "trainer.enable_model_summary=false")
+    overrides = [o for o in quick_overrides("fashion_mnist", data_root) if o not in defaults]
+    limits = ["trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1"]
+    result = run_cli("train.py", [*overrides, *limits, "trainer.limit_test_batches=1"], tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     runs = list((tmp_path / "outputs").glob("*/*"))
     assert len(runs) == 1
     assert (runs[0] / ".hydra" / "config.yaml").is_file()
     assert json.loads((runs[0] / "metrics.json").read_text())["test/acc"] >= 0
     assert "test/acc = " in result.stdout
+    assert unexplained_warnings(result.stdout + result.stderr) == []
+    # Not a terminal: no bar redrawn with carriage returns, one line per epoch instead.
+    assert "\r" not in result.stdout + result.stderr
+    assert [line.split("  ")[0] for line in result.stdout.splitlines() if line.startswith("epoch ")] == [
+        "epoch 1/1"
+    ]
+
+
+def test_the_warning_check_sees_each_kind_of_warning_line():
+    lines = [
+        "/x/torch/utils/_pytree.py:21: FutureWarning: `isinstance(treespec, LeafSpec)` is deprecated",
+        "/x/pytorch_lightning/loops/fit_loop.py:321: The number of training batches (4) is smaller",
+        "[2026-12-06 16:26:06,684][skuvision][WARNING] - 2 unreadable image(s) skipped",
+        "💡 Tip: For seamless cloud logging and experiment tracking, try installing [litlogger]",
+    ]
+    fine = ["test/acc = 0.5813   run folder: /tmp/run", "epoch 1/2  val/acc 0.5  train/loss_step 1.2"]
+    assert unexplained_warnings("\n".join(lines + fine)) == lines
 
 
 def test_missing_data_is_a_clear_one_line_error(tmp_path):

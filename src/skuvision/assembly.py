@@ -5,6 +5,8 @@ data module and the model."""
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -13,12 +15,15 @@ from typing import Any
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning import Callback, Trainer
+from pytorch_lightning.callbacks.progress import ProgressBar as AnyProgressBar
 from pytorch_lightning.loggers import Logger
 from pytorch_lightning.utilities import rank_zero_only
 
+from skuvision.callbacks import ProgressBar
 from skuvision.checkpoints import load_classifier, read_checkpoint
 from skuvision.config import plain
 from skuvision.data.datamodule import ImageDataModule
+from skuvision.errors import SkuvisionError
 from skuvision.models.classifier import Classifier
 from skuvision.models.input_config import resolve_input
 
@@ -76,12 +81,34 @@ def data_module(data: DictConfig | dict, input_config: dict, split: str | None =
     return instantiate(data_cfg, input_config=input_config, predict_split=split)
 
 
+def check_trainer_keys(trainer_cfg: DictConfig) -> None:
+    """A key the Trainer does not take (a typo Hydra's `+` let in) in one line with the likely one, before
+    Trainer(**cfg) fails with a TypeError."""
+    if trainer_cfg.get("_target_") != "pytorch_lightning.Trainer":
+        return
+    accepted = [name for name in inspect.signature(Trainer.__init__).parameters if name != "self"]
+    for key in trainer_cfg:
+        if key != "_target_" and key not in accepted:
+            close = difflib.get_close_matches(str(key), accepted, n=1)
+            hint = f"did you mean trainer.{close[0]}? " if close else ""
+            raise SkuvisionError(
+                f"trainer.{key} is not an argument of Lightning's Trainer: {hint}Give a key that "
+                "conf/trainer/ sets, or another argument of pytorch_lightning.Trainer"
+            )
+
+
 def build_trainer(
     cfg: DictConfig, loggers: Sequence[Logger] = (), callbacks: Sequence[Callback] = (), **overrides: Any
 ) -> Trainer:
     """The Trainer `cfg.trainer` describes, with these loggers and callbacks (none: no logging and no
-    callbacks of the config's) and any of its arguments overridden."""
-    return instantiate(cfg.trainer, callbacks=list(callbacks), logger=list(loggers) or False, **overrides)
+    callbacks of the config's) and any of its arguments overridden. Its bar, unless `callbacks` has one or
+    enable_progress_bar is false, is skuvision's: none where stdout is not a terminal."""
+    check_trainer_keys(cfg.trainer)
+    callbacks = list(callbacks)
+    bar = overrides.get("enable_progress_bar", cfg.trainer.get("enable_progress_bar", True))
+    if bar and not any(isinstance(c, AnyProgressBar) for c in callbacks):
+        callbacks.append(ProgressBar())
+    return instantiate(cfg.trainer, callbacks=callbacks, logger=list(loggers) or False, **overrides)
 
 
 def instantiate_all(group: DictConfig | None) -> list:

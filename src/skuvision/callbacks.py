@@ -9,6 +9,7 @@ from itertools import chain
 import torch
 from pytorch_lightning import Callback
 from pytorch_lightning.callbacks import RichProgressBar, WeightAveraging
+from rich.console import Console
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from skuvision.compat import replace_averaging_update
@@ -52,11 +53,36 @@ class TrainingThroughput(Callback):
 
 class ProgressBar(RichProgressBar):
     """Rich's progress bar, also showing the step loss the model last logged (its `step_loss`), read on the
-    host once per logging interval: Lightning reads a value logged with prog_bar=True at every batch."""
+    host once per logging interval: Lightning reads a value logged with prog_bar=True at every batch.
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    Where stdout is not a terminal (a log file, CI, a batch job) no bar is drawn: one line per validation of
+    the fit instead, with the bar's metrics."""
+
+    def __init__(self, *args, console_kwargs: dict | None = None, **kwargs):
+        super().__init__(*args, console_kwargs=console_kwargs, **kwargs)
         self._step_loss: tuple[torch.Tensor, float] | None = None
+        self.console_options = dict(console_kwargs or {})
+        self.on_terminal = True
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        self.on_terminal = Console(**self.console_options).is_terminal
+        if not self.on_terminal:
+            self.disable()
+
+    def enable(self) -> None:
+        if self.on_terminal:  # Lightning's LR finder enables the bar again after its sweep
+            super().enable()
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        super().on_validation_end(trainer, pl_module)
+        fitting = trainer.state.fn == "fit" and not trainer.sanity_checking
+        if self.on_terminal or not fitting or not trainer.is_global_zero:
+            return
+        items = {k: v for k, v in self.get_metrics(trainer, pl_module).items() if k != "v_num"}
+        shown = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in items.items())
+        total = f"/{trainer.max_epochs}" if trainer.max_epochs and trainer.max_epochs > 0 else ""
+        print(f"epoch {trainer.current_epoch + 1}{total}  {shown}", flush=True)
 
     def get_metrics(self, trainer, pl_module) -> dict:
         items = super().get_metrics(trainer, pl_module)

@@ -5,6 +5,7 @@ naming it, never an unpickling traceback."""
 from __future__ import annotations
 
 import inspect
+import json
 import pickle
 import re
 import zipfile
@@ -145,3 +146,77 @@ def load_classifier(ckpt_path: str | Path, map_location: str | torch.device = "c
         load_pretrained=False,
         **upgraded_hparams(checkpoint["hyper_parameters"]),
     )
+
+
+RECORD = "metrics.json"  # train.py's record: "checkpoint" is the file its test used
+
+
+def checkpoint_file(value: str | Path, key: str = "ckpt_path") -> Path:
+    """`key`'s value as a checkpoint file: a file as given, or a train.py run folder (or its checkpoints/)
+    as the checkpoint its metrics.json records as tested, looked up by name in that folder's checkpoints/
+    (a record pointing elsewhere is never followed). Without a record, a folder holding one checkpoint gives
+    it; several are refused, listed. A wrong path lists the checkpoints found nearby."""
+    if value is None or not str(value).strip():  # Path("") would be the working folder
+        raise SkuvisionError(
+            f"{key} is empty: give a train.py run folder or a .ckpt in its checkpoints/, e.g. "
+            f"{key}=outputs/<date>/<time>"
+        )
+    path = Path(str(value)).expanduser()
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        raise SkuvisionError(f"{key}={path}: no such file or folder. {nearby(path.parent)}")
+    run = path.parent if path.name == "checkpoints" and (path.parent / RECORD).is_file() else path
+    folder = run / "checkpoints" if (run / "checkpoints").is_dir() else path
+    found = sorted(folder.glob("*.ckpt"))
+    recorded = tested_record(run / RECORD)
+    if recorded:
+        chosen = folder / Path(recorded).name
+        if chosen.is_file():
+            return chosen
+        raise SkuvisionError(
+            f"{key}={path}: its {RECORD} names {recorded} as the tested checkpoint, which is not in "
+            f"{folder}. {listing(found, folder) if found else nearby(path)}"
+        )
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise SkuvisionError(f"{key}={path} holds no checkpoint (a train.py run folder does). {nearby(path)}")
+    raise SkuvisionError(
+        f"{key}={path}: {len(found)} checkpoints and no tested one recorded in {run / RECORD}, so none is "
+        f"chosen: {listing(found, folder)}"
+    )
+
+
+def tested_record(path: Path) -> str | None:
+    """The "checkpoint" a train (or eval) run's metrics.json records, or None."""
+    try:
+        recorded = json.loads(path.read_text()).get("checkpoint")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return recorded if isinstance(recorded, str) and recorded else None
+
+
+def nearby(folder: Path) -> str:
+    """The checkpoints in the nearest existing folder at or above `folder`, its checkpoints/ and its
+    subfolders' checkpoints/ (sibling run folders), as a sentence."""
+    for _ in range(3):
+        if folder.is_dir():
+            break
+        folder = folder.parent
+    if not folder.is_dir():
+        return "Give a train.py run folder or a .ckpt in its checkpoints/."
+    found = sorted(
+        {*folder.glob("*.ckpt"), *folder.glob("checkpoints/*.ckpt"), *folder.glob("*/checkpoints/*.ckpt")}
+    )
+    if not found:
+        return (
+            f"No checkpoint in or below {folder}: give a train.py run folder or a .ckpt in its checkpoints/."
+        )
+    return listing(found, folder)
+
+
+def listing(found: list[Path], folder: Path, shown: int = 6) -> str:
+    names = [str(p.relative_to(folder)) for p in found[:shown]]
+    more = f" and {len(found) - shown} more" if len(found) > shown else ""
+    return f"Checkpoints in {folder}: {', '.join(names)}{more}"

@@ -14,6 +14,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
+from skuvision.compat import quiet_known_noise
 from skuvision.config import CONF_PACKAGE, renamed_key_error
 from skuvision.tasks.utils import run_cli
 
@@ -24,6 +25,7 @@ def entry_point(name: str, task: str, doc: str, returns=None):
     module, function = task.split(":")
 
     def run(cfg: DictConfig):
+        quiet_known_noise()
         result = run_cli(getattr(importlib.import_module(f"skuvision.tasks.{module}"), function), cfg)
         return returns(result, cfg) if returns else None
 

@@ -18,14 +18,24 @@ may use it.
 - LitServe names its HTTP processes `LitServer-<n>` (litserve 0.2.19);
 - a Gradio page mounted with `gr.mount_gradio_app` is never marked as launched, so Gradio skips its path
   checks on file payloads, and nothing ends its pages' heartbeat streams on shutdown (gradio 6.31.0:
-  `Blocks.has_launched`, `App.stop_event`, in `check_file_payloads` and `end_page_streams`).
+  `Blocks.has_launched`, `App.stop_event`, in `check_file_payloads` and `end_page_streams`);
+- known-harmless messages of Lightning, torch, LitServe and the ONNX optimiser, dropped where they are emitted
+  (`KNOWN_WARNINGS`, `KNOWN_LOG_LINES`, `CHATTY_LOGGERS`, `TEST_AFTER_FIT`, each with its version), and
+  cleanvision's progress bars, drawn whatever the stream is (cleanvision 0.3.7:
+  `progress_bars_only_on_a_terminal`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
+import re
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -144,3 +154,126 @@ def end_page_streams(gradio_app, loop: asyncio.AbstractEventLoop) -> None:
     wait out uvicorn's timeout for them. Gradio ends them on `App.stop_event`, which only its own server sets
     (gradio 6.31.0). Safe in a signal handler: the event is set on the app's event loop `loop`."""
     loop.call_soon_threadsafe(gradio_app.stop_event.set)
+
+
+@dataclass(frozen=True)
+class Noise:
+    """A library's message that says nothing a skuvision user can act on. `message`: a regular expression
+    matched at the message's start; a warning also by its `category` and the exact `module` it is attributed
+    to, a log line by the exact `logger` that emits it (and, where `raised` is given, only when the record
+    carries one of those exceptions)."""
+
+    why: str
+    message: str
+    category: type[Warning] = Warning
+    module: str = ""
+    logger: str = ""
+    raised: tuple[type[BaseException], ...] = ()
+
+
+KNOWN_WARNINGS = (
+    Noise(
+        "torch 2.14.1 deprecates LeafSpec, which pytorch-lightning 2.6.6 builds for every batch it moves",
+        message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+        category=FutureWarning,
+        module="pytorch_lightning.utilities._pytree",
+    ),
+    Noise(
+        "the model summary's size in MB assumes 32 bits under bf16-mixed (pytorch-lightning 2.6.6); its "
+        "parameter counts are right",
+        message=r"Precision bf16-mixed is not supported by the model summary",
+        category=UserWarning,
+        module="pytorch_lightning.utilities.model_summary.model_summary",
+    ),
+    Noise(
+        "an epoch shorter than trainer.log_every_n_steps (pytorch-lightning 2.6.6): skuvision logs its "
+        "metrics per epoch; only train/loss_step follows the interval",
+        message=r"The number of training batches \(\d+\) is smaller than the logging interval",
+        category=UserWarning,
+        module="pytorch_lightning.loops.fit_loop",
+    ),
+)
+
+KNOWN_LOG_LINES = (
+    # pytorch-lightning 2.6.6 advertises litlogger and litmodels at INFO with every Trainer it builds.
+    Noise(
+        "Lightning's tips to install its cloud products",
+        message=r"💡 Tip: ",
+        logger="pytorch_lightning.utilities.rank_zero",
+    ),
+    # litserve 0.2.19: its worker monitor asks the multiprocessing manager every 2 s whether to stop; when
+    # the manager has gone at shutdown, the question fails and a traceback is logged at ERROR.
+    Noise(
+        "LitServe's monitor losing its manager at shutdown",
+        message=r"Monitoring worker crashed$",
+        logger="litserve.server",
+        raised=(BrokenPipeError, ConnectionResetError, EOFError),
+    ),
+)
+
+# The ONNX optimiser logs every pass at INFO (onnxscript 0.7.2, onnx-ir 1.1.0: about 60 lines for an
+# EfficientNet); their warnings and errors still show.
+CHATTY_LOGGERS = ("onnx_ir.passes", "onnxscript.optimizer", "onnxscript.rewriter")
+
+# The test after fit runs on a Trainer without the fit's callbacks: their states in the checkpoint are for
+# resuming a fit, so pytorch-lightning 2.6.6's advice to add them is noise there (and only there).
+TEST_AFTER_FIT = Noise(
+    "the tester has none of the fit's callbacks, on purpose",
+    message=r"Be aware that when using `ckpt_path`, callbacks used to create the checkpoint need to be",
+    category=UserWarning,
+    module="pytorch_lightning.trainer.call",
+)
+
+
+def ignore_warning(noise: Noise) -> None:
+    warnings.filterwarnings(
+        "ignore", message=noise.message, category=noise.category, module=re.escape(noise.module) + r"\Z"
+    )
+
+
+class DropLines(logging.Filter):
+    """Drops the records of its logger whose message starts as one of `noises` says; passes all others."""
+
+    def __init__(self, noises: tuple[Noise, ...]):
+        super().__init__()
+        self.patterns = [(re.compile(noise.message), noise.raised) for noise in noises]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        raised = record.exc_info[0] if record.exc_info else None
+        return not any(
+            pattern.match(message) and (not kinds or (raised is not None and issubclass(raised, kinds)))
+            for pattern, kinds in self.patterns
+        )
+
+
+def quiet_known_noise() -> None:
+    """Install the filters of `KNOWN_WARNINGS`, `KNOWN_LOG_LINES` and `CHATTY_LOGGERS` (every command does,
+    before its task runs); calling it again adds nothing."""
+    for noise in KNOWN_WARNINGS:
+        ignore_warning(noise)
+    for name in {noise.logger for noise in KNOWN_LOG_LINES}:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, DropLines) for f in logger.filters):
+            logger.addFilter(DropLines(tuple(n for n in KNOWN_LOG_LINES if n.logger == name)))
+    for name in CHATTY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+@contextmanager
+def testing_after_fit() -> Iterator[None]:
+    """Around the test of a checkpoint the fit just wrote: `TEST_AFTER_FIT` is not shown."""
+    with warnings.catch_warnings():
+        ignore_warning(TEST_AFTER_FIT)
+        yield
+
+
+def progress_bars_only_on_a_terminal() -> None:
+    """cleanvision's issue managers draw tqdm bars on stderr whatever it is (cleanvision 0.3.7: tens of KB
+    of carriage returns in a log file); their `tqdm` becomes one with tqdm's `disable=None`, which draws only
+    where the stream is a terminal."""
+    from cleanvision.issue_managers import duplicate_issue_manager, image_property_issue_manager
+
+    for module in (duplicate_issue_manager, image_property_issue_manager):
+        if not isinstance(module.tqdm, functools.partial):
+            module.tqdm = functools.partial(module.tqdm, disable=None)

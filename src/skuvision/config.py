@@ -92,7 +92,29 @@ def renamed_key_error(overrides: list[str]) -> str | None:
     return None
 
 
+def own_keys(config_name: str) -> str:
+    """For --help: the keys conf/<config_name>.yaml sets itself (after its defaults list, before its hydra:
+    block), with their comments, as written there; a config built on another task's (demo on serve) shows
+    that one's first. `$` doubled: Hydra fills the help template with string.Template."""
+    path = CONF_DIR / f"{config_name}.yaml"
+    if not path.is_file():
+        return ""
+    lines, body, based_on = [], False, []
+    for line in path.read_text().splitlines():
+        if line.startswith("hydra:") or (body and line.startswith("# The run folder must be new")):
+            break
+        if body and not line.startswith("task_name:"):
+            lines.append(line)
+        elif line.strip() == "- _self_":
+            body = True
+        elif not body and line.startswith("  - ") and (CONF_DIR / f"{line[4:].strip()}.yaml").is_file():
+            based_on.append(own_keys(line[4:].strip()))
+    own = "\n".join(lines).strip("\n").replace("$", "$$")
+    return "\n".join([*based_on, f"# {config_name}.yaml sets:\n{own}" if based_on else own])
+
+
 RESOLVERS = {
+    "skuvision.own_keys": own_keys,
     "skuvision.wandb_offline": wandb_offline,
     "skuvision.auto_precision": auto_precision,
     "skuvision.sweep_group": sweep_group,

@@ -87,6 +87,20 @@ def publish_file(written: Path, path: Path) -> None:
     os.unlink(written)
 
 
+def current_umask() -> int:
+    """The process's umask (os.umask can only be read by setting it: set back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def ordinary_mode(path: Path) -> None:
+    """The mode any file the user writes gets (0666 less the umask): some writers (safetensors) create
+    their file private (0600) through a temporary file, which a served or shipped folder should not keep."""
+    mode = path.stat().st_mode
+    os.chmod(path, (0o666 | (mode & 0o111)) & ~current_umask())
+
+
 @contextmanager
 def new_file(path) -> Iterator[Path]:
     """A temporary path to write `path`'s content to; named `path` when the block ends without an error,
@@ -121,6 +135,7 @@ def new_file_with_companions(path) -> Iterator[Path]:
         yield partial / path.name
         companions = sorted(f for f in partial.iterdir() if f.name != path.name)
         for written in [*companions, partial / path.name]:
+            ordinary_mode(written)
             publish_file(written, path.with_name(written.name))
             published.append(path.with_name(written.name))
     except BaseException:
@@ -144,7 +159,8 @@ def new_folder(path) -> Iterator[Path]:
     try:
         yield partial
         for file in partial.rglob("*"):
-            if file.is_file():
+            if file.is_file() and not file.is_symlink():
+                ordinary_mode(file)
                 sync(file)
         try:
             os.rename(partial, path)  # onto an empty folder or no folder; fails on anything else

@@ -11,6 +11,7 @@ from cleanvision import Imagelab
 from torchvision.transforms.v2.functional import to_pil_image
 
 from skuvision.audit.catalogue import Catalogue
+from skuvision.compat import progress_bars_only_on_a_terminal
 
 log = logging.getLogger("skuvision")
 
@@ -48,6 +49,7 @@ def run_imagelab(datamodule, catalogue: Catalogue, checks: list[str], n_jobs: in
     """cleanvision's issues table, one row per catalogue image in catalogue order (scores and is_*_issue
     columns), and its exact-duplicate sets as catalogue indices in the frame's `attrs["exact_sets"]`."""
     issue_types = {check: {} for check in [*checks, EXACT]}
+    progress_bars_only_on_a_terminal()
     if catalogue.file_backed:
         paths = list(dict.fromkeys(catalogue.items))  # Imagelab refuses a path listed twice
         lab = Imagelab(filepaths=paths, verbose=False)

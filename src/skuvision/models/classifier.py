@@ -252,7 +252,8 @@ class Classifier(LightningModule):
             self.resumed_schedule_steps = schedule_steps(checkpoint)
 
     def configure_callbacks(self) -> list:
-        return [self.finetune]
+        # Once attached it stays: offering it again (a second predict of one Trainer) is logged as a swap.
+        return [] if self.finetune in self.trainer.callbacks else [self.finetune]
 
     def check_resumed_schedule(self, interval: str) -> None:
         """A schedule's length is fixed when its run starts (one-cycle's state keeps it): a resumed fit that

@@ -62,12 +62,22 @@ def find_onnx(ckpt_path: str | Path, onnx_path: str | None) -> Path:
             p / "model.onnx" for p in (ckpt.parent, ckpt.parent.parent) if (p / "model.onnx").is_file()
         ]
         if not candidates:
+            run = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
             raise SkuvisionError(
                 f"serve.backend=onnx: no model.onnx beside {ckpt} or in its run folder; run `python "
-                f"export.py ckpt_path={ckpt} output={ckpt.parent / 'model.onnx'}` or set serve.onnx_path"
+                f"export.py ckpt_path={ckpt} output={run / 'model.onnx'}` or set serve.onnx_path to the "
+                "model.onnx export.py wrote"
             )
     if not candidates[0].with_suffix(".json").is_file():
         raise SkuvisionError(f"{candidates[0]}: model.json is missing beside it (export.py writes both)")
+    if not onnx_path:  # found, not named: it must be this checkpoint's export, not a sibling's
+        exported = json.loads(candidates[0].with_suffix(".json").read_text()).get("checkpoint")
+        if exported and Path(exported).name != Path(ckpt_path).name:
+            raise SkuvisionError(
+                f"serve.backend=onnx: {candidates[0]} was exported from {Path(exported).name}, not "
+                f"ckpt_path={ckpt_path}: give ckpt_path={exported} (or its run folder's), or "
+                "serve.onnx_path to this checkpoint's export"
+            )
     return candidates[0]
 
 

@@ -33,6 +33,7 @@ from skuvision.metrics import tag_metrics
 from skuvision.models.heads import Head, heads_from_specs
 from skuvision.outputs import refuse_existing, write_new_json, write_new_text
 from skuvision.tasks.launch import check_devices
+from skuvision.tasks.utils import print_summary, resolve_checkpoint
 
 log = logging.getLogger("skuvision")
 
@@ -50,6 +51,7 @@ FILTERS = (
 
 def audit(cfg: DictConfig) -> dict:
     set_threads(cfg.get("threads"))
+    resolve_checkpoint(cfg)
     seed_everything(cfg.seed, workers=True)
     options = cfg.audit
     if options.label_mode not in LABEL_MODES:
@@ -131,6 +133,7 @@ def audit(cfg: DictConfig) -> dict:
     md.append("Files: " + ", ".join(f"`{p.name}`" for p in sorted(out.iterdir()) if p.is_file()) + ".\n")
     write_new_text(out / "audit.md", "\n".join(md))
     print(f"audit written to {out}")
+    print_summary("audit", [out / "audit.md", out / "audit.json"], {"images": summary["images"]})
     return summary
 
 

@@ -31,6 +31,7 @@ from skuvision.metrics import retrieval_report
 from skuvision.outputs import new_file, refuse_existing, write_csv, write_new_json
 from skuvision.readout import concat_batches
 from skuvision.shards import plan_of, predict_in_shards, sharded
+from skuvision.tasks.utils import command, print_summary, resolve_checkpoint, shown
 
 log = logging.getLogger("skuvision")
 
@@ -58,6 +59,7 @@ def features_in_shards(cfg: DictConfig, trainer, module, items: list[str], **pla
 
 def embed(cfg: DictConfig) -> dict:
     set_threads(cfg.get("threads"))
+    resolve_checkpoint(cfg)
     if cfg.get("threads"):
         faiss.omp_set_num_threads(int(cfg.threads))  # FAISS has its own OpenMP pool
     output_dir = Path(cfg.paths.output_dir)
@@ -155,7 +157,22 @@ def embed(cfg: DictConfig) -> dict:
             f"retrieval on {cfg.split}: recall@1 {r['recall@1']:.4f}  recall@5 {r['recall@5']:.4f}  "
             f"recall@10 {r['recall@10']:.4f}  mAP {r['mAP']:.4f}"
         )
+    embed_summary(cfg, written, result)
     return result
+
+
+def embed_summary(cfg: DictConfig, written: dict[str, Path], result: dict) -> str:
+    """Its run folder (what serve.py's index= takes) and the serve command."""
+    run = written["index"].parent
+    figures = {"items": result["index_info"]["count"]}
+    if "retrieval" in result:
+        figures["recall@1"] = f"{result['retrieval']['recall@1']:.4f}"
+    return print_summary(
+        "embed",
+        [p for p in written.values() if p.exists()],
+        figures,
+        [command("serve.py", f"ckpt_path={shown(cfg.ckpt_path)}", f"index={shown(run)}")],
+    )
 
 
 def check_enough_items(count: int, source: str, query: bool, labelled: bool) -> None:

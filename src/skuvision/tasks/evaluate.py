@@ -17,26 +17,28 @@ from skuvision import calibration, plots
 from skuvision.assembly import build_trainer, close_loggers, from_checkpoint, instantiate_loggers
 from skuvision.config import set_threads
 from skuvision.errors import SkuvisionError
+from skuvision.gallery import Answer, Tile, gallery_options, write_gallery
 from skuvision.metrics import column_report, evaluation_report, tag_report
 from skuvision.models.heads import MISSING, Head
 from skuvision.outputs import file_sha256, new_file, refuse_existing, write_csv, write_new_json
 from skuvision.readout import DEFAULT_TAG_THRESHOLD, concat_batches, head_probs, read_heads
-from skuvision.tasks.utils import log_images
+from skuvision.tasks.utils import command, log_images, print_summary, resolve_checkpoint, shown
 from skuvision.tta import check_tta
 
 log = logging.getLogger("skuvision")
 
 RESULTS = ("metrics.json", "predictions.csv", "confusion_matrix.png", "roc.png", "errors.png")
 CALIBRATION_RESULTS = (calibration.CALIBRATION_FILE, "reliability.png", "coverage.png")
+ERRORS_PAGE = ("errors.html",)  # the one-label model's mistakes, most confident first (gallery=false: none)
 
 
-def result_names(heads: list[Head], calibrate: bool) -> list[str]:
+def result_names(heads: list[Head], calibrate: bool, gallery: bool = False) -> list[str]:
     """Every file eval writes for a model with these heads: the one-label model's RESULTS (and
     CALIBRATION_RESULTS), or per column a confusion matrix or tag plot (and reliability and coverage plots
     of each trained label column)."""
     if not any(h.column for h in heads):
-        return list(RESULTS + (CALIBRATION_RESULTS if calibrate else ()))
-    names = ["metrics.json", "predictions.csv"]
+        return list(RESULTS + (CALIBRATION_RESULTS if calibrate else ()) + (ERRORS_PAGE if gallery else ()))
+    names = ["metrics.json", "predictions.csv", *(ERRORS_PAGE if gallery else ())]
     names += [
         f"tags_{h.column}.png" if h.kind == "tags" else f"confusion_matrix_{h.column}.png" for h in heads
     ]
@@ -49,14 +51,20 @@ def result_names(heads: list[Head], calibrate: bool) -> list[str]:
 
 def evaluate(cfg: DictConfig) -> dict:
     set_threads(cfg.get("threads"))
+    resolve_checkpoint(cfg)
     seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
-    names = RESULTS + (CALIBRATION_RESULTS if cfg.get("calibrate", True) else ())
+    gallery = gallery_options(cfg)
+    names = (
+        RESULTS
+        + (CALIBRATION_RESULTS if cfg.get("calibrate", True) else ())
+        + (ERRORS_PAGE if gallery else ())
+    )
     refuse_existing([output_dir / name for name in names], "run it into a new run folder, or remove it")
     module, datamodule = from_checkpoint(cfg.ckpt_path, cfg.get("data"), split="test")
     module.tta = check_tta(cfg.get("tta") or module.tta)
     # The file names of a model with several heads come from its columns.
-    names = result_names(module.heads, cfg.get("calibrate", True))
+    names = result_names(module.heads, cfg.get("calibrate", True), gallery is not None)
     refuse_existing([output_dir / name for name in names], "run it into a new run folder, or remove it")
     if module.multi_head is not None:
         tag_options(cfg)
@@ -91,9 +99,23 @@ def evaluate(cfg: DictConfig) -> dict:
             logger.log_metrics(scalars)
         log_images(loggers, pngs)
         print(f"test/acc = {report['test/acc']:.4f}   run folder: {output_dir}")
+        eval_summary(cfg, report, output_dir, names)
         return report
     finally:
         close_loggers(loggers)
+
+
+def eval_summary(cfg, report: dict, output_dir: Path, names: list[str]) -> str:
+    """Its files, test/acc (and the threshold), and predict.py with this folder's calibration."""
+    wrote = [output_dir / name for name in names if (output_dir / name).exists()]
+    figures = {"test/acc": f"{report['test/acc']:.4f}"}
+    threshold = report.get("calibration", {}).get("threshold")
+    if isinstance(threshold, float):
+        figures["threshold"] = f"{threshold:.4f}"
+    calibrated = (output_dir / calibration.CALIBRATION_FILE).is_file()
+    overrides = [f"ckpt_path={shown(cfg.ckpt_path)}", "input=<photos>"]
+    overrides += [f"calibration={shown(output_dir)}"] if calibrated else []
+    return print_summary("eval", wrote, figures, [command("predict.py", *overrides)])
 
 
 def evaluate_one(
@@ -106,6 +128,11 @@ def evaluate_one(
     pngs = write_plots(
         report, logits, labels, test_set, module.class_names, output_dir, cfg.get("errors", 16)
     )
+    options = gallery_options(cfg)
+    if options:
+        write_errors_page(
+            output_dir / ERRORS_PAGE[0], logits, labels, files, test_set, module.class_names, options
+        )
     if cfg.get("calibrate", True):
         report["calibration"], calibration_pngs = calibrate(
             cfg, trainer, module, datamodule, test, output_dir
@@ -162,6 +189,10 @@ def evaluate_heads(
     )
     probs = head_probs(heads, logits, temperatures)
     write_head_predictions(output_dir / "predictions.csv", heads, probs, targets, files, tag_thresholds)
+    options = gallery_options(cfg)
+    if options:
+        test_set = datamodule.splits["test"]
+        write_head_errors_page(output_dir / ERRORS_PAGE[0], heads, probs, targets, files, test_set, options)
     for head in heads:
         main = "map" if head.kind == "tags" else "acc"
         print(f"{head.key('test', main)} = {report[head.key('test', main)]:.4f}")
@@ -377,13 +408,70 @@ def write_calibration_plots(
     ]
 
 
-def write_plots(
-    report, logits, labels, dataset, class_names, output_dir: Path, num_errors: int
-) -> list[Path]:
+def mistakes(logits, labels) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Softmax probabilities, predicted classes and the wrong images' indices, most confident first."""
     probs = logits.softmax(dim=1)
     confidence, predicted = probs.max(dim=1)
     wrong = torch.nonzero(predicted != labels).flatten()
-    worst = wrong[confidence[wrong].argsort(descending=True)][:num_errors].tolist()
+    return probs, predicted, wrong[confidence[wrong].argsort(descending=True, stable=True)].tolist()
+
+
+def write_errors_page(path: Path, logits, labels, files, dataset, class_names, options) -> Path:
+    """errors.html: the test images predicted wrong, most confident first, each with its true class and the
+    top 3 predicted (the file as stored, or the data set's image where there are no files)."""
+    probs, _, wrong = mistakes(logits, labels)
+    top_p, top_i = probs.topk(min(3, probs.shape[1]), dim=1)
+    tiles = []
+    for i in wrong:
+        ranked = [(class_names[j], p) for j, p in zip(top_i[i].tolist(), top_p[i].tolist(), strict=True)]
+        picture = Path(files[i]) if files else partial(dataset_picture, dataset, i)
+        answers = [Answer("", "truth", [(class_names[labels[i]], None)]), Answer("", "label", ranked)]
+        tiles.append(Tile(files[i] if files else f"test image {i}", picture, answers))
+    summary = f"{len(wrong)} of {len(labels)} test images predicted wrong, the most confident mistakes first"
+    write_gallery(path, "errors on the test split", tiles, options, summary)
+    return path
+
+
+def write_head_errors_page(
+    path: Path, heads: list[Head], probs: dict, targets: dict, files, dataset, options
+) -> Path:
+    """errors.html of a model with several heads: the test images with a label column predicted wrong, the
+    most confident of its mistakes first; each label column's true (where the row has one) and predicted
+    class."""
+    answers = read_heads(heads, probs, top_k=1)
+    mistakes_of = []
+    for i, image in enumerate(answers):
+        shown, wrong = [], []
+        for head, said in zip(heads, image, strict=True):
+            if head.kind != "label":
+                continue
+            truth, (label, p) = int(targets[head.column][i]), said.ranked[0]
+            if truth != MISSING:
+                shown.append(Answer(head.column, "truth", [(head.classes[truth], None)]))
+                wrong += [p] if head.classes[truth] != label else []
+            shown.append(Answer(head.column, "label", [(label, p)]))
+        if wrong:
+            picture = Path(files[i]) if files else partial(dataset_picture, dataset, i)
+            mistakes_of.append((max(wrong), Tile(files[i] if files else f"test image {i}", picture, shown)))
+    mistakes_of.sort(key=lambda m: -m[0])
+    summary = (
+        f"{len(mistakes_of)} of {len(answers)} test images with a label column predicted wrong, the most "
+        "confident mistake first"
+    )
+    write_gallery(path, "errors on the test split", [t for _, t in mistakes_of], options, summary)
+    return path
+
+
+def dataset_picture(dataset, i: int):
+    return to_pil_image(dataset[i][0])
+
+
+def write_plots(
+    report, logits, labels, dataset, class_names, output_dir: Path, num_errors: int
+) -> list[Path]:
+    probs, predicted, worst = mistakes(logits, labels)
+    confidence = probs.max(dim=1).values
+    worst = worst[:num_errors]
     images = [np.asarray(to_pil_image(dataset[i][0])) for i in worst]
     return [
         new_png(

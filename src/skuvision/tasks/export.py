@@ -28,13 +28,22 @@ from omegaconf import DictConfig
 from torch import nn
 
 from skuvision.assembly import from_checkpoint
+from skuvision.calibration import load_calibration
 from skuvision.config import set_threads
 from skuvision.data.datamodule import ImageDataModule
 from skuvision.data.transforms import ToModelInput, crop_mode
 from skuvision.errors import SkuvisionError
 from skuvision.models.classifier import Classifier
 from skuvision.models.heads import set_classifier
-from skuvision.outputs import new_file_with_companions, new_folder, refuse_existing, write_new_json
+from skuvision.outputs import (
+    new_file_with_companions,
+    new_folder,
+    refuse_existing,
+    write_new_json,
+    write_new_text,
+)
+from skuvision.tasks.card import CARD, card_text, test_figures
+from skuvision.tasks.utils import command, print_summary, resolve_checkpoint, shown
 
 log = logging.getLogger("skuvision")
 
@@ -123,11 +132,38 @@ def export(cfg: DictConfig) -> dict:
             out.with_suffix(".json"),
             run_dir / "export_check.json",
         ]
-    refuse_existing(written, "give another output=, or remove it")
+    card_file = out / CARD if fmt == "timm" else out.parent / CARD
+    refuse_existing(written + [card_file], "give another output=, or remove it")
+    resolve_checkpoint(cfg)
     module, datamodule = from_checkpoint(cfg.ckpt_path, cfg.get("data"), split="test")
+    saved = (
+        load_calibration(cfg.calibration, cfg.ckpt_path, module.tta, module.class_names, module.heads)
+        if cfg.get("calibration")
+        else None
+    )
+    report = test_figures(cfg, module, datamodule, saved)
+    card = card_text(module, Path(cfg.ckpt_path), fmt, out, report, saved, cfg.get("calibration"))
     if fmt == "timm":
-        return export_timm(cfg, module, datamodule, out)
-    return export_onnx(cfg, module, datamodule, out)
+        result = export_timm(cfg, module, datamodule, out, card)
+    else:
+        result = export_onnx(cfg, module, datamodule, out)
+        write_new_text(card_file, card)
+    result["card"] = str(card_file)
+    export_summary(cfg, fmt, out, card_file, result)
+    return result
+
+
+def export_summary(cfg: DictConfig, fmt: str, out: Path, card_file: Path, result: dict) -> str:
+    """The files and the command that uses them: serve.py on the ONNX file, or plain timm on the folder."""
+    figures = {"max |diff|": f"{result['max_abs_diff']:.2e}", "images": result["images"]}
+    if fmt == "timm":
+        use = f"python -c \"import timm; timm.create_model('local-dir:{shown(out)}', pretrained=True)\""
+        return print_summary("export", [out, card_file], figures, [use])
+    wrote = [out, out.with_name(out.name + ".data"), out.with_suffix(".json"), card_file]
+    serve = command(
+        "serve.py", f"ckpt_path={shown(cfg.ckpt_path)}", "serve.backend=onnx", f"serve.onnx_path={shown(out)}"
+    )
+    return print_summary("export", [p for p in wrote if p.exists()], figures, [serve])
 
 
 def export_onnx(cfg: DictConfig, module: Classifier, datamodule: ImageDataModule, out: Path) -> dict:
@@ -163,6 +199,7 @@ def write_and_check_onnx(cfg: DictConfig, model: Deployable, module: Classifier,
             dynamic_shapes={"images": {0: torch.export.Dim("batch")}},
             opset_version=cfg.opset,
             dynamo=True,
+            verbose=False,  # else the exporter prints each of its steps
         )
     except Exception as err:  # the exporter's errors are long; the first line says what failed
         raise SkuvisionError(
@@ -228,12 +265,15 @@ def check_timm_architecture(name: str, allow_non_timm: bool) -> None:
         )
 
 
-def export_timm(cfg: DictConfig, module: Classifier, datamodule: ImageDataModule, out: Path) -> dict:
+def export_timm(
+    cfg: DictConfig, module: Classifier, datamodule: ImageDataModule, out: Path, card: str
+) -> dict:
     """The folder is written under a temporary name and checked there: only one within tolerance is kept."""
     name = module.hparams.model["name"]
     check_timm_architecture(name, bool(cfg.get("allow_non_timm")))
     with new_folder(out) as partial:
         max_diff, count = write_and_check_timm(cfg, module, datamodule, partial)
+        (partial / CARD).write_text(card)
     result = {
         "timm": str(out),
         "architecture": name,

@@ -15,7 +15,7 @@ from pytorch_lightning.strategies import StrategyRegistry
 
 from skuvision.assembly import build_trainer
 from skuvision.checkpoints import read_checkpoint
-from skuvision.compat import continue_csv_logs
+from skuvision.compat import continue_csv_logs, testing_after_fit
 from skuvision.config import in_multirun
 from skuvision.errors import SkuvisionError
 from skuvision.finetune import stage_param_names
@@ -180,5 +180,6 @@ def test_checkpoint(
     if tester is not None:
         if checkpoint:
             read_checkpoint(checkpoint, key="test_ckpt")
-        tester.test(module, datamodule=datamodule, ckpt_path=checkpoint or None, weights_only=True)
+        with testing_after_fit():
+            tester.test(module, datamodule=datamodule, ckpt_path=checkpoint or None, weights_only=True)
     return tester

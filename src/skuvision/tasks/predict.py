@@ -33,10 +33,12 @@ from skuvision.config import plain, set_threads
 from skuvision.data.inputs import InputFilesDataModule, collect_inputs
 from skuvision.errors import SkuvisionError
 from skuvision.explain import check_method, write_explanations
+from skuvision.gallery import doubtful_first, gallery_options, tiles_from_predictions, write_gallery_and_sheet
 from skuvision.models.heads import Head
 from skuvision.outputs import refuse_existing, write_csv
 from skuvision.readout import concat_batches, head_probs, read_heads
 from skuvision.shards import plan_of, predict_in_shards, sharded
+from skuvision.tasks.utils import command, print_summary, resolve_checkpoint, shown
 from skuvision.tta import check_tta
 
 log = logging.getLogger("skuvision")
@@ -50,8 +52,11 @@ def predict(cfg: DictConfig) -> Path:
             f"output={out} is a folder: name the CSV file, e.g. output={out / 'predictions.csv'}"
         )
     explain = check_method(cfg.get("explain"))
-    explained = Path(cfg.paths.output_dir) / "explanations"
-    refuse_existing([out, *([explained] if explain else [])], "give another output=, or remove it")
+    explained = [Path(cfg.paths.output_dir) / "explanations"] if explain else []
+    gallery = gallery_options(cfg)
+    pages = page_paths(out) if gallery else []
+    refuse_existing([out, *pages, *explained], "give another output=, or remove it")
+    resolve_checkpoint(cfg)
     module, _ = from_checkpoint(cfg.ckpt_path)
     module.tta = check_tta(cfg.get("tta") or module.tta)
     paths = collect_inputs(plain(cfg.input))
@@ -99,11 +104,16 @@ def predict(cfg: DictConfig) -> Path:
     failed = sum(bool(e) for e in errors)
     log.info("predicted %d image(s), %d unreadable", len(paths) - failed, failed)
     print(f"predictions: {out}  ({len(paths) - failed} images, {failed} unreadable)")
+    if gallery:
+        separator = (module.hparams.data.get("tag_separator") or ";") if multi else ";"
+        tiles = tiles_from_predictions(header, rows, module.heads, separator, Path(cfg.paths.output_dir))
+        write_page(pages, tiles, gallery, f"predictions of {Path(cfg.ckpt_path).name}")
     if calibrated and multi:
         for column, flags in reviews.items():
             report_review(column_calibration(calibrated, column, per_head[1][column]), flags, failed, column)
     elif calibrated:
         report_review(calibrated, review, failed)
+    predict_summary(cfg, out, len(paths) - failed, failed)
     return out
 
 
@@ -127,6 +137,47 @@ def with_explanations(cfg, module, trainer, datamodule, logits, errors, header, 
     written = sum(bool(r) for r in relative)
     print(f"explanations: {Path(cfg.paths.output_dir) / 'explanations'}  ({written} images)")
     return [*header, "explanation"], [[*row, r] for row, r in zip(rows, relative, strict=True)]
+
+
+def predict_summary(cfg: DictConfig, out: Path, read: int, failed: int) -> str:
+    """The CSV (and the gallery beside it, when one was written), and embed.py for the catalogue index."""
+    wrote = [out] + [p for p in page_paths(out) if p.is_file()]
+    return print_summary(
+        "predict",
+        wrote,
+        {"images": read, "unreadable": failed},
+        [command("embed.py", f"ckpt_path={shown(cfg.ckpt_path)}", "split=train")],
+    )
+
+
+def page_paths(csv_path: Path) -> list[Path]:
+    """predictions.html and predictions.png beside the CSV, named after it."""
+    pages = [csv_path.with_suffix(".html"), csv_path.with_suffix(".png")]
+    if csv_path in pages:
+        raise SkuvisionError(
+            f"output={csv_path}: name a .csv file (the gallery takes .html and .png beside it)"
+        )
+    return pages
+
+
+def write_page(pages: list[Path], tiles: list, options, title: str) -> None:
+    """The gallery, doubtful first, and its contact sheet; one line saying where and how much."""
+    ordered = doubtful_first(tiles)
+    write_gallery_and_sheet(
+        pages[0],
+        pages[1],
+        title,
+        ordered,
+        options,
+        "doubtful first: review-flagged and unreadable images, then the lowest confidence",
+    )
+    in_page = min(len(tiles), options.max_images)
+    left_out = (
+        f", {len(tiles) - in_page} left out (gallery.max_images={options.max_images})"
+        if in_page < len(tiles)
+        else ""
+    )
+    print(f"gallery: {pages[0]}  ({in_page} images, doubtful first{left_out}); contact sheet: {pages[1]}")
 
 
 def ranked_rows(logits, paths, errors, calibrated: dict | None, names: list[str], top_k: int):

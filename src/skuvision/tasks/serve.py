@@ -33,6 +33,7 @@ from skuvision.serving.api import end_with_parent
 from skuvision.serving.catalogue import CatalogueImages, index_folder, load_index
 from skuvision.serving.demo import use_private_gradio_dirs
 from skuvision.serving.predictor import BadImage, ModelCard, Predictor, model_card
+from skuvision.tasks.utils import resolve_checkpoint
 
 log = logging.getLogger("skuvision")
 
@@ -100,8 +101,8 @@ def check_config(cfg: DictConfig) -> None:
     """Every serve/demo key a user sets, checked before anything loads or binds, each in one line."""
     if OmegaConf.is_missing(cfg, "ckpt_path") or not cfg.get("ckpt_path"):
         raise SkuvisionError(
-            "ckpt_path is missing: give the checkpoint to serve, e.g. "
-            "ckpt_path=outputs/<run>/checkpoints/best-....ckpt"
+            "ckpt_path is missing: give the checkpoint to serve, e.g. ckpt_path=outputs/<date>/<time> (a "
+            "train.py run folder, or a .ckpt in its checkpoints/)"
         )
     s = cfg.serve
     check_host(s.host)
@@ -152,6 +153,7 @@ def blocked_paths(card: ModelCard, index_dir: Path | None) -> list[str]:
 
 def prepared(cfg: DictConfig):
     check_config(cfg)
+    resolve_checkpoint(cfg)
     serve_cfg = cfg.serve
     card = model_card(cfg.ckpt_path, serve_cfg.backend, serve_cfg.get("onnx_path"), cfg.get("tta"))
     index_dir = index_folder(cfg.index) if cfg.get("index") else None

@@ -15,7 +15,14 @@ from pytorch_lightning.callbacks import LearningRateMonitor
 from pytorch_lightning.tuner import Tuner
 from pytorch_lightning.utilities import rank_zero_only
 
-from skuvision.assembly import build, build_trainer, close_loggers, instantiate_callbacks, instantiate_loggers
+from skuvision.assembly import (
+    build,
+    build_trainer,
+    check_trainer_keys,
+    close_loggers,
+    instantiate_callbacks,
+    instantiate_loggers,
+)
 from skuvision.callbacks import TrainingThroughput
 from skuvision.compat import keep_earlier_csv_rows
 from skuvision.config import plain, set_threads
@@ -31,7 +38,7 @@ from skuvision.tasks.launch import (
     resume_path,
     test_checkpoint,
 )
-from skuvision.tasks.utils import stage_metrics, write_data_report, write_json
+from skuvision.tasks.utils import command, print_summary, shown, stage_metrics, write_data_report, write_json
 
 log = logging.getLogger("skuvision")
 
@@ -88,11 +95,34 @@ def fit_stats(trainer: Trainer, module: Classifier, fit_seconds: float) -> dict[
     return stats
 
 
+def train_summary(output_dir: Path, metrics: dict, tested: str | None, best: str | None) -> str:
+    """Its checkpoints and the commands that take them: the run folder where metrics.json records the tested
+    checkpoint (which ckpt_path= resolves to), else the checkpoint file itself."""
+    ckpts = [Path(p) for p in dict.fromkeys(filter(None, (tested, best)))]
+    last = output_dir / "checkpoints" / "last.ckpt"
+    wrote = [output_dir / "metrics.json", *ckpts, *([last] if last.is_file() and last not in ckpts else [])]
+    figures = {k: f"{metrics[k]:.4f}" for k in ("test/acc", "val/acc") if k in metrics}
+    if not ckpts and not last.is_file():  # callbacks without a checkpoint: nothing for the next tasks
+        return print_summary("train", wrote[:1], figures)
+    given = shown(output_dir) if tested else shown(ckpts[0] if ckpts else last)
+    return print_summary(
+        "train",
+        wrote,
+        figures,
+        [
+            command("eval.py", f"ckpt_path={given}"),
+            command("predict.py", f"ckpt_path={given}", "input=<photos>"),
+            command("serve.py", f"ckpt_path={given}"),
+        ],
+    )
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     set_threads(cfg.get("threads"))
     if rank_zero_only.rank != 0:  # the other DDP processes would repeat every line of rank zero's log
         logging.getLogger("skuvision").setLevel(logging.WARNING)
     check_devices(cfg.trainer)
+    check_trainer_keys(cfg.trainer)  # before the data and model are built
     seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
     ckpt_path = resume_path(cfg)
@@ -149,6 +179,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         if "test/acc" in metrics:
             log.info("test accuracy %.4f (checkpoint: %s)", metrics["test/acc"], tested or "none")
             print(f"test/acc = {metrics['test/acc']:.4f}   run folder: {output_dir}")
+        if trainer.is_global_zero:
+            train_summary(output_dir, metrics, tested, best)
         return metrics
     finally:
         close_loggers(loggers)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
+import shlex
 import sys
 import traceback
 from collections.abc import Callable
@@ -22,6 +24,7 @@ from PIL import Image
 from pytorch_lightning import LightningDataModule
 from pytorch_lightning.loggers import Logger
 
+from skuvision.checkpoints import checkpoint_file
 from skuvision.compat import rerun_by_lightning_ddp
 from skuvision.config import in_multirun
 from skuvision.errors import SkuvisionError
@@ -64,6 +67,61 @@ def write_data_report(datamodule: LightningDataModule, output_dir: Path) -> None
         log.warning(
             "%d unreadable image(s) skipped: listed in %s", len(skipped), output_dir / "skipped_images.json"
         )
+
+
+def resolve_checkpoint(cfg: DictConfig) -> Path:
+    """cfg.ckpt_path as a checkpoint file (a run folder becomes its tested checkpoint), set back into cfg so
+    that every record of the run names the file."""
+    path = checkpoint_file(cfg.ckpt_path)
+    cfg.ckpt_path = str(path)
+    return path
+
+
+# What Hydra's override grammar takes unquoted in a value; anything else is quoted.
+HYDRA_PLAIN = re.compile(r"[A-Za-z0-9_\-+./%:@]*")
+
+
+def hydra_quoted(value: str) -> str:
+    """`value` as one Hydra override value: quoted where needed, with its quotes (and the backslashes
+    before them, or at its end) escaped as Hydra's grammar reads them, and `${` kept from interpolating."""
+    if HYDRA_PLAIN.fullmatch(value) and value not in ("", "null", "true", "false"):
+        return value
+    value = re.sub(r"(\\*)'", lambda m: m.group(1) * 2 + "\\'", value)
+    value = re.sub(r"(\\+)$", lambda m: m.group(1) * 2, value)
+    return "'" + value.replace("${", "\\${") + "'"
+
+
+def command(script: str, *overrides: str) -> str:
+    """`python <script> key=value ...`, each value quoted as Hydra and then the shell need it to arrive
+    whole (a path with a space or a comma); a `<placeholder>` value is left for the user to replace."""
+    words = ["python", script]
+    for override in overrides:
+        key, _, value = override.partition("=")
+        if value.startswith("<") and value.endswith(">"):
+            words.append(override)
+        else:
+            words.append(shlex.quote(f"{key}={hydra_quoted(value)}"))
+    return " ".join(words)
+
+
+def shown(path: str | Path) -> str:
+    """A path as a user types it: relative to the working folder when below it."""
+    path = Path(path).absolute()
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def print_summary(task: str, wrote: list, figures: dict | None = None, next_commands: list[str] = ()) -> str:
+    """The few lines every task ends with: its figures, the files it wrote, the commands that take them."""
+    lines = [f"{task} done" + (": " + ", ".join(f"{k} {v}" for k, v in figures.items()) if figures else "")]
+    for label, items in (("wrote:", [shown(p) for p in wrote]), ("next: ", list(next_commands))):
+        for k, item in enumerate(items):
+            lines.append(f"  {label if k == 0 else ' ' * len(label)} {item}")
+    text = "\n".join(lines)
+    print(text, flush=True)
+    return text
 
 
 def stage_metrics(trainer, prefix: str) -> dict[str, float]:
@@ -142,7 +200,7 @@ def refuse_used_folder(folder: Path, key: str) -> None:
 
 # An example value for each mandatory (???) key of conf/, shown when a command line leaves one out.
 MANDATORY_EXAMPLES = {
-    "ckpt_path": "outputs/<date>/<time>/checkpoints/last.ckpt",
+    "ckpt_path": "outputs/<date>/<time> (a train.py run folder, or a .ckpt in its checkpoints/)",
     "input": "photos/ (a folder, an image, or a text file with one path per line)",
     "data.root": "/path/to/photos (data=manifest: the .csv; data=streaming: the folder shard.py wrote)",
     "output": "shards/ (a new folder, or s3://bucket/prefix)",
