@@ -4,6 +4,7 @@ the batch it shares; SIGTERM finishes the request in flight; the demo's file rou
 
 from __future__ import annotations
 
+import base64
 import http.client
 import io
 import os
@@ -257,11 +258,11 @@ def test_config_mistakes_get_one_line_errors(serve_checkpoint, tmp_path):
 PASSWD_LINE = b"root:x:0:0"
 
 
-def demo_event(client: httpx.Client, page: str, data: list) -> str:
-    """One call of the page's `classify` event over Gradio's event API: the whole event stream as text."""
-    started = client.post(f"{page}/gradio_api/call/classify", json={"data": data}, timeout=60)
+def demo_event(client: httpx.Client, page: str, data: list, event: str = "classify") -> str:
+    """One call of the page's `event` over Gradio's event API: the whole event stream as text."""
+    started = client.post(f"{page}/gradio_api/call/{event}", json={"data": data}, timeout=60)
     assert started.status_code == 200, started.text
-    return client.get(f"{page}/gradio_api/call/classify/{started.json()['event_id']}", timeout=60).text
+    return client.get(f"{page}/gradio_api/call/{event}/{started.json()['event_id']}", timeout=60).text
 
 
 def file_data(path) -> dict:
@@ -291,14 +292,16 @@ def planted_files(server, name: str) -> dict[Path, bytes]:
     return planted
 
 
-def assert_attack_refused(client, server, page: str, serve_checkpoint, extra: tuple[bytes, ...] = ()) -> None:
+def assert_attack_refused(
+    client, server, page: str, serve_checkpoint, extra: tuple[bytes, ...] = (), event: str = "classify"
+) -> None:
     """FileData payloads naming server files are each refused with an error event that names no server
     path, and no copy of any of them appears anywhere in the server's temp folder (Gradio's cache in it)."""
-    planted = planted_files(server, f"p{server.port}")
+    planted = planted_files(server, f"p{server.port}{event}")
     targets = ["/etc/passwd", str(serve_checkpoint), "/proc/self/environ", *map(str, planted)]
     checkpoint = serve_checkpoint.read_bytes()
     for target in targets:
-        stream = demo_event(client, page, [file_data(target)])
+        stream = demo_event(client, page, [file_data(target)], event)
         assert "event: error" in stream and "event: complete" not in stream, (target, stream)
         for server_path in (target, str(server.tmp), str(serve_checkpoint.parent)):
             assert server_path not in stream, (target, stream)
@@ -307,7 +310,7 @@ def assert_attack_refused(client, server, page: str, serve_checkpoint, extra: tu
         {"path": "file:///etc/passwd", "meta": {"_type": "gradio.FileData"}},
         {"path": "/etc/passwd", "url": "file:///etc/passwd", "meta": {"_type": "gradio.FileData"}},
     ):
-        stream = demo_event(client, page, [variant])
+        stream = demo_event(client, page, [variant], event)
         assert "event: complete" not in stream, (variant, stream)
     copies = [
         p for p in files_holding(server.tmp, PASSWD_LINE, *planted.values(), *extra) if p not in planted
@@ -588,3 +591,43 @@ def test_huge_png_is_refused_fast_and_phone_photos_are_seen_upright(servers, que
         probs[name] = {item["label"]: item["prob"] for item in response.json()["labels"]}
     assert max(abs(probs["oriented"][k] - p) for k, p in probs["upright"].items()) < 0.02
     assert max(abs(probs["sideways"][k] - p) for k, p in probs["upright"].items()) > 0.1
+
+
+def test_explain_true_adds_an_overlay_and_bad_values_get_400(
+    servers, query_files, predicted_top1, serve_checkpoint
+):
+    """explain=true (query or form field): the Grad-CAM overlay of the top label as a base64 PNG at the
+    model's input size; a bad value is a 400 naming it; the ONNX backend refuses it per request; the server
+    goes on answering; the page's explain event refuses file payloads naming server files."""
+    url = servers["torch"].url
+    classes = httpx.get(url + "/info").json()["model"]["classes"]
+    size = model_card(str(serve_checkpoint)).input_config["input_size"][-1]
+    good = query_files[0]
+    files = {"file": (good.name, good.read_bytes())}
+    for request in ({"params": {"explain": "true"}}, {"data": {"explain": "1"}}):
+        answer = assert_good_answer(
+            httpx.post(url + "/predict", files=files, timeout=60, **request),
+            predicted_top1[str(good)],
+            classes,
+        )
+        shown = answer["explanation"]
+        assert (shown["method"], shown["label"]) == ("gradcam", answer["labels"][0]["label"])
+        picture = Image.open(io.BytesIO(base64.b64decode(shown["overlay_png"])))
+        assert (picture.format, picture.mode, picture.size) == ("PNG", "RGB", (size, size))
+    assert "explanation" not in post_file(url, good).json()
+    for bad in ("maybe", "2", "true' OR 1=1", "x" * 5000):
+        response = httpx.post(url + "/predict", params={"explain": bad}, files=files, timeout=60)
+        assert response.status_code == 400 and "explain" in response.json()["detail"], response.text
+        assert len(response.json()["detail"]) < 120
+        assert_good_answer(post_file(url, good), predicted_top1[str(good)], classes)
+    onnx = servers["onnx"].url
+    response = httpx.post(onnx + "/predict", params={"explain": "true"}, files=files, timeout=60)
+    assert response.status_code == 400 and "torch backend" in response.json()["detail"]
+    assert_good_answer(post_file(onnx, good), predicted_top1[str(good)], classes)
+    with httpx.Client(base_url=url) as client:
+        assert_attack_refused(client, servers["torch"], "/demo", serve_checkpoint, event="explain")
+    from gradio_client import Client, handle_file
+
+    page = Client(url + "/demo/", verbose=False, download_files=str(servers["torch"].tmp / "downloads"))
+    shown = Image.open(page.predict(handle_file(str(good)), api_name="/explain"))
+    assert shown.size == (size, size)  # the page's button shows the overlay the API answers

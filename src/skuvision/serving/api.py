@@ -56,6 +56,20 @@ class Upload:
 
     data: bytes
     filename: str | None = None
+    explain: bool = False
+
+
+EXPLAIN_VALUES = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False, "": False}
+
+
+def explain_flag(value) -> bool:
+    """The request's `explain` (query parameter or form field): true or false, else a 400 naming it."""
+    if value is None:
+        return False
+    if not isinstance(value, str) or value.strip().lower() not in EXPLAIN_VALUES:
+        shown = value if isinstance(value, str) else type(value).__name__
+        raise HTTPException(400, f"explain={shown[:40]!r}: use explain=true or explain=false")
+    return EXPLAIN_VALUES[value.strip().lower()]
 
 
 def media_type(request: Request) -> str:
@@ -74,11 +88,13 @@ async def read_upload(request: Request) -> Upload:
             413, f"upload of {int(length)} bytes is larger than serve.max_upload_mb ({limit} bytes)"
         )
     kind = media_type(request)
+    explain = explain_flag(request.query_params.get("explain"))
     if kind == "multipart/form-data":
         form = await request.form(max_files=1, max_fields=8)
         upload = form.get(UPLOAD_FIELD)
         if not isinstance(upload, UploadFile):
             raise HTTPException(400, f"multipart upload without a file field named '{UPLOAD_FIELD}'")
+        explain = explain or explain_flag(form.get("explain"))
         data, name = await upload.read(), upload.filename
         await form.close()
     elif kind.startswith("image/") or kind in RAW_MEDIA_TYPES:
@@ -91,7 +107,7 @@ async def read_upload(request: Request) -> Upload:
         )
     if not data:
         raise HTTPException(400, "empty upload: no image bytes were sent")
-    return Upload(data=data, filename=name)
+    return Upload(data=data, filename=name, explain=explain)
 
 
 @dataclass
@@ -101,6 +117,7 @@ class Decoded:
     image: torch.Tensor | None
     error: str = ""
     status: int = 200
+    explain: bool = False
 
 
 class ImageAPI(ls.LitAPI):
@@ -136,7 +153,7 @@ class ImageAPI(ls.LitAPI):
 
     def decode_request(self, request: Annotated[Upload, Depends(read_upload)]) -> Decoded:
         try:
-            return Decoded(self.predictor.decode(request.data))
+            return Decoded(self.predictor.decode(request.data), explain=request.explain)
         except BadImage as err:
             return Decoded(None, str(err), err.status)
 
@@ -145,8 +162,20 @@ class ImageAPI(ls.LitAPI):
 
     def predict(self, x: Decoded | list[Decoded]) -> dict | list[dict]:
         items = x if isinstance(x, list) else [x]
-        good = [d.image for d in items if d.image is not None]
-        answers = iter(self.predictor.answer(torch.stack(good)) if good else [])
+        good = [d for d in items if d.image is not None]
+        answered = self.predictor.answer(torch.stack([d.image for d in good])) if good else []
+        asked = [(d, a) for d, a in zip(good, answered, strict=True) if d.explain]
+        if asked:  # only these images pay for the backward pass
+            try:
+                shown = self.predictor.explain(
+                    torch.stack([d.image for d, _ in asked]), [a for _, a in asked]
+                )
+                for (_, answer), explanation in zip(asked, shown, strict=True):
+                    answer["explanation"] = explanation
+            except BadImage as err:  # refused for this server (the ONNX backend): each asking request's 4xx
+                for d, _ in asked:
+                    d.image, d.error, d.status = None, str(err), err.status
+        answers = iter(a for d, a in zip(good, answered, strict=True) if d.image is not None)
         out = [
             {**next(answers), "batch": len(items)}  # requests decoded together: batching is visible
             if d.image is not None

@@ -10,13 +10,16 @@ blocked outright.
 
 from __future__ import annotations
 
+import base64
+import io
 import os
 from collections.abc import Callable
 from pathlib import Path
 
 from PIL import Image
 
-ANSWER = Callable[[bytes], dict]  # image bytes -> the /predict JSON; raises ValueError with the reason
+# (image bytes, explain) -> the /predict JSON ("explanation" when asked); raises ValueError with the reason
+ANSWER = Callable[[bytes, bool], dict]
 
 
 def use_private_gradio_dirs(root: Path) -> None:
@@ -42,7 +45,7 @@ def build_demo(
         if not path:
             return (*[None] * (len(attributes) if attributes else 1), [])
         try:
-            result = answer(Path(path).read_bytes())
+            result = answer(Path(path).read_bytes(), False)
         except ValueError as err:
             raise gr.Error(str(err)) from None
         if attributes:
@@ -56,6 +59,14 @@ def build_demo(
                 gallery.append((picture, f"{item['label'] or item['path']} {item['score']:.2f}"))
         return *shown, gallery
 
+    def explain(path: str | None):
+        if not path:
+            return None
+        try:
+            return explanation_picture(answer(Path(path).read_bytes(), True).get("explanation"))
+        except ValueError as err:
+            raise gr.Error(str(err)) from None
+
     with gr.Blocks(title=title, analytics_enabled=False) as demo:
         gr.Markdown(f"## {title}")
         with gr.Row():
@@ -64,6 +75,7 @@ def build_demo(
                     type="filepath", label="Product photo", sources=["upload"], height=280, elem_id="query"
                 )
                 button = gr.Button("Classify", variant="primary", elem_id="classify")
+                why = gr.Button("Where did it look? (Grad-CAM)", elem_id="explain")
                 if examples:
                     gr.Examples(examples=[[p] for p in examples], inputs=[image], label="Catalogue examples")
             with gr.Column():
@@ -74,10 +86,27 @@ def build_demo(
                 gallery = gr.Gallery(
                     label="Most similar catalogue items", columns=5, format="png", elem_id="similar"
                 )
+                heatmap = gr.Image(
+                    type="pil",
+                    label="Grad-CAM of the top label",
+                    height=280,
+                    format="png",
+                    interactive=False,
+                    elem_id="explanation",
+                )
         outputs = [*shown, gallery]
         button.click(classify, inputs=[image], outputs=outputs, api_name="classify")
         image.upload(classify, inputs=[image], outputs=outputs, api_name=False)
+        # Its own event, so classify's answers keep their shape: the page asks /predict with explain=true.
+        why.click(explain, inputs=[image], outputs=[heatmap], api_name="explain")
     return demo
+
+
+def explanation_picture(explanation: dict | None) -> Image.Image | None:
+    """The overlay of a /predict answer's "explanation" (a base64 PNG), or None when none was asked for."""
+    if not explanation:
+        return None
+    return Image.open(io.BytesIO(base64.b64decode(explanation["overlay_png"]))).convert("RGB")
 
 
 def attribute_component(gr, column: str, kind: str, top_k: int):

@@ -12,6 +12,7 @@ applies no calibration (neither does it for one label): probabilities are T = 1,
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import logging
@@ -21,13 +22,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from skuvision.checkpoints import load_classifier, read_checkpoint, upgraded_hparams
 from skuvision.data.datasets import InputImageFiles
 from skuvision.data.decode import DECODE_ERRORS, ImageOverBudget
 from skuvision.data.transforms import ToModelInput
 from skuvision.errors import SkuvisionError
+from skuvision.explain import Explainer, overlay
 from skuvision.models.heads import Head, heads_from_specs
 from skuvision.outputs import file_sha256
 from skuvision.readout import head_probs, read_heads
@@ -168,6 +170,7 @@ class Predictor:
         self.to_model_input = ToModelInput(card.input_config).to(self.device)
         self.module = None
         self.session = None
+        self.explainer: Explainer | None = None  # made at the first explain=true request
         if card.backend == "torch" or index is not None:  # embeddings for the index come from torch
             self.module = load_classifier(card.checkpoint, map_location=self.device).eval()
         if card.backend == "onnx":
@@ -282,6 +285,35 @@ class Predictor:
                 )
             answers.append({"labels": attributes[first]["labels"], "attributes": attributes})
         return answers
+
+    def explain(self, images: torch.Tensor, answers: list[dict]) -> list[dict]:
+        """Per image, the Grad-CAM overlay (PNG, base64) of the label its answer ranks first (the first label
+        column's with several heads), at the model's input size. The torch backend only: an ONNX graph has no
+        gradients (BadImage-style refusal is the caller's, per request)."""
+        if self.card.backend != "torch":
+            raise BadImage("explain=true needs the torch backend; this server runs serve.backend=onnx")
+        if self.explainer is None:
+            self.explainer = Explainer(self.module)
+        column = self.explainer.column
+        classes = next(h.classes for h in self.heads if h.kind == "label" and h.column == (column or ""))
+        tops = [a["labels"][0]["label"] for a in answers]
+        images = images.to(self.device)
+        with torch.no_grad():
+            x = self.to_model_input(images)
+        maps = self.explainer(x, [classes.index(label) for label in tops])
+        out = []
+        for image, heatmap, label in zip(images, maps, tops, strict=True):
+            png = io.BytesIO()
+            Image.fromarray(overlay(image, heatmap)).save(png, format="PNG")
+            out.append(
+                {
+                    "method": "gradcam",
+                    "column": column or "",
+                    "label": label,
+                    "overlay_png": base64.b64encode(png.getvalue()).decode("ascii"),
+                }
+            )
+        return out
 
     def catalogue_item(self, i: int, score: float) -> dict:
         labels = self.index.labels

@@ -11,7 +11,13 @@ thresholds, 0.5 without. Every attribute comes from skuvision.readout, as the se
 
 On several processes (trainer=ddp, ddp_cpu, multinode) each writes its images' logits in shards in the run
 folder's shards/ and rank zero merges them into the one CSV, in input order (skuvision.shards); a rerun with
-hydra.run.dir=<that run folder> skips the images finished shards hold."""
+hydra.run.dir=<that run folder> skips the images finished shards hold.
+
+With `explain=gradcam`, each readable image's Grad-CAM of its predicted class (the first label column's, with
+several heads) is written to the run folder's explanations/: `<row>.png` (the overlay on the image the model
+saw) and `<row>.npy` (the heatmap, float32 in [0, 1], at the model's input size), named by the row's number
+in the CSV, never by the file's own name; the CSV's `explanation` column holds the PNG's path relative to the
+run folder (skuvision.explain)."""
 
 from __future__ import annotations
 
@@ -26,6 +32,7 @@ from skuvision.calibration import calibrated_probs, calibration_for_heads, load_
 from skuvision.config import plain, set_threads
 from skuvision.data.inputs import InputFilesDataModule, collect_inputs
 from skuvision.errors import SkuvisionError
+from skuvision.explain import check_method, write_explanations
 from skuvision.gallery import doubtful_first, gallery_options, tiles_from_predictions, write_gallery_and_sheet
 from skuvision.models.heads import Head
 from skuvision.outputs import refuse_existing, write_csv
@@ -44,9 +51,11 @@ def predict(cfg: DictConfig) -> Path:
         raise SkuvisionError(
             f"output={out} is a folder: name the CSV file, e.g. output={out / 'predictions.csv'}"
         )
+    explain = check_method(cfg.get("explain"))
+    explained = [Path(cfg.paths.output_dir) / "explanations"] if explain else []
     gallery = gallery_options(cfg)
     pages = page_paths(out) if gallery else []
-    refuse_existing([out, *pages], "give another output=, or remove it")
+    refuse_existing([out, *pages, *explained], "give another output=, or remove it")
     resolve_checkpoint(cfg)
     module, _ = from_checkpoint(cfg.ckpt_path)
     module.tta = check_tta(cfg.get("tta") or module.tta)
@@ -61,6 +70,8 @@ def predict(cfg: DictConfig) -> Path:
     multi = module.multi_head is not None
     per_head = head_calibration(calibrated, module.heads, cfg) if calibrated and multi else None
     header = attribute_header(module.heads, calibrated is not None) if multi else None
+    if explain and sharded(cfg, trainer):
+        raise SkuvisionError("explain=gradcam runs on one process: leave out shards= and trainer=ddp*")
     if sharded(cfg, trainer):
         plan = plan_of(
             "predict",
@@ -87,6 +98,8 @@ def predict(cfg: DictConfig) -> Path:
         header, rows, review = ranked_rows(
             logits, paths, errors, calibrated, module.class_names, int(cfg.top_k)
         )
+    if explain:
+        header, rows = with_explanations(cfg, module, trainer, datamodule, logits, errors, header, rows)
     write_csv(out, header, rows)
     failed = sum(bool(e) for e in errors)
     log.info("predicted %d image(s), %d unreadable", len(paths) - failed, failed)
@@ -102,6 +115,28 @@ def predict(cfg: DictConfig) -> Path:
         report_review(calibrated, review, failed)
     predict_summary(cfg, out, len(paths) - failed, failed)
     return out
+
+
+def with_explanations(cfg, module, trainer, datamodule, logits, errors, header, rows):
+    """The rows with an `explanation` column, after writing each readable image's overlay and heatmap."""
+    if "explanation" in header:
+        raise SkuvisionError(
+            "explain=gradcam: a table column is named 'explanation', the column it adds; rename it"
+        )
+    column = next((h.column for h in module.heads if h.kind == "label"), None)
+    scores = logits if not isinstance(logits, dict) else logits[column]
+    relative = write_explanations(
+        module,
+        datamodule.predict_dataloader(),
+        datamodule.to_model_input,
+        scores.argmax(dim=1).tolist(),
+        errors,
+        Path(cfg.paths.output_dir),
+        trainer.strategy.root_device,
+    )
+    written = sum(bool(r) for r in relative)
+    print(f"explanations: {Path(cfg.paths.output_dir) / 'explanations'}  ({written} images)")
+    return [*header, "explanation"], [[*row, r] for row, r in zip(rows, relative, strict=True)]
 
 
 def predict_summary(cfg: DictConfig, out: Path, read: int, failed: int) -> str:

@@ -249,8 +249,9 @@ def http_answer(host: str, port: int):
     if key:  # the page asked its user for the key already (Gradio's login)
         headers[API_KEY_HEADER] = key
 
-    def answer(data: bytes) -> dict:
-        response = httpx.post(url, content=data, headers=headers, timeout=120)
+    def answer(data: bytes, explain: bool = False) -> dict:
+        params = {"explain": "true"} if explain else None
+        response = httpx.post(url, content=data, headers=headers, params=params, timeout=120)
         if response.status_code != 200:
             try:
                 detail = response.json().get("detail")
@@ -378,12 +379,15 @@ def demo(cfg: DictConfig) -> None:
     check_port_free(cfg.serve.host, int(cfg.serve.port))
     predictor = Predictor(card, index, cfg.top_k, cfg.k)
 
-    def answer(data: bytes) -> dict:
+    def answer(data: bytes, explain: bool = False) -> dict:
         try:
             image = predictor.decode(data)
+            result = predictor.answer(image[None])[0]
+            if explain:
+                result["explanation"] = predictor.explain(image[None], [result])[0]
         except BadImage as err:
             raise ValueError(str(err)) from None
-        return predictor.answer(image[None])[0]
+        return result
 
     with tempfile.TemporaryDirectory(prefix="skuvision-demo-") as tmp:
         use_private_gradio_dirs(Path(tmp))
