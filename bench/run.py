@@ -8,6 +8,7 @@ hits both sides alike. Threads are fixed (BENCH_THREADS, default 2).
 from __future__ import annotations
 
 import argparse
+import copy
 import gzip
 import importlib
 import json
@@ -19,10 +20,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from itertools import chain
 from pathlib import Path
 
 import torch
+from hydra.utils import instantiate
 from pytorch_lightning import Callback
+from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 from bench import THREADS
 from bench.table import markdown_rows
@@ -103,8 +107,11 @@ def skuvision_steps(model, size, data_root, steps, warmup, device, workdir, extr
     return timer.steps * datamodule.batch_size / (timer.end - timer.start)
 
 
-def raw_steps(model, size, data_root, steps, warmup, device, workdir, extra=()) -> float:
-    """img/s of a plain PyTorch loop: same timm model, in-memory data, batch, optimizer, schedule, dtype."""
+def raw_steps(model, size, data_root, steps, warmup, device, workdir, extra=(), ema=True) -> float:
+    """img/s of a plain PyTorch loop over the default recipe's training algorithm: the same timm model, param
+    groups, optimizer (fused AdamW) and one-cycle schedule, dtype, label smoothing, horizontal flip and
+    weight EMA (`ema=False`: none), on in-memory batches. Written as a user would, with nothing of
+    skuvision's in the step."""
     cfg = compose_config(
         "train",
         overrides_for(model, size, data_root, device) + list(extra),
@@ -114,7 +121,7 @@ def raw_steps(model, size, data_root, steps, warmup, device, workdir, extra=()) 
     datamodule.setup("fit")
     backbone = module.backbone.to(device)
     groups = module.finetune.param_groups(backbone, cfg.optimizer.lr, cfg.optimizer.weight_decay)
-    optimizer = torch.optim.AdamW(groups, lr=cfg.optimizer.lr, weight_decay=cfg.optimizer.weight_decay)
+    optimizer = instantiate(cfg.optimizer, params=groups, _convert_="all")
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, [g["lr"] for g in groups], total_steps=steps + warmup
     )
@@ -123,6 +130,9 @@ def raw_steps(model, size, data_root, steps, warmup, device, workdir, extra=()) 
     batch = datamodule.batch_size
     precision = str(cfg.trainer.precision)
     dtype = torch.bfloat16 if precision.startswith("bf16") else torch.float16
+    augment = cfg.augment
+    assert augment.get("pad", 0) == 0 and augment.get("re_prob", 0) == 0, "the reference flips only"
+    average = plain_ema(backbone, cfg.callbacks.ema.decay) if ema and cfg.callbacks.get("ema") else None
     backbone.train()
     start = None
     for step in range(steps + warmup):
@@ -130,18 +140,41 @@ def raw_steps(model, size, data_root, steps, warmup, device, workdir, extra=()) 
             start = time.perf_counter()
         index = torch.randint(0, len(labels), (batch,))
         x = to_model_input(images[index].to(device, non_blocking=True))
+        flip = torch.rand(batch, 1, 1, 1, device=device) < augment.hflip
+        x = torch.where(flip, x.flip(-1), x)
         if module.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         y = labels[index].to(device)
         with torch.autocast(device_type=device, dtype=dtype, enabled=precision.endswith("mixed")):
-            loss = torch.nn.functional.cross_entropy(backbone(x), y)
+            loss = torch.nn.functional.cross_entropy(backbone(x), y, label_smoothing=cfg.label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         scheduler.step()
+        if average is not None:
+            average(step)
     if device == "cuda":
         torch.cuda.synchronize()
     return steps * batch / (time.perf_counter() - start)
+
+
+def plain_ema(model: torch.nn.Module, decay: float):
+    """The weight EMA a plain loop would keep: a copy of the model, one foreach lerp of its float tensors per
+    step (the decay warmed up as the recipe's), integer buffers copied. Returns update(step)."""
+    average = copy.deepcopy(model)
+    tensors = chain(average.parameters(), average.buffers()), chain(model.parameters(), model.buffers())
+    pairs = list(zip(*tensors, strict=True))
+    floats = [(a.detach(), m.detach()) for a, m in pairs if a.is_floating_point()]
+    others = [(a, m) for a, m in pairs if not a.is_floating_point()]
+    ema_values, model_values = [a for a, _ in floats], [m for _, m in floats]
+
+    @torch.no_grad()
+    def update(step: int) -> None:
+        get_ema_multi_avg_fn(min(decay, (1 + step) / (10 + step)))(ema_values, model_values, None)
+        for a, m in others:
+            a.copy_(m)
+
+    return update
 
 
 def overhead(model, size, data_root, steps, warmup, repeats, device, workdir) -> dict:

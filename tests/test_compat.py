@@ -17,6 +17,7 @@ from skuvision.compat import (
     continue_csv_logs,
     cpu_has_native_bf16,
     end_page_streams,
+    inductor_cpp_compiler,
     keep_earlier_csv_rows,
     replace_averaging_update,
     store_probabilities,
@@ -212,3 +213,13 @@ def test_lightning_ddp_reruns_the_command_with_local_rank_and_no_output_subdir(m
     assert rerun_by_lightning_ddp(None) and not rerun_by_lightning_ddp(".hydra")
     monkeypatch.setenv("LOCAL_RANK", "0")
     assert not rerun_by_lightning_ddp(None)
+
+
+def test_inductor_finds_its_cpp_compiler_only_through_its_private_search():
+    """torch.compile's inductor looks for $CXX, else g++, when it first compiles (torch 2.14.1)."""
+    from torch._inductor import config
+
+    found = inductor_cpp_compiler()
+    assert found is None or found == config.cpp.cxx[-1]
+    with config.patch({"cpp.cxx": (None, "/nonexistent/g++")}):
+        assert inductor_cpp_compiler() is None
