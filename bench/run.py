@@ -567,8 +567,7 @@ def step_rows(data_root, args, device, info, workdir, rows, notes) -> None:
         "autocast, label smoothing, horizontal flip and weight EMA (one foreach lerp of the float tensors "
         "per step, as a user would keep one). Before 2026-12-06 it ran torch's default (single-tensor) "
         "AdamW, no label smoothing, no flip and no EMA: a slower optimizer but less work, so a ratio is "
-        "framework cost only since then. The EMA alone costs the plain loop a few % of a small net's step "
-        "on this CPU (one pass over 3 copies of the weights)."
+        "framework cost only since then."
     )
 
 
