@@ -16,6 +16,7 @@ from pytorch_lightning import Callback, Trainer
 from pytorch_lightning.loggers import Logger
 from pytorch_lightning.utilities import rank_zero_only
 
+from skuvision.callbacks import NoProfiler
 from skuvision.checkpoints import load_classifier, read_checkpoint
 from skuvision.config import plain
 from skuvision.data.datamodule import ImageDataModule
@@ -80,7 +81,10 @@ def build_trainer(
     cfg: DictConfig, loggers: Sequence[Logger] = (), callbacks: Sequence[Callback] = (), **overrides: Any
 ) -> Trainer:
     """The Trainer `cfg.trainer` describes, with these loggers and callbacks (none: no logging and no
-    callbacks of the config's) and any of its arguments overridden."""
+    callbacks of the config's) and any of its arguments overridden. Without a `trainer.profiler` of the
+    config's, it profiles nothing at no cost (callbacks.NoProfiler)."""
+    if cfg.trainer.get("profiler") is None:
+        overrides.setdefault("profiler", NoProfiler())
     return instantiate(cfg.trainer, callbacks=list(callbacks), logger=list(loggers) or False, **overrides)
 
 
