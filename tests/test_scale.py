@@ -310,9 +310,14 @@ def test_model_compile_without_a_cpp_compiler_is_refused_before_anything_runs(tr
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(
+    not os.environ.get("SKUVISION_TEST_COMPILE"),
+    reason="builds real inductor kernels: 290 s on 2 shared CPU cores, over the suite's budget; "
+    "SKUVISION_TEST_COMPILE=1 runs it",
+)
 def test_a_run_trained_compiled_gives_a_plain_checkpoint_that_predicts_the_same(train_cfg, tmp_path):
-    """Real inductor kernels on the CPU (a few minutes cold; torch caches them): the checkpoint has the plain
-    backbone's keys, tasks load it uncompiled, and it predicts what the compiled model does."""
+    """A fit with model.compile=true on the CPU: the checkpoint has the plain backbone's keys, tasks load it
+    uncompiled, and it predicts what the compiled model does."""
     overrides = [
         "model.compile=true",
         "trainer.limit_train_batches=2",
