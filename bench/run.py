@@ -203,6 +203,53 @@ def framework_cost(data_root, repeats, device, workdir) -> dict:
     return {"skuvision": statistics.median(ours), "raw": statistics.median(raw)}
 
 
+class CountingCalls:
+    """Python function calls (sys.setprofile's "call" events) while active: a measure of framework work that
+    machine load does not change."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def _count(self, frame, event, arg) -> None:
+        if event == "call":
+            self.calls += 1
+
+    def __enter__(self):
+        sys.setprofile(self._count)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        sys.setprofile(None)
+
+
+class CallsBetween(Callback):
+    """Counts the Python calls of the steps from batch `first` to batch `last` (not included)."""
+
+    def __init__(self, first: int, last: int):
+        self.first, self.last, self.counter = first, last, CountingCalls()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx == self.first:
+            self.counter.__enter__()
+        elif batch_idx == self.last:
+            self.counter.__exit__()
+
+
+def python_calls_per_step(data_root, device, workdir, steps: int = 100) -> dict:
+    """Python function calls per training step of the 4-channel CNN (the framework-time row's setting):
+    skuvision's steps 20 to 20 + `steps`, and the plain loop's as the difference of two runs of different
+    lengths (their set-up is the same)."""
+    extra = ["model.kwargs.widths=[4,4,4]", "data.batch_size=8"]
+    probe = CallsBetween(20, 20 + steps)
+    skuvision_steps("simple_cnn", 8, data_root, steps + 21, 0, device, workdir, extra, probes=[probe])
+    counts = []
+    for n in (20, 20 + steps):
+        with CountingCalls() as counter:
+            raw_steps("simple_cnn", 8, data_root, n, 0, device, workdir, extra)
+        counts.append(counter.calls)
+    return {"skuvision": probe.counter.calls / steps, "raw": (counts[1] - counts[0]) / steps}
+
+
 def host_reads_per_step(data_root, device, workdir, steps: int = 150) -> dict:
     """Host reads of tensor values per training step of the default recipe (simple_cnn at 28 px, its
     callbacks and log_every_n_steps), counted as tests/test_host_reads.py counts them; and the plain
@@ -514,6 +561,16 @@ def step_rows(data_root, args, device, info, workdir, rows, notes) -> None:
             f"{cost['skuvision']:.2f}",
             f"{cost['raw']:.2f} (plain PyTorch loop)",
             f"+{added_ms:.2f} ms",
+            "",
+        )
+    )
+    calls = python_calls_per_step(data_root, device, workdir)
+    rows.append(
+        (
+            "Python function calls per training step (4-channel CNN at 8 px, batch 8)",
+            f"{calls['skuvision']:.0f}",
+            f"{calls['raw']:.0f} (plain PyTorch loop)",
+            f"+{calls['skuvision'] - calls['raw']:.0f}",
             "",
         )
     )
