@@ -10,7 +10,9 @@ pass with GPU decoding beside CPU decoding. Skipped, with a note, where no CUDA 
 --dry-run prints what a run would measure (models, overrides, commands) and runs nothing: the check of this
 file on a machine without a GPU. Each training figure is img/s over the timed steps of one epoch (warm-up
 steps left out, the device synchronized at both ends of the timed span); the DDP rows are train.py's own
-`fit/train_img_per_s` (metrics.json). The default sizes fit in about 8 minutes on one H100/H200.
+`fit/train_img_per_s` (metrics.json). Not yet run on a GPU with all these parts: by estimate the steps part
+(16 runs, one compile) takes about 4 minutes of one H100/H200 and the others about 4 together; under a time
+limit, run them as separate commands with --parts.
 """
 
 from __future__ import annotations
