@@ -132,6 +132,7 @@ def raw_steps(model, size, data_root, steps, warmup, device, workdir, extra=(), 
     dtype = torch.bfloat16 if precision.startswith("bf16") else torch.float16
     augment = cfg.augment
     assert augment.get("pad", 0) == 0 and augment.get("re_prob", 0) == 0, "the reference flips only"
+    hflip = float(augment.get("hflip", 0.0))
     average = plain_ema(backbone, cfg.callbacks.ema.decay) if ema and cfg.callbacks.get("ema") else None
     backbone.train()
     start = None
@@ -140,8 +141,8 @@ def raw_steps(model, size, data_root, steps, warmup, device, workdir, extra=(), 
             start = time.perf_counter()
         index = torch.randint(0, len(labels), (batch,))
         x = to_model_input(images[index].to(device, non_blocking=True))
-        flip = torch.rand(batch, 1, 1, 1, device=device) < augment.hflip
-        x = torch.where(flip, x.flip(-1), x)
+        if hflip > 0:
+            x = torch.where(torch.rand(batch, 1, 1, 1, device=device) < hflip, x.flip(-1), x)
         if module.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         y = labels[index].to(device)
