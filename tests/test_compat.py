@@ -29,6 +29,7 @@ from skuvision.compat import (
     continue_csv_logs,
     cpu_has_native_bf16,
     end_page_streams,
+    inductor_cpp_compiler,
     keep_earlier_csv_rows,
     progress_bars_only_on_a_terminal,
     quiet_known_noise,
@@ -449,3 +450,13 @@ def test_litservers_monitor_losing_its_manager_at_shutdown_is_dropped_and_other_
     assert monitor_fails_with(BrokenPipeError(32, "Broken pipe")) == []
     assert monitor_fails_with(EOFError()) == []
     assert monitor_fails_with(RuntimeError("a real crash")) == ["Monitoring worker crashed"]
+
+
+def test_inductor_finds_its_cpp_compiler_only_through_its_private_search():
+    """torch.compile's inductor looks for $CXX, else g++, when it first compiles (torch 2.14.1)."""
+    from torch._inductor import config
+
+    found = inductor_cpp_compiler()
+    assert found is None or found == config.cpp.cxx[-1]
+    with config.patch({"cpp.cxx": (None, "/nonexistent/g++")}):
+        assert inductor_cpp_compiler() is None

@@ -159,6 +159,18 @@ def test_shift_flip_moves_each_image_by_whole_pixels_within_the_pad():
     assert 16 < flipped < 48
 
 
+def test_flip_alone_mirrors_whole_images_and_copies_nothing_else():
+    """augment=flip (pad 0): each image comes out as it was or mirrored, a share of each."""
+    torch.manual_seed(0)
+    images = torch.rand(64, 1, 20, 20)
+    out = ShiftFlip(pad=0.0, hflip=0.5).on_batch(images)
+    mirrored = [torch.equal(o, i.flip(-1)) for i, o in zip(images, out, strict=True)]
+    kept = [torch.equal(o, i) for i, o in zip(images, out, strict=True)]
+    assert all(m != k for m, k in zip(mirrored, kept, strict=True))
+    assert 16 < sum(mirrored) < 48
+    assert ShiftFlip(pad=0.0, hflip=0.0).on_batch(images) is images
+
+
 def shift_with_zeros(image: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
     out = torch.zeros_like(image)
     h, w = image.shape[-2:]

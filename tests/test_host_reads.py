@@ -100,3 +100,21 @@ def test_training_steps_on_a_gpu_never_wait_for_it_between_logging_intervals(tmp
     finally:  # a failed fit leaves the rest of the session as it was
         torch.cuda.set_sync_debug_mode("default")
     assert_quiet_steps_read_nothing(reads, per_step)
+
+
+def test_the_trainer_profiles_nothing_at_no_cost_unless_a_profiler_is_chosen(tmp_path):
+    """Lightning wraps every hook call in its profiler's context manager, even its default one that records
+    nothing: skuvision's default hands back one shared no-op context; a chosen profiler is Lightning's."""
+    from pytorch_lightning.profilers import SimpleProfiler
+
+    from skuvision.callbacks import NoProfiler
+
+    trainer = build_trainer(compose_cfg("train", quick_overrides("fashion_mnist", tmp_path), tmp_path / "a"))
+    assert isinstance(trainer.profiler, NoProfiler)
+    assert trainer.profiler.profile("a") is trainer.profiler.profile("b")
+    with trainer.profiler.profile("[Callback]x.on_train_batch_end"):
+        pass
+    chosen = compose_cfg(
+        "train", [*quick_overrides("fashion_mnist", tmp_path), "+trainer.profiler=simple"], tmp_path / "b"
+    )
+    assert isinstance(build_trainer(chosen).profiler, SimpleProfiler)

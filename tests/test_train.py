@@ -112,6 +112,11 @@ def test_training_learns_the_pattern(train_cfg):
     )
     metrics = train(cfg)
     assert metrics["test/acc"] > 0.6
+    # Training logs its loss and accuracy; the other metrics are val's and test's (cheaper steps).
+    header = (Path(cfg.paths.output_dir) / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
+    logged = {k for k in header if k.startswith("train/")}
+    assert {"train/acc", "train/loss"} <= logged <= {"train/acc", "train/loss", "train/loss_step"}
+    assert {"val/f1_macro", "val/acc_top5"} <= set(header)
 
 
 # Warnings a train.py run may print, each by its exact text and explained in the README ("What a run

@@ -19,7 +19,7 @@ from pytorch_lightning.callbacks.progress import ProgressBar as AnyProgressBar
 from pytorch_lightning.loggers import Logger
 from pytorch_lightning.utilities import rank_zero_only
 
-from skuvision.callbacks import ProgressBar
+from skuvision.callbacks import NoProfiler, ProgressBar
 from skuvision.checkpoints import load_classifier, read_checkpoint
 from skuvision.config import plain
 from skuvision.data.datamodule import ImageDataModule
@@ -102,12 +102,15 @@ def build_trainer(
 ) -> Trainer:
     """The Trainer `cfg.trainer` describes, with these loggers and callbacks (none: no logging and no
     callbacks of the config's) and any of its arguments overridden. Its bar, unless `callbacks` has one or
-    enable_progress_bar is false, is skuvision's: none where stdout is not a terminal."""
+    enable_progress_bar is false, is skuvision's: none where stdout is not a terminal. Without a
+    `trainer.profiler` of the config's, it profiles nothing at no cost (callbacks.NoProfiler)."""
     check_trainer_keys(cfg.trainer)
     callbacks = list(callbacks)
     bar = overrides.get("enable_progress_bar", cfg.trainer.get("enable_progress_bar", True))
     if bar and not any(isinstance(c, AnyProgressBar) for c in callbacks):
         callbacks.append(ProgressBar())
+    if cfg.trainer.get("profiler") is None:
+        overrides.setdefault("profiler", NoProfiler())
     return instantiate(cfg.trainer, callbacks=callbacks, logger=list(loggers) or False, **overrides)
 
 

@@ -1,14 +1,16 @@
 """Callbacks the trainer config adds (conf/callbacks/): training throughput, the weight EMA, the progress
-bar."""
+bar; and the Trainer's profiler when none is chosen."""
 
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from itertools import chain
 
 import torch
 from pytorch_lightning import Callback
 from pytorch_lightning.callbacks import RichProgressBar, WeightAveraging
+from pytorch_lightning.profilers import PassThroughProfiler
 from rich.console import Console
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
@@ -162,3 +164,13 @@ class WeightEMA(WeightAveraging):
 
     def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
         return step_idx is not None and step_idx % self.every_n_steps == 0
+
+
+class NoProfiler(PassThroughProfiler):
+    """Lightning's default profiler, which records nothing, without the context manager it still builds
+    around every hook call (dozens a step, each a generator): a shared no-op context instead."""
+
+    _nothing = nullcontext()
+
+    def profile(self, action_name: str):
+        return self._nothing

@@ -139,12 +139,18 @@ def upgraded_hparams(hparams: dict) -> dict:
 def load_classifier(ckpt_path: str | Path, map_location: str | torch.device = "cpu") -> Classifier:
     """A trained Classifier from its checkpoint, loaded with weights_only=True and no weights download."""
     checkpoint = read_checkpoint(ckpt_path)
+    hparams = upgraded_hparams(checkpoint["hyper_parameters"])
+    # A run trained with model.compile=true gives the plain module: eval, predict, embed, export and serve
+    # run it as it is (export cannot trace a compiled one; the others would pay the compile for one pass).
+    model = hparams.get("model", checkpoint["hyper_parameters"]["model"])
+    if model.get("compile"):
+        hparams["model"] = {**model, "compile": False}
     return Classifier.load_from_checkpoint(
         Path(ckpt_path).expanduser(),
         map_location=map_location,
         weights_only=True,
         load_pretrained=False,
-        **upgraded_hparams(checkpoint["hyper_parameters"]),
+        **hparams,
     )
 
 

@@ -15,6 +15,8 @@ may use it.
 - torchmetrics' multilabel precision-recall metrics check on every update whether their inputs are logits,
   a host read on the CPU, and keep probabilities in list states `preds` and `target` (torchmetrics 1.9.0:
   `store_probabilities`);
+- torch.compile's inductor backend finds its C++ compiler only when it first compiles, inside the first
+  training step (torch 2.14.1: `torch._inductor.cpp_builder.get_cpp_compiler`, in `inductor_cpp_compiler`);
 - LitServe names its HTTP processes `LitServer-<n>` (litserve 0.2.19);
 - a Gradio page mounted with `gr.mount_gradio_app` is never marked as launched, so Gradio skips its path
   checks on file payloads, and nothing ends its pages' heartbeat streams on shutdown (gradio 6.31.0:
@@ -115,6 +117,18 @@ def store_probabilities(metric, preds, target) -> None:
     reads them on the host on the CPU (`normalize_logits_if_needed`)."""
     metric.preds.append(preds)
     metric.target.append(target)
+
+
+def inductor_cpp_compiler() -> str | None:
+    """The C++ compiler torch.compile's default backend (inductor) would build its kernels with ($CXX, else
+    g++; torch 2.14.1), or None where it finds none: it would fail only at the first compiled step."""
+    from torch._inductor import exc
+    from torch._inductor.cpp_builder import get_cpp_compiler
+
+    try:
+        return get_cpp_compiler()
+    except exc.InvalidCxxCompiler:
+        return None
 
 
 # LitServe names its HTTP server processes LitServer-<n> (checked against litserve 0.2.19; the SIGTERM test

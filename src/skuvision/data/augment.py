@@ -188,13 +188,19 @@ class ShiftFlip(TrainAugment):
     def on_batch(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         pad = round(self.pad * max(h, w))
-        padded = F.pad(x, (pad, pad, pad, pad), value=self.fill) if pad else x
+        if not pad:  # flip only (augment=flip): the gather below would copy the batch for nothing
+            return self.flip(x)
+        padded = F.pad(x, (pad, pad, pad, pad), value=self.fill)
         top = torch.randint(0, 2 * pad + 1, (b, 1), device=x.device)
         left = torch.randint(0, 2 * pad + 1, (b, 1), device=x.device)
         rows = (top + torch.arange(h, device=x.device))[:, None, :, None]
         cols = (left + torch.arange(w, device=x.device))[:, None, None, :]
         batch = torch.arange(b, device=x.device)[:, None, None, None]
         channels = torch.arange(c, device=x.device)[None, :, None, None]
-        out = padded[batch, channels, rows, cols]
-        flip = (torch.rand(b, device=x.device) < self.hflip)[:, None, None, None]
-        return torch.where(flip, out.flip(-1), out)
+        return self.flip(padded[batch, channels, rows, cols])
+
+    def flip(self, x: torch.Tensor) -> torch.Tensor:
+        if self.hflip <= 0:
+            return x
+        flip = (torch.rand(x.shape[0], device=x.device) < self.hflip)[:, None, None, None]
+        return torch.where(flip, x.flip(-1), x)

@@ -16,6 +16,7 @@ import timm
 import torch
 from torch import nn
 
+from skuvision.compat import inductor_cpp_compiler
 from skuvision.errors import SkuvisionError
 from skuvision.models.input_config import check_model_name
 from skuvision.models.offline_weights import converted_file, foreign_layout, offline_weights_file
@@ -45,9 +46,21 @@ def create_backbone(
     if channels_last:
         model.to(memory_format=torch.channels_last)
     if compile:
+        check_compile()
         # In place: the state dict keeps its keys, so checkpoints load with or without compile.
         model.compile()
     return model
+
+
+def check_compile() -> None:
+    """model.compile=true where torch.compile cannot build its kernels fails here, in one line, and not after
+    the data is loaded, at the first step."""
+    if inductor_cpp_compiler() is None:
+        raise SkuvisionError(
+            "model.compile=true needs a C++ compiler for torch.compile (its inductor backend builds kernels "
+            "with $CXX, else g++), and none was found: install one (apt-get install g++), set CXX, or set "
+            "model.compile=false"
+        )
 
 
 def zero_new_head(model: nn.Module, num_classes: int) -> None:

@@ -18,7 +18,7 @@ from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.trainer.states import TrainerFn
 from timm.loss import SoftTargetCrossEntropy
 from torch import nn
-from torchmetrics import MaxMetric, MeanMetric
+from torchmetrics import MaxMetric, MeanMetric, MetricCollection
 
 from skuvision.errors import SkuvisionError
 from skuvision.finetune import FinetuneStrategy, Full
@@ -76,7 +76,9 @@ class Classifier(LightningModule):
             self.criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=label_smoothing)
             self.soft_criterion = SoftTargetCrossEntropy()
             metrics = classification_metrics(num_classes)
-            self.train_metrics = metrics.clone(prefix="train/")
+            # Accuracy alone in training: top-5 and macro F1 cost as much as the rest of the framework's
+            # work in a small net's step, and val/test report them.
+            self.train_metrics = MetricCollection({"acc": metrics["acc"]}).clone(prefix="train/")
             self.val_metrics = metrics.clone(prefix="val/")
             self.test_metrics = metrics.clone(prefix="test/")
         self.step_loss: torch.Tensor | None = None  # the last one logged
