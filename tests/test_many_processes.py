@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from skuvision.data.inputs import collect_inputs
 from skuvision.errors import SkuvisionError
 from skuvision.outputs import write_new_json
 from skuvision.shards import (
@@ -20,6 +21,7 @@ from skuvision.shards import (
     check_plan,
     merge,
     positions_left,
+    read_shards,
     shard_files,
     write_shard,
 )
@@ -146,17 +148,19 @@ def test_embed_of_a_split_in_shards_matches_one_pass(checkpoint, tmp_path):
 
 def test_shards_of_several_heads_merge_in_input_order_each_image_once(tmp_path):
     logits = {"colour": np.arange(12, dtype=np.float32).reshape(6, 2), "tags": np.ones((6, 3), np.float32)}
+    items = [f"img/{i}.jpg" for i in range(6)]
     errors = ["", "", "bad", "", "", ""]
+    columns = {"out/colour": 2, "out/tags": 3}
     for rank, rows in ((1, [1, 3, 5]), (0, [0, 2, 4])):
         part = as_columns({k: torch.from_numpy(v[rows]) for k, v in logits.items()})
-        write_shard(tmp_path, rank, np.array(rows), [errors[i] for i in rows], part)
-    merged, read_errors = merge(tmp_path, 6)
+        write_shard(tmp_path, rank, np.array(rows), [items[i] for i in rows], [errors[i] for i in rows], part)
+    merged, read_errors = merge(tmp_path, items, columns)
     assert list(merged) == ["colour", "tags"] and read_errors == errors
     assert merged["colour"].numpy().tolist() == logits["colour"].tolist()
     again = as_columns({k: torch.from_numpy(v[[5]]) for k, v in logits.items()})
-    write_shard(tmp_path, 0, np.array([5]), [""], again)
-    with pytest.raises(SkuvisionError, match=r"once \(twice: \[5\], missing: \[\]"):
-        merge(tmp_path, 6)
+    write_shard(tmp_path, 0, np.array([5]), [items[5]], [""], again)
+    with pytest.raises(SkuvisionError, match=r"position 5 is also in another shard"):
+        merge(tmp_path, items, columns)
 
 
 def test_shards_of_another_plan_are_refused_and_too_few_images_for_the_processes(tmp_path):
@@ -164,7 +168,37 @@ def test_shards_of_another_plan_are_refused_and_too_few_images_for_the_processes
     check_plan(tmp_path, {"task": "predict", "items": 25, "tta": "none"})
     with pytest.raises(SkuvisionError, match=r"holds shards of another run \(tta differ\)"):
         check_plan(tmp_path, {"task": "predict", "items": 25, "tta": "flip"})
-    write_shard(tmp_path, 0, np.arange(4), [""] * 4, as_columns(torch.zeros(4, 2)))
-    assert positions_left(tmp_path, 6, 2) == [4, 5]
+    items = [f"{i}.jpg" for i in range(6)]
+    write_shard(tmp_path, 0, np.arange(4), items[:4], [""] * 4, as_columns(torch.zeros(4, 2)))
+    tables = read_shards(tmp_path, items, {"out": 2})
+    assert positions_left(tables, 6, 2, tmp_path) == [4, 5]
     with pytest.raises(SkuvisionError, match=r"1 image\(s\) left for 2 processes"):
-        positions_left(tmp_path, 5, 2)
+        positions_left(read_shards(tmp_path, items[:5], {"out": 2}), 5, 2, tmp_path)
+
+
+def test_a_resume_refuses_a_planted_shard_then_finishes_without_redoing_its_own(
+    checkpoint, photos, tmp_path, monkeypatch
+):
+    """In-process, one process with shards=true: stopped after its first shard; a file planted beside it
+    stops the rerun before any image is read, naming it; without it the rerun finishes."""
+    from skuvision.tasks.predict import predict
+
+    run = tmp_path / "run"
+    overrides = [f"ckpt_path={checkpoint}", f"input={photos}", "num_workers=0", "trainer.accelerator=cpu"]
+    overrides += ["trainer.precision=32", "shards=true", "shard_size=10", "batch_size=5"]
+    monkeypatch.setenv(STOP_AFTER, "1")
+    with pytest.raises(RuntimeError, match=STOP_AFTER):
+        predict(compose_cfg("predict", overrides, run))
+    monkeypatch.delenv(STOP_AFTER)
+    (first,) = shard_files(run / "shards")
+    planted = run / "shards" / first.name.replace("0000000000-rank0", "0000000010-rank0")
+    planted.write_bytes(first.read_bytes())  # a true SHA-256, at positions it does not hold
+    with pytest.raises(SkuvisionError, match=rf"{planted.name}: its positions are not increasing"):
+        predict(compose_cfg("predict", overrides, run))
+    assert not (run / "predictions.csv").exists()
+    planted.unlink()
+    inode = first.stat().st_ino
+    predict(compose_cfg("predict", overrides, run))
+    assert first.stat().st_ino == inode
+    with open(run / "predictions.csv", newline="") as f:
+        assert [r["path"] for r in csv.DictReader(f)] == [str(p) for p in collect_inputs(str(photos))]
