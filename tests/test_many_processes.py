@@ -28,7 +28,7 @@ from skuvision.shards import (
 from skuvision.tasks import train
 from skuvision.tasks.embed import embed
 from tests.helpers import compose_cfg, predict_csv, quick_overrides, run_cli
-from tests.writers import write_image_folder
+from tests.writers import write_image_folder, write_manifest
 
 IMAGES = 24  # and one unreadable file
 
@@ -131,19 +131,21 @@ def test_embed_on_two_processes_resumes_and_matches_one(checkpoint, photos, tmp_
     assert os.listdir(run / "index")
 
 
-def test_embed_of_a_split_in_shards_matches_one_pass(checkpoint, tmp_path):
-    """A split of files goes through the same shards (here on one process: shards=true) with its labels."""
-    overrides = [f"ckpt_path={checkpoint}", "split=train", "num_workers=0", "trainer.accelerator=cpu"]
-    overrides += ["trainer.precision=32", "k=2"]
-    embed(compose_cfg("embed", overrides, tmp_path / "one"))
-    embed(
-        compose_cfg("embed", [*overrides, "shards=true", "shard_size=5", "batch_size=5"], tmp_path / "shards")
-    )
-    expected, got = (np.load(tmp_path / run / "embeddings.npz") for run in ("one", "shards"))
+def test_embed_of_a_manifest_split_on_two_processes_matches_one_pass(checkpoint, photos, tmp_path):
+    """A split of a manifest (data=manifest) goes through the same shards with its labels, here on 2 CPU
+    processes started in-process (ddp_spawn): each row once, in the split's order."""
+    manifest = write_manifest(tmp_path / "catalogue" / "styles.csv", photos)
+    overrides = [f"ckpt_path={checkpoint}", "split=train", "num_workers=0", "trainer.precision=32", "k=2"]
+    overrides += ["data=manifest", f"data.root={manifest}", "threads=1"]
+    embed(compose_cfg("embed", [*overrides, "trainer.accelerator=cpu"], tmp_path / "one"))
+    two = [*overrides, "trainer=ddp_cpu", "trainer.devices=2", "shard_size=5", "batch_size=5"]
+    embed(compose_cfg("embed", two, tmp_path / "two"))
+    expected, got = (np.load(tmp_path / run / "embeddings.npz") for run in ("one", "two"))
     assert got["items"].tolist() == expected["items"].tolist()
     assert got["labels"].tolist() == expected["labels"].tolist()
     np.testing.assert_allclose(got["features"], expected["features"], atol=1e-5)
-    assert len(shard_files(tmp_path / "shards" / "shards")) == -(-len(got["items"]) // 5)
+    ranks = {p.name.split("-")[1] for p in shard_files(tmp_path / "two" / "shards")}
+    assert ranks == {"rank0", "rank1"}
 
 
 def test_shards_of_several_heads_merge_in_input_order_each_image_once(tmp_path):
