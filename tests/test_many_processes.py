@@ -204,3 +204,12 @@ def test_a_resume_refuses_a_planted_shard_then_finishes_without_redoing_its_own(
     assert first.stat().st_ino == inode
     with open(run / "predictions.csv", newline="") as f:
         assert [r["path"] for r in csv.DictReader(f)] == [str(p) for p in collect_inputs(str(photos))]
+
+
+def test_a_streaming_split_on_several_processes_is_refused_in_one_line(checkpoint, data_root, tmp_path):
+    """litdata shards hold no file per image to carry in a sample: refused before any image is read."""
+    overrides = [f"ckpt_path={checkpoint}", "split=val", "num_workers=0", "trainer.accelerator=cpu"]
+    overrides += ["data=streaming", f"data.root={data_root / 'shards'}", "shards=true"]
+    with pytest.raises(SkuvisionError, match=r"^split=val: its images are not files of their own"):
+        embed(compose_cfg("embed", overrides, tmp_path / "run"))
+    assert not (tmp_path / "run" / "shards").exists()
