@@ -159,9 +159,12 @@ def shard_files(folder: Path) -> list[Path]:
     return sorted(p for p in Path(folder).glob("*.parquet") if not p.name.startswith("."))
 
 
-def read_shards(folder: Path, items: list[str], columns: dict[str, int]) -> list[pa.Table]:
+def read_shards(
+    folder: Path, items: list[str], columns: dict[str, int], outputs: bool = True
+) -> list[pa.Table]:
     """Every shard in `folder`, each checked against the plan (see the module's doc) and refused, naming the
-    file, where it is not exactly what this run writes."""
+    file, where it is not exactly what this run writes; without `outputs`, only their index and path
+    columns are decoded (the SHA-256 still covers every byte)."""
     folder = shards_folder(folder)
     if not folder.exists():
         return []
@@ -186,25 +189,31 @@ def read_shards(folder: Path, items: list[str], columns: dict[str, int]) -> list
                     f"{path}: its bytes do not match the SHA-256 in its name (truncated, corrupted or "
                     "changed): move it out of shards/ and rerun to predict its images again"
                 )
-            tables.append(checked_shard(path, data, schema, items, int(match["first"]), owner, len(tables)))
+            first = int(match["first"])
+            tables.append(checked_shard(path, data, schema, items, first, owner, len(tables), outputs))
     finally:
         os.close(fd)
     return tables
 
 
-def checked_shard(path, data: bytes, schema, items, first: int, owner: np.ndarray, number: int) -> pa.Table:
+def checked_shard(
+    path, data: bytes, schema, items, first: int, owner: np.ndarray, number: int, outputs: bool
+) -> pa.Table:
     def refuse(why: str):
         return SkuvisionError(f"{path}: {why}; not a shard of this run: move it out of shards/ and rerun")
 
     try:
-        table = pq.read_table(pa.BufferReader(data))
+        file = pq.ParquetFile(pa.BufferReader(data))
+        found = file.schema_arrow.remove_metadata()
+        if not found.equals(schema):
+            raise refuse(f"columns {found.names} of types {[str(t) for t in found.types]}")
+        # A resume needs the positions and paths only; the outputs are decoded once, at the merge.
+        table = file.read(columns=None if outputs else ["index", "path"])
     except (pa.ArrowException, OSError) as err:
         raise refuse(f"not a readable Parquet file ({str(err).splitlines()[0]})") from None
-    if not table.schema.remove_metadata().equals(schema):
-        raise refuse(f"columns {table.schema.names} of types {[str(t) for t in table.schema.types]}")
     if table.num_rows == 0 or any(table.column(c).null_count for c in ("index", "path")):
         raise refuse("no rows, or rows without a position or path")
-    for name in schema.names[3:]:
+    for name in schema.names[3:] if outputs else []:
         if table.column(name).combine_chunks().flatten().null_count:
             raise refuse(f"missing values in {name}")
     index = table.column("index").to_numpy()
@@ -370,7 +379,8 @@ def predict_in_shards(cfg, trainer, module, paths: list[Path], plan: dict):
     columns = output_widths(module)
     plan = {**plan, "columns": columns}
     check_plan(folder, plan)
-    left = positions_left(read_shards(folder, items, columns), len(items), trainer.world_size, folder)
+    done = read_shards(folder, items, columns, outputs=False)
+    left = positions_left(done, len(items), trainer.world_size, folder)
     if left:
         datamodule = InputFilesDataModule(
             paths,
