@@ -351,6 +351,59 @@ def test_a_path_pattern_that_cannot_name_files_is_refused(tmp_path, pattern, mes
         _ = dm.class_names
 
 
+@pytest.mark.parametrize(
+    ("pattern", "cell"),
+    [
+        ("images/{id}.jpg", "../secret"),
+        ("images/{id}.jpg", "../../etc/passwd"),
+        ("images/{id}.jpg", "a/../../secret"),
+        ("images/{id}.jpg", "x\0y"),
+        ("{id}.jpg", "/etc/passwd"),
+        ("{id}.jpg", "~root/.ssh/id_rsa"),
+    ],
+)
+def test_a_cell_that_leads_out_of_the_pattern_folder_is_refused_naming_its_line(tmp_path, pattern, cell):
+    """A cell is data (an export's id), not a path: whatever it holds, the row's file stays in the folder the
+    pattern names. (A path column's absolute or `..` path is the manifest owner's own choice, and stays.)"""
+    (tmp_path / "secret.jpg").write_bytes(b"outside images/")
+    (tmp_path / "cat").mkdir()
+    manifest = write_csv(
+        tmp_path / "cat" / "styles.csv", [("1000", "Shirts"), (cell, "Watches")], header=("id", "articleType")
+    )
+    dm = ManifestDataModule(str(manifest), INPUT_32, label_column="articleType", path_pattern=pattern)
+    with pytest.raises(SkuvisionError, match=r"styles\.csv row 2 \(line 3\): its cells .* outside .*/cat/"):
+        ready(dm)
+
+
+def test_a_cell_with_a_slash_inside_the_pattern_stays_in_its_folder(tmp_path):
+    """`images/{id}` with the cell `/etc/passwd` names images/etc/passwd: inside the folder, so allowed."""
+    rows = [("/etc/passwd", "Shirts"), ("/etc/hosts", "Watches")]
+    manifest = write_csv(tmp_path / "styles.csv", rows, header=("id", "articleType"))
+    dm = ManifestDataModule(str(manifest), INPUT_32, label_column="articleType", path_pattern="images/{id}")
+    assert dm.raw_paths == ["images//etc/passwd", "images//etc/hosts"]
+    with pytest.raises(SkuvisionError, match=r"no readable training images"):
+        ready(dm)  # images/etc/passwd does not exist: /etc/passwd was not read
+
+
+def test_a_pattern_may_name_a_folder_of_its_own_and_subfolders_from_cells(tmp_path, products):
+    """The pattern itself is config, like a path column: `../` or an absolute start is its owner's choice;
+    a cell may name a subfolder of it."""
+    (tmp_path / "cat").mkdir()
+    manifest = write_csv(
+        tmp_path / "cat" / "styles.csv",
+        [(f"{id_[:2]}/{id_}", article) for id_, article in products],
+        header=("id", "articleType"),
+    )
+    for id_, _ in products:
+        (tmp_path / "images" / id_[:2]).mkdir(exist_ok=True)
+        os.link(tmp_path / "images" / f"{id_}.jpg", tmp_path / "images" / id_[:2] / f"{id_}.jpg")
+    for pattern in ("../images/{id}.jpg", f"{tmp_path}/images/{{id}}.jpg"):
+        dm = ready(
+            ManifestDataModule(str(manifest), INPUT_32, label_column="articleType", path_pattern=pattern)
+        )
+        assert len(set().union(*(files_in(dm, s) for s in dm.splits))) == len(products)
+
+
 def test_the_path_pattern_is_a_key_of_data_manifest(tmp_path, data_root):
     manifest = write_csv(
         tmp_path / "styles.csv", [("1000", "Shirts"), ("1001", "Watches")], header=("id", "type")

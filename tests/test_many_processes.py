@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from skuvision.data.inputs import collect_inputs
 from skuvision.errors import SkuvisionError
 from skuvision.outputs import write_new_json
 from skuvision.shards import (
@@ -20,6 +21,7 @@ from skuvision.shards import (
     check_plan,
     merge,
     positions_left,
+    read_shards,
     shard_files,
     write_shard,
 )
@@ -27,7 +29,7 @@ from skuvision.tasks import train
 from skuvision.tasks.embed import embed
 from tests.helpers import compose_cfg, predict_csv, quick_overrides, run_cli
 from tests.pages import read_page
-from tests.writers import write_image_folder
+from tests.writers import write_image_folder, write_manifest
 
 IMAGES = 24  # and one unreadable file
 
@@ -136,34 +138,38 @@ def test_embed_on_two_processes_resumes_and_matches_one(checkpoint, photos, tmp_
     assert os.listdir(run / "index")
 
 
-def test_embed_of_a_split_in_shards_matches_one_pass(checkpoint, tmp_path):
-    """A split of files goes through the same shards (here on one process: shards=true) with its labels."""
-    overrides = [f"ckpt_path={checkpoint}", "split=train", "num_workers=0", "trainer.accelerator=cpu"]
-    overrides += ["trainer.precision=32", "k=2"]
-    embed(compose_cfg("embed", overrides, tmp_path / "one"))
-    embed(
-        compose_cfg("embed", [*overrides, "shards=true", "shard_size=5", "batch_size=5"], tmp_path / "shards")
-    )
-    expected, got = (np.load(tmp_path / run / "embeddings.npz") for run in ("one", "shards"))
+def test_embed_of_a_manifest_split_on_two_processes_matches_one_pass(checkpoint, photos, tmp_path):
+    """A split of a manifest (data=manifest) goes through the same shards with its labels, here on 2 CPU
+    processes started in-process (ddp_spawn): each row once, in the split's order."""
+    manifest = write_manifest(tmp_path / "catalogue" / "styles.csv", photos)
+    overrides = [f"ckpt_path={checkpoint}", "split=train", "num_workers=0", "trainer.precision=32", "k=2"]
+    overrides += ["data=manifest", f"data.root={manifest}", "threads=1"]
+    embed(compose_cfg("embed", [*overrides, "trainer.accelerator=cpu"], tmp_path / "one"))
+    two = [*overrides, "trainer=ddp_cpu", "trainer.devices=2", "shard_size=5", "batch_size=5"]
+    embed(compose_cfg("embed", two, tmp_path / "two"))
+    expected, got = (np.load(tmp_path / run / "embeddings.npz") for run in ("one", "two"))
     assert got["items"].tolist() == expected["items"].tolist()
     assert got["labels"].tolist() == expected["labels"].tolist()
     np.testing.assert_allclose(got["features"], expected["features"], atol=1e-5)
-    assert len(shard_files(tmp_path / "shards" / "shards")) == -(-len(got["items"]) // 5)
+    ranks = {p.name.split("-")[1] for p in shard_files(tmp_path / "two" / "shards")}
+    assert ranks == {"rank0", "rank1"}
 
 
 def test_shards_of_several_heads_merge_in_input_order_each_image_once(tmp_path):
     logits = {"colour": np.arange(12, dtype=np.float32).reshape(6, 2), "tags": np.ones((6, 3), np.float32)}
+    items = [f"img/{i}.jpg" for i in range(6)]
     errors = ["", "", "bad", "", "", ""]
+    columns = {"out/colour": 2, "out/tags": 3}
     for rank, rows in ((1, [1, 3, 5]), (0, [0, 2, 4])):
         part = as_columns({k: torch.from_numpy(v[rows]) for k, v in logits.items()})
-        write_shard(tmp_path, rank, np.array(rows), [errors[i] for i in rows], part)
-    merged, read_errors = merge(tmp_path, 6)
+        write_shard(tmp_path, rank, np.array(rows), [items[i] for i in rows], [errors[i] for i in rows], part)
+    merged, read_errors = merge(tmp_path, items, columns)
     assert list(merged) == ["colour", "tags"] and read_errors == errors
     assert merged["colour"].numpy().tolist() == logits["colour"].tolist()
     again = as_columns({k: torch.from_numpy(v[[5]]) for k, v in logits.items()})
-    write_shard(tmp_path, 0, np.array([5]), [""], again)
-    with pytest.raises(SkuvisionError, match=r"once \(twice: \[5\], missing: \[\]"):
-        merge(tmp_path, 6)
+    write_shard(tmp_path, 0, np.array([5]), [items[5]], [""], again)
+    with pytest.raises(SkuvisionError, match=r"position 5 is also in another shard"):
+        merge(tmp_path, items, columns)
 
 
 def test_shards_of_another_plan_are_refused_and_too_few_images_for_the_processes(tmp_path):
@@ -171,7 +177,46 @@ def test_shards_of_another_plan_are_refused_and_too_few_images_for_the_processes
     check_plan(tmp_path, {"task": "predict", "items": 25, "tta": "none"})
     with pytest.raises(SkuvisionError, match=r"holds shards of another run \(tta differ\)"):
         check_plan(tmp_path, {"task": "predict", "items": 25, "tta": "flip"})
-    write_shard(tmp_path, 0, np.arange(4), [""] * 4, as_columns(torch.zeros(4, 2)))
-    assert positions_left(tmp_path, 6, 2) == [4, 5]
+    items = [f"{i}.jpg" for i in range(6)]
+    write_shard(tmp_path, 0, np.arange(4), items[:4], [""] * 4, as_columns(torch.zeros(4, 2)))
+    tables = read_shards(tmp_path, items, {"out": 2})
+    assert positions_left(tables, 6, 2, tmp_path) == [4, 5]
     with pytest.raises(SkuvisionError, match=r"1 image\(s\) left for 2 processes"):
-        positions_left(tmp_path, 5, 2)
+        positions_left(read_shards(tmp_path, items[:5], {"out": 2}), 5, 2, tmp_path)
+
+
+def test_a_resume_refuses_a_planted_shard_then_finishes_without_redoing_its_own(
+    checkpoint, photos, tmp_path, monkeypatch
+):
+    """In-process, one process with shards=true: stopped after its first shard; a file planted beside it
+    stops the rerun before any image is read, naming it; without it the rerun finishes."""
+    from skuvision.tasks.predict import predict
+
+    run = tmp_path / "run"
+    overrides = [f"ckpt_path={checkpoint}", f"input={photos}", "num_workers=0", "trainer.accelerator=cpu"]
+    overrides += ["trainer.precision=32", "shards=true", "shard_size=10", "batch_size=5"]
+    monkeypatch.setenv(STOP_AFTER, "1")
+    with pytest.raises(RuntimeError, match=STOP_AFTER):
+        predict(compose_cfg("predict", overrides, run))
+    monkeypatch.delenv(STOP_AFTER)
+    (first,) = shard_files(run / "shards")
+    planted = run / "shards" / first.name.replace("0000000000-rank0", "0000000010-rank0")
+    planted.write_bytes(first.read_bytes())  # a true SHA-256, at positions it does not hold
+    with pytest.raises(SkuvisionError, match=rf"{planted.name}: its positions are not increasing"):
+        predict(compose_cfg("predict", overrides, run))
+    assert not (run / "predictions.csv").exists()
+    planted.unlink()
+    inode = first.stat().st_ino
+    predict(compose_cfg("predict", overrides, run))
+    assert first.stat().st_ino == inode
+    with open(run / "predictions.csv", newline="") as f:
+        assert [r["path"] for r in csv.DictReader(f)] == [str(p) for p in collect_inputs(str(photos))]
+
+
+def test_a_streaming_split_on_several_processes_is_refused_in_one_line(checkpoint, data_root, tmp_path):
+    """litdata shards hold no file per image to carry in a sample: refused before any image is read."""
+    overrides = [f"ckpt_path={checkpoint}", "split=val", "num_workers=0", "trainer.accelerator=cpu"]
+    overrides += ["data=streaming", f"data.root={data_root / 'shards'}", "shards=true"]
+    with pytest.raises(SkuvisionError, match=r"^split=val: its images are not files of their own"):
+        embed(compose_cfg("embed", overrides, tmp_path / "run"))
+    assert not (tmp_path / "run" / "shards").exists()

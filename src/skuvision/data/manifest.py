@@ -25,7 +25,9 @@ A CSV is read as exports write it (a BOM, CRLF line ends, quoted values spanning
 the line it starts on, which every message names. A line with more or fewer fields than the header, or a quote
 that never closes, is left out and listed in `skipped` by its line; more than 5% of the data lines (and more
 than one) stops the run, since then the export's quoting is broken, not a row. `path_pattern`
-(`images/{id}.jpg`) builds each row's path from its columns, in place of a path column.
+(`images/{id}.jpg`) builds each row's path from its columns, in place of a path column. A path column's
+paths are the manifest owner's (absolute and `..` allowed); a pattern's cells are data, so a row whose cells
+lead out of the folder the pattern's fixed start names stops the run, naming its line.
 """
 
 from __future__ import annotations
@@ -180,6 +182,13 @@ def pattern_columns(pattern: str) -> list[str]:
     return columns
 
 
+def pattern_folder(pattern: str) -> str:
+    """The folder a path pattern's fixed start names (`images/` of `images/{id}.jpg`; the table's own
+    folder for `{id}.jpg`): every row's path must lie in it, whatever its cells hold."""
+    start = pattern.split("{", 1)[0]
+    return (start.rsplit("/", 1)[0] or "/") if "/" in start else "."
+
+
 def file_identity(path: Path) -> tuple | Path:
     """What makes two paths one file: device and inode (links and spellings alike), else the resolved path
     where the file system has no inode numbers."""
@@ -286,7 +295,20 @@ class ManifestDataModule(ImageDataModule):
         if not self.path_pattern:
             return self.table[self.path_column].tolist()
         cells = self.table[pattern_columns(self.path_pattern)].to_dict("records")
-        return [self.path_pattern.format_map(row) if all(row.values()) else "" for row in cells]
+        paths = [self.path_pattern.format_map(row) if all(row.values()) else "" for row in cells]
+        base = os.path.join(self._resolved(pattern_folder(self.path_pattern)), "")  # with its "/"
+        for i, (path, row) in enumerate(zip(paths, cells, strict=True)):
+            if path and ("\0" in path or not self._resolved(path).startswith(base)):
+                raise SkuvisionError(
+                    f"{self.row_name(i)}: its cells {row} make data.path_pattern={self.path_pattern} name "
+                    f"{path!r}, outside {base}: a cell may not leave the pattern's folder (.., /, ~); "
+                    "correct the cell or remove the row"
+                )
+        return paths
+
+    def _resolved(self, path: str) -> str:
+        """`path` as _rows opens it: against the table's folder, `~` expanded, `..` applied."""
+        return os.path.normpath(self.manifest.parent / Path(path).expanduser())
 
     def _no_path(self, i: int) -> str:
         """Why row i has no path: its empty path column, or the empty columns its pattern names."""

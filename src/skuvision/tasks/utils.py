@@ -30,7 +30,7 @@ from skuvision.config import in_multirun
 from skuvision.errors import SkuvisionError
 from skuvision.outputs import replacing_file, taken
 from skuvision.shards import FOLDER as SHARDS
-from skuvision.shards import PLAN
+from skuvision.shards import PLAN, links_in_run_folder
 
 log = logging.getLogger("skuvision")
 
@@ -158,6 +158,7 @@ class NewRunFolder(HydraCallback):
         if rerun_by_lightning_ddp(config.hydra.output_subdir):
             return  # rank > 0 of trainer=ddp: Lightning re-ran the command into rank zero's run folder
         if unfinished_shards(folder, config):
+            refuse_links(folder)
             print(f"resuming the unfinished run in {folder} (its finished shards are kept)", file=sys.stderr)
             return  # predict/embed on shards: the task checks the plan and refuses a finished run's results
         refuse_used_folder(folder, "hydra.run.dir")
@@ -165,6 +166,8 @@ class NewRunFolder(HydraCallback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         folder = Path(config.hydra.sweep.dir)
         if any(unfinished_shards(job, config) for job in folder.glob("*/")):
+            for place in [folder, *folder.glob("*/")]:
+                refuse_links(place)
             print(
                 f"resuming the unfinished jobs in {folder} (their finished shards are kept)", file=sys.stderr
             )
@@ -183,6 +186,18 @@ def finished(folder: Path, config: DictConfig) -> bool:
         "embeddings.npz" if config.task_name == "embed" else "predictions.csv"
     )
     return taken(Path(result))
+
+
+def refuse_links(folder: Path) -> None:
+    """Before Hydra writes its config and log into a run folder it resumes: no symbolic link there."""
+    links = links_in_run_folder(folder)
+    if links:
+        print(
+            f"error: {links[0]} is a symbolic link, which a run folder never holds: nothing was written; "
+            "remove it, or start a new run",
+            file=sys.stderr,
+        )
+        sys.exit(2)
 
 
 def refuse_used_folder(folder: Path, key: str) -> None:
