@@ -273,3 +273,26 @@ def test_predict_writes_overlays_heatmaps_and_a_safe_column(serve_checkpoint, sh
     assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before
     with pytest.raises(SkuvisionError, match="explain=shap"):
         predict(compose_cfg("predict", [*overrides[:-1], "explain=shap"], tmp_path / "run2"))
+
+
+def test_eval_errors_page_shows_each_mistakes_grad_cam(serve_checkpoint, tmp_path):
+    from skuvision.tasks.evaluate import evaluate
+    from tests.pages import picture, read_page
+
+    overrides = [
+        f"ckpt_path={serve_checkpoint}",
+        "explain=gradcam",
+        "calibrate=false",
+        "trainer.accelerator=cpu",
+        "trainer.precision=32",
+        "threads=2",
+    ]
+    report = evaluate(compose_cfg("eval", overrides, tmp_path / "run"))
+    tiles = read_page(tmp_path / "run" / "errors.html").tiles
+    assert len(tiles) == round((1 - report["test/acc"]) * report["test/num_images"]) > 0  # every mistake
+    for tile in tiles:
+        overlays = [i for i in tile.images if i.get("data-kind") == "Grad-CAM of the predicted class"]
+        assert len(overlays) == 1, tile.name
+        assert picture(overlays[0]["src"]).mode == "RGB"
+    with pytest.raises(SkuvisionError, match="explain=gradcam draws into errors.html"):
+        evaluate(compose_cfg("eval", [*overrides, "gallery=false"], tmp_path / "again"))

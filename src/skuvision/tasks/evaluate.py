@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from omegaconf import DictConfig
+from PIL import Image
 from pytorch_lightning import seed_everything
 from torchvision.transforms.v2.functional import to_pil_image
 
@@ -17,6 +18,7 @@ from skuvision import calibration, plots
 from skuvision.assembly import build_trainer, close_loggers, from_checkpoint, instantiate_loggers
 from skuvision.config import set_threads
 from skuvision.errors import SkuvisionError
+from skuvision.explain import Explainer, check_method, overlay
 from skuvision.gallery import Answer, Tile, gallery_options, write_gallery
 from skuvision.metrics import column_report, evaluation_report, tag_report
 from skuvision.models.heads import MISSING, Head
@@ -55,6 +57,8 @@ def evaluate(cfg: DictConfig) -> dict:
     seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
     gallery = gallery_options(cfg)
+    if check_method(cfg.get("explain")) and gallery is None:
+        raise SkuvisionError("explain=gradcam draws into errors.html, which gallery=false leaves out")
     names = (
         RESULTS
         + (CALIBRATION_RESULTS if cfg.get("calibrate", True) else ())
@@ -130,8 +134,16 @@ def evaluate_one(
     )
     options = gallery_options(cfg)
     if options:
+        explained = explained_by(cfg, module, datamodule)
         write_errors_page(
-            output_dir / ERRORS_PAGE[0], logits, labels, files, test_set, module.class_names, options
+            output_dir / ERRORS_PAGE[0],
+            logits,
+            labels,
+            files,
+            test_set,
+            module.class_names,
+            options,
+            explained,
         )
     if cfg.get("calibrate", True):
         report["calibration"], calibration_pngs = calibrate(
@@ -192,7 +204,11 @@ def evaluate_heads(
     options = gallery_options(cfg)
     if options:
         test_set = datamodule.splits["test"]
-        write_head_errors_page(output_dir / ERRORS_PAGE[0], heads, probs, targets, files, test_set, options)
+        first = next((h.column for h in heads if h.kind == "label"), None)
+        explained = explained_by(cfg, module, datamodule, first) if first else None
+        write_head_errors_page(
+            output_dir / ERRORS_PAGE[0], heads, probs, targets, files, test_set, options, explained
+        )
     for head in heads:
         main = "map" if head.kind == "tags" else "acc"
         print(f"{head.key('test', main)} = {report[head.key('test', main)]:.4f}")
@@ -416,10 +432,13 @@ def mistakes(logits, labels) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     return probs, predicted, wrong[confidence[wrong].argsort(descending=True, stable=True)].tolist()
 
 
-def write_errors_page(path: Path, logits, labels, files, dataset, class_names, options) -> Path:
+def write_errors_page(
+    path: Path, logits, labels, files, dataset, class_names, options, explained=None
+) -> Path:
     """errors.html: the test images predicted wrong, most confident first, each with its true class and the
-    top 3 predicted (the file as stored, or the data set's image where there are no files)."""
-    probs, _, wrong = mistakes(logits, labels)
+    top 3 predicted (the file as stored, or the data set's image where there are no files); with
+    `explained` (explained_by), each shown mistake's Grad-CAM of the class it was taken for."""
+    probs, predicted, wrong = mistakes(logits, labels)
     top_p, top_i = probs.topk(min(3, probs.shape[1]), dim=1)
     tiles = []
     for i in wrong:
@@ -427,13 +446,41 @@ def write_errors_page(path: Path, logits, labels, files, dataset, class_names, o
         picture = Path(files[i]) if files else partial(dataset_picture, dataset, i)
         answers = [Answer("", "truth", [(class_names[labels[i]], None)]), Answer("", "label", ranked)]
         tiles.append(Tile(files[i] if files else f"test image {i}", picture, answers))
+    if explained:
+        shown_wrong = wrong[: options.max_images]
+        for tile, overlay_image in zip(
+            tiles, explained(dataset, shown_wrong, predicted.tolist()), strict=False
+        ):
+            tile.extras["Grad-CAM of the predicted class"] = partial(Image.Image.copy, overlay_image)
     summary = f"{len(wrong)} of {len(labels)} test images predicted wrong, the most confident mistakes first"
     write_gallery(path, "errors on the test split", tiles, options, summary)
     return path
 
 
+def explained_by(cfg, module, datamodule, column: str | None = None):
+    """With explain=gradcam, a function (dataset, indices, classes) -> a Grad-CAM overlay per index, of
+    classes[index], on the image the model saw; else None."""
+    if not check_method(cfg.get("explain")):
+        return None
+    explainer = Explainer(module, column)
+    convert = datamodule.to_model_input
+
+    def overlays(dataset, indices: list[int], classes: list[int]) -> list:
+        shown = []
+        for start in range(0, len(indices), 16):
+            part = indices[start : start + 16]
+            images = torch.stack([dataset[i][0] for i in part])
+            maps = explainer(convert.normalize(convert.to_unit(images)), [classes[i] for i in part])
+            shown += [
+                Image.fromarray(overlay(image, heatmap)) for image, heatmap in zip(images, maps, strict=True)
+            ]
+        return shown
+
+    return overlays
+
+
 def write_head_errors_page(
-    path: Path, heads: list[Head], probs: dict, targets: dict, files, dataset, options
+    path: Path, heads: list[Head], probs: dict, targets: dict, files, dataset, options, explained=None
 ) -> Path:
     """errors.html of a model with several heads: the test images with a label column predicted wrong, the
     most confident of its mistakes first; each label column's true (where the row has one) and predicted
@@ -452,13 +499,20 @@ def write_head_errors_page(
             shown.append(Answer(head.column, "label", [(label, p)]))
         if wrong:
             picture = Path(files[i]) if files else partial(dataset_picture, dataset, i)
-            mistakes_of.append((max(wrong), Tile(files[i] if files else f"test image {i}", picture, shown)))
+            tile = Tile(files[i] if files else f"test image {i}", picture, shown)
+            mistakes_of.append((max(wrong), i, tile))
     mistakes_of.sort(key=lambda m: -m[0])
+    if explained:  # the first label column's predicted class, as explained_by's column
+        first = next(h.column for h in heads if h.kind == "label")
+        shown_wrong = [i for _, i, _ in mistakes_of[: options.max_images]]
+        overlays = explained(dataset, shown_wrong, probs[first].argmax(dim=1).tolist())
+        for (_, _, tile), overlay_image in zip(mistakes_of, overlays, strict=False):
+            tile.extras[f"Grad-CAM of the predicted {first}"] = partial(Image.Image.copy, overlay_image)
     summary = (
         f"{len(mistakes_of)} of {len(answers)} test images with a label column predicted wrong, the most "
         "confident mistake first"
     )
-    write_gallery(path, "errors on the test split", [t for _, t in mistakes_of], options, summary)
+    write_gallery(path, "errors on the test split", [t for _, _, t in mistakes_of], options, summary)
     return path
 
 
