@@ -137,12 +137,7 @@ def first_block_input(backbone: nn.Module, image: torch.Tensor) -> str:
     handles.append(
         blocks[0].register_forward_pre_hook(lambda m, args: entered.append((len(finished), args[0])))
     )
-    try:
-        with torch.no_grad(), evaluating(backbone):
-            features_call(backbone)(image)
-    finally:
-        for handle in handles:
-            handle.remove()
+    forward_with(backbone, image, handles)
     count, tokens = entered[0] if entered else (0, None)
     before = [name for name, out in finished[:count] if out is tokens]
     if not before:
@@ -151,6 +146,16 @@ def first_block_input(backbone: nn.Module, image: torch.Tensor) -> str:
             "layer to read"
         )
     return before[-1]
+
+
+def forward_with(backbone: nn.Module, image: torch.Tensor, hooks: list) -> None:
+    """One pass of the layers before the head, without gradients, in eval mode; the hooks removed after."""
+    try:
+        with torch.no_grad(), evaluating(backbone):
+            features_call(backbone)(image)
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 def features_call(backbone: nn.Module) -> Callable:
@@ -173,12 +178,9 @@ def evaluating(model: nn.Module):
 def module_output(backbone: nn.Module, name: str, image: torch.Tensor) -> torch.Tensor:
     """The output of the named submodule for `image`."""
     seen: list = []
-    handle = backbone.get_submodule(name).register_forward_hook(lambda m, i, o: seen.append(o))
-    try:
-        with torch.no_grad(), evaluating(backbone):
-            features_call(backbone)(image)
-    finally:
-        handle.remove()
+    forward_with(
+        backbone, image, [backbone.get_submodule(name).register_forward_hook(lambda m, i, o: seen.append(o))]
+    )
     if not seen or not isinstance(seen[-1], torch.Tensor):
         raise SkuvisionError(
             f"{type(backbone).__name__}: its feature_info names {name}, which gave no tensor on a forward "
@@ -197,13 +199,7 @@ def last_spatial_module(backbone: nn.Module, image: torch.Tensor) -> str:
         if isinstance(output, torch.Tensor) and output.ndim == 4 and output.shape[-1] * output.shape[-2] > 1:
             order.append(names[module])
 
-    handles = [module.register_forward_hook(record) for module in names]
-    try:
-        with torch.no_grad(), evaluating(backbone):
-            features_call(backbone)(image)
-    finally:
-        for handle in handles:
-            handle.remove()
+    forward_with(backbone, image, [module.register_forward_hook(record) for module in names])
     if not order:
         raise SkuvisionError(
             f"{type(backbone).__name__}: no layer has a spatial (N, C, H, W) output, so Grad-CAM has no map "

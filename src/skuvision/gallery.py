@@ -31,7 +31,7 @@ from skuvision.data.decode import DECODE_ERRORS, open_rgb, pixel_budget, short_r
 from skuvision.errors import SkuvisionError
 from skuvision.models.heads import Head
 from skuvision.outputs import new_file
-from skuvision.plots import plt
+from skuvision.plots import plt, save_new
 
 log = logging.getLogger("skuvision")
 
@@ -390,12 +390,7 @@ def contact_sheet_png(
     fig.figimage(np.asarray(canvas), 0, 0, origin="upper", zorder=0)
     fig.text(0.5, 1 - 6 / height, title if thumbs else f"{title}: no images", ha="center", va="top",
              fontsize=9, parse_math=False)  # fmt: skip
-    try:
-        with new_file(path) as partial:
-            fig.savefig(partial, dpi=SHEET_DPI)
-    finally:
-        plt.close(fig)
-    return path
+    return save_new(fig, path, SHEET_DPI)
 
 
 def write_gallery_and_sheet(

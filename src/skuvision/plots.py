@@ -16,6 +16,8 @@ import torch  # noqa: E402
 from sklearn.calibration import calibration_curve  # noqa: E402
 from torchmetrics.classification import MulticlassROC, MultilabelPrecisionRecallCurve  # noqa: E402
 
+from skuvision.outputs import new_file  # noqa: E402
+
 
 def confusion_matrix_png(
     matrix: list[list[int]], class_names: list[str], path: Path, title: str = ""
@@ -168,6 +170,17 @@ def save(fig, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
+    return path
+
+
+def save_new(fig, path: Path, dpi: int) -> Path:
+    """The figure as a new file at `path` (an earlier file is refused, a half-written one never left),
+    closed either way."""
+    try:
+        with new_file(path) as partial:
+            fig.savefig(partial, dpi=dpi)
+    finally:
+        plt.close(fig)
     return path
 
 

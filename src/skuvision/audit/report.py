@@ -13,7 +13,7 @@ from skuvision.audit.duplicates import Pair, is_leakage
 from skuvision.data.decode import open_rgb
 from skuvision.outputs import new_file, spreadsheet_cell
 from skuvision.outputs import write_csv as write_rows
-from skuvision.plots import plt  # pyplot on the file-only backend the evaluation plots set
+from skuvision.plots import plt, save_new  # pyplot on the file-only backend the evaluation plots set
 
 DPI = 80  # as the evaluation plots (skuvision.plots)
 
@@ -40,12 +40,7 @@ def gallery_png(images: list[np.ndarray], titles: list[str], path: Path, title: 
         axes.flat[0].text(0.5, 0.5, "nothing found", ha="center", va="center")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 / fig.get_figheight()))  # room for the title above the tiles
-    try:
-        with new_file(path) as partial:
-            fig.savefig(partial, dpi=DPI)
-    finally:
-        plt.close(fig)
-    return path
+    return save_new(fig, path, DPI)
 
 
 def short(item: str, width: int = 28) -> str:
