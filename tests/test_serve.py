@@ -528,39 +528,6 @@ def test_serve_mistakes_get_one_line_errors(serve_checkpoint, tmp_path):
     assert_one_line_error(serve_py(cwd=tmp_path), r"error: ckpt_path is missing")
 
 
-def test_sigterm_finishes_the_request_in_flight(servers, query_files, predicted_top1):
-    """Last in this module: it stops the ONNX server. SIGTERM arrives while a slow client is still sending
-    its upload; the request is answered, then the process exits 0."""
-    server = servers["onnx"]
-    data = query_files[0].read_bytes()
-    result, sending = {}, threading.Event()
-
-    def slow_body():
-        yield data[:64]
-        sending.set()
-        time.sleep(1.5)  # SIGTERM arrives now
-        yield data[64:]
-
-    def send():
-        headers = {"content-type": "image/png"}
-        result["response"] = httpx.post(
-            server.url + "/predict", content=slow_body(), headers=headers, timeout=60
-        )
-
-    thread = threading.Thread(target=send)
-    thread.start()
-    assert sending.wait(30)
-    time.sleep(0.2)
-    server.process.send_signal(signal.SIGTERM)
-    thread.join(60)
-    assert "response" in result, "the request in flight got no answer"
-    assert result["response"].status_code == 200, result["response"].text
-    assert result["response"].json()["labels"][0]["label"] == predicted_top1[str(query_files[0])]
-    assert server.process.wait(timeout=60) == 0, server.log_tail()
-    with pytest.raises(httpx.TransportError):
-        httpx.get(server.url + "/health", timeout=5)
-
-
 def test_huge_png_is_refused_fast_and_phone_photos_are_seen_upright(servers, query_files, tmp_path):
     """A 13000 x 13000 px PNG (0.5 MB, under Pillow's bomb limit; decoding it took 6 s and 2.4 GB in a
     worker) gets its 413 from its header, and the next request is served; a phone JPEG stored turned with
@@ -631,3 +598,36 @@ def test_explain_true_adds_an_overlay_and_bad_values_get_400(
     page = Client(url + "/demo/", verbose=False, download_files=str(servers["torch"].tmp / "downloads"))
     shown = Image.open(page.predict(handle_file(str(good)), api_name="/explain"))
     assert shown.size == (size, size)  # the page's button shows the overlay the API answers
+
+
+def test_sigterm_finishes_the_request_in_flight(servers, query_files, predicted_top1):
+    """Last in this module: it stops the ONNX server. SIGTERM arrives while a slow client is still sending
+    its upload; the request is answered, then the process exits 0."""
+    server = servers["onnx"]
+    data = query_files[0].read_bytes()
+    result, sending = {}, threading.Event()
+
+    def slow_body():
+        yield data[:64]
+        sending.set()
+        time.sleep(1.5)  # SIGTERM arrives now
+        yield data[64:]
+
+    def send():
+        headers = {"content-type": "image/png"}
+        result["response"] = httpx.post(
+            server.url + "/predict", content=slow_body(), headers=headers, timeout=60
+        )
+
+    thread = threading.Thread(target=send)
+    thread.start()
+    assert sending.wait(30)
+    time.sleep(0.2)
+    server.process.send_signal(signal.SIGTERM)
+    thread.join(60)
+    assert "response" in result, "the request in flight got no answer"
+    assert result["response"].status_code == 200, result["response"].text
+    assert result["response"].json()["labels"][0]["label"] == predicted_top1[str(query_files[0])]
+    assert server.process.wait(timeout=60) == 0, server.log_tail()
+    with pytest.raises(httpx.TransportError):
+        httpx.get(server.url + "/health", timeout=5)
