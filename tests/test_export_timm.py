@@ -76,9 +76,15 @@ def photos(tmp_path_factory):
 @pytest.fixture(scope="module")
 def resnet_checkpoint(tmp_path_factory, photos):
     """A timm architecture (resnet18, random init) trained a few steps at 32 px, with weight EMA on."""
+    return resnet18_few_steps(tmp_path_factory, "image_folder", photos)
+
+
+def resnet18_few_steps(tmp_path_factory, data: str, root, *extra: str):
+    """resnet18 (random init) trained 2 steps at 32 px on `data` at `root`, untested: its checkpoint."""
     run = tmp_path_factory.mktemp("train")
-    overrides = quick_overrides("image_folder", run, model="resnet18") + [
-        f"data.root={photos}",
+    overrides = quick_overrides(data, run, model="resnet18") + [
+        f"data.root={root}",
+        *extra,
         "trainer.max_epochs=1",
         "+trainer.limit_train_batches=2",
         "test=false",
@@ -250,18 +256,13 @@ def heads_checkpoint(tmp_path_factory):
     steps at 32 px."""
     root = tmp_path_factory.mktemp("catalogue")
     manifest, _ = write_catalogue_table(root, n=120)
-    run = tmp_path_factory.mktemp("train_heads")
-    overrides = quick_overrides("manifest", run, model="resnet18") + [
-        f"data.root={manifest}",
+    return resnet18_few_steps(
+        tmp_path_factory,
+        "manifest",
+        manifest,
         "data.label_columns=[articleType,masterCategory,baseColour]",
         "data.tag_columns=[tags]",
-        "trainer.max_epochs=1",
-        "+trainer.limit_train_batches=2",
-        "test=false",
-        "trainer.precision=32",
-    ]
-    train(compose_cfg("train", overrides, run / "run"))
-    return sorted((run / "run" / "checkpoints").glob("*.ckpt"))[0]
+    )
 
 
 def module_inputs(checkpoint, count: int = 12):
