@@ -93,7 +93,8 @@ def check_launch(trainer: Trainer, strategy) -> None:
 def resume_path(cfg: DictConfig) -> str | None:
     """`ckpt_path` when given (a run folder: its last.ckpt, where it stopped); else this run folder's
     last.ckpt when there is one, which happens only when a run re-enters its folder: a SLURM job requeued
-    after a timeout or preemption resumes where it stopped. Either is checked by the checkpoint reader first: a file planted in the run folder has no other way in."""
+    after a timeout or preemption resumes where it stopped. Either is checked by the checkpoint reader
+    first: a file planted in the run folder has no other way in."""
     last = (cfg.get("callbacks") or {}).get("last_checkpoint")
     if cfg.get("ckpt_path"):
         given = resume_file(cfg.ckpt_path, f"{last.filename}.ckpt" if last is not None else "last.ckpt")
