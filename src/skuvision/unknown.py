@@ -333,12 +333,7 @@ def reference_features(trainer, module, datamodule, size: int | None, seed: int)
 
     from skuvision.data.datasets import InMemoryImages
 
-    train = datamodule.splits.get("train")
-    if train is None or len(train) == 0:
-        raise SkuvisionError(
-            "unknown_method=knn needs the training split of the checkpoint's data (its embeddings are the "
-            "reference): give data= a config with its training images, or use unknown_method=energy"
-        )
+    train = datamodule.splits["train"]
     keep = reference_indices(len(train), size, seed)
     sample = train.subset(keep) if isinstance(train, InMemoryImages) else Subset(train, keep.tolist())
     datamodule.splits["unknown_reference"] = sample
@@ -357,10 +352,25 @@ def eval_unknown(
 ):
     """eval.py's part: the score of the test split, the threshold chosen on val (unknown.json and the
     reference; none without a val split or with calibrate=false) and, with unknown=<folder>, AUROC and FPR at
-    95 % TPR of that folder's images against the test split. (report for metrics.json, files written)."""
+    95 % TPR of that folder's images against the test split. `datamodule`: the checkpoint's own data (the
+    catalogue), whose training split gives the reference and whose val split the threshold. Where it cannot
+    (no training split for knn, data not readable) the part is skipped with a warning, or refused when
+    unknown=<folder> asked for it. (report for metrics.json, files written)."""
     from skuvision.data.inputs import InputFilesDataModule
 
     method, k, keep, heads = opts["method"], opts["k"], opts["keep"], module.heads
+    try:
+        datamodule.setup("predict")
+        why = None
+        if method == "knn" and len(datamodule.splits.get("train", ())) == 0:
+            why = "the checkpoint's data has no training split to take the kNN reference from"
+    except SkuvisionError as err:
+        why = f"the checkpoint's training data cannot be read ({err})"
+    if why:
+        if opts["images"]:
+            raise SkuvisionError(f"unknown={opts['folder']}: {why}; or use unknown_method=energy")
+        log.warning("unknown products skipped: %s", why)
+        return {"method": method, "skipped": why}, []
     reference = None
     if method == "knn":
         features = reference_features(trainer, module, datamodule, opts["reference"], seed)

@@ -15,7 +15,13 @@ from pytorch_lightning import seed_everything
 from torchvision.transforms.v2.functional import to_pil_image
 
 from skuvision import calibration, plots
-from skuvision.assembly import build_trainer, close_loggers, from_checkpoint, instantiate_loggers
+from skuvision.assembly import (
+    build_trainer,
+    close_loggers,
+    data_module,
+    from_checkpoint,
+    instantiate_loggers,
+)
 from skuvision.config import set_threads
 from skuvision.errors import SkuvisionError
 from skuvision.explain import Explainer, check_method, overlay
@@ -98,11 +104,16 @@ def evaluate(cfg: DictConfig) -> dict:
         extra = {}
         if unknown:  # first: its refusals (no training split, unreadable folder) come before any file
             features = torch.cat([o["features"] for o in outputs])
+            # The reference and threshold come from the catalogue the checkpoint was trained on, also when
+            # data= evaluates it elsewhere.
+            catalogue = datamodule
+            if cfg.get("data") is not None:
+                catalogue = data_module(module.hparams.data, module.input_config, "train")
             extra["unknown"], _ = eval_unknown(
                 unknown,
                 trainer,
                 module,
-                datamodule,
+                catalogue,
                 (logits, features),
                 output_dir,
                 file_header(cfg, module),
