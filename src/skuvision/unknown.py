@@ -15,8 +15,11 @@ threshold) to every answer. Given `unknown=<folder of other images>`, eval.py re
 separates them from the test split: AUROC and the FPR at 95 % TPR (the share of other images kept when 95 %
 of known test images are).
 
-Measured (bench/unknown.py, simple_cnn on real Fashion-MNIST against sklearn's digits upscaled to 28 px; the
-README's Benchmarks table has the figures): kNN separates best, so it is the default.
+Measured (bench/unknown.py --quick, 2026-12-06: simple_cnn on real Fashion-MNIST, 3,000 test images against
+sklearn's 1,797 digits upscaled to 28 px), AUROC / FPR@95TPR: kNN (k = 1) 0.980 / 0.092, k = 10 0.963 / 0.217,
+energy 0.872 / 0.740, max softmax probability 0.853 / 0.855; on the tests' generated clothes energy and msp
+rank digits as more known than the test split (AUROC below 0.5) while kNN reaches 1.0. So kNN, k = 1, is the
+default.
 """
 
 from __future__ import annotations
