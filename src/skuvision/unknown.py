@@ -331,23 +331,27 @@ def with_unknown(
 
 
 def reference_features(trainer, module, datamodule, size: int | None, seed: int) -> torch.Tensor:
-    """Normalized embeddings of a seeded sample of the training split (eval transforms, no augmentation)."""
-    from torch.utils.data import Subset
+    """Normalized embeddings of a seeded sample of the training split (eval transforms, no augmentation). A
+    streamed split (litdata) has no random access: the whole stream is embedded, then sampled."""
+    from torch.utils.data import IterableDataset, Subset
 
     from skuvision.data.datasets import InMemoryImages
 
     train = datamodule.splits["train"]
-    keep = reference_indices(len(train), size, seed)
-    sample = train.subset(keep) if isinstance(train, InMemoryImages) else Subset(train, keep.tolist())
-    datamodule.splits["unknown_reference"] = sample
-    datamodule.predict_split = "unknown_reference"
+    streamed = isinstance(train, IterableDataset)
+    if not streamed:
+        keep = reference_indices(len(train), size, seed)
+        sample = train.subset(keep) if isinstance(train, InMemoryImages) else Subset(train, keep.tolist())
+        datamodule.splits["unknown_reference"] = sample
+    datamodule.predict_split = "train" if streamed else "unknown_reference"
     module.predict_embeddings = True
     try:
         outputs = trainer.predict(module, datamodule=datamodule)
     finally:
         module.predict_embeddings = False
-        del datamodule.splits["unknown_reference"]
-    return F.normalize(torch.cat([o["outputs"] for o in outputs]), dim=1)
+        datamodule.splits.pop("unknown_reference", None)
+    features = F.normalize(torch.cat([o["outputs"] for o in outputs]), dim=1)
+    return features[torch.from_numpy(reference_indices(len(features), size, seed))] if streamed else features
 
 
 def eval_unknown(
