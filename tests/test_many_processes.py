@@ -213,10 +213,46 @@ def test_a_resume_refuses_a_planted_shard_then_finishes_without_redoing_its_own(
         assert [r["path"] for r in csv.DictReader(f)] == [str(p) for p in collect_inputs(str(photos))]
 
 
-def test_a_streaming_split_on_several_processes_is_refused_in_one_line(checkpoint, data_root, tmp_path):
-    """litdata shards hold no file per image to carry in a sample: refused before any image is read."""
-    overrides = [f"ckpt_path={checkpoint}", "split=val", "num_workers=0", "trainer.accelerator=cpu"]
-    overrides += ["data=streaming", f"data.root={data_root / 'shards'}", "shards=true"]
-    with pytest.raises(SkuvisionError, match=r"^split=val: its images are not files of their own"):
-        embed(compose_cfg("embed", overrides, tmp_path / "run"))
-    assert not (tmp_path / "run" / "shards").exists()
+def stored_labels(shards: Path, split: str) -> list[int]:
+    """Each stored image's label by its stored index, read straight from the litdata chunks."""
+    from litdata import StreamingDataset
+
+    stream = StreamingDataset(str(shards / split), shuffle=False)
+    items = [stream[i] for i in range(len(stream))]
+    labels = dict((item["index"], item["label"]) for item in items)
+    return [labels[i] for i in range(len(items))]
+
+
+def test_embed_of_a_streaming_split_on_two_processes_resumes_and_matches_one(
+    checkpoint, data_root, tmp_path, monkeypatch
+):
+    """litdata shards (data=streaming): a run stopped after its first shard (one process, shards=true) is
+    finished by 2 CPU processes started in-process, which keep that shard and split the rest of the chunks
+    the way litdata does with drop_last=False (uneven shares); each image once, in stored order, the vectors
+    those of one process."""
+    shards = data_root / "shards"
+    overrides = [f"ckpt_path={checkpoint}", "split=train", "num_workers=0", "trainer.precision=32", "k=2"]
+    overrides += ["data=streaming", f"data.root={shards}", "threads=1", "batch_size=4", "shard_size=4"]
+    embed(compose_cfg("embed", [*overrides, "trainer.accelerator=cpu"], tmp_path / "one"))
+    expected = np.load(tmp_path / "one" / "embeddings.npz")
+    labels = stored_labels(shards, "train")
+    assert expected["labels"].tolist() == labels  # one process: in stored order too
+    run = tmp_path / "two"
+    monkeypatch.setenv(STOP_AFTER, "1")
+    with pytest.raises(RuntimeError, match=STOP_AFTER):
+        embed(compose_cfg("embed", [*overrides, "trainer.accelerator=cpu", "shards=true"], run))
+    monkeypatch.delenv(STOP_AFTER)
+    (first,) = shard_files(run / "shards")
+    kept = (first.stat().st_ino, first.stat().st_mtime_ns)
+    assert not (run / "embeddings.npz").exists()
+    embed(compose_cfg("embed", [*overrides, "trainer=ddp_cpu", "trainer.devices=2"], run))
+    assert (first.stat().st_ino, first.stat().st_mtime_ns) == kept
+    written = shard_files(run / "shards")
+    positions = [pq.read_table(p).column("index").to_numpy() for p in written]
+    assert sorted(np.concatenate(positions).tolist()) == list(range(len(labels)))  # every image once
+    assert {p.name.split("-")[1] for p in written if p != first} == {"rank0", "rank1"}
+    got = np.load(run / "embeddings.npz")
+    assert got["items"].tolist() == [f"train[{i}]" for i in range(len(labels))]
+    assert got["items"].tolist() == expected["items"].tolist()
+    assert got["labels"].tolist() == labels
+    np.testing.assert_allclose(got["features"], expected["features"], atol=1e-5)
