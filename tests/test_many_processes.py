@@ -256,3 +256,32 @@ def test_embed_of_a_streaming_split_on_two_processes_resumes_and_matches_one(
     assert got["items"].tolist() == expected["items"].tolist()
     assert got["labels"].tolist() == labels
     np.testing.assert_allclose(got["features"], expected["features"], atol=1e-5)
+
+
+def test_predict_of_a_manifest_answers_each_row_once_in_its_order(checkpoint, photos, tmp_path, monkeypatch):
+    """input=<manifest.csv> (data=manifest's table): one row per manifest row, in the table's order (here
+    reversed, with a row repeated), paths relative to the table's folder whatever the working folder; in
+    shards (shards=true: the code each of several processes runs) as on one process."""
+    from skuvision.tasks.predict import predict
+
+    manifest = write_manifest(tmp_path / "catalogue" / "styles.csv", photos)
+    rows = manifest.read_text().splitlines()
+    manifest.write_text("\n".join([rows[0], *reversed(rows[1:]), rows[1]]) + "\n")
+    wanted = [
+        str((manifest.parent / line.split(",")[0]).resolve()) for line in manifest.read_text().split()[1:]
+    ]
+    monkeypatch.chdir(tmp_path)  # not the manifest's folder
+    overrides = [f"ckpt_path={checkpoint}", f"input={manifest}", "num_workers=0", "trainer.accelerator=cpu"]
+    overrides += ["trainer.precision=32", "batch_size=5"]
+    answers = {}
+    for name, extra in (("one", []), ("sharded", ["shards=true", "shard_size=7"])):
+        with open(predict(compose_cfg("predict", [*overrides, *extra], tmp_path / name)), newline="") as f:
+            answers[name] = list(csv.DictReader(f))
+        assert [r["path"] for r in answers[name]] == wanted
+        assert [r["path"] for r in answers[name] if r["error"]] == [p for p in wanted if "broken" in p]
+    assert [r["label_1"] for r in answers["sharded"]] == [r["label_1"] for r in answers["one"]]
+    repeated = answers["one"][-2:]  # the first row, last in the reversed order and again after it
+    assert repeated[0] == repeated[1] and repeated[0]["path"] == wanted[-1]
+    manifest.write_text('path,label\n"a.jpg,kettle\n')
+    with pytest.raises(SkuvisionError, match=rf"^input={manifest} line 2 is not a row"):
+        predict(compose_cfg("predict", overrides, tmp_path / "bad"))
