@@ -285,3 +285,33 @@ def test_predict_of_a_manifest_answers_each_row_once_in_its_order(checkpoint, ph
     manifest.write_text('path,label\n"a.jpg,kettle\n')
     with pytest.raises(SkuvisionError, match=rf"^input={manifest} line 2 is not a row"):
         predict(compose_cfg("predict", overrides, tmp_path / "bad"))
+
+
+def test_embed_of_an_in_memory_split_in_shards_resumes_and_matches_one_pass(
+    checkpoint, data_root, tmp_path, monkeypatch
+):
+    """A split held in memory (CIFAR-10's test images here) in shards (shards=true: what each of several
+    processes runs, Lightning's sampler dealing the positions): stopped after its first shard, the rerun
+    keeps it, and the result is the one-pass one, each image once, in the split's order."""
+    overrides = [f"ckpt_path={checkpoint}", "split=test", "num_workers=0", "trainer.precision=32", "k=2"]
+    overrides += ["data=cifar10", f"data.root={data_root / 'cifar'}", "data.download=false", "threads=1"]
+    overrides += ["trainer.accelerator=cpu", "batch_size=8"]
+    embed(compose_cfg("embed", overrides, tmp_path / "one"))
+    expected = np.load(tmp_path / "one" / "embeddings.npz")
+    run = tmp_path / "sharded"
+    sharded = [*overrides, "shards=true", "shard_size=8"]
+    monkeypatch.setenv(STOP_AFTER, "1")
+    with pytest.raises(RuntimeError, match=STOP_AFTER):
+        embed(compose_cfg("embed", sharded, run))
+    monkeypatch.delenv(STOP_AFTER)
+    (first,) = shard_files(run / "shards")
+    kept = (first.stat().st_ino, first.stat().st_mtime_ns)
+    embed(compose_cfg("embed", sharded, run))
+    assert (first.stat().st_ino, first.stat().st_mtime_ns) == kept
+    written = shard_files(run / "shards")
+    positions = np.concatenate([pq.read_table(p).column("index").to_numpy() for p in written])
+    assert sorted(positions.tolist()) == list(range(len(expected["items"]))) and len(written) > 1
+    got = np.load(run / "embeddings.npz")
+    assert got["items"].tolist() == expected["items"].tolist()
+    assert got["labels"].tolist() == expected["labels"].tolist()
+    np.testing.assert_allclose(got["features"], expected["features"], atol=1e-5)

@@ -421,36 +421,34 @@ def predict_in_shards(cfg, trainer, module, paths: list[Path], plan: dict):
     return merge(folder, items, columns)
 
 
-def stream_items(split: str, count: int) -> list[str]:
-    """The names of a litdata split's images: `<split>[<stored index>]`, the source split's row."""
-    return [f"{split}[{i}]" for i in range(count)]
-
-
-def predict_stream_in_shards(cfg, trainer, module, source, split: str, plan: dict):
-    """predict_in_shards over `split` of litdata shards (`source`, a StreamingDataModule): litdata splits the
-    chunks among the processes (stream_positions); a resumed run skips, before decoding, the images its
-    finished shards hold. On rank zero: (outputs, errors, labels) in stored order; None on the other ranks."""
-    from skuvision.data.stream_positions import StreamPositionsDataModule, stored_count
+def predict_split_in_shards(cfg, trainer, module, source, split: str, items: list[str], plan: dict):
+    """predict_in_shards over `split` of `source`, a data module of litdata shards (StreamingDataModule:
+    litdata splits the chunks among the processes, data.stream_positions) or of a split held in memory
+    (Lightning's sampler splits the positions left, data.split_positions); `items` names its images. A
+    resumed run skips, before decoding, the images its finished shards hold. On rank zero: (outputs, errors,
+    labels) in the split's order; None on the other ranks."""
+    from skuvision.data.split_positions import SplitPositionsDataModule
+    from skuvision.data.stream_positions import StreamPositionsDataModule
+    from skuvision.data.streaming import StreamingDataModule
 
     folder = Path(cfg.paths.output_dir) / FOLDER
-    count = stored_count(source, split)
-    items = stream_items(split, count)
     columns = output_widths(module)
     plan = {**plan, "columns": columns, "labels": True}
     check_plan(folder, plan)
-    done_tables = read_shards(folder, items, columns, outputs=False, labels=True)
-    if count < trainer.world_size:
+    tables = read_shards(folder, items, columns, outputs=False, labels=True)
+    left = positions_left(tables, len(items), trainer.world_size, folder)
+    if len(items) < trainer.world_size:
         raise SkuvisionError(
-            f"split={split}: {count} image(s) for {trainer.world_size} processes: embed it with fewer "
+            f"split={split}: {len(items)} image(s) for {trainer.world_size} processes: embed it with fewer "
             "processes, or with trainer=cpu"
         )
-    done = np.zeros(count, dtype=bool)
-    for table in done_tables:
-        done[table.column("index").to_numpy()] = True
-    if done.any():
-        log.info("%d of %d image(s) already in %s: predicting the others", done.sum(), count, folder)
-    if not done.all():
-        datamodule = StreamPositionsDataModule(source, split, cfg.batch_size, cfg.num_workers, done)
+    if left:
+        if isinstance(source, StreamingDataModule):
+            done = np.ones(len(items), dtype=bool)
+            done[left] = False
+            datamodule = StreamPositionsDataModule(source, split, cfg.batch_size, cfg.num_workers, done)
+        else:
+            datamodule = SplitPositionsDataModule(source, split, left, cfg.batch_size)
         trainer.callbacks.append(ShardWriter(folder, int(cfg.shard_size), plan, items))
         trainer.predict(module, datamodule=datamodule, return_predictions=False)
     if not trainer.is_global_zero:

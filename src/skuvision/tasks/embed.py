@@ -35,7 +35,7 @@ from skuvision.index import CatalogueIndex, index_params
 from skuvision.metrics import retrieval_report
 from skuvision.outputs import new_file, refuse_existing, write_csv, write_new_json
 from skuvision.readout import concat_batches
-from skuvision.shards import plan_of, predict_in_shards, predict_stream_in_shards, sharded, stream_items
+from skuvision.shards import plan_of, predict_in_shards, predict_split_in_shards, sharded
 from skuvision.tasks.utils import command, print_summary, resolve_checkpoint, shown
 
 log = logging.getLogger("skuvision")
@@ -107,12 +107,14 @@ def embed(cfg: DictConfig) -> dict:
             features, labels, paths = stream_features(cfg, trainer, module, datamodule)
             if features is None:  # not rank zero: rank zero writes the results
                 return {}
+        elif sharded(cfg, trainer) and paths is None:  # held in memory
+            items = split_items(cfg.split, len(dataset))
+            plan = plan_of("embed", cfg.ckpt_path, items, **split_plan(cfg, trainer, datamodule))
+            merged = predict_split_in_shards(cfg, trainer, module, datamodule, cfg.split, items, plan)
+            if merged is None:
+                return {}
+            features, labels = F.normalize(merged[0], dim=1), merged[2]
         elif sharded(cfg, trainer):
-            if paths is None:
-                raise SkuvisionError(
-                    f"split={cfg.split}: its images are not files of their own, which several processes "
-                    "(or shards=true) need: embed on one process, or use data=image_folder or data=manifest"
-                )
             merged = features_in_shards(cfg, trainer, module, paths, split=cfg.split)
             if merged is None:
                 return {}
@@ -170,31 +172,42 @@ def embed(cfg: DictConfig) -> dict:
     return result
 
 
+def split_items(split: str, count: int) -> list[str]:
+    """The names of a split's images that are not files of their own: `<split>[<position>]`."""
+    return [f"{split}[{i}]" for i in range(count)]
+
+
+def split_plan(cfg: DictConfig, trainer, datamodule) -> dict:
+    """What decides a split's shards besides the checkpoint: the split, its data and the precision (with
+    litdata shards, a SHA-256 of their metadata: classes, counts, encoding)."""
+    plan = {"split": cfg.split, "data_root": str(datamodule.root), "precision": str(trainer.precision)}
+    if isinstance(datamodule, StreamingDataModule):
+        metadata = json.dumps(datamodule.metadata, sort_keys=True).encode()
+        plan["shards_metadata_sha256"] = hashlib.sha256(metadata).hexdigest()
+    return plan
+
+
 def stream_features(cfg: DictConfig, trainer, module, datamodule) -> tuple:
     """(normalized features, labels, item names) of a split of litdata shards in stored order: in shards
     when several processes run (or shards=true), else in one pass; (None, None, None) off rank zero."""
     from skuvision.data.stream_positions import StreamPositionsDataModule, stored_count
 
+    items = split_items(cfg.split, stored_count(datamodule, cfg.split))
     if sharded(cfg, trainer):
-        metadata = json.dumps(datamodule.metadata, sort_keys=True).encode()
-        settings = {"split": cfg.split, "data_root": str(datamodule.root)}
-        settings["shards_metadata_sha256"] = hashlib.sha256(metadata).hexdigest()
-        items = stream_items(cfg.split, stored_count(datamodule, cfg.split))
-        plan = plan_of("embed", cfg.ckpt_path, items, precision=str(trainer.precision), **settings)
-        merged = predict_stream_in_shards(cfg, trainer, module, datamodule, cfg.split, plan)
+        plan = plan_of("embed", cfg.ckpt_path, items, **split_plan(cfg, trainer, datamodule))
+        merged = predict_split_in_shards(cfg, trainer, module, datamodule, cfg.split, items, plan)
         if merged is None:
             return None, None, None
-        features, _, labels = merged
-        return F.normalize(features, dim=1), labels, stream_items(cfg.split, len(labels))
+        return F.normalize(merged[0], dim=1), merged[2], items
     stream = StreamPositionsDataModule(datamodule, cfg.split, cfg.batch_size, cfg.num_workers)
     outputs = trainer.predict(module, datamodule=stream)
     index = torch.cat([o["meta"]["index"] for o in outputs])
-    if sorted(index.tolist()) != list(range(stored_count(datamodule, cfg.split))):
+    if sorted(index.tolist()) != list(range(len(items))):
         raise SkuvisionError(f"split={cfg.split}: the stream did not yield each stored image once")
     order = torch.argsort(index)
     features = F.normalize(torch.cat([o["outputs"] for o in outputs]), dim=1)[order]
     labels = torch.cat([o["meta"]["label"] for o in outputs])[order].tolist()
-    return features, labels, stream_items(cfg.split, len(labels))
+    return features, labels, items
 
 
 def embed_summary(cfg: DictConfig, written: dict[str, Path], result: dict) -> str:
