@@ -4,12 +4,12 @@ Writes embeddings.npz (L2-normalized features with their items and labels), a Ca
 (FAISS; exact by default), the k nearest neighbours of every item (or of one query image) found with that
 index, and, for a labelled split, retrieval quality by exact search: recall@1/5/10 and mAP.
 
-With input= files, or a split of files (image folder, manifest) or of litdata shards (data=streaming), on
-several processes (trainer=ddp, ddp_cpu, multinode) each process writes its images' features in shards in the
-run folder's shards/ and rank zero merges them in input order (skuvision.shards); a rerun with
-hydra.run.dir=<that run folder> skips the images finished shards hold. A split of litdata shards is in the
-order shard.py stored it (each image's `index`, its row in the source split), on one process too, and its
-items are named `<split>[<index>]`.
+With input= files, or a split of files (image folder, manifest), of litdata shards (data=streaming) or held
+in memory (Fashion-MNIST, CIFAR), on several processes (trainer=ddp, ddp_cpu, multinode) each process
+writes its images' features in shards in the run folder's shards/ and rank zero merges them in input order
+(skuvision.shards); a rerun with hydra.run.dir=<that run folder> skips the images finished shards hold. A
+split of litdata shards is in the order shard.py stored it (each image's `index`, its row in the source
+split), on one process too; its items, like an in-memory split's, are named `<split>[<index>]`.
 """
 
 from __future__ import annotations
