@@ -315,3 +315,29 @@ def test_embed_of_an_in_memory_split_in_shards_resumes_and_matches_one_pass(
     assert got["items"].tolist() == expected["items"].tolist()
     assert got["labels"].tolist() == expected["labels"].tolist()
     np.testing.assert_allclose(got["features"], expected["features"], atol=1e-5)
+
+
+def test_shards_of_a_split_keep_labels_and_a_shard_without_them_or_a_stored_index_out_of_range_is_refused(
+    tmp_path,
+):
+    from skuvision.data.stream_positions import PositionedSample
+
+    items = [f"train[{i}]" for i in range(4)]
+    out = as_columns(torch.arange(8, dtype=torch.float32).reshape(4, 2))
+    write_shard(tmp_path, 1, np.array([2, 3]), items[2:], ["", ""], {"out": out["out"][2:]}, np.array([5, 6]))
+    write_shard(tmp_path, 0, np.array([0, 1]), items[:2], ["", ""], {"out": out["out"][:2]}, np.array([7, 8]))
+    features, _, labels = merge(tmp_path, items, {"out": 2}, labels=True)
+    assert labels == [7, 8, 5, 6] and features.numpy().tolist() == out["out"].tolist()
+    with pytest.raises(SkuvisionError, match=r"columns \['index', 'path', 'error', 'out', 'label'\]"):
+        merge(tmp_path, items, {"out": 2})  # a run without labels does not take these shards
+    (shard,) = [p for p in shard_files(tmp_path) if "rank1" in p.name]
+    shard.unlink()
+    write_shard(tmp_path, 1, np.array([2, 3]), items[2:], ["", ""], {"out": out["out"][2:]})  # no labels
+    with pytest.raises(SkuvisionError, match=r"columns \['index', 'path', 'error', 'out'\]"):
+        merge(tmp_path, items, {"out": 2}, labels=True)
+    blank = lambda item: (torch.zeros(3, 2, 2), item["label"])  # noqa: E731
+    decode = PositionedSample(blank, np.zeros(4, bool), "s/train")
+    assert decode({"index": 3, "label": 1})[1] == {"error": "", "index": 3, "label": 1}
+    for index in (4, -1, "0", None):
+        with pytest.raises(SkuvisionError, match=rf"^s/train: a stored item has index {index!r}, not a row"):
+            decode({"index": index, "label": 1})
