@@ -223,6 +223,7 @@ def stored_labels(shards: Path, split: str) -> list[int]:
     return [labels[i] for i in range(len(items))]
 
 
+@pytest.mark.slow
 def test_embed_of_a_streaming_split_on_two_processes_resumes_and_matches_one(
     checkpoint, data_root, tmp_path, monkeypatch
 ):
