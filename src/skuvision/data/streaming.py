@@ -10,7 +10,9 @@ classes are known without reading a shard.
 into and restores from the Trainer's checkpoint (a run resumes mid-epoch where it stopped). Under DDP litdata
 splits every epoch among ranks and workers; `drop_last` gives every rank the same number of full batches
 (uneven batch counts hang DDP), so up to ranks x batch - 1 images of an epoch are left out, different ones
-each epoch as the order is reshuffled. Every split yields uint8 CHW images like the other sources.
+each epoch as the order is reshuffled. Every split yields uint8 CHW images like the other sources. Inference
+on several processes reads a split through data/stream_positions.py instead (drop_last=False, each image
+once).
 """
 
 from __future__ import annotations

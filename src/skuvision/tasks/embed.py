@@ -4,14 +4,18 @@ Writes embeddings.npz (L2-normalized features with their items and labels), a Ca
 (FAISS; exact by default), the k nearest neighbours of every item (or of one query image) found with that
 index, and, for a labelled split, retrieval quality by exact search: recall@1/5/10 and mAP.
 
-With input= files, or a split of files (image folder, manifest), on several processes (trainer=ddp,
-ddp_cpu, multinode) each process writes its images' features in shards in the run folder's shards/ and rank
-zero merges them in input order (skuvision.shards); a rerun with hydra.run.dir=<that run folder> skips the
-images finished shards hold.
+With input= files, or a split of files (image folder, manifest), of litdata shards (data=streaming) or held
+in memory (Fashion-MNIST, CIFAR), on several processes (trainer=ddp, ddp_cpu, multinode) each process
+writes its images' features in shards in the run folder's shards/ and rank zero merges them in input order
+(skuvision.shards); a rerun with hydra.run.dir=<that run folder> skips the images finished shards hold. A
+split of litdata shards is in the order shard.py stored it (each image's `index`, its row in the source
+split), on one process too; its items, like an in-memory split's, are named `<split>[<index>]`.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from pathlib import Path
 
@@ -25,12 +29,13 @@ from skuvision.assembly import build_trainer, from_checkpoint
 from skuvision.config import plain, set_threads
 from skuvision.data.datasets import dataset_labels
 from skuvision.data.inputs import InputFilesDataModule, collect_inputs
+from skuvision.data.streaming import StreamingDataModule
 from skuvision.errors import SkuvisionError
 from skuvision.index import CatalogueIndex, index_params
 from skuvision.metrics import retrieval_report
 from skuvision.outputs import new_file, refuse_existing, write_csv, write_new_json
 from skuvision.readout import concat_batches
-from skuvision.shards import plan_of, predict_in_shards, sharded
+from skuvision.shards import plan_of, predict_in_shards, predict_split_in_shards, sharded
 from skuvision.tasks.utils import command, print_summary, resolve_checkpoint, shown
 
 log = logging.getLogger("skuvision")
@@ -98,12 +103,18 @@ def embed(cfg: DictConfig) -> dict:
             raise SkuvisionError(f"split={cfg.split}: choose one of {sorted(datamodule.splits)}")
         dataset = datamodule.splits[cfg.split]
         paths = datamodule.sample_paths(cfg.split)
-        if sharded(cfg, trainer):
-            if paths is None:
-                raise SkuvisionError(
-                    f"split={cfg.split}: its images are not files of their own, which several processes "
-                    "(or shards=true) need: embed on one process, or use data=image_folder or data=manifest"
-                )
+        if isinstance(datamodule, StreamingDataModule):
+            features, labels, paths = stream_features(cfg, trainer, module, datamodule)
+            if features is None:  # not rank zero: rank zero writes the results
+                return {}
+        elif sharded(cfg, trainer) and paths is None:  # held in memory
+            items = split_items(cfg.split, len(dataset))
+            plan = plan_of("embed", cfg.ckpt_path, items, **split_plan(cfg, trainer, datamodule))
+            merged = predict_split_in_shards(cfg, trainer, module, datamodule, cfg.split, items, plan)
+            if merged is None:
+                return {}
+            features, labels = F.normalize(merged[0], dim=1), merged[2]
+        elif sharded(cfg, trainer):
             merged = features_in_shards(cfg, trainer, module, paths, split=cfg.split)
             if merged is None:
                 return {}
@@ -159,6 +170,44 @@ def embed(cfg: DictConfig) -> dict:
         )
     embed_summary(cfg, written, result)
     return result
+
+
+def split_items(split: str, count: int) -> list[str]:
+    """The names of a split's images that are not files of their own: `<split>[<position>]`."""
+    return [f"{split}[{i}]" for i in range(count)]
+
+
+def split_plan(cfg: DictConfig, trainer, datamodule) -> dict:
+    """What decides a split's shards besides the checkpoint: the split, its data and the precision (with
+    litdata shards, a SHA-256 of their metadata: classes, counts, encoding)."""
+    plan = {"split": cfg.split, "data_root": str(datamodule.root), "precision": str(trainer.precision)}
+    if isinstance(datamodule, StreamingDataModule):
+        metadata = json.dumps(datamodule.metadata, sort_keys=True).encode()
+        plan["shards_metadata_sha256"] = hashlib.sha256(metadata).hexdigest()
+    return plan
+
+
+def stream_features(cfg: DictConfig, trainer, module, datamodule) -> tuple:
+    """(normalized features, labels, item names) of a split of litdata shards in stored order: in shards
+    when several processes run (or shards=true), else in one pass; (None, None, None) off rank zero."""
+    from skuvision.data.stream_positions import StreamPositionsDataModule, stored_count
+
+    items = split_items(cfg.split, stored_count(datamodule, cfg.split))
+    if sharded(cfg, trainer):
+        plan = plan_of("embed", cfg.ckpt_path, items, **split_plan(cfg, trainer, datamodule))
+        merged = predict_split_in_shards(cfg, trainer, module, datamodule, cfg.split, items, plan)
+        if merged is None:
+            return None, None, None
+        return F.normalize(merged[0], dim=1), merged[2], items
+    stream = StreamPositionsDataModule(datamodule, cfg.split, cfg.batch_size, cfg.num_workers)
+    outputs = trainer.predict(module, datamodule=stream)
+    index = torch.cat([o["meta"]["index"] for o in outputs])
+    if sorted(index.tolist()) != list(range(len(items))):
+        raise SkuvisionError(f"split={cfg.split}: the stream did not yield each stored image once")
+    order = torch.argsort(index)
+    features = F.normalize(torch.cat([o["outputs"] for o in outputs]), dim=1)[order]
+    labels = torch.cat([o["meta"]["label"] for o in outputs])[order].tolist()
+    return features, labels, items
 
 
 def embed_summary(cfg: DictConfig, written: dict[str, Path], result: dict) -> str:
