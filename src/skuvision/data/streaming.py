@@ -100,7 +100,9 @@ def encode_image(image: torch.Tensor, encoding: str, quality: int) -> bytes:
 
 class EncodeSample:
     """litdata.optimize's function: index of a file source's split -> {"image": bytes, "label", "index",
-    "path" (the source file)}."""
+    "path" (the source file's path, UTF-8 bytes)}. Bytes, because litdata stores a str that names an
+    existing image file as that image (its `str` serializer declines existing files; 0.2.76): each item
+    would carry its full-size original, and a folder of PNGs and JPEGs fails with inconsistent chunks."""
 
     def __init__(self, dataset, encoding: str, quality: int):
         self.dataset = dataset
@@ -111,7 +113,7 @@ class EncodeSample:
         image, label = self.dataset[index]
         path, _ = self.dataset.samples[index]
         encoded = encode_image(image, self.encoding, self.quality)
-        return {"image": encoded, "label": int(label), "index": index, "path": str(path)}
+        return {"image": encoded, "label": int(label), "index": index, "path": str(path).encode()}
 
 
 def stored_crop(model_input: dict) -> str:
