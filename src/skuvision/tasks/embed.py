@@ -34,6 +34,7 @@ from skuvision.metrics import retrieval_report
 from skuvision.outputs import file_sha256, new_file, refuse_existing, write_csv, write_new_json
 from skuvision.readout import concat_batches
 from skuvision.shards import plan_of, predict_in_shards, sharded
+from skuvision.tasks.embed_changes import embed_changes
 from skuvision.tasks.utils import command, print_summary, resolve_checkpoint, shown
 
 log = logging.getLogger("skuvision")
@@ -62,9 +63,7 @@ def features_in_shards(cfg: DictConfig, trainer, module, items: list[str], **pla
 
 def embed(cfg: DictConfig) -> dict:
     if cfg.get("add_to") is not None:
-        from skuvision.tasks.embed_changes import embed_changes
-
-        return embed_changes(cfg)
+        return embed_changes(cfg, features_of, neighbours_of_items, write_neighbours)
     if cfg.get("remove") is not None:
         raise SkuvisionError("remove: takes ids out of an earlier index; give add_to=<its embed run folder>")
     set_threads(cfg.get("threads"))

@@ -33,9 +33,9 @@ INDEX_FILES = ("index.faiss", "items.csv", "index.json")
 ID_FILE_BYTES = 64 << 20  # a list of ids; anything bigger is not one
 
 
-def embed_changes(cfg: DictConfig) -> dict:
-    from skuvision.tasks.embed import features_of, neighbours_of_items, write_neighbours
-
+def embed_changes(cfg: DictConfig, features_of, neighbours_of_items, write_neighbours) -> dict:
+    """The run (see the module's doc); embed.py passes its own helpers in, so that this module does not
+    import embed.py back."""
     set_threads(cfg.get("threads"))
     if cfg.get("threads"):
         faiss.omp_set_num_threads(int(cfg.threads))
