@@ -42,6 +42,13 @@ def embed_changes(cfg: DictConfig, features_of, neighbours_of_items, write_neigh
     earlier = Path(str(cfg.add_to)).expanduser()
     index, features = earlier_run(earlier)
     remove = ids_to_remove(cfg.get("remove"))
+    unknown = sorted(remove - set(index.ids))
+    if unknown:  # before any image is embedded
+        raise SkuvisionError(
+            f"remove: {len(unknown)} id(s) not in {earlier / 'index' / 'items.csv'} "
+            f"({', '.join(map(str, unknown[:5]))}{', ...' if len(unknown) > 5 else ''}); pick ids from "
+            "its id column"
+        )
     if not cfg.get("input") and not remove:
         raise SkuvisionError(
             f"add_to={earlier}: nothing to change; give input=<new images> and/or remove=[id,...] (ids "
@@ -56,7 +63,7 @@ def embed_changes(cfg: DictConfig, features_of, neighbours_of_items, write_neigh
         module, _ = from_checkpoint(checkpoint, None, split=None)
         module.predict_embeddings = True
         trainer = build_trainer(cfg, devices=1, num_nodes=1, strategy="auto", enable_checkpointing=False)
-        paths = [Path(p).absolute() for p in collect_inputs(plain(cfg.input))]
+        paths = [Path(os.path.abspath(p)) for p in collect_inputs(plain(cfg.input))]
         files = InputFilesDataModule(paths, module.input_config, cfg.batch_size, cfg.num_workers)
         vectors, errors = features_of(trainer, module, files)
         for path, error in zip(paths, errors, strict=True):
