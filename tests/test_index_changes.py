@@ -82,10 +82,8 @@ def searched(index: CatalogueIndex, vectors: np.ndarray, k: int) -> tuple[np.nda
 
 
 @pytest.mark.parametrize("kind", ["flat", "hnsw"])
-def test_added_items_are_found_and_the_earlier_run_is_untouched(
-    kind, catalogue_index, hnsw_run, new_photos, tmp_path
-):
-    earlier = catalogue_index if kind == "flat" else hnsw_run
+def test_added_items_are_found_and_the_earlier_run_is_untouched(kind, request, new_photos, tmp_path):
+    earlier = request.getfixturevalue("catalogue_index" if kind == "flat" else "hnsw_run")
     before = folder_digest(earlier)
     old = CatalogueIndex.load(earlier / "index")
     old_saved = np.load(earlier / "embeddings.npz")
@@ -133,8 +131,8 @@ def test_added_items_are_found_and_the_earlier_run_is_untouched(
 
 
 @pytest.mark.parametrize("kind", ["flat", "hnsw"])
-def test_removed_items_are_never_returned(kind, catalogue_index, hnsw_run, new_photos, tmp_path, capsys):
-    earlier = catalogue_index if kind == "flat" else hnsw_run
+def test_removed_items_are_never_returned(kind, request, new_photos, tmp_path, capsys):
+    earlier = request.getfixturevalue("catalogue_index" if kind == "flat" else "hnsw_run")
     grown_run, shrunk_run = tmp_path / "grown", tmp_path / "shrunk"
     embed(embed_cfg(grown_run, f"add_to={earlier}", f"input={new_photos}"))
     grown = CatalogueIndex.load(grown_run / "index")
