@@ -224,11 +224,12 @@ class CatalogueIndex:
         the new items (ids continuing from next_id; `new_labels` None: unlabelled). `features`: this index's
         vectors in its order (embed.py's embeddings.npz). This index is left as it was.
 
-        New items are added to a copy of the FAISS index (an approximate kind keeps its graph, or its trained
-        lists and codebooks). Removal: a flat index drops the rows in place; HNSW cannot unlink a node, and an
-        IVF index would keep stale row numbers, so they are refilled from the kept vectors (the HNSW graph is
-        built anew; the IVF centroids and PQ codebooks stay as trained). An approximate index measures its
-        recall@10 again, over the whole catalogue and over the new items."""
+        A flat index is made from the kept and the new vectors (it is nothing else). An approximate kind adds
+        the new items to a copy of its FAISS index (HNSW keeps its graph, IVF-PQ its trained centroids and
+        codebooks). Removal: HNSW cannot unlink a node, and an IVF index would keep stale row numbers, so the
+        copy is emptied and refilled from the kept vectors (the HNSW graph is built anew; the IVF training
+        stays). An approximate index measures its recall@10 again, over the whole catalogue and over the new
+        items."""
         start = time.perf_counter()
         features = check_normalized(features, "the index's stored vectors")
         if features.shape != (len(self), self.dim):
@@ -274,14 +275,16 @@ class CatalogueIndex:
                 "remove: every item of the index would go, leaving it empty; embed anew instead"
             )
         params = self.info["params"]
-        index = faiss.deserialize_index(faiss.serialize_index(self.index))
-        if self.kind == "hnsw":
-            index.hnsw.efConstruction = int(params["ef_construction"])
-        if removing and self.kind == "flat":
-            index.remove_ids(faiss.IDSelectorBatch(np.flatnonzero(~keep).astype(np.int64)))
-        elif removing:
-            index.reset()
+        if self.kind == "flat":  # an exact index is its vectors: made from them, faster than a copy
+            index = faiss.index_factory(self.dim, self.info["faiss"], faiss.METRIC_INNER_PRODUCT)
             index.add(features[keep])
+        else:
+            index = faiss.clone_index(self.index)
+            if self.kind == "hnsw":
+                index.hnsw.efConstruction = int(params["ef_construction"])
+            if removing:
+                index.reset()
+                index.add(features[keep])
         if new_items:
             index.add(new_features)
         set_search_params(index, self.kind, params)
