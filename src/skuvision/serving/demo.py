@@ -156,11 +156,13 @@ def write_examples(image: Callable[[int], Image.Image | None], ids: list[int], f
 
 
 def example_ids(labels, count: int = 6) -> list[int]:
-    """The first item of each of the first `count` labels (or the first items, unlabelled)."""
+    """The rows of the first item of each of the first `count` labels (or the first items, unlabelled)."""
     if labels is None or not len(labels):
         return list(range(count))
     first: dict[int, int] = {}
     for i, label in enumerate(labels):
+        if label is None:  # an item added without a label
+            continue
         first.setdefault(int(label), i)
         if len(first) == count:
             break

@@ -324,6 +324,8 @@ class Predictor:
 
     def catalogue_item(self, i: int, score: float) -> dict:
         labels = self.index.labels
-        label = self.index.class_names[labels[i]] if labels is not None and len(labels) else None
+        label = labels[i] if labels is not None and len(labels) else None  # None: added without one
+        label = None if label is None else self.index.class_names[label]
         path = public_name(self.index.items[i], self.catalogue_root)
-        return {"id": i, "path": path, "label": label, "score": round(score, 6)}
+        # the item's own id (items.csv's), which embed.py remove= takes: not its row, which removals shift
+        return {"id": self.index.ids[i], "path": path, "label": label, "score": round(score, 6)}

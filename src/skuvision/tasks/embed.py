@@ -10,6 +10,9 @@ writes its images' features in shards in the run folder's shards/ and rank zero 
 (skuvision.shards); a rerun with hydra.run.dir=<that run folder> skips the images finished shards hold. A
 split of litdata shards is in the order shard.py stored it (each image's `index`, its row in the source
 split), on one process too; its items, like an in-memory split's, are named `<split>[<index>]`.
+
+add_to=<an earlier embed run folder> adds input= images to a copy of its index and takes remove= ids out, in
+a new run folder (skuvision.tasks.embed_changes).
 """
 
 from __future__ import annotations
@@ -33,9 +36,10 @@ from skuvision.data.streaming import StreamingDataModule
 from skuvision.errors import SkuvisionError
 from skuvision.index import CatalogueIndex, index_params
 from skuvision.metrics import retrieval_report
-from skuvision.outputs import new_file, refuse_existing, write_csv, write_new_json
+from skuvision.outputs import file_sha256, new_file, refuse_existing, write_csv, write_new_json
 from skuvision.readout import concat_batches
 from skuvision.shards import plan_of, predict_in_shards, predict_split_in_shards, sharded
+from skuvision.tasks.embed_changes import embed_changes
 from skuvision.tasks.utils import command, print_summary, resolve_checkpoint, shown
 
 log = logging.getLogger("skuvision")
@@ -63,6 +67,10 @@ def features_in_shards(cfg: DictConfig, trainer, module, items: list[str], **pla
 
 
 def embed(cfg: DictConfig) -> dict:
+    if cfg.get("add_to") is not None:
+        return embed_changes(cfg, features_of, neighbours_of_items, write_neighbours)
+    if cfg.get("remove") is not None:
+        raise SkuvisionError("remove: takes ids out of an earlier index; give add_to=<its embed run folder>")
     set_threads(cfg.get("threads"))
     resolve_checkpoint(cfg)
     if cfg.get("threads"):
@@ -247,16 +255,26 @@ def build_index(cfg: DictConfig, features: np.ndarray, items, labels, class_name
     kind, params = index_settings(cfg)
     labels = labels.numpy() if labels is not None else None
     return CatalogueIndex.build(
-        features, items, labels, class_names, kind=kind, checkpoint=str(cfg.ckpt_path), **params
+        features,
+        items,
+        labels,
+        class_names,
+        kind=kind,
+        checkpoint=str(cfg.ckpt_path),
+        checkpoint_sha256=file_sha256(cfg.ckpt_path),  # what embed.py add_to= checks its checkpoint against
+        **params,
     )
 
 
-def neighbours_of_items(index: CatalogueIndex, features: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Each item's k nearest other items: one more is searched and the item itself dropped (or the last one,
-    where ties or an approximate index left the item out)."""
+def neighbours_of_items(
+    index: CatalogueIndex, features: np.ndarray, k: int, rows: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each item's (or the items' at index `rows`) k nearest other items: one more is searched and the item
+    itself dropped (or the last one, where ties or an approximate index left the item out)."""
     k = min(k, len(index) - 1)
-    scores, indices = index.search(features, k + 1)
-    own = indices == np.arange(len(indices))[:, None]
+    rows = np.arange(len(features)) if rows is None else np.asarray(rows)
+    scores, indices = index.search(features[rows], k + 1)
+    own = indices == rows[:, None]
     drop = np.where(own.any(axis=1), own.argmax(axis=1), k)
     keep = np.ones_like(own)
     keep[np.arange(len(indices)), drop] = False
