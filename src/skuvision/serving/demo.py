@@ -51,7 +51,7 @@ def build_demo(
         if attributes:
             shown = [attribute_value(result["attributes"][column], kind) for column, kind in attributes]
         else:
-            shown = [{item["label"]: item["prob"] for item in result["labels"]}]
+            shown = [{shown_label(item): item["prob"] for item in result["labels"]}]
         gallery = []
         for item in result.get("similar", []):
             picture = thumbnail(item["id"]) if thumbnail else None
@@ -153,3 +153,8 @@ def example_ids(labels, count: int = 6) -> list[int]:
         if len(first) == count:
             break
     return list(first.values())
+
+
+def shown_label(item: dict) -> str:
+    """A label as the page shows it: a new class (from prototypes) says so."""
+    return f"{item['label']} (new class)" if item.get("source") == "prototype" else item["label"]
