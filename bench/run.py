@@ -493,10 +493,11 @@ def write_results(path: Path, info: dict, rows: list[tuple], notes: list[str]) -
 
 SECTIONS = (
     "steps", "data", "recipe", "decode", "stream", "index", "serve", "audit", "calib", "attributes", "gpu",
+    "fewshot",
 )  # fmt: skip
 # Sections that live in their own module bench/<name>.py: bench_rows(workdir, quick) -> (rows, notes).
 # gpu measures only where CUDA is available (else it adds a note).
-MODULE_SECTIONS = ("decode", "stream", "index", "serve", "audit", "calib", "attributes", "gpu")
+MODULE_SECTIONS = ("decode", "stream", "index", "serve", "audit", "calib", "attributes", "gpu", "fewshot")
 
 
 def main() -> None:

@@ -35,10 +35,10 @@ def shop(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("fewshot")
     for label, name in enumerate(CLASSES):
         if name in KNOWN:
-            write_class(root / "train" / name, label, 40, seed=label)
+            write_class(root / "train" / name, label, 30, seed=label)
         else:
             write_class(root / "examples" / name, label, 10, seed=10 + label)
-        write_class(root / "test" / name, label, 20, seed=20 + label)
+        write_class(root / "test" / name, label, 12, seed=20 + label)
     return root
 
 

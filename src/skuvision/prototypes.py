@@ -226,7 +226,7 @@ def load(path: Path, ckpt_path: str | Path, known: list[str]) -> Prototypes:
                     "predict.py prototypes=<folder of class folders>"
                 )
             arrays = {k: f[k] for k in KEYS}
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as err:
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError, MemoryError) as err:
         why = "holds pickled objects" if "pickle" in str(err) else f"cannot be read ({type(err).__name__})"
         raise SkuvisionError(f"prototypes={path}: {why}; build it again with predict.py") from None
     sha = str(arrays["checkpoint_sha256"])
