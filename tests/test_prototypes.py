@@ -170,14 +170,17 @@ def test_file_of_another_checkpoint_or_forged_is_refused(predicted, checkpoint, 
 
 
 def test_server_ranks_new_classes_as_predict_does(predicted, checkpoint, shop, tmp_path):
+    from skuvision.serving.demo import shown_label
     from skuvision.serving.predictor import Predictor
     from skuvision.tasks.serve import model_info, prepared
 
     _, _, after, run = predicted
-    overrides = [f"ckpt_path={checkpoint}", f"prototypes={run / FILE_NAME}", "serve.accelerator=cpu"]
+    overrides = [f"ckpt_path={checkpoint}", f"prototypes={shop / 'examples'}", "serve.accelerator=cpu"]
     cfg = compose_cfg("serve", overrides, tmp_path / "serve")
-    card, _, _ = prepared(cfg)
+    card, _, _ = prepared(cfg)  # a folder: built and saved in serve's run folder
+    assert Path(card.prototypes) == (tmp_path / "serve" / FILE_NAME).resolve()
     assert model_info(card, None, cfg)["prototypes"]["classes"] == list(NEW)
+    assert shown_label({"label": "dress", "prob": 0.9, "source": "prototype"}) == "dress (new class)"
     predictor = Predictor(card, None, top_k=5)
     rows = {Path(r["path"]).relative_to(shop / "test"): r for r in after}
     for name in ("dress/000.png", "coat/001.png"):
