@@ -63,10 +63,6 @@ class Prototypes:
         """Every class a combined prediction ranks: the trained ones first, then the new ones."""
         return [*self.known_names, *self.class_names]
 
-    @property
-    def dim(self) -> int:
-        return int(self.mean.shape[0])
-
     def cosines(self, features: torch.Tensor) -> torch.Tensor:
         """(N, K + M) cosines of centred, normalised features to the trained then the new prototypes."""
         z = centred(features, self.mean)
