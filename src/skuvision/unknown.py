@@ -50,8 +50,9 @@ COLUMNS = ("unknown_score", "unknown")  # what predict.py's CSV gains
 
 
 class WithFeatures(LightningModule):
-    """The Classifier's predict_step plus "features": each image's L2-normalized pre-logit embedding (no TTA:
-    the reference's embeddings have none either)."""
+    """The Classifier's predict_step plus "embedding": each image's pre-logit embedding, and "features": the
+    same L2-normalized (no TTA: the reference's embeddings have none either). One pass gives predict.py the
+    logits, the unknown score's features and the prototypes' embeddings."""
 
     def __init__(self, classifier: LightningModule):
         super().__init__()
@@ -60,7 +61,8 @@ class WithFeatures(LightningModule):
     def predict_step(self, batch, batch_idx: int) -> dict:
         out = self.classifier.predict_step(batch, batch_idx)
         images = batch[0] if isinstance(batch, (tuple, list)) else batch
-        out["features"] = F.normalize(self.classifier.embed(images).float(), dim=1)
+        out["embedding"] = self.classifier.embed(images).float()
+        out["features"] = F.normalize(out["embedding"], dim=1)
         return out
 
 

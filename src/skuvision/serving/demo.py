@@ -53,7 +53,7 @@ def build_demo(
         if attributes:
             shown = [attribute_value(result["attributes"][column], kind) for column, kind in attributes]
         else:
-            shown = [{item["label"]: item["prob"] for item in result["labels"]}]
+            shown = [{shown_label(item): item["prob"] for item in result["labels"]}]
         if unknown:
             shown.append(unknown_verdict(result))
         gallery = []
@@ -167,3 +167,8 @@ def example_ids(labels, count: int = 6) -> list[int]:
         if len(first) == count:
             break
     return list(first.values())
+
+
+def shown_label(item: dict) -> str:
+    """A label as the page shows it: a new class (from prototypes) says so."""
+    return f"{item['label']} (new class)" if item.get("source") == "prototype" else item["label"]

@@ -8,6 +8,9 @@ heads it has one output per head, named by its column).
 
 A model with several heads answers every attribute through skuvision.readout, as predict.py does. The server
 applies no calibration (neither does it for one label): probabilities are T = 1, tags cut at 0.5.
+
+With prototypes (skuvision.prototypes), new classes are ranked beside the trained ones, as predict.py ranks
+them, and every label entry says its `source`: "head" or "prototype".
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from skuvision.errors import SkuvisionError
 from skuvision.explain import Explainer, overlay
 from skuvision.models.heads import Head, heads_from_specs
 from skuvision.outputs import file_sha256
+from skuvision.prototypes import load as load_prototypes
 from skuvision.readout import head_probs, read_heads
 from skuvision.serving.catalogue import catalogue_root, public_name
 from skuvision.tta import check_tta, tta_logits
@@ -95,6 +99,7 @@ class ModelCard:
     tta: str
     onnx_path: str | None = None
     heads: list[dict] | None = None  # the head specs of a model with several (skuvision.models.heads)
+    prototypes: str | None = None  # a prototypes.npz of this checkpoint: new classes (skuvision.prototypes)
 
     def model_heads(self) -> list[Head]:
         """Every head; the one-label model's one head has column ""."""
@@ -164,7 +169,14 @@ class Predictor:
         self.index = index
         self.unknown = unknown  # a skuvision.unknown.Detector: unknown_score and unknown in every answer
         self.catalogue_root = catalogue_root(index.items) if index is not None else None
-        self.top_k = min(int(top_k), len(card.class_names))
+        self.embedded: torch.Tensor | None = None  # the last batch's raw features, with prototypes
+        self.prototypes = (
+            load_prototypes(Path(card.prototypes), card.checkpoint, card.class_names)
+            if card.prototypes
+            else None
+        )
+        names = self.prototypes.names if self.prototypes else card.class_names
+        self.top_k = min(int(top_k), len(names))
         self.requested_top_k = int(top_k)  # per head, at most its classes (readout)
         self.heads = card.model_heads()
         self.onnx_outputs: list[str] | None = None  # None: the one-label graph's first output
@@ -174,7 +186,8 @@ class Predictor:
         self.module = None
         self.session = None
         self.explainer: Explainer | None = None  # made at the first explain=true request
-        if card.backend == "torch" or index is not None or unknown is not None:  # embeddings: from torch
+        # the embeddings (similar items, the unknown score, prototypes) come from torch
+        if card.backend == "torch" or index is not None or unknown is not None or self.prototypes:
             self.module = load_classifier(card.checkpoint, map_location=self.device).eval()
         if card.backend == "onnx":
             import onnxruntime as ort
@@ -220,13 +233,16 @@ class Predictor:
     @torch.inference_mode()
     def logits_and_features(self, images: torch.Tensor) -> tuple:
         """uint8 batch at the model's size -> float32 logits (TTA as configured; {column: logits} with several
-        heads, the ONNX graph's trained heads only), L2-normalized features."""
+        heads, the ONNX graph's trained heads only), L2-normalized features (with an index, an unknown score or prototypes, else None); with
+        prototypes, the raw features are kept in `self.embedded` for answer()."""
         images = images.to(self.device)
         features = None
         if self.module is not None:
             x = self.to_model_input(images)
-            if self.index is not None or self.unknown is not None:
-                features = F.normalize(self.module.embed(x).float(), dim=1).cpu()
+            if self.index is not None or self.unknown is not None or self.prototypes is not None:
+                embedded = self.module.embed(x).float().cpu()
+                self.embedded = embedded if self.prototypes is not None else None
+                features = F.normalize(embedded, dim=1)
         if self.session is not None:
             # The graph takes uint8: views are made in float (replicate padding has no uint8 kernel) and are
             # exact integers, so casting back loses nothing. Each head's logits are averaged over the views.
@@ -250,7 +266,20 @@ class Predictor:
         """One JSON-ready answer per image of the batch: labels best first, and similar items. With several
         heads, "attributes" holds every column's answer and "labels" is the first label column's."""
         logits, features = self.logits_and_features(images)
-        if self.card.heads is None:
+        if self.card.heads is None and self.prototypes is not None:
+            probs = self.prototypes.combined_probs(logits.double().softmax(dim=1), self.embedded).float()
+            probs, top = probs.topk(self.top_k, dim=1)
+            names, source = self.prototypes.names, self.prototypes.source
+            answers = [
+                {
+                    "labels": [
+                        {"label": names[j], "prob": round(p, 6), "source": source(j)}
+                        for j, p in zip(t, q, strict=True)
+                    ]
+                }
+                for t, q in zip(top.tolist(), probs.tolist(), strict=True)
+            ]
+        elif self.card.heads is None:
             probs, top = logits.softmax(dim=1).topk(self.top_k, dim=1)
             names = self.card.class_names
             answers = [
@@ -304,6 +333,11 @@ class Predictor:
         column = self.explainer.column
         classes = next(h.classes for h in self.heads if h.kind == "label" and h.column == (column or ""))
         tops = [a["labels"][0]["label"] for a in answers]
+        new = [label for label in tops if label not in classes]
+        if new:  # a prototype's class has no output of the network to explain
+            raise BadImage(
+                f"explain=true: {new[0]!r} is a new class (prototypes), which Grad-CAM cannot explain"
+            )
         images = images.to(self.device)
         with torch.no_grad():
             x = self.to_model_input(images)

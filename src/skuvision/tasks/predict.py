@@ -21,7 +21,11 @@ With `explain=gradcam`, each readable image's Grad-CAM of its predicted class (t
 several heads) is written to the run folder's explanations/: `<row>.png` (the overlay on the image the model
 saw) and `<row>.npy` (the heatmap, float32 in [0, 1], at the model's input size), named by the row's number
 in the CSV, never by the file's own name; the CSV's `explanation` column holds the PNG's path relative to the
-run folder (skuvision.explain)."""
+run folder (skuvision.explain).
+
+With `prototypes=<folder with one subfolder per new class>` (or the prototypes.npz such a run wrote), the new
+classes are ranked beside the trained ones (skuvision.prototypes), and each rank gets a `source_<i>` column:
+`head` or `prototype`. The prototypes of a folder are written to the run folder's prototypes.npz."""
 
 from __future__ import annotations
 
@@ -40,8 +44,11 @@ from skuvision.explain import check_method, write_explanations
 from skuvision.gallery import doubtful_first, gallery_options, tiles_from_predictions, write_gallery_and_sheet
 from skuvision.models.heads import Head
 from skuvision.outputs import refuse_existing, write_csv
+from skuvision.prototypes import FILE_NAME as PROTOTYPES_FILE
+from skuvision.prototypes import Prototypes
 from skuvision.readout import concat_batches, head_probs, read_heads
 from skuvision.shards import plan_of, predict_in_shards, sharded
+from skuvision.tasks.prototypes import check_prototype_options, prototypes_for
 from skuvision.tasks.utils import command, print_summary, resolve_checkpoint, shown
 from skuvision.tta import check_tta
 from skuvision.unknown import WithFeatures, load_detector, with_unknown
@@ -60,12 +67,14 @@ def predict(cfg: DictConfig) -> Path:
     explained = [Path(cfg.paths.output_dir) / "explanations"] if explain else []
     gallery = gallery_options(cfg)
     pages = page_paths(out) if gallery else []
-    refuse_existing([out, *pages, *explained], "give another output=, or remove it")
+    built = [Path(cfg.paths.output_dir) / PROTOTYPES_FILE] if cfg.get("prototypes") else []
+    refuse_existing([out, *pages, *explained, *built], "give another output=, or remove it")
     resolve_checkpoint(cfg)
     module, _ = from_checkpoint(cfg.ckpt_path)
     module.tta = check_tta(cfg.get("tta") or module.tta)
     paths = collect_inputs(plain(cfg.input))
     trainer = build_trainer(cfg, enable_checkpointing=False)
+    check_prototype_options(cfg, module, sharded(cfg, trainer))
     # Checked before any image is read: a mismatched calibration is refused up front.
     calibrated = (
         load_calibration(cfg.calibration, cfg.ckpt_path, module.tta, module.class_names, module.heads)
@@ -80,6 +89,7 @@ def predict(cfg: DictConfig) -> Path:
     detector = load_detector(cfg.unknown, cfg.ckpt_path, module.tta) if cfg.get("unknown") else None
     if detector and sharded(cfg, trainer):
         raise SkuvisionError("unknown= runs on one process: leave out shards= and trainer=ddp*")
+    prototypes = prototypes_for(cfg, module, trainer) if cfg.get("prototypes") else None
     if sharded(cfg, trainer):
         plan = plan_of(
             "predict",
@@ -96,15 +106,17 @@ def predict(cfg: DictConfig) -> Path:
         datamodule = InputFilesDataModule(
             paths, module.input_config, cfg.batch_size, cfg.num_workers, cache=bool(cfg.get("cache", False))
         )
-        outputs = trainer.predict(WithFeatures(module) if detector else module, datamodule=datamodule)
+        with_features = detector is not None or prototypes is not None
+        outputs = trainer.predict(WithFeatures(module) if with_features else module, datamodule=datamodule)
         logits = concat_batches([o["outputs"] for o in outputs])
         errors = [e for o in outputs for e in o["meta"]]
     if multi:
         separator = module.hparams.data.get("tag_separator") or ";"
         rows, reviews = attribute_rows(module.heads, logits, paths, errors, per_head, separator)
     else:
+        embedding = torch.cat([o["embedding"] for o in outputs]).cpu() if prototypes else None
         header, rows, review = ranked_rows(
-            logits, paths, errors, calibrated, module.class_names, int(cfg.top_k)
+            logits, paths, errors, calibrated, module.class_names, int(cfg.top_k), prototypes, embedding
         )
     if detector:
         features = torch.cat([o["features"] for o in outputs])
@@ -195,20 +207,36 @@ def write_page(pages: list[Path], tiles: list, options, title: str) -> None:
     print(f"gallery: {pages[0]}  ({in_page} images, doubtful first{left_out}); contact sheet: {pages[1]}")
 
 
-def ranked_rows(logits, paths, errors, calibrated: dict | None, names: list[str], top_k: int):
-    """predictions.csv of the one-label model: header, rows (path, error, [review], top-k label/prob pairs),
-    and the review flags (None without calibration)."""
+def ranked_rows(
+    logits,
+    paths,
+    errors,
+    calibrated: dict | None,
+    names: list[str],
+    top_k: int,
+    prototypes: Prototypes | None = None,
+    features: torch.Tensor | None = None,
+):
+    """predictions.csv of the one-label model: header, rows (path, error, [review], top-k label/prob pairs,
+    with `prototypes` each followed by its source), and the review flags (None without calibration)."""
     probs = calibrated_probs(logits, calibrated["temperature"] if calibrated else 1.0)
+    if prototypes is not None:
+        probs, names = prototypes.combined_probs(probs, features), prototypes.names
     k = min(top_k, probs.shape[1])
     top_probs, top_index = probs.topk(k, dim=1)
     review = needs_review(top_probs[:, 0], errors, calibrated["threshold"]) if calibrated else None
-    ranked_header = [f"{kind}_{i}" for i in range(1, k + 1) for kind in ("label", "prob")]
+    kinds = ("label", "prob", "source") if prototypes is not None else ("label", "prob")
+    ranked_header = [f"{kind}_{i}" for i in range(1, k + 1) for kind in kinds]
     rows = []
     for i, (path, error, p, idx) in enumerate(
         zip(paths, errors, top_probs.tolist(), top_index.tolist(), strict=True)
     ):
-        ranked = [v for j, q in zip(idx, p, strict=True) for v in (names[j], f"{q:.6f}")]
-        ranked = [""] * 2 * k if error else ranked
+        ranked = [
+            v
+            for j, q in zip(idx, p, strict=True)
+            for v in (names[j], f"{q:.6f}", *([prototypes.source(j)] if prototypes is not None else []))
+        ]
+        ranked = [""] * len(kinds) * k if error else ranked
         marked = [str(review[i]).lower()] if calibrated else []
         rows.append([str(path), error, *marked, *ranked])
     return ["path", "error", *(["review"] if calibrated else []), *ranked_header], rows, review

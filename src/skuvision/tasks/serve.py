@@ -29,10 +29,12 @@ from omegaconf import DictConfig, OmegaConf
 from skuvision.compat import LITSERVE_API_PROCESS, check_file_payloads, end_page_streams
 from skuvision.config import set_threads
 from skuvision.errors import SkuvisionError
+from skuvision.prototypes import load as load_prototypes
 from skuvision.serving.api import end_with_parent
 from skuvision.serving.catalogue import CatalogueImages, index_folder, load_index
 from skuvision.serving.demo import use_private_gradio_dirs
 from skuvision.serving.predictor import BadImage, ModelCard, Predictor, model_card
+from skuvision.tasks.prototypes import prototypes_file
 from skuvision.tasks.utils import resolve_checkpoint
 from skuvision.unknown import load_detector
 
@@ -66,6 +68,13 @@ def model_info(card: ModelCard, index, cfg: DictConfig, unknown=None) -> dict:
         if unknown is None
         else {"method": unknown.method, "threshold": unknown.threshold, "keep": unknown.keep},
     }
+    if card.prototypes:  # new classes, ranked beside `classes` (their answers' source: "prototype")
+        new = load_prototypes(Path(card.prototypes), card.checkpoint, card.class_names)
+        info["prototypes"] = {
+            "file": Path(card.prototypes).name,
+            "classes": new.class_names,
+            "images": dict(zip(new.class_names, new.counts, strict=True)),
+        }
     if card.heads is not None:  # what each column of an answer's "attributes" can hold
         info["attributes"] = {
             h.column: {"kind": h.kind, "classes": h.classes, "read_off": h.source} for h in card.model_heads()
@@ -160,6 +169,8 @@ def prepared(cfg: DictConfig):
     resolve_checkpoint(cfg)
     serve_cfg = cfg.serve
     card = model_card(cfg.ckpt_path, serve_cfg.backend, serve_cfg.get("onnx_path"), cfg.get("tta"))
+    new_classes = prototypes_file(cfg, card)
+    card.prototypes = str(new_classes.resolve()) if new_classes else None
     index_dir = index_folder(cfg.index) if cfg.get("index") else None
     index = load_index(index_dir) if index_dir else None
     if index is not None and list(index.class_names) and list(index.class_names) != card.class_names:
