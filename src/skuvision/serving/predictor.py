@@ -233,8 +233,9 @@ class Predictor:
     @torch.inference_mode()
     def logits_and_features(self, images: torch.Tensor) -> tuple:
         """uint8 batch at the model's size -> float32 logits (TTA as configured; {column: logits} with several
-        heads, the ONNX graph's trained heads only), L2-normalized features (with an index, an unknown score or prototypes, else None); with
-        prototypes, the raw features are kept in `self.embedded` for answer()."""
+        heads, the ONNX graph's trained heads only), L2-normalized features (with an index, an unknown score
+        or prototypes, else None); with prototypes, the raw features are kept in `self.embedded` for
+        answer()."""
         images = images.to(self.device)
         features = None
         if self.module is not None:
