@@ -492,11 +492,12 @@ def write_results(path: Path, info: dict, rows: list[tuple], notes: list[str]) -
 
 
 SECTIONS = (
-    "steps", "data", "recipe", "decode", "stream", "index", "serve", "audit", "calib", "attributes", "gpu",
+    "steps", "data", "recipe", "decode", "stream", "index", "serve", "audit", "calib", "attributes", "int8",
+    "gpu",
 )  # fmt: skip
 # Sections that live in their own module bench/<name>.py: bench_rows(workdir, quick) -> (rows, notes).
 # gpu measures only where CUDA is available (else it adds a note).
-MODULE_SECTIONS = ("decode", "stream", "index", "serve", "audit", "calib", "attributes", "gpu")
+MODULE_SECTIONS = ("decode", "stream", "index", "serve", "audit", "calib", "attributes", "int8", "gpu")
 
 
 def main() -> None:

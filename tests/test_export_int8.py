@@ -16,7 +16,8 @@ from PIL import Image
 from skuvision.assembly import from_checkpoint
 from skuvision.errors import SkuvisionError
 from skuvision.serving.predictor import Predictor, model_card
-from skuvision.tasks.export import export
+from skuvision.tasks.export import check_images, export, images_per_second
+from skuvision.tasks.quantize import card_section, write_and_check_int8
 from tests.helpers import compose_cfg
 from tests.serving_fixtures import CLASSES
 from tests.writers import write_image_folder
@@ -69,7 +70,9 @@ def int8_overrides(checkpoint: Path, shop: Path, *extra: str) -> list[str]:
 
 def exported_test_split(checkpoint: Path, shop: Path, folder: Path) -> tuple[Path, Path]:
     """The test split as the exported graphs take it (uint8 at the model's size) and its labels, as .npy."""
-    module, datamodule = from_checkpoint(str(checkpoint), {**module_data(checkpoint), "root": str(shop)}, "test")
+    module, datamodule = from_checkpoint(
+        str(checkpoint), {**module_data(checkpoint), "root": str(shop)}, "test"
+    )
     datamodule.setup("test")
     images, labels = [], []
     for x, y in datamodule.test_dataloader():
@@ -150,21 +153,33 @@ def test_serve_onnx_backend_serves_the_int8_model(int8_export, serve_checkpoint,
     assert sum(x == y for x, y in zip(*top, strict=True)) >= 7
 
 
-def test_int8_over_the_drop_is_refused_with_nothing_written_or_kept_with_a_warning(
-    serve_checkpoint, bigger_shop, tmp_path, capsys
-):
+def test_int8_over_the_drop_is_refused_with_nothing_written(serve_checkpoint, bigger_shop, tmp_path):
     # a drop limit no model meets (it would have to gain a point)
     strict = int8_overrides(serve_checkpoint, bigger_shop, "max_accuracy_drop=-1", "int8.test_images=16")
     with pytest.raises(SkuvisionError, match=r"INT8 refused: .* > max_accuracy_drop=-1; nothing was written"):
         export(compose_cfg("export", strict, tmp_path / "refused"))
-    left = [p.name for p in (tmp_path / "refused").rglob("*") if p.suffix in (".onnx", ".data", ".json", ".md")]
+    left = [
+        p.name for p in (tmp_path / "refused").rglob("*") if p.suffix in (".onnx", ".data", ".json", ".md")
+    ]
     assert left == [] and not list((tmp_path / "refused").rglob("*partial*"))
 
-    result = export(compose_cfg("export", strict + ["int8.keep_over_drop=true"], tmp_path / "kept"))
-    figures = json.loads((tmp_path / "kept" / "model.int8.json").read_text())["int8"]
-    assert figures["over_limit"] and result["int8"]["over_limit"]
+
+def test_int8_over_the_drop_is_kept_with_a_loud_warning_when_asked(
+    int8_export, serve_checkpoint, bigger_shop, tmp_path, capsys
+):
+    """The INT8 step alone on the fixture's fp32 graph (no second torch export)."""
+    _, run = int8_export
+    extra = ["max_accuracy_drop=-1", "int8.test_images=16", "int8.keep_over_drop=true"]
+    cfg = compose_cfg("export", int8_overrides(serve_checkpoint, bigger_shop, *extra), tmp_path / "kept")
+    module, datamodule = from_checkpoint(str(serve_checkpoint), cfg.data, "test")
+    images = check_images(datamodule, 8)
+    out = tmp_path / "kept.int8.onnx"
+    figures = write_and_check_int8(
+        cfg, module, datamodule, run / "model.onnx", out, images, images_per_second
+    )
+    assert out.is_file() and figures["over_limit"] and figures["test_images"] == 16
     assert "WARNING: the INT8 model was KEPT" in capsys.readouterr().out
-    assert "Warning: kept over the limit" in (tmp_path / "kept" / "README.md").read_text()
+    assert "Warning: kept over the limit" in card_section(figures, out)
 
 
 def test_bad_int8_settings_are_one_line_errors(serve_checkpoint, bigger_shop, tmp_path):

@@ -44,7 +44,13 @@ from skuvision.outputs import (
     write_new_text,
 )
 from skuvision.tasks.card import CARD, card_text, test_figures
-from skuvision.tasks.quantize import card_section, check_quantize, int8_path, write_and_check_int8
+from skuvision.tasks.quantize import (
+    card_section,
+    check_one_label,
+    check_quantize,
+    int8_path,
+    write_and_check_int8,
+)
 from skuvision.tasks.utils import command, print_summary, resolve_checkpoint, shown
 
 log = logging.getLogger("skuvision")
@@ -135,11 +141,12 @@ def export(cfg: DictConfig) -> dict:
             run_dir / "export_check.json",
         ]
     card_file = out / CARD if fmt == "timm" else out.parent / CARD
-    resolve_checkpoint(cfg)
-    module, datamodule = from_checkpoint(cfg.ckpt_path, cfg.get("data"), split="test")
-    if check_quantize(cfg, module.multi_head is not None):
+    if check_quantize(cfg):
         written += [int8_path(out), int8_path(out).with_suffix(".json")]
     refuse_existing(written + [card_file], "give another output=, or remove it")
+    resolve_checkpoint(cfg)
+    module, datamodule = from_checkpoint(cfg.ckpt_path, cfg.get("data"), split="test")
+    check_one_label(cfg.get("quantize"), module.multi_head is not None)
     saved = (
         load_calibration(cfg.calibration, cfg.ckpt_path, module.tta, module.class_names, module.heads)
         if cfg.get("calibration")
@@ -175,7 +182,10 @@ def export_summary(cfg: DictConfig, fmt: str, out: Path, card_file: Path, result
         figures["INT8 top-1 agreement"] = f"{int8['top1_agreement']:.2%}"
     serve = [
         command(
-            "serve.py", f"ckpt_path={shown(cfg.ckpt_path)}", "serve.backend=onnx", f"serve.onnx_path={shown(p)}"
+            "serve.py",
+            f"ckpt_path={shown(cfg.ckpt_path)}",
+            "serve.backend=onnx",
+            f"serve.onnx_path={shown(p)}",
         )
         for p in served
     ]
@@ -186,7 +196,7 @@ def export_onnx(cfg: DictConfig, module: Classifier, datamodule: ImageDataModule
     """The model is written under a temporary name and checked there: only one within tolerance is kept."""
     model = Deployable(module).eval()
     images = check_images(datamodule, cfg.check_images)
-    quantize = check_quantize(cfg, module.multi_head is not None)
+    quantize = check_quantize(cfg)
     with new_file_with_companions(out) as partial:
         result = write_and_check_onnx(cfg, model, module, images, partial)
         if quantize:  # inside: a refused INT8 model publishes neither file

@@ -24,9 +24,9 @@ from onnxruntime.quantization import (
     CalibrationMethod,
     QuantFormat,
     QuantType,
+    quant_pre_process,
     quantize_static,
 )
-from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from skuvision.assembly import data_module
 from skuvision.config import plain
@@ -49,8 +49,8 @@ def int8_path(out: Path) -> Path:
     return out.with_name(f"{out.stem}.int8{out.suffix}")
 
 
-def check_quantize(cfg: DictConfig, multi_head: bool) -> str | None:
-    """The quantize= value, checked before any work."""
+def check_quantize(cfg: DictConfig) -> str | None:
+    """The quantize= value and int8.* settings, checked before any work."""
     quantize = cfg.get("quantize")
     if quantize in (None, "none"):
         return None
@@ -58,11 +58,6 @@ def check_quantize(cfg: DictConfig, multi_head: bool) -> str | None:
         raise SkuvisionError(f"quantize={quantize}: use int8, or leave it out for fp32 only")
     if cfg.get("format", "onnx") != "onnx":
         raise SkuvisionError("quantize=int8 quantizes the ONNX graph: use it with format=onnx")
-    if multi_head:
-        raise SkuvisionError(
-            "quantize=int8 measures the accuracy of a one-label model; this checkpoint has several heads: "
-            "export it without quantize"
-        )
     settings = cfg.int8
     if settings.calibrate_method not in CALIBRATE_METHODS:
         raise SkuvisionError(
@@ -74,6 +69,14 @@ def check_quantize(cfg: DictConfig, multi_head: bool) -> str | None:
     if int(settings.calibration_images) < 1:
         raise SkuvisionError(f"int8.calibration_images={settings.calibration_images}: give 1 or more")
     return quantize
+
+
+def check_one_label(quantize: str | None, multi_head: bool) -> None:
+    if quantize and multi_head:
+        raise SkuvisionError(
+            "quantize=int8 measures the accuracy of a one-label model; this checkpoint has several heads: "
+            "export it without quantize"
+        )
 
 
 class ImageBatches(CalibrationDataReader):
@@ -133,7 +136,7 @@ def write_int8(fp32: Path, out: Path, settings: DictConfig, calibration: ImageBa
             try:
                 quant_pre_process(str(fp32), str(source), skip_symbolic_shape=False)
             except Exception as err:  # a graph symbolic shape inference cannot follow: say so, go on
-                log.warning("int8.preprocess: onnxruntime's quant_pre_process failed (%s); quantizing as is", err)
+                log.warning("int8.preprocess: quant_pre_process failed (%s); quantized without it", err)
                 source = fp32
         started = time.perf_counter()
         try:
