@@ -492,12 +492,15 @@ def write_results(path: Path, info: dict, rows: list[tuple], notes: list[str]) -
 
 
 SECTIONS = (
-    "steps", "data", "recipe", "decode", "stream", "index", "serve", "audit", "calib", "attributes", "int8",
-    "gpu",
+    "steps", "data", "recipe", "decode", "stream", "index", "index_changes", "serve", "audit", "calib",
+    "attributes", "unknown", "int8", "gpu",
 )  # fmt: skip
 # Sections that live in their own module bench/<name>.py: bench_rows(workdir, quick) -> (rows, notes).
 # gpu measures only where CUDA is available (else it adds a note).
-MODULE_SECTIONS = ("decode", "stream", "index", "serve", "audit", "calib", "attributes", "int8", "gpu")
+MODULE_SECTIONS = (
+    "decode", "stream", "index", "index_changes", "serve", "audit", "calib", "attributes", "unknown",
+    "int8", "gpu",
+)  # fmt: skip
 
 
 def main() -> None:

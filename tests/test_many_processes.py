@@ -213,10 +213,132 @@ def test_a_resume_refuses_a_planted_shard_then_finishes_without_redoing_its_own(
         assert [r["path"] for r in csv.DictReader(f)] == [str(p) for p in collect_inputs(str(photos))]
 
 
-def test_a_streaming_split_on_several_processes_is_refused_in_one_line(checkpoint, data_root, tmp_path):
-    """litdata shards hold no file per image to carry in a sample: refused before any image is read."""
-    overrides = [f"ckpt_path={checkpoint}", "split=val", "num_workers=0", "trainer.accelerator=cpu"]
-    overrides += ["data=streaming", f"data.root={data_root / 'shards'}", "shards=true"]
-    with pytest.raises(SkuvisionError, match=r"^split=val: its images are not files of their own"):
-        embed(compose_cfg("embed", overrides, tmp_path / "run"))
-    assert not (tmp_path / "run" / "shards").exists()
+def stored_labels(shards: Path, split: str) -> list[int]:
+    """Each stored image's label by its stored index, read straight from the litdata chunks."""
+    from litdata import StreamingDataset
+
+    stream = StreamingDataset(str(shards / split), shuffle=False)
+    items = [stream[i] for i in range(len(stream))]
+    labels = dict((item["index"], item["label"]) for item in items)
+    return [labels[i] for i in range(len(items))]
+
+
+@pytest.mark.slow
+def test_embed_of_a_streaming_split_on_two_processes_resumes_and_matches_one(
+    checkpoint, data_root, tmp_path, monkeypatch
+):
+    """litdata shards (data=streaming): a run stopped after its first shard (one process, shards=true) is
+    finished by 2 CPU processes started in-process, which keep that shard and split the rest of the chunks
+    the way litdata does with drop_last=False (uneven shares); each image once, in stored order, the vectors
+    those of one process."""
+    shards = data_root / "shards"
+    overrides = [f"ckpt_path={checkpoint}", "split=train", "num_workers=0", "trainer.precision=32", "k=2"]
+    overrides += ["data=streaming", f"data.root={shards}", "threads=1", "batch_size=4", "shard_size=4"]
+    embed(compose_cfg("embed", [*overrides, "trainer.accelerator=cpu"], tmp_path / "one"))
+    expected = np.load(tmp_path / "one" / "embeddings.npz")
+    labels = stored_labels(shards, "train")
+    assert expected["labels"].tolist() == labels  # one process: in stored order too
+    run = tmp_path / "two"
+    monkeypatch.setenv(STOP_AFTER, "1")
+    with pytest.raises(RuntimeError, match=STOP_AFTER):
+        embed(compose_cfg("embed", [*overrides, "trainer.accelerator=cpu", "shards=true"], run))
+    monkeypatch.delenv(STOP_AFTER)
+    (first,) = shard_files(run / "shards")
+    kept = (first.stat().st_ino, first.stat().st_mtime_ns)
+    assert not (run / "embeddings.npz").exists()
+    embed(compose_cfg("embed", [*overrides, "trainer=ddp_cpu", "trainer.devices=2"], run))
+    assert (first.stat().st_ino, first.stat().st_mtime_ns) == kept
+    written = shard_files(run / "shards")
+    positions = [pq.read_table(p).column("index").to_numpy() for p in written]
+    assert sorted(np.concatenate(positions).tolist()) == list(range(len(labels)))  # every image once
+    assert {p.name.split("-")[1] for p in written if p != first} == {"rank0", "rank1"}
+    got = np.load(run / "embeddings.npz")
+    assert got["items"].tolist() == [f"train[{i}]" for i in range(len(labels))]
+    assert got["items"].tolist() == expected["items"].tolist()
+    assert got["labels"].tolist() == labels
+    np.testing.assert_allclose(got["features"], expected["features"], atol=1e-5)
+
+
+def test_predict_of_a_manifest_answers_each_row_once_in_its_order(checkpoint, photos, tmp_path, monkeypatch):
+    """input=<manifest.csv> (data=manifest's table): one row per manifest row, in the table's order (here
+    reversed, with a row repeated), paths relative to the table's folder whatever the working folder; in
+    shards (shards=true: the code each of several processes runs) as on one process."""
+    from skuvision.tasks.predict import predict
+
+    manifest = write_manifest(tmp_path / "catalogue" / "styles.csv", photos)
+    rows = manifest.read_text().splitlines()
+    manifest.write_text("\n".join([rows[0], *reversed(rows[1:]), rows[1]]) + "\n")
+    wanted = [
+        str((manifest.parent / line.split(",")[0]).resolve()) for line in manifest.read_text().split()[1:]
+    ]
+    monkeypatch.chdir(tmp_path)  # not the manifest's folder
+    overrides = [f"ckpt_path={checkpoint}", f"input={manifest}", "num_workers=0", "trainer.accelerator=cpu"]
+    overrides += ["trainer.precision=32", "batch_size=5"]
+    answers = {}
+    for name, extra in (("one", []), ("sharded", ["shards=true", "shard_size=7"])):
+        with open(predict(compose_cfg("predict", [*overrides, *extra], tmp_path / name)), newline="") as f:
+            answers[name] = list(csv.DictReader(f))
+        assert [r["path"] for r in answers[name]] == wanted
+        assert [r["path"] for r in answers[name] if r["error"]] == [p for p in wanted if "broken" in p]
+    assert [r["label_1"] for r in answers["sharded"]] == [r["label_1"] for r in answers["one"]]
+    repeated = answers["one"][-2:]  # the first row, last in the reversed order and again after it
+    assert repeated[0] == repeated[1] and repeated[0]["path"] == wanted[-1]
+    manifest.write_text('path,label\n"a.jpg,kettle\n')
+    with pytest.raises(SkuvisionError, match=rf"^input={manifest} line 2 is not a row"):
+        predict(compose_cfg("predict", overrides, tmp_path / "bad"))
+
+
+def test_embed_of_an_in_memory_split_in_shards_resumes_and_matches_one_pass(
+    checkpoint, data_root, tmp_path, monkeypatch
+):
+    """A split held in memory (CIFAR-10's test images here) in shards (shards=true: what each of several
+    processes runs, Lightning's sampler dealing the positions): stopped after its first shard, the rerun
+    keeps it, and the result is the one-pass one, each image once, in the split's order."""
+    overrides = [f"ckpt_path={checkpoint}", "split=test", "num_workers=0", "trainer.precision=32", "k=2"]
+    overrides += ["data=cifar10", f"data.root={data_root / 'cifar'}", "data.download=false", "threads=1"]
+    overrides += ["trainer.accelerator=cpu", "batch_size=8"]
+    embed(compose_cfg("embed", overrides, tmp_path / "one"))
+    expected = np.load(tmp_path / "one" / "embeddings.npz")
+    run = tmp_path / "sharded"
+    sharded = [*overrides, "shards=true", "shard_size=8"]
+    monkeypatch.setenv(STOP_AFTER, "1")
+    with pytest.raises(RuntimeError, match=STOP_AFTER):
+        embed(compose_cfg("embed", sharded, run))
+    monkeypatch.delenv(STOP_AFTER)
+    (first,) = shard_files(run / "shards")
+    kept = (first.stat().st_ino, first.stat().st_mtime_ns)
+    embed(compose_cfg("embed", sharded, run))
+    assert (first.stat().st_ino, first.stat().st_mtime_ns) == kept
+    written = shard_files(run / "shards")
+    positions = np.concatenate([pq.read_table(p).column("index").to_numpy() for p in written])
+    assert sorted(positions.tolist()) == list(range(len(expected["items"]))) and len(written) > 1
+    got = np.load(run / "embeddings.npz")
+    assert got["items"].tolist() == expected["items"].tolist()
+    assert got["labels"].tolist() == expected["labels"].tolist()
+    np.testing.assert_allclose(got["features"], expected["features"], atol=1e-5)
+
+
+def test_shards_of_a_split_keep_labels_and_a_shard_without_them_or_a_stored_index_out_of_range_is_refused(
+    tmp_path,
+):
+    from skuvision.data.stream_positions import PositionedSample
+
+    items = [f"train[{i}]" for i in range(4)]
+    out = as_columns(torch.arange(8, dtype=torch.float32).reshape(4, 2))
+    write_shard(tmp_path, 1, np.array([2, 3]), items[2:], ["", ""], {"out": out["out"][2:]}, np.array([5, 6]))
+    write_shard(tmp_path, 0, np.array([0, 1]), items[:2], ["", ""], {"out": out["out"][:2]}, np.array([7, 8]))
+    features, _, labels = merge(tmp_path, items, {"out": 2}, labels=True)
+    assert labels == [7, 8, 5, 6] and features.numpy().tolist() == out["out"].tolist()
+    with pytest.raises(SkuvisionError, match=r"columns \['index', 'path', 'error', 'out', 'label'\]"):
+        merge(tmp_path, items, {"out": 2})  # a run without labels does not take these shards
+    (shard,) = [p for p in shard_files(tmp_path) if "rank1" in p.name]
+    shard.unlink()
+    write_shard(tmp_path, 1, np.array([2, 3]), items[2:], ["", ""], {"out": out["out"][2:]})  # no labels
+    with pytest.raises(SkuvisionError, match=r"columns \['index', 'path', 'error', 'out'\]"):
+        merge(tmp_path, items, {"out": 2}, labels=True)
+    blank = lambda item: (torch.zeros(3, 2, 2), item["label"])  # noqa: E731
+    decode = PositionedSample(blank, np.zeros(4, bool), "s/train")
+    assert decode({"index": 3, "label": 1})[1] == {"error": "", "index": 3, "label": 1}
+    for index in (4, -1, "0", None):
+        with pytest.raises(SkuvisionError, match=rf"^s/train: a stored item has index {index!r}, not a row"):
+            decode({"index": index, "label": 1})

@@ -171,6 +171,13 @@ def test_a_rerun_in_the_same_folder_resumes_from_last_ckpt(train_cfg):
         epochs_validated = [row["epoch"] for row in csv.DictReader(f) if row["val/acc"]]
     assert epochs_validated == ["0", "1"]  # the first attempt's rows are kept
     assert resume_path(train_cfg(extra=[f"ckpt_path={last}"])) == str(last)
+    # a run folder, or its checkpoints/, resumes from where the run stopped, not from its best checkpoint
+    assert resume_path(train_cfg(extra=[f"ckpt_path={first.paths.output_dir}"])) == str(last)
+    assert resume_path(train_cfg(extra=[f"ckpt_path={last.parent}"])) == str(last)
+    last.rename(last.with_name("stopped.ckpt"))
+    refused = r"no last\.ckpt in .*checkpoints, which a resume continues from\. Checkpoints in .*: best-.*st"
+    with pytest.raises(SkuvisionError, match=refused):
+        resume_path(train_cfg(extra=[f"ckpt_path={first.paths.output_dir}"]))
     with pytest.raises(SkuvisionError, match=r"^ckpt_path=/elsewhere/x\.ckpt: no such checkpoint file$"):
         resume_path(train_cfg(extra=["ckpt_path=/elsewhere/x.ckpt"]))
 

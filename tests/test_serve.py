@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -28,7 +29,7 @@ from skuvision.index import CatalogueIndex
 from skuvision.serving.predictor import model_card
 from skuvision.tasks.serve import prepared
 from tests.helpers import ROOT, compose_cfg
-from tests.serving_fixtures import processes_below, torch_server, wait_ended
+from tests.serving_fixtures import processes_below, wait_ended
 
 # serve.py and demo.py processes as a user starts them, each loading a model.
 pytestmark = pytest.mark.slow
@@ -426,52 +427,18 @@ def running_processes_of(server) -> set:
     return processes
 
 
-def test_sigterm_ends_every_server_process_promptly_with_a_page_open(
-    serve_checkpoint, catalogue_index, tmp_path
-):
-    """SIGTERM while a demo page is open (its heartbeat stream held) and nothing is in flight: serve.py and
-    every process it started are gone within a few seconds, exit status 0."""
-    server = torch_server(serve_checkpoint, catalogue_index, tmp_path, "sigterm")
-    try:
-        server.wait_healthy()
-        processes = running_processes_of(server)
-        lines: list[str] = []
-
-        def open_page() -> None:
-            try:
-                with httpx.stream("GET", server.url + "/demo/gradio_api/heartbeat/page", timeout=120) as beat:
-                    lines.extend(beat.iter_lines())
-            except httpx.TransportError:
-                pass
-
-        page = threading.Thread(target=open_page, daemon=True)
-        page.start()
-        time.sleep(1)
-        assert page.is_alive()  # the page's stream is open
-        server.process.send_signal(signal.SIGTERM)
-        assert server.process.wait(timeout=20) == 0, server.log_tail()
-        assert not wait_ended(processes, 10), server.log_tail()
-        page.join(10)
-        assert not page.is_alive()
-    finally:
-        server.stop()
-
-
-def test_sigkill_of_the_server_process_ends_its_workers(serve_checkpoint, catalogue_index, tmp_path):
+def test_sigkill_of_the_server_process_ends_its_workers(keyed_server):
     """serve.py killed without a chance to drain (SIGKILL, the OOM killer): its inference worker, HTTP
-    processes and queue manager, re-parented, end on their own; the port is free again."""
-    server = torch_server(serve_checkpoint, catalogue_index, tmp_path, "sigkill")
-    try:
-        server.wait_healthy()
-        processes = running_processes_of(server)
-        os.kill(server.process.pid, signal.SIGKILL)
-        server.process.wait(timeout=10)
-        left = wait_ended(processes, 20)
-        assert not left, [Path(f"/proc/{pid}/cmdline").read_bytes()[:200] for pid, _ in left]
-        with pytest.raises(httpx.TransportError):
-            httpx.get(server.url + "/health", timeout=5)
-    finally:
-        server.stop()
+    processes and queue manager, re-parented, end on their own; the port is free again. The keyed server,
+    done with the test above, is the one killed (no server started for this test alone)."""
+    server = keyed_server
+    processes = running_processes_of(server)
+    os.kill(server.process.pid, signal.SIGKILL)
+    server.process.wait(timeout=10)
+    left = wait_ended(processes, 20)
+    assert not left, [Path(f"/proc/{pid}/cmdline").read_bytes()[:200] for pid, _ in left]
+    with pytest.raises(httpx.TransportError):
+        httpx.get(server.url + "/health", timeout=5)
 
 
 def serve_py(*overrides: str, cwd: Path, script: str = "serve.py") -> subprocess.CompletedProcess:
@@ -521,11 +488,15 @@ def test_serve_mistakes_get_one_line_errors(serve_checkpoint, tmp_path):
         taken.listen()
         port = taken.getsockname()[1]
         overrides = (f"ckpt_path={serve_checkpoint}", f"serve.port={port}", "serve.demo=false")
-        run = serve_py(*overrides, cwd=tmp_path)
-        alone = serve_py(*overrides, cwd=tmp_path, script="demo.py")
+        # The three commands at once: each is mostly an interpreter importing torch, two cores share them.
+        with ThreadPoolExecutor(3) as pool:
+            run = pool.submit(serve_py, *overrides, cwd=tmp_path)
+            alone = pool.submit(serve_py, *overrides, cwd=tmp_path, script="demo.py")
+            bare = pool.submit(serve_py, cwd=tmp_path)
+            run, alone, bare = run.result(), alone.result(), bare.result()
     assert_one_line_error(run, rf"error: serve.port={port}: 127.0.0.1:{port} is taken")
     assert_one_line_error(alone, rf"error: serve.port={port}: 127.0.0.1:{port} is taken")
-    assert_one_line_error(serve_py(cwd=tmp_path), r"error: ckpt_path is missing")
+    assert_one_line_error(bare, r"error: ckpt_path is missing")
 
 
 def test_huge_png_is_refused_fast_and_phone_photos_are_seen_upright(servers, query_files, tmp_path):
@@ -598,6 +569,32 @@ def test_explain_true_adds_an_overlay_and_bad_values_get_400(
     page = Client(url + "/demo/", verbose=False, download_files=str(servers["torch"].tmp / "downloads"))
     shown = Image.open(page.predict(handle_file(str(good)), api_name="/explain"))
     assert shown.size == (size, size)  # the page's button shows the overlay the API answers
+
+
+def test_sigterm_ends_every_server_process_promptly_with_a_page_open(servers):
+    """Second to last in this module: it stops the shared torch server, after every test that uses it.
+    SIGTERM while a demo page is open (its heartbeat stream held) and nothing is in flight: serve.py and
+    every process it started are gone within a few seconds, exit status 0."""
+    server = servers["torch"]
+    processes = running_processes_of(server)
+    lines: list[str] = []
+
+    def open_page() -> None:
+        try:
+            with httpx.stream("GET", server.url + "/demo/gradio_api/heartbeat/page", timeout=120) as beat:
+                lines.extend(beat.iter_lines())
+        except httpx.TransportError:
+            pass
+
+    page = threading.Thread(target=open_page, daemon=True)
+    page.start()
+    time.sleep(1)
+    assert page.is_alive()  # the page's stream is open
+    server.process.send_signal(signal.SIGTERM)
+    assert server.process.wait(timeout=20) == 0, server.log_tail()
+    assert not wait_ended(processes, 10), server.log_tail()
+    page.join(10)
+    assert not page.is_alive()
 
 
 def test_sigterm_finishes_the_request_in_flight(servers, query_files, predicted_top1):

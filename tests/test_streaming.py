@@ -3,12 +3,14 @@
 import contextlib
 import faulthandler
 import json
+import shutil
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import litdata
 import numpy as np
 import pandas as pd
 import pytest
@@ -94,6 +96,24 @@ def test_shards_hold_the_splits_classes_and_geometry(photo_shards, tmp_path):
         assert (photo_shards / split / "index.json").is_file()
     with pytest.raises(SkuvisionError, match=r"^output=.* already holds shards"):
         write_shards(["data=image_folder", "data.root=/unused"], str(photo_shards), tmp_path / "again")
+
+
+def test_shards_store_each_source_path_as_its_name_not_its_image(data_root, tmp_path):
+    """A mixed PNG and JPEG folder shards (litdata read a path string of an existing image as that image,
+    and refused chunks of two image formats), and each item's `path` is the source file's path."""
+    root = tmp_path / "photos"
+    shutil.copytree(data_root / "photos", root)
+    for png in list((root / "phone").glob("*.png"))[:3]:
+        Image.open(png).convert("RGB").save(png.with_suffix(".jpg"), quality=95)
+        png.unlink()
+    out = tmp_path / "shards"
+    write_shards(["data=image_folder", f"data.root={root}"], str(out), tmp_path / "run", ["workers=2"])
+    data_format = json.loads((out / "train" / "index.json").read_text())["config"]["data_format"]
+    assert "str" not in data_format and not any(f.startswith("image") for f in data_format)
+    stored = litdata.StreamingDataset(str(out / "train"))
+    paths = {Path(stored[i]["path"].decode()) for i in range(len(stored))}
+    assert len(paths) == len(stored) and all(p.is_file() and root in p.parents for p in paths)
+    assert any(p.suffix == ".jpg" for p in paths)
 
 
 def test_only_image_file_sources_are_sharded(data_root, tmp_path):

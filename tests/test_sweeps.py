@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import optuna
@@ -82,13 +83,15 @@ def test_backbone_sweep_writes_a_leaderboard_with_the_failed_job_as_a_failed_row
 
 
 def test_compare_on_a_folder_without_jobs_is_a_one_line_error(tmp_path):
-    result = run_cli("compare.py", [f"sweep_dir={tmp_path / 'nothing'}"], tmp_path)
+    (tmp_path / "empty").mkdir()
+    with ThreadPoolExecutor(2) as pool:  # both at once: each is mostly an interpreter starting
+        missing = pool.submit(run_cli, "compare.py", [f"sweep_dir={tmp_path / 'nothing'}"], tmp_path)
+        empty = pool.submit(run_cli, "compare.py", [f"sweep_dir={tmp_path / 'empty'}"], tmp_path)
+        result, empty = missing.result(), empty.result()
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("error: sweep_dir=")
     assert "Traceback" not in result.stderr
-    (tmp_path / "empty").mkdir()
-    result = run_cli("compare.py", [f"sweep_dir={tmp_path / 'empty'}"], tmp_path)
-    assert result.returncode == 2 and "holds no job folders" in result.stderr
+    assert empty.returncode == 2 and "holds no job folders" in empty.stderr
 
 
 def optuna_command(data_root: Path, sweep_dir: Path, *extra: str) -> list[str]:

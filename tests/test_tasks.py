@@ -167,16 +167,12 @@ def test_predict_csv_agrees_with_eval(evaluation, checkpoint, tmp_path):
 
 
 def test_unreadable_file_gets_an_error_row(checkpoint, photos, tmp_path):
+    """In this process: test_predict_cli_into_an_earlier_run_folder_changes_nothing runs predict.py."""
     folder = tmp_path / "new"
     shutil.copytree(photos / "phone", folder)
     (folder / "broken.jpg").write_text("not a jpeg")
-    result = run_cli(
-        "predict.py",
-        [f"ckpt_path={checkpoint}", f"input={folder}", "trainer.accelerator=cpu", "num_workers=0"],
-        tmp_path,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    csv_path = next((tmp_path / "outputs").glob("*/*/predictions.csv"))
+    overrides = [f"ckpt_path={checkpoint}", f"input={folder}", "trainer.accelerator=cpu", "num_workers=0"]
+    csv_path = predict(compose_cfg("predict", overrides, tmp_path / "run"))
     with open(csv_path) as f:
         rows = {row["path"].split("/")[-1]: row for row in csv.DictReader(f)}
     assert rows["broken.jpg"]["error"] and rows["broken.jpg"]["label_1"] == ""

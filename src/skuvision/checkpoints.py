@@ -194,6 +194,23 @@ def checkpoint_file(value: str | Path, key: str = "ckpt_path") -> Path:
     )
 
 
+def resume_file(value: str | Path, last_name: str = "last.ckpt") -> Path:
+    """train.py's `ckpt_path` as the file to resume from: a file as given, or a train.py run folder (or its
+    checkpoints/) as its every-epoch checkpoint `last_name`, where the run stopped (not the tested one)."""
+    path = Path(str(value)).expanduser()
+    if not path.is_dir():
+        return path
+    folder = path if path.name == "checkpoints" else path / "checkpoints"
+    last = folder / last_name
+    if last.is_file():
+        return last
+    found = sorted(folder.glob("*.ckpt")) if folder.is_dir() else []
+    raise SkuvisionError(
+        f"ckpt_path={path}: no {last_name} in {folder}, which a resume continues from. "
+        f"{listing(found, folder) if found else nearby(path)}"
+    )
+
+
 def tested_record(path: Path) -> str | None:
     """The "checkpoint" a train (or eval) run's metrics.json records, or None."""
     try:

@@ -4,10 +4,13 @@ Kinds: `flat` (exact, FAISS's IndexFlatIP; the default, fine up to ~100k items),
 `ivfpq` (inverted lists of product-quantized codes, IVF{nlist},PQ{m}x{nbits}) for larger catalogues. An
 approximate index measures its recall@10 against exact search on a sample of catalogue items when built.
 
-On disk, a folder: index.faiss (FAISS's own format), items.csv (id,item,label: row id == FAISS id) and
-index.json (kind, parameters, counts, class names, recall, build time). items.csv is safe to open in a
-spreadsheet (skuvision.outputs.spreadsheet_cell) and reads back to the exact item names (format 2; format 1
-folders were written unescaped and are read as they are).
+On disk, a folder: index.faiss (FAISS's own format), items.csv (id,item,label) and index.json (kind,
+parameters, counts, class names, recall, build time, the checkpoint and its SHA-256). Row r of items.csv is
+FAISS's vector r; its id is the item's own, kept for good: ids start at 0 and continue across `changed`
+(embed.py add_to=), and a removed item's id is never given again (index.json's next_id). items.csv is safe
+to open in a spreadsheet (skuvision.outputs.spreadsheet_cell) and reads back to the exact item names
+(format >= 2; format 1 folders were written unescaped and are read as they are). An item added without a
+label has an empty label cell (format 3).
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ DEFAULTS = {
 }
 COMMON = {"recall_queries": 1000, "seed": 0}
 NORM_TOLERANCE = 1e-3
-FORMAT = 2  # 2: items.csv cells escaped for spreadsheets
+FORMAT = 3  # 2: items.csv cells escaped for spreadsheets; 3: ids with gaps (removed items), unlabelled items
 
 
 def check_normalized(vectors: np.ndarray, what: str) -> np.ndarray:
@@ -113,14 +116,23 @@ def set_search_params(index: faiss.Index, kind: str, params: dict) -> None:
 class CatalogueIndex:
     """A FAISS index over catalogue embeddings with each vector's item (file path or `split[i]`) and label."""
 
-    def __init__(self, index: faiss.Index, items: list[str], labels: list[int] | None, class_names, info):
+    def __init__(
+        self,
+        index: faiss.Index,
+        items: list[str],
+        labels: list[int | None] | None,
+        class_names,
+        info,
+        ids: list[int] | None = None,
+    ):
         self.index = index
         self.items = list(items)
-        self.labels = None if labels is None else [int(v) for v in labels]
+        self.labels = None if labels is None else [None if v is None else int(v) for v in labels]
         self.class_names = [str(c) for c in class_names]
         self.info = info
         self.kind: str = info["kind"]
         self.dim: int = int(index.d)
+        self.ids = list(range(len(self.items))) if ids is None else [int(i) for i in ids]
 
     def __len__(self) -> int:
         return int(self.index.ntotal)
@@ -134,6 +146,7 @@ class CatalogueIndex:
         class_names,
         kind: str = "flat",
         checkpoint: str | None = None,
+        checkpoint_sha256: str | None = None,
         **params,
     ) -> CatalogueIndex:
         features = check_normalized(features, "index features")
@@ -165,7 +178,9 @@ class CatalogueIndex:
             "count": count,
             "dim": dim,
             "checkpoint": checkpoint,
+            "checkpoint_sha256": checkpoint_sha256,
             "build_seconds": time.perf_counter() - start,
+            "next_id": count,
         }
         built = cls(index, items, labels, class_names, info)
         if kind != "flat":
@@ -179,11 +194,15 @@ class CatalogueIndex:
         log.info("index %s of %d x %d built in %.2fs", description, count, dim, info["build_seconds"])
         return built
 
-    def measure_recall(self, features: np.ndarray, queries: int, seed: int) -> dict:
-        """recall@10: the share of the exact 10 nearest (brute-force inner product) that this index returns,
-        over `queries` catalogue items drawn with `seed`."""
+    def measure_recall(
+        self, features: np.ndarray, queries: int, seed: int, among: np.ndarray | None = None
+    ) -> dict:
+        """recall@10: the share of the exact 10 nearest (brute-force inner product over `features`, the
+        whole catalogue in index order) that this index returns, over `queries` catalogue items drawn with
+        `seed` (from the rows `among`, or from all)."""
         rng = np.random.default_rng(seed)
-        sample = features[rng.choice(len(features), size=min(queries, len(features)), replace=False)]
+        rows = np.arange(len(features)) if among is None else np.asarray(among)
+        sample = features[rng.choice(rows, size=min(queries, len(rows)), replace=False)]
         k = min(10, len(features))
         exact = faiss.IndexFlatIP(self.dim)
         exact.add(features)
@@ -191,6 +210,121 @@ class CatalogueIndex:
         _, found = self.search(sample, k)
         hits = [len(set(t) & set(f)) for t, f in zip(truth.tolist(), found.tolist(), strict=True)]
         return {"recall@10": float(np.sum(hits) / (k * len(sample))), "recall_queries": len(sample)}
+
+    def changed(
+        self,
+        features: np.ndarray,
+        remove=(),
+        new_features: np.ndarray | None = None,
+        new_items=(),
+        new_labels=None,
+        source: str | None = None,
+    ) -> tuple[CatalogueIndex, np.ndarray]:
+        """(a new index, its vectors in its order): this one less the items whose ids are in `remove`, plus
+        the new items (ids continuing from next_id; `new_labels` None: unlabelled). `features`: this index's
+        vectors in its order (embed.py's embeddings.npz). This index is left as it was.
+
+        A flat index is made from the kept and the new vectors (it is nothing else). An approximate kind adds
+        the new items to a copy of its FAISS index (HNSW keeps its graph, IVF-PQ its trained centroids and
+        codebooks). Removal: HNSW cannot unlink a node, and an IVF index would keep stale row numbers, so the
+        copy is emptied and refilled from the kept vectors (the HNSW graph is built anew; the IVF training
+        stays). An approximate index measures its recall@10 again, over the whole catalogue and over the new
+        items."""
+        start = time.perf_counter()
+        features = check_normalized(features, "the index's stored vectors")
+        if features.shape != (len(self), self.dim):
+            raise SkuvisionError(
+                f"the index's stored vectors have shape {features.shape}, the index holds {len(self)} x "
+                f"{self.dim}; rebuild it with embed.py"
+            )
+        removing = {int(i) for i in remove}
+        unknown = sorted(removing - set(self.ids))
+        if unknown:
+            raise SkuvisionError(
+                f"remove: {len(unknown)} id(s) not in the index ({', '.join(map(str, unknown[:5]))}"
+                f"{', ...' if len(unknown) > 5 else ''}); its items.csv lists the ids"
+            )
+        keep = np.array([i not in removing for i in self.ids], dtype=bool)
+        new_items = [str(i) for i in new_items]
+        if new_items:
+            new_features = check_normalized(new_features, "new items' vectors")
+            if new_features.shape[1] != self.dim:
+                raise SkuvisionError(
+                    f"new items' vectors have dimension {new_features.shape[1]}, the index {self.dim} (its "
+                    "index.json): embed them with the index's checkpoint"
+                )
+            if len(new_features) != len(new_items):
+                raise SkuvisionError(f"index: {len(new_features)} new vectors but {len(new_items)} new items")
+            kept = {item for item, k in zip(self.items, keep, strict=True) if k}
+            seen: set[str] = set()
+            for item in new_items:
+                if item in kept or item in seen:
+                    raise SkuvisionError(
+                        f"input: {item} is already in the index"
+                        + (
+                            " (given twice)"
+                            if item in seen
+                            else "; remove its id in the same run to replace it"
+                        )
+                    )
+                seen.add(item)
+        else:
+            new_features = np.zeros((0, self.dim), dtype=np.float32)
+        if not keep.any() and not new_items:
+            raise SkuvisionError(
+                "remove: every item of the index would go, leaving it empty; embed anew instead"
+            )
+        params = self.info["params"]
+        if self.kind == "flat":  # an exact index is its vectors: made from them, faster than a copy
+            index = faiss.index_factory(self.dim, self.info["faiss"], faiss.METRIC_INNER_PRODUCT)
+            index.add(features[keep])
+        else:
+            index = faiss.clone_index(self.index)
+            if self.kind == "hnsw":
+                index.hnsw.efConstruction = int(params["ef_construction"])
+            if removing:
+                index.reset()
+                index.add(features[keep])
+        if new_items:
+            index.add(new_features)
+        set_search_params(index, self.kind, params)
+        seconds = time.perf_counter() - start
+        all_features = np.concatenate([features[keep], new_features])
+        next_id = int(self.info.get("next_id", len(self)))
+        ids = [i for i, k in zip(self.ids, keep, strict=True) if k] + list(
+            range(next_id, next_id + len(new_items))
+        )
+        items = [item for item, k in zip(self.items, keep, strict=True) if k] + new_items
+        labels = None
+        if self.labels is not None or new_labels is not None:
+            old = self.labels or [None] * len(self)
+            added = [None] * len(new_items) if new_labels is None else [int(v) for v in new_labels]
+            labels = [label for label, k in zip(old, keep, strict=True) if k] + added
+        change = {"from": source, "added": len(new_items), "removed": sorted(removing), "seconds": seconds}
+        info = {k: v for k, v in self.info.items() if not k.startswith(("recall@10", "recall_queries"))}
+        info |= {
+            "count": len(items),
+            "next_id": next_id + len(new_items),
+            "changes": [*self.info.get("changes", []), change],
+        }
+        grown = CatalogueIndex(index, items, labels, self.class_names, info, ids)
+        if self.kind != "flat":
+            queries, seed = int(params["recall_queries"]), int(params["seed"])
+            grown.info |= grown.measure_recall(all_features, queries, seed)
+            if new_items:
+                added = grown.measure_recall(
+                    all_features, queries, seed, among=np.arange(keep.sum(), len(items))
+                )
+                grown.info |= {f"{k}_added": v for k, v in added.items()}
+            log.info(
+                "index %s after the change: recall@10 %.4f against exact search on %d sampled items",
+                info["faiss"],
+                grown.info["recall@10"],
+                grown.info["recall_queries"],
+            )
+        counts = (len(new_items), len(removing), len(items))
+        log.info("index %s: %d added, %d removed, %d items, in %.2fs", info["faiss"], *counts, seconds)
+        return grown, all_features
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(scores, indices), each (m, k), best first. An approximate index that finds fewer than k items for
@@ -232,8 +366,9 @@ class CatalogueIndex:
             )
         with new_folder(folder) as partial:
             faiss.write_index(self.index, str(partial / "index.faiss"))
-            labels = [""] * len(self.items) if self.labels is None else self.labels
-            rows = zip(range(len(self)), self.items, labels, strict=True)
+            labels = [None] * len(self.items) if self.labels is None else self.labels
+            labels = ["" if label is None else label for label in labels]
+            rows = zip(self.ids, self.items, labels, strict=True)
             write_csv(partial / "items.csv", ["id", "item", "label"], rows)
             meta = self.info | {"format": FORMAT, "class_names": self.class_names}
             (partial / "index.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
@@ -274,11 +409,18 @@ class CatalogueIndex:
             items = [r["item"] for r in rows]
             if written_format >= 2:
                 items = [from_spreadsheet_cell(item) for item in items]
-            labels = [int(r["label"]) for r in rows] if rows and rows[0]["label"] != "" else None
+            labels = [None if r["label"] == "" else int(r["label"]) for r in rows]
+            labels = None if all(label is None for label in labels) else labels
+            next_id = int(meta.get("next_id", len(rows)))
         except (ValueError, KeyError, TypeError) as err:
             raise SkuvisionError(f"{files[1]}: unreadable item list ({err}); rebuild the index") from err
-        if ids != list(range(len(rows))):
+        if written_format < 3 and ids != list(range(len(rows))):
             raise SkuvisionError(f"{files[1]}: ids are not 0..{len(rows) - 1} in order; rebuild the index")
+        if np.any(np.diff(ids) <= 0) or (ids and not 0 <= ids[0] <= ids[-1] < next_id):
+            raise SkuvisionError(
+                f"{files[1]}: ids are not increasing from 0 below index.json's next_id {next_id}; rebuild "
+                "the index"
+            )
         if not index.ntotal == len(items) == count:
             raise SkuvisionError(
                 f"{folder}: counts disagree (index.faiss {index.ntotal}, items.csv {len(items)}, index.json "
@@ -287,5 +429,5 @@ class CatalogueIndex:
         if index.d != int(meta.get("dim", index.d)):
             raise SkuvisionError(f"{folder}: index.faiss has dimension {index.d}, index.json {meta['dim']}")
         set_search_params(index, kind, params)
-        info = {k: v for k, v in meta.items() if k != "class_names"}
-        return cls(index, items, labels, class_names, info)
+        info = {k: v for k, v in meta.items() if k != "class_names"} | {"next_id": next_id}
+        return cls(index, items, labels, class_names, info, ids)

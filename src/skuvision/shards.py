@@ -80,10 +80,11 @@ def output_widths(module) -> dict[str, int]:
     return {name: int(values.shape[1]) for name, values in as_columns(out).items()}
 
 
-def shard_schema(columns: dict[str, int]) -> pa.Schema:
+def shard_schema(columns: dict[str, int], labels: bool = False) -> pa.Schema:
+    """`labels`: a `label` column too (a split of litdata shards, whose labels are only in the samples)."""
     fields = [("index", pa.int64()), ("path", pa.string()), ("error", pa.string())]
     fields += [(name, pa.list_(pa.float32(), width)) for name, width in columns.items()]
-    return pa.schema(fields)
+    return pa.schema(fields + ([("label", pa.int64())] if labels else []))
 
 
 def open_no_links(path, flags: int = os.O_RDONLY, dir_fd: int | None = None, shown=None) -> int:
@@ -160,7 +161,7 @@ def shard_files(folder: Path) -> list[Path]:
 
 
 def read_shards(
-    folder: Path, items: list[str], columns: dict[str, int], outputs: bool = True
+    folder: Path, items: list[str], columns: dict[str, int], outputs: bool = True, labels: bool = False
 ) -> list[pa.Table]:
     """Every shard in `folder`, each checked against the plan (see the module's doc) and refused, naming the
     file, where it is not exactly what this run writes; without `outputs`, only their index and path
@@ -168,7 +169,7 @@ def read_shards(
     folder = shards_folder(folder)
     if not folder.exists():
         return []
-    schema = shard_schema(columns)
+    schema = shard_schema(columns, labels)
     owner = np.full(len(items), -1, dtype=np.int64)
     tables: list[pa.Table] = []
     fd = open_no_links(folder, os.O_RDONLY | os.O_DIRECTORY)  # listed and read through it
@@ -213,7 +214,10 @@ def checked_shard(
         raise refuse(f"not a readable Parquet file ({str(err).splitlines()[0]})") from None
     if table.num_rows == 0 or any(table.column(c).null_count for c in ("index", "path")):
         raise refuse("no rows, or rows without a position or path")
-    for name in schema.names[3:] if outputs else []:
+    if outputs and "label" in schema.names and table.column("label").null_count:
+        raise refuse("rows without a label")
+    lists = [f.name for f in schema if pa.types.is_fixed_size_list(f.type)]
+    for name in lists if outputs else []:
         if table.column(name).combine_chunks().flatten().null_count:
             raise refuse(f"missing values in {name}")
     index = table.column("index").to_numpy()
@@ -261,7 +265,13 @@ def as_columns(outputs) -> dict[str, np.ndarray]:
 
 
 def write_shard(
-    folder: Path, rank: int, index: np.ndarray, paths: list[str], errors: list[str], outputs: dict
+    folder: Path,
+    rank: int,
+    index: np.ndarray,
+    paths: list[str],
+    errors: list[str],
+    outputs: dict,
+    labels: np.ndarray | None = None,
 ) -> Path:
     columns = {
         "index": pa.array(index, type=pa.int64()),
@@ -271,6 +281,8 @@ def write_shard(
     for name, values in outputs.items():
         flat = pa.array(values.reshape(-1), type=pa.float32())
         columns[name] = pa.FixedSizeListArray.from_arrays(flat, values.shape[1])
+    if labels is not None:
+        columns["label"] = pa.array(labels, type=pa.int64())
     sink = pa.BufferOutputStream()
     pq.write_table(pa.table(columns), sink)
     data = sink.getvalue().to_pybytes()
@@ -304,7 +316,8 @@ class ShardWriter(Callback):
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         meta = outputs["meta"]
         index = meta["index"].cpu().numpy()
-        self.buffer.append((index, list(meta["error"]), as_columns(outputs["outputs"])))
+        labels = meta["label"].cpu().numpy() if "label" in meta else None
+        self.buffer.append((index, list(meta["error"]), as_columns(outputs["outputs"]), labels))
         self.buffered += len(index)
         if self.buffered >= self.shard_size:
             self.flush(trainer)
@@ -316,11 +329,16 @@ class ShardWriter(Callback):
     def flush(self, trainer) -> None:
         if not self.buffer:
             return
+        # In position order: a stream's order need not be its stored one.
         index = np.concatenate([b[0] for b in self.buffer])
+        order = np.argsort(index, kind="stable")
+        index = index[order]
         errors = [e for b in self.buffer for e in b[1]]
-        outputs = {k: np.concatenate([b[2][k] for b in self.buffer]) for k in self.buffer[0][2]}
+        errors = [errors[i] for i in order.tolist()]
+        outputs = {k: np.concatenate([b[2][k] for b in self.buffer])[order] for k in self.buffer[0][2]}
+        labels = np.concatenate([b[3] for b in self.buffer])[order] if self.buffer[0][3] is not None else None
         paths = [self.items[i] for i in index.tolist()]
-        path = write_shard(self.folder, trainer.global_rank, index, paths, errors, outputs)
+        path = write_shard(self.folder, trainer.global_rank, index, paths, errors, outputs, labels)
         self.images += len(index)
         self.buffer, self.buffered, self.written = [], 0, self.written + 1
         if trainer.is_global_zero:
@@ -336,10 +354,11 @@ class ShardWriter(Callback):
             raise RuntimeError(f"stopped after {self.written} shard(s) ({STOP_AFTER})")
 
 
-def merge(folder: Path, items: list[str], columns: dict[str, int]) -> tuple[object, list[str]]:
+def merge(folder: Path, items: list[str], columns: dict[str, int], labels: bool = False) -> tuple:
     """Every shard in input order: (the outputs as one float32 tensor, or {column: tensor} for several
-    heads; each image's read error), checked (read_shards) to hold each of `items` exactly once."""
-    tables = read_shards(folder, items, columns)
+    heads; each image's read error[; with `labels`, each image's label]), checked (read_shards) to hold each
+    of `items` exactly once."""
+    tables = read_shards(folder, items, columns, labels=labels)
     done = np.zeros(len(items), dtype=bool)
     for table in tables:
         done[table.column("index").to_numpy()] = True
@@ -358,9 +377,14 @@ def merge(folder: Path, items: list[str], columns: dict[str, int]) -> tuple[obje
         lists = table.column(name).combine_chunks()
         values = lists.flatten().to_numpy(zero_copy_only=False).reshape(len(lists), -1)
         outputs[name] = torch.from_numpy(values.copy())
-    if list(outputs) == ["out"]:
-        return outputs["out"], errors
-    return {name.removeprefix("out/"): v for name, v in outputs.items()}, errors
+    merged = (
+        outputs["out"]
+        if list(outputs) == ["out"]
+        else {k.removeprefix("out/"): v for k, v in outputs.items()}
+    )
+    if labels:
+        return merged, errors, table.column("label").to_pylist()
+    return merged, errors
 
 
 def sharded(cfg, trainer) -> bool:
@@ -395,3 +419,38 @@ def predict_in_shards(cfg, trainer, module, paths: list[Path], plan: dict):
     if not trainer.is_global_zero:
         return None
     return merge(folder, items, columns)
+
+
+def predict_split_in_shards(cfg, trainer, module, source, split: str, items: list[str], plan: dict):
+    """predict_in_shards over `split` of `source`, a data module of litdata shards (StreamingDataModule:
+    litdata splits the chunks among the processes, data.stream_positions) or of a split held in memory
+    (Lightning's sampler splits the positions left, data.split_positions); `items` names its images. A
+    resumed run skips, before decoding, the images its finished shards hold. On rank zero: (outputs, errors,
+    labels) in the split's order; None on the other ranks."""
+    from skuvision.data.split_positions import SplitPositionsDataModule
+    from skuvision.data.stream_positions import StreamPositionsDataModule
+    from skuvision.data.streaming import StreamingDataModule
+
+    folder = Path(cfg.paths.output_dir) / FOLDER
+    columns = output_widths(module)
+    plan = {**plan, "columns": columns, "labels": True}
+    check_plan(folder, plan)
+    tables = read_shards(folder, items, columns, outputs=False, labels=True)
+    left = positions_left(tables, len(items), trainer.world_size, folder)
+    if len(items) < trainer.world_size:
+        raise SkuvisionError(
+            f"split={split}: {len(items)} image(s) for {trainer.world_size} processes: embed it with fewer "
+            "processes, or with trainer=cpu"
+        )
+    if left:
+        if isinstance(source, StreamingDataModule):
+            done = np.ones(len(items), dtype=bool)
+            done[left] = False
+            datamodule = StreamPositionsDataModule(source, split, cfg.batch_size, cfg.num_workers, done)
+        else:
+            datamodule = SplitPositionsDataModule(source, split, left, cfg.batch_size)
+        trainer.callbacks.append(ShardWriter(folder, int(cfg.shard_size), plan, items))
+        trainer.predict(module, datamodule=datamodule, return_predictions=False)
+    if not trainer.is_global_zero:
+        return None
+    return merge(folder, items, columns, labels=True)

@@ -1,5 +1,9 @@
-"""Input of predict and embed: images named by path (a folder, a file, a list file, or a list of paths),
-and the data module that batches them for Trainer.predict.
+"""Input of predict and embed: images named by path (a folder, a file, a list file, a manifest, or a list of
+paths), and the data module that batches them for Trainer.predict.
+
+A manifest (a .csv or .parquet table whose header names a `path` column, as data=manifest reads) gives one
+image per row, in the table's order, relative paths against the table's folder as data=manifest resolves them;
+a row naming a file an earlier row names is predicted again, so that every row has its answer.
 
 An unreadable file does not stop the run: it yields a blank image and its error (datasets.InputImageFiles),
 which the caller reports in its own row.
@@ -7,6 +11,7 @@ which the caller reports in its own row.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,11 +25,41 @@ from skuvision.data.transforms import ToModelInput
 from skuvision.errors import SkuvisionError
 
 LIST_SUFFIXES = {".txt", ".csv", ".lst"}
+MANIFEST_SUFFIXES = {".csv", ".parquet", ".pq"}
+PATH_COLUMN = "path"
+
+
+def manifest_rows(path: Path) -> list[Path] | None:
+    """Each row's image of the manifest `path` (see the module's doc); None where it has no `path` column
+    (a plain list file)."""
+    from skuvision.data.manifest import read_table
+
+    if path.suffix.lower() == ".csv":
+        with open(path, encoding="utf-8-sig", errors="replace") as f:
+            first = next((line for line in f if line.strip()), "")
+        if PATH_COLUMN not in [cell.strip().strip('"') for cell in first.split(",")]:
+            return None
+    table = read_table(path)
+    if PATH_COLUMN not in table.rows.columns:
+        raise SkuvisionError(
+            f"input={path}: a table of images needs a {PATH_COLUMN} column; its columns: "
+            f"{', '.join(table.rows.columns)}"
+        )
+    if table.malformed:
+        line, why = next(iter(table.malformed.items()))
+        raise SkuvisionError(
+            f"input={path} line {line} is not a row ({why}): fix its quoting, so that every row is predicted"
+        )
+    return [
+        Path(os.path.normpath(path.parent / Path(cell.strip()).expanduser()))
+        for cell in table.rows[PATH_COLUMN]
+    ]
 
 
 def collect_inputs(inputs: str | Sequence[str]) -> list[Path]:
-    """Image paths from a folder (recursively), an image file, a text file with one path per line, or a list
-    of any of these; in a stable order. A broken symbolic link in a folder is kept, for its error row."""
+    """Image paths from a folder (recursively), an image file, a text file with one path per line, a manifest
+    (one per row, see the module's doc), or a list of any of these; in a stable order. A broken symbolic
+    link in a folder is kept, for its error row."""
     items = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
     paths: list[Path] = []
     for item in items:
@@ -37,6 +72,12 @@ def collect_inputs(inputs: str | Sequence[str]) -> list[Path]:
                 and p.suffix.lower() in IMAGE_SUFFIXES
                 and not p.name.startswith(".")
             )
+        elif (
+            path.suffix.lower() in MANIFEST_SUFFIXES
+            and path.is_file()
+            and (rows := manifest_rows(path)) is not None
+        ):
+            paths += rows
         elif path.suffix.lower() in LIST_SUFFIXES and path.is_file():
             lines = [line.strip().split(",")[0] for line in path.read_text().splitlines() if line.strip()]
             paths += [Path(line).expanduser() for line in lines]

@@ -10,7 +10,9 @@ classes are known without reading a shard.
 into and restores from the Trainer's checkpoint (a run resumes mid-epoch where it stopped). Under DDP litdata
 splits every epoch among ranks and workers; `drop_last` gives every rank the same number of full batches
 (uneven batch counts hang DDP), so up to ranks x batch - 1 images of an epoch are left out, different ones
-each epoch as the order is reshuffled. Every split yields uint8 CHW images like the other sources.
+each epoch as the order is reshuffled. Every split yields uint8 CHW images like the other sources. Inference
+on several processes reads a split through data/stream_positions.py instead (drop_last=False, each image
+once).
 """
 
 from __future__ import annotations
@@ -98,7 +100,9 @@ def encode_image(image: torch.Tensor, encoding: str, quality: int) -> bytes:
 
 class EncodeSample:
     """litdata.optimize's function: index of a file source's split -> {"image": bytes, "label", "index",
-    "path" (the source file)}."""
+    "path" (the source file's path, UTF-8 bytes)}. Bytes, because litdata stores a str that names an
+    existing image file as that image (its `str` serializer declines existing files; 0.2.76): each item
+    would carry its full-size original, and a folder of PNGs and JPEGs fails with inconsistent chunks."""
 
     def __init__(self, dataset, encoding: str, quality: int):
         self.dataset = dataset
@@ -109,7 +113,7 @@ class EncodeSample:
         image, label = self.dataset[index]
         path, _ = self.dataset.samples[index]
         encoded = encode_image(image, self.encoding, self.quality)
-        return {"image": encoded, "label": int(label), "index": index, "path": str(path)}
+        return {"image": encoded, "label": int(label), "index": index, "path": str(path).encode()}
 
 
 def stored_crop(model_input: dict) -> str:

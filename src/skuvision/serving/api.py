@@ -25,6 +25,7 @@ from starlette.datastructures import UploadFile
 from skuvision.config import set_threads
 from skuvision.errors import SkuvisionError
 from skuvision.serving.predictor import BadImage, ModelCard, Predictor
+from skuvision.unknown import load_detector
 
 log = logging.getLogger("skuvision")
 
@@ -132,9 +133,11 @@ class ImageAPI(ls.LitAPI):
         threads: int | None = None,
         max_batch_size: int = 1,
         batch_timeout: float = 0.0,
+        unknown: str | None = None,
     ):
         super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout)
         self.card, self.index_dir, self.top_k, self.k, self.threads = card, index_dir, top_k, k, threads
+        self.unknown = unknown  # unknown.json, checked in serve.py before the server starts
 
     def setup(self, device) -> None:
         # Runs in each inference worker; LitServe's /health answers 200 only once every worker got here.
@@ -146,7 +149,12 @@ class ImageAPI(ls.LitAPI):
         set_threads(self.threads)
         try:
             index = load_index(self.index_dir) if self.index_dir else None
-            self.predictor = Predictor(self.card, index, self.top_k, self.k, device=str(device))
+            detector = (
+                load_detector(self.unknown, self.card.checkpoint, self.card.tta) if self.unknown else None
+            )
+            self.predictor = Predictor(
+                self.card, index, self.top_k, self.k, device=str(device), unknown=detector
+            )
         except SkuvisionError as err:
             log.error("error: %s", err)  # the one line to read above LitServe's traceback
             raise

@@ -56,11 +56,13 @@ def load_index(folder: str | Path):
 
 
 class CatalogueImages:
-    """Thumbnails of index items by id: files are opened from the index's list, split items from the data set
-    the model was trained on (`data`, its data config)."""
+    """Pictures of index items by row, thumbnails by item id (items.csv's, as answers give them): files are
+    opened from the index's list, split items from the data set the model was trained on (`data`, its data
+    config)."""
 
     def __init__(self, index, data: dict, input_config: dict):
         self.items = list(index.items)
+        self.rows = {item_id: row for row, item_id in enumerate(index.ids)}
         self.data = data
         self.input_config = input_config
         self.splits: dict = {}
@@ -72,11 +74,11 @@ class CatalogueImages:
             self.splits[split] = datamodule.splits[split]
         return to_pil_image(self.splits[split][i][0]).convert("RGB")
 
-    def image(self, item_id: int) -> Image.Image | None:
-        """The item as stored (RGB), or None for an id outside the index or an unreadable file."""
-        if not 0 <= item_id < len(self.items):
+    def image(self, row: int) -> Image.Image | None:
+        """The item at `row` as stored (RGB), or None for a row outside the index or an unreadable file."""
+        if not 0 <= row < len(self.items):
             return None
-        item = self.items[item_id]
+        item = self.items[row]
         match = SPLIT_ITEM.match(item)
         try:
             return self.split_image(match["split"], int(match["index"])) if match else open_rgb(item)
@@ -85,7 +87,7 @@ class CatalogueImages:
             return None
 
     def thumbnail(self, item_id: int) -> Image.Image | None:
-        img = self.image(item_id)
+        img = self.image(self.rows.get(item_id, -1))
         if img is None:
             return None
         if max(img.size) > THUMBNAIL:

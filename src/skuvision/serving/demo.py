@@ -37,13 +37,15 @@ def build_demo(
     top_k: int,
     examples: list[str],
     attributes: list[tuple[str, str]] | None = None,
+    unknown: bool = False,
 ):
-    """`attributes`: (column, kind) per head of a model with several, in head order; None for one label."""
+    """`attributes`: (column, kind) per head of a model with several, in head order; None for one label.
+    `unknown`: the answers carry unknown_score and unknown (serve.py unknown=), shown in a box of its own."""
     import gradio as gr
 
     def classify(path: str | None):
         if not path:
-            return (*[None] * (len(attributes) if attributes else 1), [])
+            return (*[None] * ((len(attributes) if attributes else 1) + unknown), [])
         try:
             result = answer(Path(path).read_bytes(), False)
         except ValueError as err:
@@ -52,6 +54,8 @@ def build_demo(
             shown = [attribute_value(result["attributes"][column], kind) for column, kind in attributes]
         else:
             shown = [{item["label"]: item["prob"] for item in result["labels"]}]
+        if unknown:
+            shown.append(unknown_verdict(result))
         gallery = []
         for item in result.get("similar", []):
             picture = thumbnail(item["id"]) if thumbnail else None
@@ -83,6 +87,8 @@ def build_demo(
                     shown = [attribute_component(gr, column, kind, top_k) for column, kind in attributes]
                 else:
                     shown = [gr.Label(num_top_classes=top_k, label="Top labels", elem_id="labels")]
+                if unknown:
+                    shown.append(gr.Textbox(label="Unknown product?", interactive=False, elem_id="unknown"))
                 gallery = gr.Gallery(
                     label="Most similar catalogue items", columns=5, format="png", elem_id="similar"
                 )
@@ -100,6 +106,12 @@ def build_demo(
         # Its own event, so classify's answers keep their shape: the page asks /predict with explain=true.
         why.click(explain, inputs=[image], outputs=[heatmap], api_name="explain")
     return demo
+
+
+def unknown_verdict(result: dict) -> str:
+    """The unknown box's text for one answer."""
+    verdict = "unknown: unlike the training catalogue" if result["unknown"] else "known: like the catalogue"
+    return f"{verdict} (unknown_score {result['unknown_score']:.3f})"
 
 
 def explanation_picture(explanation: dict | None) -> Image.Image | None:
@@ -144,11 +156,13 @@ def write_examples(image: Callable[[int], Image.Image | None], ids: list[int], f
 
 
 def example_ids(labels, count: int = 6) -> list[int]:
-    """The first item of each of the first `count` labels (or the first items, unlabelled)."""
+    """The rows of the first item of each of the first `count` labels (or the first items, unlabelled)."""
     if labels is None or not len(labels):
         return list(range(count))
     first: dict[int, int] = {}
     for i, label in enumerate(labels):
+        if label is None:  # an item added without a label
+            continue
         first.setdefault(int(label), i)
         if len(first) == count:
             break

@@ -157,9 +157,12 @@ def onnx_head_outputs(widths: dict[str, int | None], heads: list[Head], onnx_pat
 class Predictor:
     """A model card's model on one device, and optionally a catalogue index: decode, then run in batches."""
 
-    def __init__(self, card: ModelCard, index=None, top_k: int = 5, k: int = 5, device: str = "cpu"):
+    def __init__(
+        self, card: ModelCard, index=None, top_k: int = 5, k: int = 5, device: str = "cpu", unknown=None
+    ):
         self.card = card
         self.index = index
+        self.unknown = unknown  # a skuvision.unknown.Detector: unknown_score and unknown in every answer
         self.catalogue_root = catalogue_root(index.items) if index is not None else None
         self.top_k = min(int(top_k), len(card.class_names))
         self.requested_top_k = int(top_k)  # per head, at most its classes (readout)
@@ -171,7 +174,7 @@ class Predictor:
         self.module = None
         self.session = None
         self.explainer: Explainer | None = None  # made at the first explain=true request
-        if card.backend == "torch" or index is not None:  # embeddings for the index come from torch
+        if card.backend == "torch" or index is not None or unknown is not None:  # embeddings: from torch
             self.module = load_classifier(card.checkpoint, map_location=self.device).eval()
         if card.backend == "onnx":
             import onnxruntime as ort
@@ -222,7 +225,7 @@ class Predictor:
         features = None
         if self.module is not None:
             x = self.to_model_input(images)
-            if self.index is not None:
+            if self.index is not None or self.unknown is not None:
                 features = F.normalize(self.module.embed(x).float(), dim=1).cpu()
         if self.session is not None:
             # The graph takes uint8: views are made in float (replicate padding has no uint8 kernel) and are
@@ -256,7 +259,11 @@ class Predictor:
             ]
         else:
             answers = self.attribute_answers(logits)
-        if features is not None:
+        if self.unknown is not None:
+            values = self.unknown.scores(logits, features, self.heads)
+            for answer, value in zip(answers, values.tolist(), strict=True):
+                answer.update(unknown_score=round(value, 6), unknown=value > self.unknown.threshold)
+        if self.index is not None:
             scores, indices = self.index.search(
                 np.ascontiguousarray(features.numpy(), dtype=np.float32), self.k
             )
@@ -317,6 +324,8 @@ class Predictor:
 
     def catalogue_item(self, i: int, score: float) -> dict:
         labels = self.index.labels
-        label = self.index.class_names[labels[i]] if labels is not None and len(labels) else None
+        label = labels[i] if labels is not None and len(labels) else None  # None: added without one
+        label = None if label is None else self.index.class_names[label]
         path = public_name(self.index.items[i], self.catalogue_root)
-        return {"id": i, "path": path, "label": label, "score": round(score, 6)}
+        # the item's own id (items.csv's), which embed.py remove= takes: not its row, which removals shift
+        return {"id": self.index.ids[i], "path": path, "label": label, "score": round(score, 6)}

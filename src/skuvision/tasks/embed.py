@@ -4,14 +4,21 @@ Writes embeddings.npz (L2-normalized features with their items and labels), a Ca
 (FAISS; exact by default), the k nearest neighbours of every item (or of one query image) found with that
 index, and, for a labelled split, retrieval quality by exact search: recall@1/5/10 and mAP.
 
-With input= files, or a split of files (image folder, manifest), on several processes (trainer=ddp,
-ddp_cpu, multinode) each process writes its images' features in shards in the run folder's shards/ and rank
-zero merges them in input order (skuvision.shards); a rerun with hydra.run.dir=<that run folder> skips the
-images finished shards hold.
+With input= files, or a split of files (image folder, manifest), of litdata shards (data=streaming) or held
+in memory (Fashion-MNIST, CIFAR), on several processes (trainer=ddp, ddp_cpu, multinode) each process
+writes its images' features in shards in the run folder's shards/ and rank zero merges them in input order
+(skuvision.shards); a rerun with hydra.run.dir=<that run folder> skips the images finished shards hold. A
+split of litdata shards is in the order shard.py stored it (each image's `index`, its row in the source
+split), on one process too; its items, like an in-memory split's, are named `<split>[<index>]`.
+
+add_to=<an earlier embed run folder> adds input= images to a copy of its index and takes remove= ids out, in
+a new run folder (skuvision.tasks.embed_changes).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from pathlib import Path
 
@@ -25,12 +32,14 @@ from skuvision.assembly import build_trainer, from_checkpoint
 from skuvision.config import plain, set_threads
 from skuvision.data.datasets import dataset_labels
 from skuvision.data.inputs import InputFilesDataModule, collect_inputs
+from skuvision.data.streaming import StreamingDataModule
 from skuvision.errors import SkuvisionError
 from skuvision.index import CatalogueIndex, index_params
 from skuvision.metrics import retrieval_report
-from skuvision.outputs import new_file, refuse_existing, write_csv, write_new_json
+from skuvision.outputs import file_sha256, new_file, refuse_existing, write_csv, write_new_json
 from skuvision.readout import concat_batches
-from skuvision.shards import plan_of, predict_in_shards, sharded
+from skuvision.shards import plan_of, predict_in_shards, predict_split_in_shards, sharded
+from skuvision.tasks.embed_changes import embed_changes
 from skuvision.tasks.utils import command, print_summary, resolve_checkpoint, shown
 
 log = logging.getLogger("skuvision")
@@ -58,6 +67,10 @@ def features_in_shards(cfg: DictConfig, trainer, module, items: list[str], **pla
 
 
 def embed(cfg: DictConfig) -> dict:
+    if cfg.get("add_to") is not None:
+        return embed_changes(cfg, features_of, neighbours_of_items, write_neighbours)
+    if cfg.get("remove") is not None:
+        raise SkuvisionError("remove: takes ids out of an earlier index; give add_to=<its embed run folder>")
     set_threads(cfg.get("threads"))
     resolve_checkpoint(cfg)
     if cfg.get("threads"):
@@ -98,12 +111,18 @@ def embed(cfg: DictConfig) -> dict:
             raise SkuvisionError(f"split={cfg.split}: choose one of {sorted(datamodule.splits)}")
         dataset = datamodule.splits[cfg.split]
         paths = datamodule.sample_paths(cfg.split)
-        if sharded(cfg, trainer):
-            if paths is None:
-                raise SkuvisionError(
-                    f"split={cfg.split}: its images are not files of their own, which several processes "
-                    "(or shards=true) need: embed on one process, or use data=image_folder or data=manifest"
-                )
+        if isinstance(datamodule, StreamingDataModule):
+            features, labels, paths = stream_features(cfg, trainer, module, datamodule)
+            if features is None:  # not rank zero: rank zero writes the results
+                return {}
+        elif sharded(cfg, trainer) and paths is None:  # held in memory
+            items = split_items(cfg.split, len(dataset))
+            plan = plan_of("embed", cfg.ckpt_path, items, **split_plan(cfg, trainer, datamodule))
+            merged = predict_split_in_shards(cfg, trainer, module, datamodule, cfg.split, items, plan)
+            if merged is None:
+                return {}
+            features, labels = F.normalize(merged[0], dim=1), merged[2]
+        elif sharded(cfg, trainer):
             merged = features_in_shards(cfg, trainer, module, paths, split=cfg.split)
             if merged is None:
                 return {}
@@ -161,6 +180,44 @@ def embed(cfg: DictConfig) -> dict:
     return result
 
 
+def split_items(split: str, count: int) -> list[str]:
+    """The names of a split's images that are not files of their own: `<split>[<position>]`."""
+    return [f"{split}[{i}]" for i in range(count)]
+
+
+def split_plan(cfg: DictConfig, trainer, datamodule) -> dict:
+    """What decides a split's shards besides the checkpoint: the split, its data and the precision (with
+    litdata shards, a SHA-256 of their metadata: classes, counts, encoding)."""
+    plan = {"split": cfg.split, "data_root": str(datamodule.root), "precision": str(trainer.precision)}
+    if isinstance(datamodule, StreamingDataModule):
+        metadata = json.dumps(datamodule.metadata, sort_keys=True).encode()
+        plan["shards_metadata_sha256"] = hashlib.sha256(metadata).hexdigest()
+    return plan
+
+
+def stream_features(cfg: DictConfig, trainer, module, datamodule) -> tuple:
+    """(normalized features, labels, item names) of a split of litdata shards in stored order: in shards
+    when several processes run (or shards=true), else in one pass; (None, None, None) off rank zero."""
+    from skuvision.data.stream_positions import StreamPositionsDataModule, stored_count
+
+    items = split_items(cfg.split, stored_count(datamodule, cfg.split))
+    if sharded(cfg, trainer):
+        plan = plan_of("embed", cfg.ckpt_path, items, **split_plan(cfg, trainer, datamodule))
+        merged = predict_split_in_shards(cfg, trainer, module, datamodule, cfg.split, items, plan)
+        if merged is None:
+            return None, None, None
+        return F.normalize(merged[0], dim=1), merged[2], items
+    stream = StreamPositionsDataModule(datamodule, cfg.split, cfg.batch_size, cfg.num_workers)
+    outputs = trainer.predict(module, datamodule=stream)
+    index = torch.cat([o["meta"]["index"] for o in outputs])
+    if sorted(index.tolist()) != list(range(len(items))):
+        raise SkuvisionError(f"split={cfg.split}: the stream did not yield each stored image once")
+    order = torch.argsort(index)
+    features = F.normalize(torch.cat([o["outputs"] for o in outputs]), dim=1)[order]
+    labels = torch.cat([o["meta"]["label"] for o in outputs])[order].tolist()
+    return features, labels, items
+
+
 def embed_summary(cfg: DictConfig, written: dict[str, Path], result: dict) -> str:
     """Its run folder (what serve.py's index= takes) and the serve command."""
     run = written["index"].parent
@@ -198,16 +255,26 @@ def build_index(cfg: DictConfig, features: np.ndarray, items, labels, class_name
     kind, params = index_settings(cfg)
     labels = labels.numpy() if labels is not None else None
     return CatalogueIndex.build(
-        features, items, labels, class_names, kind=kind, checkpoint=str(cfg.ckpt_path), **params
+        features,
+        items,
+        labels,
+        class_names,
+        kind=kind,
+        checkpoint=str(cfg.ckpt_path),
+        checkpoint_sha256=file_sha256(cfg.ckpt_path),  # what embed.py add_to= checks its checkpoint against
+        **params,
     )
 
 
-def neighbours_of_items(index: CatalogueIndex, features: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Each item's k nearest other items: one more is searched and the item itself dropped (or the last one,
-    where ties or an approximate index left the item out)."""
+def neighbours_of_items(
+    index: CatalogueIndex, features: np.ndarray, k: int, rows: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each item's (or the items' at index `rows`) k nearest other items: one more is searched and the item
+    itself dropped (or the last one, where ties or an approximate index left the item out)."""
     k = min(k, len(index) - 1)
-    scores, indices = index.search(features, k + 1)
-    own = indices == np.arange(len(indices))[:, None]
+    rows = np.arange(len(features)) if rows is None else np.asarray(rows)
+    scores, indices = index.search(features[rows], k + 1)
+    own = indices == rows[:, None]
     drop = np.where(own.any(axis=1), own.argmax(axis=1), k)
     keep = np.ones_like(own)
     keep[np.arange(len(indices)), drop] = False

@@ -15,7 +15,13 @@ from pytorch_lightning import seed_everything
 from torchvision.transforms.v2.functional import to_pil_image
 
 from skuvision import calibration, plots
-from skuvision.assembly import build_trainer, close_loggers, from_checkpoint, instantiate_loggers
+from skuvision.assembly import (
+    build_trainer,
+    close_loggers,
+    data_module,
+    from_checkpoint,
+    instantiate_loggers,
+)
 from skuvision.config import set_threads
 from skuvision.errors import SkuvisionError
 from skuvision.explain import Explainer, check_method, overlay
@@ -26,6 +32,14 @@ from skuvision.outputs import file_sha256, new_file, refuse_existing, write_csv,
 from skuvision.readout import DEFAULT_TAG_THRESHOLD, concat_batches, head_probs, read_heads
 from skuvision.tasks.utils import command, log_images, print_summary, resolve_checkpoint, shown
 from skuvision.tta import check_tta
+from skuvision.unknown import (
+    REFERENCE_FILE,
+    UNKNOWN_FILE,
+    WithFeatures,
+    eval_unknown,
+    unknown_options,
+)
+from skuvision.unknown import describe as describe_unknown
 
 log = logging.getLogger("skuvision")
 
@@ -65,10 +79,15 @@ def evaluate(cfg: DictConfig) -> dict:
         + (ERRORS_PAGE if gallery else ())
     )
     refuse_existing([output_dir / name for name in names], "run it into a new run folder, or remove it")
+    unknown = unknown_options(cfg)
+    unknown_names = [UNKNOWN_FILE, REFERENCE_FILE] if unknown and unknown["calibrate"] else []
+    refuse_existing(
+        [output_dir / name for name in unknown_names], "run it into a new run folder, or remove it"
+    )
     module, datamodule = from_checkpoint(cfg.ckpt_path, cfg.get("data"), split="test")
     module.tta = check_tta(cfg.get("tta") or module.tta)
     # The file names of a model with several heads come from its columns.
-    names = result_names(module.heads, cfg.get("calibrate", True), gallery is not None)
+    names = result_names(module.heads, cfg.get("calibrate", True), gallery is not None) + unknown_names
     refuse_existing([output_dir / name for name in names], "run it into a new run folder, or remove it")
     if module.multi_head is not None:
         tag_options(cfg)
@@ -78,16 +97,36 @@ def evaluate(cfg: DictConfig) -> dict:
     refuse_existing(logger_dirs, "run it into a new run folder, or remove it")
     trainer = build_trainer(cfg, loggers)
     try:
-        outputs = trainer.predict(module, datamodule=datamodule)
+        outputs = trainer.predict(WithFeatures(module) if unknown else module, datamodule=datamodule)
         logits = concat_batches([o["outputs"] for o in outputs])
         labels = concat_batches([o["meta"] for o in outputs])
         files = datamodule.sample_paths("test")
+        extra = {}
+        if unknown:  # first: its refusals (no training split, unreadable folder) come before any file
+            features = torch.cat([o["features"] for o in outputs])
+            # The reference and threshold come from the catalogue the checkpoint was trained on, also when
+            # data= evaluates it elsewhere.
+            catalogue = datamodule
+            if cfg.get("data") is not None:
+                catalogue = data_module(module.hparams.data, module.input_config, "train")
+            extra["unknown"], _ = eval_unknown(
+                unknown,
+                trainer,
+                module,
+                catalogue,
+                (logits, features),
+                output_dir,
+                file_header(cfg, module),
+                cfg.seed,
+            )
         if module.multi_head is not None:
             report, pngs = evaluate_heads(
-                cfg, trainer, module, datamodule, (logits, labels), files, output_dir
+                cfg, trainer, module, datamodule, (logits, labels), files, output_dir, extra
             )
         else:
-            report, pngs = evaluate_one(cfg, trainer, module, datamodule, (logits, labels), files, output_dir)
+            report, pngs = evaluate_one(
+                cfg, trainer, module, datamodule, (logits, labels), files, output_dir, extra
+            )
         scalars = {k: v for k, v in report.items() if k.startswith("test/")}
         calibrated = report.get("calibration", {})
         by_column = (
@@ -119,11 +158,18 @@ def eval_summary(cfg, report: dict, output_dir: Path, names: list[str]) -> str:
     calibrated = (output_dir / calibration.CALIBRATION_FILE).is_file()
     overrides = [f"ckpt_path={shown(cfg.ckpt_path)}", "input=<photos>"]
     overrides += [f"calibration={shown(output_dir)}"] if calibrated else []
+    unknown = report.get("unknown", {})
+    for line in describe_unknown(unknown):
+        print(line)
+    if unknown.get("other"):
+        figures["unknown AUROC"] = f"{unknown['other']['auroc']:.4f}"
+        figures["unknown FPR@95TPR"] = f"{unknown['other']['fpr_at_95_tpr']:.4f}"
+    overrides += [f"unknown={shown(output_dir)}"] if (output_dir / UNKNOWN_FILE).is_file() else []
     return print_summary("eval", wrote, figures, [command("predict.py", *overrides)])
 
 
 def evaluate_one(
-    cfg, trainer, module, datamodule, test: tuple, files, output_dir: Path
+    cfg, trainer, module, datamodule, test: tuple, files, output_dir: Path, extra: dict | None = None
 ) -> tuple[dict, list[Path]]:
     """The one-label model: metrics.json, predictions.csv, the plots (and calibration)."""
     logits, labels = test
@@ -150,6 +196,7 @@ def evaluate_one(
             cfg, trainer, module, datamodule, test, output_dir
         )
         pngs += calibration_pngs
+    report |= extra or {}
     write_new_json(
         output_dir / "metrics.json", {**report, "checkpoint": str(cfg.ckpt_path), "tta": module.tta}
     )
@@ -173,7 +220,7 @@ def tag_options(cfg) -> tuple[str, int]:
 
 
 def evaluate_heads(
-    cfg, trainer, module, datamodule, test: tuple, files, output_dir: Path
+    cfg, trainer, module, datamodule, test: tuple, files, output_dir: Path, extra: dict | None = None
 ) -> tuple[dict, list[Path]]:
     """Several heads: each label column's figures over its rows with a label, each tag column's at the
     per-tag thresholds chosen on val (0.5 without calibration), plots per column; with calibrate, fitted
@@ -196,6 +243,7 @@ def evaluate_heads(
     if cfg.get("calibrate", True):
         report["calibration"] = calibrated
     pngs = write_head_plots(report, heads, logits, targets, output_dir) + calibration_pngs
+    report |= extra or {}
     write_new_json(
         output_dir / "metrics.json", {**report, "checkpoint": str(cfg.ckpt_path), "tta": module.tta}
     )

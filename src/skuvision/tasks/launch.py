@@ -14,7 +14,7 @@ from pytorch_lightning import LightningDataModule, LightningModule, Trainer
 from pytorch_lightning.strategies import StrategyRegistry
 
 from skuvision.assembly import build_trainer
-from skuvision.checkpoints import read_checkpoint
+from skuvision.checkpoints import read_checkpoint, resume_file
 from skuvision.compat import continue_csv_logs, testing_after_fit
 from skuvision.config import in_multirun
 from skuvision.errors import SkuvisionError
@@ -91,13 +91,15 @@ def check_launch(trainer: Trainer, strategy) -> None:
 
 
 def resume_path(cfg: DictConfig) -> str | None:
-    """`ckpt_path` when given; else the run folder's last.ckpt when there is one, which happens only when a
-    run re-enters its folder: a SLURM job requeued after a timeout or preemption resumes where it stopped.
-    Either is checked by the checkpoint reader first: a file planted in the run folder has no other way in."""
-    if cfg.get("ckpt_path"):
-        read_checkpoint(cfg.ckpt_path)
-        return str(cfg.ckpt_path)
+    """`ckpt_path` when given (a run folder: its last.ckpt, where it stopped); else this run folder's
+    last.ckpt when there is one, which happens only when a run re-enters its folder: a SLURM job requeued
+    after a timeout or preemption resumes where it stopped. Either is checked by the checkpoint reader
+    first: a file planted in the run folder has no other way in."""
     last = (cfg.get("callbacks") or {}).get("last_checkpoint")
+    if cfg.get("ckpt_path"):
+        given = resume_file(cfg.ckpt_path, f"{last.filename}.ckpt" if last is not None else "last.ckpt")
+        read_checkpoint(given)
+        return str(given)
     if last is None:
         return None
     path = Path(last.dirpath) / f"{last.filename}.ckpt"

@@ -9,6 +9,10 @@ per tag column `<column>` (the predicted tags, joined by the training table's ta
 `<column>_probs` (their probabilities, joined the same way). Tags are cut at the calibration's per-tag
 thresholds, 0.5 without. Every attribute comes from skuvision.readout, as the server's answers do.
 
+With `unknown=<eval run folder>`, two last columns (before `explanation`): `unknown_score` (higher: less like
+the training catalogue; skuvision.unknown) and `unknown` (true above the threshold eval.py chose on val),
+empty for unreadable rows. Without it neither is written: the kNN score needs the reference eval.py stores.
+
 On several processes (trainer=ddp, ddp_cpu, multinode) each writes its images' logits in shards in the run
 folder's shards/ and rank zero merges them into the one CSV, in input order (skuvision.shards); a rerun with
 hydra.run.dir=<that run folder> skips the images finished shards hold.
@@ -40,6 +44,7 @@ from skuvision.readout import concat_batches, head_probs, read_heads
 from skuvision.shards import plan_of, predict_in_shards, sharded
 from skuvision.tasks.utils import command, print_summary, resolve_checkpoint, shown
 from skuvision.tta import check_tta
+from skuvision.unknown import WithFeatures, load_detector, with_unknown
 
 log = logging.getLogger("skuvision")
 
@@ -72,6 +77,9 @@ def predict(cfg: DictConfig) -> Path:
     header = attribute_header(module.heads, calibrated is not None) if multi else None
     if explain and sharded(cfg, trainer):
         raise SkuvisionError("explain=gradcam runs on one process: leave out shards= and trainer=ddp*")
+    detector = load_detector(cfg.unknown, cfg.ckpt_path, module.tta) if cfg.get("unknown") else None
+    if detector and sharded(cfg, trainer):
+        raise SkuvisionError("unknown= runs on one process: leave out shards= and trainer=ddp*")
     if sharded(cfg, trainer):
         plan = plan_of(
             "predict",
@@ -88,7 +96,7 @@ def predict(cfg: DictConfig) -> Path:
         datamodule = InputFilesDataModule(
             paths, module.input_config, cfg.batch_size, cfg.num_workers, cache=bool(cfg.get("cache", False))
         )
-        outputs = trainer.predict(module, datamodule=datamodule)
+        outputs = trainer.predict(WithFeatures(module) if detector else module, datamodule=datamodule)
         logits = concat_batches([o["outputs"] for o in outputs])
         errors = [e for o in outputs for e in o["meta"]]
     if multi:
@@ -98,6 +106,10 @@ def predict(cfg: DictConfig) -> Path:
         header, rows, review = ranked_rows(
             logits, paths, errors, calibrated, module.class_names, int(cfg.top_k)
         )
+    if detector:
+        features = torch.cat([o["features"] for o in outputs])
+        values = detector.scores(logits, features, module.heads)
+        header, rows = with_unknown(header, rows, values, detector.threshold, errors)
     if explain:
         header, rows = with_explanations(cfg, module, trainer, datamodule, logits, errors, header, rows)
     write_csv(out, header, rows)
@@ -113,6 +125,9 @@ def predict(cfg: DictConfig) -> Path:
             report_review(column_calibration(calibrated, column, per_head[1][column]), flags, failed, column)
     elif calibrated:
         report_review(calibrated, review, failed)
+    if detector:
+        flagged = sum(not e and v > detector.threshold for v, e in zip(values.tolist(), errors, strict=True))
+        print(f"unknown: {flagged} of {len(paths) - failed} readable images flagged; {detector.describe()}")
     predict_summary(cfg, out, len(paths) - failed, failed)
     return out
 

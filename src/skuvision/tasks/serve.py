@@ -34,6 +34,7 @@ from skuvision.serving.catalogue import CatalogueImages, index_folder, load_inde
 from skuvision.serving.demo import use_private_gradio_dirs
 from skuvision.serving.predictor import BadImage, ModelCard, Predictor, model_card
 from skuvision.tasks.utils import resolve_checkpoint
+from skuvision.unknown import load_detector
 
 log = logging.getLogger("skuvision")
 
@@ -47,7 +48,7 @@ API_KEY_VARIABLE = "LIT_SERVER_API_KEY"  # LitServe's; it reads it when imported
 API_KEY_HEADER = "X-API-Key"
 
 
-def model_info(card: ModelCard, index, cfg: DictConfig) -> dict:
+def model_info(card: ModelCard, index, cfg: DictConfig, unknown=None) -> dict:
     """GET /info's "model" part: files by name and hash, never by where they lie on the server."""
     info = {
         "name": card.name,
@@ -61,6 +62,9 @@ def model_info(card: ModelCard, index, cfg: DictConfig) -> dict:
         "top_k": int(cfg.top_k),
         "k": int(cfg.k),
         "index": None if index is None else {"items": len(index.items), "kind": index.kind, "dim": index.dim},
+        "unknown": None
+        if unknown is None
+        else {"method": unknown.method, "threshold": unknown.threshold, "keep": unknown.keep},
     }
     if card.heads is not None:  # what each column of an answer's "attributes" can hold
         info["attributes"] = {
@@ -163,6 +167,12 @@ def prepared(cfg: DictConfig):
     return card, index_dir, index
 
 
+def unknown_detector(cfg: DictConfig, card: ModelCard):
+    """`unknown=`: eval.py's threshold and reference, checked against the served checkpoint before anything
+    binds (each inference worker loads it again)."""
+    return load_detector(cfg.unknown, card.checkpoint, card.tta) if cfg.get("unknown") else None
+
+
 def api_key() -> str | None:
     return os.environ.get(API_KEY_VARIABLE) or None
 
@@ -215,6 +225,7 @@ def mount_demo(app, cfg, card, index_dir, index, answer, private: Path):
         int(cfg.top_k),
         examples,
         [(h.column, h.kind) for h in card.model_heads()] if card.heads is not None else None,
+        unknown=bool(cfg.get("unknown")),
     )
     options = dict(
         allowed_paths=[],
@@ -296,7 +307,9 @@ def interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-def build_server(cfg: DictConfig, card: ModelCard, index_dir: Path | None, index, private: Path):
+def build_server(
+    cfg: DictConfig, card: ModelCard, index_dir: Path | None, index, private: Path, unknown=None
+):
     import litserve as ls
 
     from skuvision.serving.api import ImageAPI
@@ -310,6 +323,7 @@ def build_server(cfg: DictConfig, card: ModelCard, index_dir: Path | None, index
         cfg.get("threads"),
         max_batch_size=int(s.max_batch_size),
         batch_timeout=float(s.batch_timeout),
+        unknown=str(unknown.source) if unknown is not None else None,
     )
     limit = int(float(s.max_upload_mb) * 1024 * 1024)
     server = ls.LitServer(
@@ -318,7 +332,7 @@ def build_server(cfg: DictConfig, card: ModelCard, index_dir: Path | None, index
         devices=s.devices,
         workers_per_device=int(s.workers_per_device),
         timeout=float(s.timeout),
-        model_metadata=model_info(card, index, cfg),
+        model_metadata=model_info(card, index, cfg, unknown),
         max_payload_size=limit,
         # FastAPI's /docs and /redoc pages fetch Swagger UI and ReDoc from a CDN: they are off, and so is
         # the /openapi.json they read.
@@ -332,13 +346,14 @@ def build_server(cfg: DictConfig, card: ModelCard, index_dir: Path | None, index
 
 def serve(cfg: DictConfig) -> None:
     card, index_dir, index = prepared(cfg)
+    unknown = unknown_detector(cfg, card)
     s = cfg.serve
     check_port_free(s.host, int(s.port))
     with tempfile.TemporaryDirectory(prefix="skuvision-serve-") as tmp:
         private = Path(tmp)
         if s.demo:
             use_private_gradio_dirs(private)
-        server = build_server(cfg, card, index_dir, index, private)
+        server = build_server(cfg, card, index_dir, index, private, unknown)
         where = f"http://{LOOPBACK[s.host]}:{s.port}"
         served = f"{card.backend} {Path(card.onnx_path).name}" if card.onnx_path else card.backend
         print(f"serving {card.name} ({served}, sha256 {card.sha256}) on {s.host}:{s.port}")
@@ -378,7 +393,7 @@ def demo(cfg: DictConfig) -> None:
     set_threads(cfg.get("threads"))
     card, index_dir, index = prepared(cfg)
     check_port_free(cfg.serve.host, int(cfg.serve.port))
-    predictor = Predictor(card, index, cfg.top_k, cfg.k)
+    predictor = Predictor(card, index, cfg.top_k, cfg.k, unknown=unknown_detector(cfg, card))
 
     def answer(data: bytes, explain: bool = False) -> dict:
         try:
