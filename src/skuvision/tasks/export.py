@@ -36,6 +36,7 @@ from skuvision.errors import SkuvisionError
 from skuvision.models.classifier import Classifier
 from skuvision.models.heads import set_classifier
 from skuvision.outputs import (
+    new_file,
     new_file_with_companions,
     new_folder,
     refuse_existing,
@@ -43,6 +44,13 @@ from skuvision.outputs import (
     write_new_text,
 )
 from skuvision.tasks.card import CARD, card_text, test_figures
+from skuvision.tasks.quantize import (
+    card_section,
+    check_one_label,
+    check_quantize,
+    int8_path,
+    write_and_check_int8,
+)
 from skuvision.tasks.utils import command, print_summary, resolve_checkpoint, shown
 
 log = logging.getLogger("skuvision")
@@ -133,9 +141,12 @@ def export(cfg: DictConfig) -> dict:
             run_dir / "export_check.json",
         ]
     card_file = out / CARD if fmt == "timm" else out.parent / CARD
+    if check_quantize(cfg):
+        written += [int8_path(out), int8_path(out).with_suffix(".json")]
     refuse_existing(written + [card_file], "give another output=, or remove it")
     resolve_checkpoint(cfg)
     module, datamodule = from_checkpoint(cfg.ckpt_path, cfg.get("data"), split="test")
+    check_one_label(cfg.get("quantize"), module.multi_head is not None)
     saved = (
         load_calibration(cfg.calibration, cfg.ckpt_path, module.tta, module.class_names, module.heads)
         if cfg.get("calibration")
@@ -147,6 +158,8 @@ def export(cfg: DictConfig) -> dict:
         result = export_timm(cfg, module, datamodule, out, card)
     else:
         result = export_onnx(cfg, module, datamodule, out)
+        if "int8" in result:
+            card += "\n" + card_section(result["int8"], int8_path(out))
         write_new_text(card_file, card)
     result["card"] = str(card_file)
     export_summary(cfg, fmt, out, card_file, result)
@@ -160,18 +173,37 @@ def export_summary(cfg: DictConfig, fmt: str, out: Path, card_file: Path, result
         use = f"python -c \"import timm; timm.create_model('local-dir:{shown(out)}', pretrained=True)\""
         return print_summary("export", [out, card_file], figures, [use])
     wrote = [out, out.with_name(out.name + ".data"), out.with_suffix(".json"), card_file]
-    serve = command(
-        "serve.py", f"ckpt_path={shown(cfg.ckpt_path)}", "serve.backend=onnx", f"serve.onnx_path={shown(out)}"
-    )
-    return print_summary("export", [p for p in wrote if p.exists()], figures, [serve])
+    served = [out]
+    if "int8" in result:
+        int8 = result["int8"]
+        wrote += [int8_path(out), int8_path(out).with_suffix(".json")]
+        served.append(int8_path(out))
+        figures["INT8 test accuracy"] = f"{int8['int8_accuracy']:.2%} (fp32 {int8['fp32_accuracy']:.2%})"
+        figures["INT8 top-1 agreement"] = f"{int8['top1_agreement']:.2%}"
+    serve = [
+        command(
+            "serve.py",
+            f"ckpt_path={shown(cfg.ckpt_path)}",
+            "serve.backend=onnx",
+            f"serve.onnx_path={shown(p)}",
+        )
+        for p in served
+    ]
+    return print_summary("export", [p for p in wrote if p.exists()], figures, serve)
 
 
 def export_onnx(cfg: DictConfig, module: Classifier, datamodule: ImageDataModule, out: Path) -> dict:
     """The model is written under a temporary name and checked there: only one within tolerance is kept."""
     model = Deployable(module).eval()
     images = check_images(datamodule, cfg.check_images)
+    quantize = check_quantize(cfg)
     with new_file_with_companions(out) as partial:
         result = write_and_check_onnx(cfg, model, module, images, partial)
+        if quantize:  # inside: a refused INT8 model publishes neither file
+            with new_file(int8_path(out)) as int8_partial:
+                result["int8"] = write_and_check_int8(
+                    cfg, module, datamodule, partial, int8_partial, images, images_per_second
+                )
     result["onnx"] = str(out)
     card = {
         "class_names": module.class_names,
@@ -183,6 +215,9 @@ def export_onnx(cfg: DictConfig, module: Classifier, datamodule: ImageDataModule
         card["outputs"] = output_names(module)
         card["heads"] = head_cards(module)
     write_new_json(out.with_suffix(".json"), card)
+    if quantize:
+        result["int8"]["onnx"] = str(int8_path(out))
+        write_new_json(int8_path(out).with_suffix(".json"), card | {"int8": result["int8"]})
     write_new_json(Path(cfg.paths.output_dir) / "export_check.json", result)
     print(f"ONNX: {out}")
     return result

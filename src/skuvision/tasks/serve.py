@@ -366,7 +366,8 @@ def serve(cfg: DictConfig) -> None:
             use_private_gradio_dirs(private)
         server = build_server(cfg, card, index_dir, index, private, unknown)
         where = f"http://{LOOPBACK[s.host]}:{s.port}"
-        print(f"serving {card.name} ({card.backend}, sha256 {card.sha256}) on {s.host}:{s.port}")
+        served = f"{card.backend} {Path(card.onnx_path).name}" if card.onnx_path else card.backend
+        print(f"serving {card.name} ({served}, sha256 {card.sha256}) on {s.host}:{s.port}")
         print(
             f"  POST {where}/predict   GET {where}/health   GET {where}/info"
             + (f"   {where}/demo" if s.demo else "")
