@@ -9,16 +9,14 @@ otherwise this trains one (the make train recipe; --quick: one epoch on a 3000-i
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 from bench import THREADS
-from bench.table import print_section
+from bench.table import checkpoint_section_main
 from skuvision.config import compose_config
 from skuvision.tasks import evaluate
 
@@ -96,16 +94,7 @@ def bench_rows(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--ckpt", default=None)
-    parser.add_argument("--workdir", type=Path, default=None)
-    args = parser.parse_args()
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="skuvision-bench-calib-"))
-    rows, notes = bench_rows(workdir, args.quick, args.ckpt)
-    print_section(rows, notes)
+    checkpoint_section_main(__doc__, bench_rows, "calib")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
+import tempfile
+from pathlib import Path
+
 HEADER = ["| measurement | skuvision | reference | ratio | target |", "|---|---|---|---|---|"]
 
 
@@ -26,3 +30,14 @@ def run_section(bench_rows, description: str, quick_help: str = "smaller sizes")
     with tempfile.TemporaryDirectory(prefix="skuvision-bench-") as workdir:
         rows, notes = bench_rows(Path(workdir), quick=args.quick)
     print_section(rows, notes)
+
+
+def checkpoint_section_main(doc: str, bench_rows, name: str) -> None:
+    """The command line of a section that trains its own checkpoint unless given one (--ckpt)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--ckpt", default=None)
+    parser.add_argument("--workdir", type=Path, default=None)
+    args = parser.parse_args()
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix=f"skuvision-bench-{name}-"))
+    print_section(*bench_rows(workdir, args.quick, args.ckpt))

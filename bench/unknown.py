@@ -12,9 +12,7 @@ The checkpoint: SKUVISION_BENCH_CKPT (or --ckpt) when set; otherwise this trains
 
 from __future__ import annotations
 
-import argparse
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +21,7 @@ from PIL import Image
 
 from bench import THREADS
 from bench.calib import trained_checkpoint
-from bench.table import print_section
+from bench.table import checkpoint_section_main
 from skuvision.assembly import build_trainer, from_checkpoint
 from skuvision.config import compose_config, set_threads
 from skuvision.data.inputs import InputFilesDataModule, collect_inputs
@@ -106,16 +104,7 @@ def bench_rows(workdir: Path, quick: bool = False, ckpt_path: str | None = None)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--ckpt", default=None)
-    parser.add_argument("--workdir", type=Path, default=None)
-    args = parser.parse_args()
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="skuvision-bench-unknown-"))
-    rows, notes = bench_rows(workdir, args.quick, args.ckpt)
-    print_section(rows, notes)
+    checkpoint_section_main(__doc__, bench_rows, "unknown")
 
 
 if __name__ == "__main__":

@@ -29,6 +29,17 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(no_cuda)
 
 
+@pytest.fixture
+def one_faiss_thread():
+    """FAISS's OpenMP threads spin-wait: on a busy 2-core machine two of them train PQ ~20x slower."""
+    import faiss
+
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def data_root(tmp_path_factory) -> Path:
     """One tree with every source in its real format: fashion_mnist/, cifar/, photos/, catalogue/styles.csv

@@ -81,3 +81,19 @@ def predict_csv(checkpoint, inputs, folder: Path, *extra: str) -> tuple[list[str
         reader = csv.DictReader(f)
         rows = list(reader)
     return reader.fieldnames, rows
+
+
+def run_alone(code: str, args: list, cwd: Path, extra_env: dict) -> subprocess.CompletedProcess:
+    """`python -c code args` in a fresh process without this checkout on its path (what a user's machine
+    without skuvision runs), asserted to succeed."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | extra_env
+    fresh = subprocess.run(
+        [sys.executable, "-c", code, *map(str, args)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert fresh.returncode == 0, fresh.stderr[-2000:]
+    return fresh

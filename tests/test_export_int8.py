@@ -3,10 +3,7 @@ agreeing with fp32 on the test split within the configured accuracy drop; a mode
 (nothing written) or kept with a warning; serve.py's onnx backend takes it."""
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +17,7 @@ from skuvision.errors import SkuvisionError
 from skuvision.serving.predictor import Predictor, model_card
 from skuvision.tasks.export import check_images, export, images_per_second
 from skuvision.tasks.quantize import card_section, write_and_check_int8
-from tests.helpers import compose_cfg
+from tests.helpers import compose_cfg, run_alone
 from tests.serving_fixtures import CLASSES
 from tests.writers import write_image_folder
 
@@ -112,17 +109,12 @@ def test_int8_runs_alone_and_agrees_with_fp32_within_the_drop(
     assert int8_weights, "no 8-bit convolution weights in the INT8 graph"
 
     images, labels = exported_test_split(serve_checkpoint, bigger_shop, tmp_path)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"OMP_NUM_THREADS": "2"}
-    fresh = subprocess.run(
-        [sys.executable, "-c", ORT_ALONE, str(run / "model.onnx"), str(run / "model.int8.onnx")]
-        + [str(images), str(labels)],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
+    fresh = run_alone(
+        ORT_ALONE,
+        [run / "model.onnx", run / "model.int8.onnx", images, labels],
+        tmp_path,
+        {"OMP_NUM_THREADS": "2"},
     )
-    assert fresh.returncode == 0, fresh.stderr[-2000:]
     alone = json.loads(fresh.stdout.splitlines()[-1])
     assert alone["agreement"] >= 0.9
     # the fresh process measures what export.py wrote, on the same images

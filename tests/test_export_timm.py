@@ -6,7 +6,6 @@ import json
 import os
 import stat
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +23,7 @@ from skuvision.errors import SkuvisionError
 from skuvision.tasks import train
 from skuvision.tasks.export import check_images, check_timm_architecture, export
 from skuvision.tasks.predict import predict
-from tests.helpers import compose_cfg, quick_overrides
+from tests.helpers import compose_cfg, quick_overrides, run_alone
 from tests.writers import banded_portrait, write_catalogue_table, write_image_folder
 
 CLASSES = ("kettle", "phone", "shirt")
@@ -53,17 +52,7 @@ def run_timm_alone(folder, paths, tmp_path) -> subprocess.CompletedProcess:
     `paths` to tmp_path/timm.npy, and its report on the last line of stdout."""
     listing = tmp_path / "images.txt"
     listing.write_text("\n".join(str(p) for p in paths))
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"HF_HUB_OFFLINE": "1"}
-    fresh = subprocess.run(
-        [sys.executable, "-c", TIMM_ALONE, str(folder), str(listing), str(tmp_path / "timm.npy")],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert fresh.returncode == 0, fresh.stderr[-2000:]
-    return fresh
+    return run_alone(TIMM_ALONE, [folder, listing, tmp_path / "timm.npy"], tmp_path, {"HF_HUB_OFFLINE": "1"})
 
 
 @pytest.fixture(scope="module")

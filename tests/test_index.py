@@ -4,7 +4,6 @@ and the index embed.py writes."""
 import csv
 import json
 
-import faiss
 import numpy as np
 import pandas as pd
 import pytest
@@ -16,20 +15,13 @@ from skuvision.tasks.embed import embed
 from tests.helpers import compose_cfg, quick_overrides
 from tests.writers import write_image_folder
 
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")
+
 # Small enough to train quickly, big enough for the IVF lists and PQ codebooks (2**nbits points).
 APPROXIMATE = {
     "hnsw": {"M": 16, "ef_construction": 40, "ef_search": 64},
     "ivfpq": {"nlist": 16, "m": 8, "nbits": 6, "nprobe": 4, "refine": "Flat", "k_factor": 4},
 }
-
-
-@pytest.fixture(autouse=True)
-def one_faiss_thread():
-    """FAISS's OpenMP threads spin-wait: on a busy 2-core machine two of them train PQ ~20x slower."""
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
 
 
 def unit_rows(n: int, d: int, seed: int, clusters: int = 0) -> np.ndarray:

@@ -7,7 +7,6 @@ import os
 import shutil
 from pathlib import Path
 
-import faiss
 import numpy as np
 import pytest
 import torch
@@ -18,15 +17,9 @@ from skuvision.index import CatalogueIndex
 from skuvision.tasks.embed import embed
 from tests.helpers import compose_cfg
 
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")
+
 HNSW = ["index.kind=hnsw", "index.hnsw.ef_search=256", "index.recall_queries=200"]  # ef >= items: exact
-
-
-@pytest.fixture(autouse=True)
-def one_faiss_thread():
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
 
 
 def folder_digest(folder: Path) -> dict[str, str]:
