@@ -189,6 +189,8 @@ def overhead(model, size, data_root, steps, warmup, repeats, device, workdir) ->
         "raw": statistics.median(raw),
         "ratio": statistics.median(ratios),
         "ratio_range": (min(ratios), max(ratios)),
+        # Interference from other work only slows a run: each side's fastest run is its least disturbed.
+        "best_ratio": max(ours) / max(raw),
     }
 
 
@@ -604,22 +606,27 @@ def step_rows(data_root, args, device, info, workdir, rows, notes) -> None:
         step_ms = 128e3 / r["raw"]
         notes.append(
             f"{model}: the framework's +{added_ms:.2f} ms on a {step_ms:.0f} ms plain-loop step predicts a "
-            f"ratio of {step_ms / (step_ms + added_ms):.3f}; measured {r['ratio']:.3f} "
-            f"({'meets' if r['ratio'] >= 0.97 else 'below'} the 0.97 target"
+            f"ratio of {step_ms / (step_ms + added_ms):.3f}; measured {r['ratio']:.3f} as the median of the "
+            f"paired runs ({'meets' if r['ratio'] >= 0.97 else 'below'} the 0.97 target"
             + (", within this run's noise)" if r["ratio_range"][0] <= 1 <= r["ratio_range"][1] else ")")
+            + f", {r['best_ratio']:.3f} fastest against fastest "
+            f"({'meets' if r['best_ratio'] >= 0.97 else 'below'} the target)"
         )
         rows.append(
             (
                 f"train steps, {model} @ {size} px, batch 128 ({device}, {info['precision (auto)']}): img/s",
                 f"{r['skuvision']:.0f}",
                 f"{r['raw']:.0f} (plain PyTorch loop)",
-                f"{r['ratio']:.3f} ({r['ratio_range'][0]:.2f}-{r['ratio_range'][1]:.2f})",
+                f"{r['ratio']:.3f} ({r['ratio_range'][0]:.2f}-{r['ratio_range'][1]:.2f}); fastest runs "
+                f"{r['best_ratio']:.3f}",
                 ">= 0.97",
             )
         )
     notes.append(
         f"Train-step ratios: the median of {args.repeats} paired runs (skuvision and the plain loop one "
-        "after the other), with the lowest and highest pair in brackets."
+        "after the other), with the lowest and highest pair in brackets; then each side's fastest run "
+        "against the other's (other work on the machine only ever slows a run: the fastest is the least "
+        "disturbed)."
     )
     notes.append(
         "Train-step figures time steps 6 onwards of one epoch; the skuvision side is the real Trainer "
