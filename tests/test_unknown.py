@@ -193,3 +193,20 @@ def test_separation_and_threshold_match_their_definitions():
     threshold = unknown.threshold_for(known.double(), 0.95)
     assert (known <= threshold).double().mean() >= 0.95 > (known < threshold).double().mean()
     assert result["fpr_at_95_tpr"] == pytest.approx(float((other <= threshold).double().mean()))
+
+
+@pytest.mark.parametrize("planted", ["pickled", "text", "not finite", "no features"])
+def test_a_planted_reference_file_is_refused_in_one_line_and_runs_nothing(tmp_path, planted):
+    path = tmp_path / unknown.REFERENCE_FILE
+    sha = np.array("0" * 64)
+    if planted == "pickled":  # an object array: loading it would unpickle
+        np.savez(path, features=np.array([{"x": 1}], dtype=object), checkpoint_sha256=sha)
+    elif planted == "text":
+        path.write_text("not an npz")
+    elif planted == "not finite":
+        np.savez(path, features=np.full((3, 4), np.nan, dtype=np.float16), checkpoint_sha256=sha)
+    else:
+        np.savez(path, checkpoint_sha256=sha)
+    with pytest.raises(SkuvisionError, match=r"unknown_reference\.npz") as refused:
+        unknown.Reference.load(path)
+    assert "\n" not in str(refused.value)
