@@ -25,10 +25,10 @@ from bench.table import checkpoint_section_main
 from skuvision.assembly import build_trainer, from_checkpoint
 from skuvision.config import compose_config, set_threads
 from skuvision.data.inputs import InputFilesDataModule, collect_inputs
+from skuvision.features import extract
 from skuvision.unknown import (
     Reference,
     label_logits,
-    predict_with_features,
     reference_features,
     scores,
     separation,
@@ -56,13 +56,13 @@ def measured(ckpt: str, workdir: Path, quick: bool) -> dict:
     cfg = compose_config("eval", [f"ckpt_path={ckpt}", f"threads={THREADS}"], workdir / "eval")
     module, datamodule = from_checkpoint(ckpt, None, split="test")
     trainer = build_trainer(cfg, [], enable_checkpointing=False)
-    test_logits, test_features, _ = predict_with_features(trainer, module, datamodule)
+    test = extract(trainer, module, datamodule, logits=True)
     reference = Reference(
         reference_features(trainer, module, datamodule, 3000 if quick else REFERENCE_IMAGES, 42).numpy(), ""
     )
     digits = collect_inputs(str(write_digits(workdir / "digits")))
     files = InputFilesDataModule(digits, module.input_config, 256, 0)
-    other_logits, other_features, _ = predict_with_features(trainer, module, files)
+    other_images = extract(trainer, module, files, logits=True)
     heads = module.heads
     results = {}
     for name, method, k in (
@@ -71,8 +71,8 @@ def measured(ckpt: str, workdir: Path, quick: bool) -> dict:
         ("energy", "energy", 1),
         ("max softmax probability", "msp", 1),
     ):
-        known = scores(method, label_logits(test_logits, heads), test_features, reference, k)
-        other = scores(method, label_logits(other_logits, heads), other_features, reference, k)
+        known = scores(method, label_logits(test.logits, heads), test.features, reference, k)
+        other = scores(method, label_logits(other_images.logits, heads), other_images.features, reference, k)
         results[name] = separation(known, other)
     results["_reference_images"] = len(reference.features)
     return results

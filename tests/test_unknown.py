@@ -210,3 +210,36 @@ def test_a_planted_reference_file_is_refused_in_one_line_and_runs_nothing(tmp_pa
     with pytest.raises(SkuvisionError, match=r"unknown_reference\.npz") as refused:
         unknown.Reference.load(path)
     assert "\n" not in str(refused.value)
+
+
+def test_an_oversized_reference_is_refused_in_one_line(evaluation, checkpoint, monkeypatch):
+    _, out = evaluation
+    path = out / unknown.REFERENCE_FILE
+    assert unknown.load_detector(out, checkpoint, "none").reference is not None  # loads under the cap
+    monkeypatch.setattr(unknown, "MAX_REFERENCE_BYTES", path.stat().st_size // 2)
+    with pytest.raises(SkuvisionError, match=r"unknown_reference\.npz: unpacks to \d+ bytes") as refused:
+        unknown.load_detector(out, checkpoint, "none")
+    assert "\n" not in str(refused.value)
+
+
+def test_eval_refuses_a_reference_over_the_cap_or_a_taken_name_before_writing(
+    checkpoint, tmp_path, monkeypatch
+):
+    overrides = [f"ckpt_path={checkpoint}", "trainer.accelerator=cpu", "trainer.precision=32", "threads=2"]
+    # An unknown.json of an earlier run: refused in the one check of every name, before any work.
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / unknown.UNKNOWN_FILE).write_text("{}")
+    with pytest.raises(SkuvisionError, match=r"unknown\.json exists") as refused:
+        evaluate(compose_cfg("eval", overrides, taken))
+    assert "\n" not in str(refused.value)
+    assert [p.name for p in taken.iterdir()] == [unknown.UNKNOWN_FILE]
+    # A reference larger than predict.py would read: refused, with the size that fits, and nothing written.
+    monkeypatch.setattr(unknown, "MAX_REFERENCE_BYTES", 4096)
+    out = tmp_path / "run"
+    with pytest.raises(
+        SkuvisionError, match=r"unknown_reference=10000: \d+ embeddings .* give unknown_reference=\d+ "
+    ) as refused:
+        evaluate(compose_cfg("eval", overrides, out))
+    assert "\n" not in str(refused.value)
+    assert not [p for p in out.rglob("*") if p.is_file()]  # (the CSV logger's empty folder aside)
