@@ -13,7 +13,7 @@ from skuvision import unknown
 from skuvision.errors import SkuvisionError
 from skuvision.serving.predictor import Predictor, model_card
 from skuvision.tasks.evaluate import evaluate
-from tests.helpers import compose_cfg, predict_csv, quick_overrides
+from tests.helpers import compose_cfg, predict_csv, quick_overrides, trained_checkpoint
 from tests.writers import balanced_labels, pattern_images
 
 
@@ -40,17 +40,13 @@ def write_clothes(folder, count: int = 20):
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory, data_root):
-    from skuvision.tasks import train
-
-    run = tmp_path_factory.mktemp("unknown_train") / "run"
     overrides = quick_overrides("fashion_mnist", data_root) + [
         "trainer.max_epochs=1",
         "trainer.precision=32",
         "data.val_fraction=0.25",  # 100 val images: enough to place a 95 % threshold
         "tta=none",
     ]
-    train(compose_cfg("train", overrides, run))
-    return sorted((run / "checkpoints").glob("best-*.ckpt"))[0]
+    return trained_checkpoint(tmp_path_factory.mktemp("unknown_train") / "run", overrides)
 
 
 @pytest.fixture(scope="module")
