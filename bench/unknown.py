@@ -60,9 +60,7 @@ def measured(ckpt: str, workdir: Path, quick: bool) -> dict:
     module, datamodule = from_checkpoint(ckpt, None, split="test")
     trainer = build_trainer(cfg, [], enable_checkpointing=False)
     test = extract(trainer, module, datamodule, logits=True)
-    reference = Reference(
-        reference_features(trainer, module, datamodule, REFERENCE_IMAGES, 42).numpy(), ""
-    )
+    reference = Reference(reference_features(trainer, module, datamodule, REFERENCE_IMAGES, 42).numpy(), "")
     digits = collect_inputs(str(write_digits(workdir / "digits")))
     files = InputFilesDataModule(digits, module.input_config, 256, 0)
     other_images = extract(trainer, module, files, logits=True)
