@@ -25,7 +25,6 @@ from pathlib import Path
 import faiss
 import numpy as np
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from skuvision.assembly import build_trainer, from_checkpoint
@@ -34,10 +33,10 @@ from skuvision.data.datasets import dataset_labels
 from skuvision.data.inputs import InputFilesDataModule, collect_inputs
 from skuvision.data.streaming import StreamingDataModule
 from skuvision.errors import SkuvisionError
+from skuvision.features import extract, normalized
 from skuvision.index import CatalogueIndex, index_params
 from skuvision.metrics import retrieval_report
 from skuvision.outputs import file_sha256, new_file, refuse_existing, write_csv, write_new_json
-from skuvision.readout import concat_batches
 from skuvision.shards import plan_of, predict_in_shards, predict_split_in_shards, sharded
 from skuvision.tasks.embed_changes import embed_changes
 from skuvision.tasks.utils import command, print_summary, resolve_checkpoint, shown
@@ -48,14 +47,10 @@ RESULTS = ("embeddings.npz", "index", "neighbours.csv", "retrieval.json")  # in 
 
 
 def features_of(trainer, module, datamodule) -> tuple[torch.Tensor, list]:
-    """Features and each image's meta: its label (with several heads, the first label column's), or its
-    read error."""
-    outputs = trainer.predict(module, datamodule=datamodule)
-    features = F.normalize(torch.cat([o["outputs"] for o in outputs]), dim=1)
-    metas = [o["meta"] for o in outputs]
-    if metas and isinstance(metas[0], dict):
-        return features, concat_batches(metas)[module.heads[0].column].tolist()
-    return features, [m for meta in metas for m in meta]
+    """Normalized features (skuvision.features) and each image's meta: its label (with several heads, the
+    first label column's), or its read error."""
+    found = extract(trainer, module, datamodule)
+    return found.features, found.per_image(module.heads[0].column)
 
 
 def features_in_shards(cfg: DictConfig, trainer, module, items: list[str], **plan) -> tuple | None:
@@ -63,12 +58,12 @@ def features_in_shards(cfg: DictConfig, trainer, module, items: list[str], **pla
     features, read errors) in the order of `items`; None on the other ranks."""
     plan = plan_of("embed", cfg.ckpt_path, items, precision=str(trainer.precision), **plan)
     merged = predict_in_shards(cfg, trainer, module, [Path(p) for p in items], plan)
-    return None if merged is None else (F.normalize(merged[0], dim=1), merged[1])
+    return None if merged is None else (normalized(merged[0]), merged[1])
 
 
 def embed(cfg: DictConfig) -> dict:
     if cfg.get("add_to") is not None:
-        return embed_changes(cfg, features_of, neighbours_of_items, write_neighbours)
+        return embed_changes(cfg, neighbours_of_items, write_neighbours)
     if cfg.get("remove") is not None:
         raise SkuvisionError("remove: takes ids out of an earlier index; give add_to=<its embed run folder>")
     set_threads(cfg.get("threads"))
@@ -81,7 +76,7 @@ def embed(cfg: DictConfig) -> dict:
     index_settings(cfg)
     split = None if cfg.get("input") else cfg.split
     module, datamodule = from_checkpoint(cfg.ckpt_path, cfg.get("data"), split=split)
-    module.predict_embeddings = True
+    module.predict_embeddings = True  # what the sharded runs store (skuvision.shards): raw features
     trainer = build_trainer(cfg, enable_checkpointing=False)
     if cfg.get("input"):
         items = [str(p) for p in collect_inputs(plain(cfg.input))]
@@ -121,7 +116,7 @@ def embed(cfg: DictConfig) -> dict:
             merged = predict_split_in_shards(cfg, trainer, module, datamodule, cfg.split, items, plan)
             if merged is None:
                 return {}
-            features, labels = F.normalize(merged[0], dim=1), merged[2]
+            features, labels = normalized(merged[0]), merged[2]
         elif sharded(cfg, trainer):
             merged = features_in_shards(cfg, trainer, module, paths, split=cfg.split)
             if merged is None:
@@ -206,16 +201,15 @@ def stream_features(cfg: DictConfig, trainer, module, datamodule) -> tuple:
         merged = predict_split_in_shards(cfg, trainer, module, datamodule, cfg.split, items, plan)
         if merged is None:
             return None, None, None
-        return F.normalize(merged[0], dim=1), merged[2], items
+        return normalized(merged[0]), merged[2], items
     stream = StreamPositionsDataModule(datamodule, cfg.split, cfg.batch_size, cfg.num_workers)
-    outputs = trainer.predict(module, datamodule=stream)
-    index = torch.cat([o["meta"]["index"] for o in outputs])
+    found = extract(trainer, module, stream)
+    index = torch.cat([meta["index"] for meta in found.metas])
     if sorted(index.tolist()) != list(range(len(items))):
         raise SkuvisionError(f"split={cfg.split}: the stream did not yield each stored image once")
     order = torch.argsort(index)
-    features = F.normalize(torch.cat([o["outputs"] for o in outputs]), dim=1)[order]
-    labels = torch.cat([o["meta"]["label"] for o in outputs])[order].tolist()
-    return features, labels, items
+    labels = torch.cat([meta["label"] for meta in found.metas])[order].tolist()
+    return found.features[order], labels, items
 
 
 def embed_summary(cfg: DictConfig, written: dict[str, Path], result: dict) -> str:
