@@ -37,12 +37,23 @@ class WithFeatures(LightningModule):
         self.features = features
 
     def predict_step(self, batch, batch_idx: int) -> dict:
+        if not self.features:
+            return self.classifier.predict_step(batch, batch_idx)
         images, meta = batch if isinstance(batch, (tuple, list)) else (batch, None)
-        out = self.classifier.predict_step(batch, batch_idx) if self.logits else {"meta": meta}
-        if self.features:
-            out["embedding"] = self.classifier.embed(images).float()
-            out["features"] = normalized(out["embedding"])
+        out = {"meta": meta}
+        if self.logits:  # one backbone pass for both (Classifier.logits_and_embedding)
+            logits, embedding = self.classifier.logits_and_embedding(images, self.classifier.tta)
+            out["outputs"] = as_float32(logits)
+        else:
+            embedding = self.classifier.embed(images)
+        out["embedding"] = embedding.float()
+        out["features"] = normalized(out["embedding"])
         return out
+
+
+def as_float32(logits):
+    """Logits as predict_step hands them on: float32, a tensor or {column: tensor}."""
+    return {k: v.float() for k, v in logits.items()} if isinstance(logits, dict) else logits.float()
 
 
 @dataclass
