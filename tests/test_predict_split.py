@@ -143,3 +143,30 @@ def test_predict_refuses_both_or_neither_source_and_an_unknown_split_in_one_line
     with pytest.raises(SkuvisionError, match=message):
         predict(compose_cfg("predict", overrides, tmp_path / "run"))
     assert not (tmp_path / "run" / "predictions.csv").exists()
+
+
+def test_predict_of_a_split_of_a_table_with_several_columns_carries_each_columns_truth(
+    catalogue_run, catalogue_export, tmp_path
+):
+    """A manifest split of a model with several heads: `<column>_true` per column, as the table says for
+    the row's image (empty where the row has no value), in one pass and in shards alike."""
+    from tests.conftest import CATALOGUE_LABELS
+
+    table = {line.split(",")[0]: line.split(",") for line in catalogue_export.read_text().splitlines()}
+    header = table.pop("id")
+    overrides = [f"ckpt_path={catalogue_run}", "split=test", *ONE_PROCESS, "gallery=false"]
+    answers = {}
+    for name, extra in (("one", []), ("sharded", ["shards=true", "shard_size=5"])):
+        columns, answers[name] = read_csv(
+            predict(compose_cfg("predict", [*overrides, *extra], tmp_path / name))
+        )
+        truths = [f"{c}_true" for c in [*CATALOGUE_LABELS, "tags"]]
+        assert set(truths) <= set(columns) and columns.index(truths[0]) == 2
+    assert answers["sharded"] == answers["one"]
+    assert len(answers["one"]) > 5
+    for row in answers["one"]:
+        cells = dict(zip(header, table[Path(row["path"]).stem], strict=False))
+        for column in CATALOGUE_LABELS:
+            assert row[f"{column}_true"] == cells[column].strip(), (column, row["path"])
+        assert set(filter(None, row["tags_true"].split(";"))) == set(filter(None, cells["tags"].split(";")))
+    assert any(row["baseColour_true"] == "" for row in answers["one"])  # rows without a colour
