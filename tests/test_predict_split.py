@@ -14,7 +14,7 @@ from skuvision.shards import STOP_AFTER, shard_files
 from skuvision.tasks.predict import predict
 from tests.helpers import compose_cfg
 from tests.pages import picture, read_page
-from tests.test_many_processes import checkpoint, photos, stored_labels  # noqa: F401 (module fixtures)
+from tests.test_many_processes import stored_labels
 
 ONE_PROCESS = ["num_workers=0", "trainer.accelerator=cpu", "trainer.precision=32", "threads=1"]
 CIFAR = ["data=cifar10", "data.download=false", "batch_size=8"]
@@ -32,7 +32,7 @@ def probabilities(rows: list[dict]) -> np.ndarray:
 
 @pytest.mark.slow
 def test_predict_of_a_streaming_split_on_two_processes_resumes_and_matches_one(
-    checkpoint,  # noqa: F811
+    serve_checkpoint,
     data_root,
     tmp_path,
     monkeypatch,
@@ -41,12 +41,12 @@ def test_predict_of_a_streaming_split_on_two_processes_resumes_and_matches_one(
     finished by 2 CPU processes started in-process, which keep that shard; each stored image once, rows in
     stored order with their true label, probabilities those of one process."""
     shards = data_root / "shards"
-    overrides = [f"ckpt_path={checkpoint}", "split=train", *ONE_PROCESS[:-1], "threads=1", "top_k=3"]
+    overrides = [f"ckpt_path={serve_checkpoint}", "split=train", *ONE_PROCESS, "top_k=3"]
     overrides += ["data=streaming", f"data.root={shards}", "batch_size=4", "shard_size=4"]
     header, expected = read_csv(predict(compose_cfg("predict", overrides, tmp_path / "one")))
     labels = stored_labels(shards, "train")
     assert [r["path"] for r in expected] == [f"train[{i}]" for i in range(len(labels))]
-    names = ["phone", "shirt", "toaster"]  # the data's classes, not the checkpoint's
+    names = ["phone", "shirt", "toaster"]  # the data's classes, not the checkpoint's 4
     assert header[:3] == ["path", "error", "true"]
     assert [r["true"] for r in expected] == [names[k] for k in labels]
     assert not (tmp_path / "one" / "predictions.html").exists()  # no gallery of litdata items
@@ -74,7 +74,7 @@ def test_predict_of_a_streaming_split_on_two_processes_resumes_and_matches_one(
 
 
 def test_predict_of_an_in_memory_split_answers_as_its_images_given_as_files(
-    checkpoint,  # noqa: F811
+    serve_checkpoint,
     data_root,
     tmp_path,
     capsys,
@@ -85,11 +85,11 @@ def test_predict_of_an_in_memory_split_answers_as_its_images_given_as_files(
     same rows."""
     from skuvision.assembly import data_module, load_classifier
 
-    split = [f"ckpt_path={checkpoint}", "split=test", *ONE_PROCESS, *CIFAR]
+    split = [f"ckpt_path={serve_checkpoint}", "split=test", *ONE_PROCESS, *CIFAR]
     split.append(f"data.root={data_root / 'cifar'}")
     header, rows = read_csv(predict(compose_cfg("predict", split, tmp_path / "split")))
     cifar = compose_cfg("predict", split, tmp_path / "unused").data
-    source = data_module(cifar, load_classifier(checkpoint).input_config, "test")
+    source = data_module(cifar, load_classifier(serve_checkpoint).input_config, "test")
     source.setup("predict")
     dataset = source.splits["test"]
     assert [r["path"] for r in rows] == [f"test[{i}]" for i in range(len(dataset))]
@@ -98,7 +98,7 @@ def test_predict_of_an_in_memory_split_answers_as_its_images_given_as_files(
     files.mkdir()
     for i in range(len(dataset)):
         Image.fromarray(dataset[i][0].permute(1, 2, 0).numpy()).save(files / f"{i:03d}.png")
-    inputs = [f"ckpt_path={checkpoint}", f"input={files}", *ONE_PROCESS, "batch_size=8"]
+    inputs = [f"ckpt_path={serve_checkpoint}", f"input={files}", *ONE_PROCESS, "batch_size=8"]
     _, answers = read_csv(predict(compose_cfg("predict", inputs, tmp_path / "input")))
     assert [r["label_1"] for r in rows] == [r["label_1"] for r in answers]
     np.testing.assert_allclose(probabilities(rows), probabilities(answers), atol=1e-4)
@@ -133,11 +133,11 @@ def test_predict_of_an_in_memory_split_answers_as_its_images_given_as_files(
 def test_predict_refuses_both_or_neither_source_and_an_unknown_split_in_one_line(
     extra,
     message,
-    checkpoint,  # noqa: F811
+    serve_checkpoint,
     data_root,
     tmp_path,
 ):
-    overrides = [f"ckpt_path={checkpoint}", *ONE_PROCESS, *extra]
+    overrides = [f"ckpt_path={serve_checkpoint}", *ONE_PROCESS, *extra]
     if "data=cifar10" in extra and "split=holdout" in extra:
         overrides.append(f"data.root={data_root / 'cifar'}")
     with pytest.raises(SkuvisionError, match=message):
