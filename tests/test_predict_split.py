@@ -36,6 +36,7 @@ def test_predict_of_a_streaming_split_on_two_processes_resumes_and_matches_one(
     data_root,
     tmp_path,
     monkeypatch,
+    capsys,
 ):
     """litdata shards (data=streaming): a run stopped after its first shard (one process, shards=true) is
     finished by 2 CPU processes started in-process, which keep that shard; each stored image once, rows in
@@ -49,7 +50,8 @@ def test_predict_of_a_streaming_split_on_two_processes_resumes_and_matches_one(
     names = ["phone", "shirt", "toaster"]  # the data's classes, not the checkpoint's 4
     assert header[:3] == ["path", "error", "true"]
     assert [r["true"] for r in expected] == [names[k] for k in labels]
-    assert not (tmp_path / "one" / "predictions.html").exists()  # no gallery of litdata items
+    assert not (tmp_path / "one" / "predictions.html").exists()  # no gallery of litdata items, and why
+    assert "gallery: none for split=train of litdata shards" in capsys.readouterr().out
     run = tmp_path / "two"
     monkeypatch.setenv(STOP_AFTER, "1")
     with pytest.raises(RuntimeError, match=STOP_AFTER):
