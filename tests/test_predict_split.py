@@ -130,6 +130,10 @@ def test_predict_of_an_in_memory_split_answers_as_its_images_given_as_files(
         (["split=test", "unknown=eval_run"], r"^unknown= takes input= files"),
         (["input=photos", "data=cifar10"], r"^data= chooses the data of split=: with input= files"),
         (["split=holdout", *CIFAR], r"^split=holdout: choose one of \['test', 'train', 'val'\]$"),
+        (
+            ["split=test", "trainer=ddp_cpu", "shards=false"],
+            r"^shards=false on 2 processes: several processes",
+        ),
     ],
 )
 def test_predict_refuses_both_or_neither_source_and_an_unknown_split_in_one_line(
