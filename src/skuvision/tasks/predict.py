@@ -4,9 +4,9 @@ The images are `input=` files, or `split=<name>` of the checkpoint's data (data=
 split of files (image folder, manifest) is named by its paths; one of litdata shards (data=streaming) or held
 in memory (Fashion-MNIST, CIFAR) by `<split>[<index>]`, in the split's stored order (skuvision.tasks.splits).
 A split's rows carry the true label after `error`, named as eval.py's predictions.csv names it: `true`, or
-with several heads `<column>_true` per column (empty where the row has none). Its gallery shows in-memory
-images; a split of litdata shards gets none (one printed line says so). explain=, unknown= and prototypes=
-take input= files only.
+with several heads `<column>_true` per column (empty where the row has none). Its gallery shows the true
+label (one-label model) and draws in-memory images from the arrays; a split of litdata shards gets none (one
+printed line says why). explain=, unknown= and prototypes= take input= files only.
 
 With `calibration=<eval run folder>`, probabilities are temperature-scaled and a `review` column marks the
 rows below the auto-tagging threshold eval.py chose on val.
@@ -156,7 +156,7 @@ def predict(cfg: DictConfig) -> Path:
     if gallery:
         separator = (module.hparams.data.get("tag_separator") or ";") if multi else ";"
         tiles = tiles_from_predictions(header, rows, module.heads, separator, Path(cfg.paths.output_dir))
-        if split is None or got.files or split_tiles(tiles, header, rows, datamodule, split):
+        if split is None or split_tiles(tiles, header, rows, datamodule, split, got.files):
             write_page(pages, tiles, gallery, f"predictions of {Path(cfg.ckpt_path).name}")
     if calibrated and multi:
         for column, flags in reviews.items():
@@ -170,20 +170,22 @@ def predict(cfg: DictConfig) -> Path:
     return out
 
 
-def split_tiles(tiles: list, header: list[str], rows: list, datamodule, split: str) -> bool:
-    """The tiles of a split's `<split>[<index>]` rows given their pictures (and the one-label model's true
-    label); False, saying why in one line, where the source cannot give them cheaply."""
-    picture = split_pictures(datamodule, split)
-    if picture is None:
-        print(
-            f"gallery: none for split={split} of litdata shards (its images are reachable only by reading "
-            "the whole split); predict the source's files with input= for one, or set gallery=false"
-        )
-        return False
-    true = header.index("true") if "true" in header else None
-    for i, (tile, row) in enumerate(zip(tiles, rows, strict=True)):
-        tile.picture = picture(i)
-        if true is not None:
+def split_tiles(tiles: list, header: list[str], rows: list, datamodule, split: str, files: bool) -> bool:
+    """The tiles of a split's rows given the one-label model's true label and, for `<split>[<index>]` rows,
+    their pictures; False, saying why in one line, where the source cannot give those cheaply."""
+    if not files:
+        picture = split_pictures(datamodule, split)
+        if picture is None:
+            print(
+                f"gallery: none for split={split} of litdata shards (its images are reachable only by "
+                "reading the whole split); predict the source's files with input= for one, or gallery=false"
+            )
+            return False
+        for i, tile in enumerate(tiles):
+            tile.picture = picture(i)
+    if "true" in header:
+        true = header.index("true")
+        for tile, row in zip(tiles, rows, strict=True):
             tile.answers.insert(0, Answer("", "truth", [(row[true], None)]))
     return True
 
