@@ -23,17 +23,16 @@ from pathlib import Path
 import faiss
 import numpy as np
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from skuvision.assembly import build_trainer, from_checkpoint
 from skuvision.config import plain, set_threads
 from skuvision.data.inputs import InputFilesDataModule, collect_inputs
 from skuvision.errors import SkuvisionError
+from skuvision.features import extract, normalized
 from skuvision.index import CatalogueIndex, index_params
 from skuvision.metrics import retrieval_report
 from skuvision.outputs import file_sha256, new_file, refuse_existing, write_csv, write_new_json
-from skuvision.readout import concat_batches
 from skuvision.shards import plan_of, predict_in_shards, sharded
 from skuvision.tasks.embed_changes import embed_changes
 from skuvision.tasks.splits import first_labels, prepared_split, split_outputs
@@ -45,14 +44,10 @@ RESULTS = ("embeddings.npz", "index", "neighbours.csv", "retrieval.json")  # in 
 
 
 def features_of(trainer, module, datamodule) -> tuple[torch.Tensor, list]:
-    """Features and each image's meta: its label (with several heads, the first label column's), or its
-    read error."""
-    outputs = trainer.predict(module, datamodule=datamodule)
-    features = F.normalize(torch.cat([o["outputs"] for o in outputs]), dim=1)
-    metas = [o["meta"] for o in outputs]
-    if metas and isinstance(metas[0], dict):
-        return features, concat_batches(metas)[module.heads[0].column].tolist()
-    return features, [m for meta in metas for m in meta]
+    """Normalized features (skuvision.features) and each image's meta: its label (with several heads, the
+    first label column's), or its read error."""
+    found = extract(trainer, module, datamodule)
+    return found.features, found.per_image(module.heads[0].column)
 
 
 def features_in_shards(cfg: DictConfig, trainer, module, items: list[str], **plan) -> tuple | None:
@@ -60,12 +55,12 @@ def features_in_shards(cfg: DictConfig, trainer, module, items: list[str], **pla
     features, read errors) in the order of `items`; None on the other ranks."""
     plan = plan_of("embed", cfg.ckpt_path, items, precision=str(trainer.precision), **plan)
     merged = predict_in_shards(cfg, trainer, module, [Path(p) for p in items], plan)
-    return None if merged is None else (F.normalize(merged[0], dim=1), merged[1])
+    return None if merged is None else (normalized(merged[0]), merged[1])
 
 
 def embed(cfg: DictConfig) -> dict:
     if cfg.get("add_to") is not None:
-        return embed_changes(cfg, features_of, neighbours_of_items, write_neighbours)
+        return embed_changes(cfg, neighbours_of_items, write_neighbours)
     if cfg.get("remove") is not None:
         raise SkuvisionError("remove: takes ids out of an earlier index; give add_to=<its embed run folder>")
     set_threads(cfg.get("threads"))
@@ -78,7 +73,7 @@ def embed(cfg: DictConfig) -> dict:
     index_settings(cfg)
     split = None if cfg.get("input") else cfg.split
     module, datamodule = from_checkpoint(cfg.ckpt_path, cfg.get("data"), split=split)
-    module.predict_embeddings = True
+    module.predict_embeddings = True  # what the sharded runs store (skuvision.shards): raw features
     trainer = build_trainer(cfg, enable_checkpointing=False)
     if cfg.get("input"):
         items = [str(p) for p in collect_inputs(plain(cfg.input))]
@@ -109,7 +104,7 @@ def embed(cfg: DictConfig) -> dict:
         if any(got.errors):
             bad = next(i for i, e in enumerate(got.errors) if e)
             raise SkuvisionError(f"split={cfg.split}: {got.items[bad]} became unreadable ({got.errors[bad]})")
-        features, items = F.normalize(got.outputs, dim=1), got.items
+        features, items = normalized(got.outputs), got.items
         labels = torch.as_tensor(first_labels(got.labels, module))
         source = f"split={cfg.split}"
     check_enough_items(len(items), source, bool(cfg.get("query")), labels is not None)

@@ -49,6 +49,7 @@ from skuvision.config import plain, set_threads
 from skuvision.data.inputs import InputFilesDataModule, collect_inputs
 from skuvision.errors import SkuvisionError
 from skuvision.explain import check_method, write_explanations
+from skuvision.features import extract
 from skuvision.gallery import (
     Answer,
     doubtful_first,
@@ -60,13 +61,13 @@ from skuvision.models.heads import Head
 from skuvision.outputs import refuse_existing, write_csv
 from skuvision.prototypes import FILE_NAME as PROTOTYPES_FILE
 from skuvision.prototypes import Prototypes
-from skuvision.readout import concat_batches, head_probs, read_heads
+from skuvision.readout import head_probs, read_heads
 from skuvision.shards import plan_of, predict_in_shards, sharded
 from skuvision.tasks.prototypes import check_prototype_options, prototypes_for
 from skuvision.tasks.splits import prepared_split, split_outputs, split_pictures, with_truth
 from skuvision.tasks.utils import MANDATORY_EXAMPLES, command, print_summary, resolve_checkpoint, shown
 from skuvision.tta import check_tta
-from skuvision.unknown import WithFeatures, load_detector, with_unknown
+from skuvision.unknown import load_detector, with_unknown
 
 log = logging.getLogger("skuvision")
 
@@ -128,15 +129,14 @@ def predict(cfg: DictConfig) -> Path:
         datamodule = InputFilesDataModule(
             paths, module.input_config, cfg.batch_size, cfg.num_workers, cache=bool(cfg.get("cache", False))
         )
-        with_features = detector is not None or prototypes is not None
-        outputs = trainer.predict(WithFeatures(module) if with_features else module, datamodule=datamodule)
-        logits = concat_batches([o["outputs"] for o in outputs])
-        errors = [e for o in outputs for e in o["meta"]]
+        with_features = detector is not None or prototypes is not None  # from the logits' pass
+        found = extract(trainer, module, datamodule, logits=True, features=with_features)
+        logits, errors = found.logits, found.per_image()
     if multi:
         separator = module.hparams.data.get("tag_separator") or ";"
         rows, reviews = attribute_rows(module.heads, logits, paths, errors, per_head, separator)
     else:
-        embedding = torch.cat([o["embedding"] for o in outputs]).cpu() if prototypes else None
+        embedding = found.embeddings if prototypes else None
         header, rows, review = ranked_rows(
             logits, paths, errors, calibrated, module.class_names, int(cfg.top_k), prototypes, embedding
         )
@@ -144,8 +144,7 @@ def predict(cfg: DictConfig) -> Path:
         separator = (module.hparams.data.get("tag_separator") or ";") if multi else ";"
         header, rows = with_truth(header, rows, got.labels, datamodule, separator)
     if detector:
-        features = torch.cat([o["features"] for o in outputs])
-        values = detector.scores(logits, features, module.heads)
+        values = detector.scores(logits, found.features, module.heads)
         header, rows = with_unknown(header, rows, values, detector.threshold, errors)
     if explain:
         header, rows = with_explanations(cfg, module, trainer, datamodule, logits, errors, header, rows)

@@ -24,6 +24,7 @@ from torchvision.transforms.v2.functional import to_pil_image
 from skuvision.data.datasets import dataset_labels
 from skuvision.data.streaming import StreamingDataModule
 from skuvision.errors import SkuvisionError
+from skuvision.features import extract
 from skuvision.readout import concat_batches
 from skuvision.shards import plan_of, predict_in_shards, predict_split_in_shards, sharded
 
@@ -65,9 +66,10 @@ def prepared_split(datamodule, split: str) -> None:
 
 
 def split_outputs(cfg: DictConfig, trainer, module, datamodule, task: str, **settings) -> SplitOutputs | None:
-    """The module's predict outputs for every image of split `cfg.split` of `datamodule` (prepared_split),
-    in the split's order: in shards (skuvision.shards; `settings` join the plan) when several processes run
-    or shards=true, else in one pass. None on ranks other than zero, which write nothing."""
+    """The module's predict outputs (logits, or with `predict_embeddings` its raw embeddings) for every image
+    of split `cfg.split` of `datamodule` (prepared_split), in the split's order: in shards
+    (skuvision.shards; `settings` join the plan) when several processes run or shards=true, else in one
+    pass (skuvision.features.extract). None on ranks other than zero, which write nothing."""
     from skuvision.data.stream_positions import StreamPositionsDataModule, stored_count
 
     split = cfg.split
@@ -85,23 +87,24 @@ def split_outputs(cfg: DictConfig, trainer, module, datamodule, task: str, **set
         if merged is None:
             return None
         return SplitOutputs(*merged, file_split_labels(datamodule, split), items, True)
+    # One pass through the one extractor: embed.py's raw embeddings, or predict.py's logits (with TTA).
+    embeddings = bool(getattr(module, "predict_embeddings", False))
     if streaming:  # litdata's order need not be the stored one: each sample carries its index
         stream = StreamPositionsDataModule(datamodule, split, cfg.batch_size, cfg.num_workers)
-        outputs = trainer.predict(module, datamodule=stream)
-        index = torch.cat([o["meta"]["index"] for o in outputs])
+        found = extract(trainer, module, stream, logits=not embeddings, features=embeddings)
+        index = torch.cat([meta["index"] for meta in found.metas])
         if sorted(index.tolist()) != list(range(count)):
             raise SkuvisionError(f"split={split}: the stream did not yield each stored image once")
         order = torch.argsort(index)
-        logits = concat_batches([o["outputs"] for o in outputs])
-        logits = {k: v[order] for k, v in logits.items()} if isinstance(logits, dict) else logits[order]
-        labels = torch.cat([o["meta"]["label"] for o in outputs])[order].tolist()
-        return SplitOutputs(logits, [""] * count, labels, items, False)
-    outputs = trainer.predict(module, datamodule=datamodule)
-    metas = [o["meta"] for o in outputs]
+        out = found.embeddings if embeddings else found.logits
+        out = {k: v[order] for k, v in out.items()} if isinstance(out, dict) else out[order]
+        labels = torch.cat([meta["label"] for meta in found.metas])[order].tolist()
+        return SplitOutputs(out, [""] * count, labels, items, False)
+    found = extract(trainer, module, datamodule, logits=not embeddings, features=embeddings)
+    metas = found.metas
     labels = concat_batches(metas) if metas and isinstance(metas[0], dict) else torch.cat(metas).tolist()
-    return SplitOutputs(
-        concat_batches([o["outputs"] for o in outputs]), [""] * count, labels, items, bool(paths)
-    )
+    out = found.embeddings if embeddings else found.logits
+    return SplitOutputs(out, [""] * count, labels, items, bool(paths))
 
 
 def file_split_labels(datamodule, split: str) -> list[int] | dict:
