@@ -17,8 +17,6 @@ a new run folder (skuvision.tasks.embed_changes).
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from pathlib import Path
 
@@ -29,16 +27,15 @@ from omegaconf import DictConfig
 
 from skuvision.assembly import build_trainer, from_checkpoint
 from skuvision.config import plain, set_threads
-from skuvision.data.datasets import dataset_labels
 from skuvision.data.inputs import InputFilesDataModule, collect_inputs
-from skuvision.data.streaming import StreamingDataModule
 from skuvision.errors import SkuvisionError
 from skuvision.features import extract, normalized
 from skuvision.index import CatalogueIndex, index_params
 from skuvision.metrics import retrieval_report
 from skuvision.outputs import file_sha256, new_file, refuse_existing, write_csv, write_new_json
-from skuvision.shards import plan_of, predict_in_shards, predict_split_in_shards, sharded
+from skuvision.shards import plan_of, predict_in_shards, sharded
 from skuvision.tasks.embed_changes import embed_changes
+from skuvision.tasks.splits import first_labels, prepared_split, split_outputs
 from skuvision.tasks.utils import command, print_summary, resolve_checkpoint, shown
 
 log = logging.getLogger("skuvision")
@@ -100,36 +97,15 @@ def embed(cfg: DictConfig) -> dict:
         features, items, labels = features[keep], [items[i] for i in keep], None
         source = f"input={cfg.input}"
     else:
-        datamodule.prepare_data()
-        datamodule.setup("predict")
-        if cfg.split not in datamodule.splits:
-            raise SkuvisionError(f"split={cfg.split}: choose one of {sorted(datamodule.splits)}")
-        dataset = datamodule.splits[cfg.split]
-        paths = datamodule.sample_paths(cfg.split)
-        if isinstance(datamodule, StreamingDataModule):
-            features, labels, paths = stream_features(cfg, trainer, module, datamodule)
-            if features is None:  # not rank zero: rank zero writes the results
-                return {}
-        elif sharded(cfg, trainer) and paths is None:  # held in memory
-            items = split_items(cfg.split, len(dataset))
-            plan = plan_of("embed", cfg.ckpt_path, items, **split_plan(cfg, trainer, datamodule))
-            merged = predict_split_in_shards(cfg, trainer, module, datamodule, cfg.split, items, plan)
-            if merged is None:
-                return {}
-            features, labels = normalized(merged[0]), merged[2]
-        elif sharded(cfg, trainer):
-            merged = features_in_shards(cfg, trainer, module, paths, split=cfg.split)
-            if merged is None:
-                return {}
-            features, errors = merged
-            if any(errors):
-                bad = next(i for i, e in enumerate(errors) if e)
-                raise SkuvisionError(f"split={cfg.split}: {paths[bad]} became unreadable ({errors[bad]})")
-            labels = dataset_labels(dataset)
-        else:
-            features, labels = features_of(trainer, module, datamodule)
-        labels = torch.as_tensor(labels)
-        items = paths or [f"{cfg.split}[{i}]" for i in range(len(dataset))]
+        prepared_split(datamodule, cfg.split)
+        got = split_outputs(cfg, trainer, module, datamodule, "embed")
+        if got is None:  # not rank zero: rank zero writes the results
+            return {}
+        if any(got.errors):
+            bad = next(i for i, e in enumerate(got.errors) if e)
+            raise SkuvisionError(f"split={cfg.split}: {got.items[bad]} became unreadable ({got.errors[bad]})")
+        features, items = normalized(got.outputs), got.items
+        labels = torch.as_tensor(first_labels(got.labels, module))
         source = f"split={cfg.split}"
     check_enough_items(len(items), source, bool(cfg.get("query")), labels is not None)
     result: dict = {"embeddings": str(written["embeddings.npz"]), "dim": features.shape[1]}
@@ -173,43 +149,6 @@ def embed(cfg: DictConfig) -> dict:
         )
     embed_summary(cfg, written, result)
     return result
-
-
-def split_items(split: str, count: int) -> list[str]:
-    """The names of a split's images that are not files of their own: `<split>[<position>]`."""
-    return [f"{split}[{i}]" for i in range(count)]
-
-
-def split_plan(cfg: DictConfig, trainer, datamodule) -> dict:
-    """What decides a split's shards besides the checkpoint: the split, its data and the precision (with
-    litdata shards, a SHA-256 of their metadata: classes, counts, encoding)."""
-    plan = {"split": cfg.split, "data_root": str(datamodule.root), "precision": str(trainer.precision)}
-    if isinstance(datamodule, StreamingDataModule):
-        metadata = json.dumps(datamodule.metadata, sort_keys=True).encode()
-        plan["shards_metadata_sha256"] = hashlib.sha256(metadata).hexdigest()
-    return plan
-
-
-def stream_features(cfg: DictConfig, trainer, module, datamodule) -> tuple:
-    """(normalized features, labels, item names) of a split of litdata shards in stored order: in shards
-    when several processes run (or shards=true), else in one pass; (None, None, None) off rank zero."""
-    from skuvision.data.stream_positions import StreamPositionsDataModule, stored_count
-
-    items = split_items(cfg.split, stored_count(datamodule, cfg.split))
-    if sharded(cfg, trainer):
-        plan = plan_of("embed", cfg.ckpt_path, items, **split_plan(cfg, trainer, datamodule))
-        merged = predict_split_in_shards(cfg, trainer, module, datamodule, cfg.split, items, plan)
-        if merged is None:
-            return None, None, None
-        return normalized(merged[0]), merged[2], items
-    stream = StreamPositionsDataModule(datamodule, cfg.split, cfg.batch_size, cfg.num_workers)
-    found = extract(trainer, module, stream)
-    index = torch.cat([meta["index"] for meta in found.metas])
-    if sorted(index.tolist()) != list(range(len(items))):
-        raise SkuvisionError(f"split={cfg.split}: the stream did not yield each stored image once")
-    order = torch.argsort(index)
-    labels = torch.cat([meta["label"] for meta in found.metas])[order].tolist()
-    return found.features[order], labels, items
 
 
 def embed_summary(cfg: DictConfig, written: dict[str, Path], result: dict) -> str:
