@@ -37,7 +37,7 @@ from skuvision.data.datasets import InMemoryImages
 from skuvision.data.fashion_mnist import DEBIAN_DIR, FILES
 from skuvision.data.transforms import eval_image_transform
 from skuvision.host_reads import ReadsPerStep, counting_host_reads
-from skuvision.tasks import evaluate
+from skuvision.tasks.evaluate import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 torch.set_num_threads(THREADS)

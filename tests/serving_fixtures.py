@@ -50,7 +50,7 @@ def serve_checkpoint(tmp_path_factory, shop) -> Path:
         "trainer.precision=32",
         "tta=flip",
     ]
-    from skuvision.tasks import train
+    from skuvision.tasks.train import train
 
     train(compose_cfg("train", overrides, run))
     return sorted((run / "checkpoints").glob("best-*.ckpt"))[0]

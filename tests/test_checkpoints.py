@@ -13,12 +13,13 @@ from skuvision.checkpoints import load_classifier, read_checkpoint
 from skuvision.data.datasets import InputImageFiles
 from skuvision.data.transforms import ToModelInput
 from skuvision.errors import SkuvisionError
-from skuvision.tasks import evaluate, train
 from skuvision.tasks.audit import audit
 from skuvision.tasks.embed import embed
+from skuvision.tasks.evaluate import evaluate
 from skuvision.tasks.export import export
 from skuvision.tasks.predict import predict
 from skuvision.tasks.serve import prepared
+from skuvision.tasks.train import train
 from tests.helpers import compose_cfg, run_cli
 from tests.writers import banded_portrait
 

@@ -44,7 +44,7 @@ def shop(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def checkpoint(shop, tmp_path_factory) -> Path:
-    from skuvision.tasks import train
+    from skuvision.tasks.train import train
 
     run = tmp_path_factory.mktemp("train") / "run"
     overrides = quick_overrides("image_folder", shop) + [

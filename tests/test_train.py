@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from skuvision.errors import SkuvisionError
-from skuvision.tasks import evaluate, train
+from skuvision.tasks.evaluate import evaluate
+from skuvision.tasks.train import train
 from tests.helpers import ROOT, compose_cfg, quick_overrides, run_cli
 from tests.writers import write_image_folder
 

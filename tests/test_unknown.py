@@ -40,7 +40,7 @@ def write_clothes(folder, count: int = 20):
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory, data_root):
-    from skuvision.tasks import train
+    from skuvision.tasks.train import train
 
     run = tmp_path_factory.mktemp("unknown_train") / "run"
     overrides = quick_overrides("fashion_mnist", data_root) + [

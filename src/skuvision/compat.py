@@ -40,9 +40,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-# Lightning is imported where it is used: config's precision resolver and every litdata worker import this.
+# torch and Lightning are imported where they are used: the commands import this before Hydra composes a
+# config, and a config mistake is answered without loading them.
 log = logging.getLogger("skuvision")
 
 # Private torch helpers (torch 2.14.1) that tell whether the CPU runs bf16 natively.
@@ -52,6 +51,8 @@ NATIVE_BF16_CHECKS = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
 def cpu_has_native_bf16() -> bool:
     """AVX512-BF16 or AMX: bf16 autocast about doubles training speed there, and is emulated (slower than
     float32) elsewhere."""
+    import torch
+
     return any(getattr(torch.cpu, name, lambda: False)() for name in NATIVE_BF16_CHECKS)
 
 
