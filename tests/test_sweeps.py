@@ -13,6 +13,7 @@ import optuna
 import pytest
 from PIL import Image
 
+from skuvision.tasks.compare import compare
 from tests.helpers import ROOT, compose_cfg, quick_overrides, run_cli
 
 
@@ -42,7 +43,7 @@ def test_compare_backbones_experiment_sweeps_the_four_backbones_with_one_recipe(
 
 
 @pytest.mark.slow
-def test_backbone_sweep_writes_a_leaderboard_with_the_failed_job_as_a_failed_row(tmp_path, data_root):
+def test_backbone_sweep_writes_a_leaderboard_with_the_failed_job_as_a_failed_row(tmp_path, data_root, capsys):
     sweep_dir = tmp_path / "sweep"
     overrides = sweep_overrides(data_root, sweep_dir) + [
         "experiment=compare_backbones",
@@ -72,14 +73,15 @@ def test_backbone_sweep_writes_a_leaderboard_with_the_failed_job_as_a_failed_row
     with Image.open(sweep_dir / "leaderboard.png") as png:
         assert png.format == "PNG" and png.width > 300
 
-    # compare.py writes the same leaderboard again from the run folders alone.
+    # compare.py's task writes the same leaderboard again from the run folders alone (in this process:
+    # test_compare_on_a_folder_without_jobs_is_a_one_line_error runs compare.py itself).
     for name in ("leaderboard.md", "leaderboard.csv", "leaderboard.png"):
         (sweep_dir / name).unlink()
-    again = run_cli("compare.py", [f"sweep_dir={sweep_dir}"], tmp_path)
-    assert again.returncode == 0, again.stderr[-2000:]
+    capsys.readouterr()
+    compare(compose_cfg("compare", [f"sweep_dir={sweep_dir}"], tmp_path / "compare"))
     assert leaderboard_rows(sweep_dir) == rows
     assert (sweep_dir / "leaderboard.png").is_file()
-    assert "2 of 3 jobs completed" in again.stdout
+    assert "2 of 3 jobs completed" in capsys.readouterr().out
 
 
 def test_compare_on_a_folder_without_jobs_is_a_one_line_error(tmp_path):
