@@ -184,8 +184,11 @@ def train_without_wandb_key(args: list[str], cwd: Path) -> subprocess.CompletedP
     return result
 
 
-@pytest.mark.slow
-def test_each_job_of_a_multirun_is_its_own_offline_wandb_run(tmp_path, data_root):
+@pytest.fixture(scope="module")
+def wandb_sweep(tmp_path_factory, data_root) -> Path:
+    """A two-job multirun logged to W&B offline by a user without a key; its sweep folder. The resume test
+    below continues its job 0 (hence no one-cycle schedule, which is fixed to its first run's length)."""
+    tmp_path = tmp_path_factory.mktemp("wandb_sweep")
     sweep_dir = tmp_path / "sweep"
     overrides = sweep_overrides(data_root, sweep_dir) + [
         "model=simple_cnn",
@@ -193,8 +196,15 @@ def test_each_job_of_a_multirun_is_its_own_offline_wandb_run(tmp_path, data_root
         "seed=1,2",
         "trainer.max_epochs=1",
         "data.subset=200",
+        "scheduler=none",
     ]
     train_without_wandb_key(["-m", *overrides], tmp_path)
+    return sweep_dir
+
+
+@pytest.mark.slow
+def test_each_job_of_a_multirun_is_its_own_offline_wandb_run(wandb_sweep):
+    sweep_dir = wandb_sweep
     runs = []
     for job in ("0", "1"):
         records = wandb_records(sweep_dir / job)
@@ -214,21 +224,18 @@ def test_each_job_of_a_multirun_is_its_own_offline_wandb_run(tmp_path, data_root
 
 
 @pytest.mark.slow
-def test_resuming_from_a_checkpoint_continues_the_same_wandb_run(tmp_path, data_root):
+def test_resuming_from_a_checkpoint_continues_the_same_wandb_run(tmp_path, data_root, wandb_sweep):
+    """The first run is job 0 of the sweep above (one epoch, no schedule); this one resumes it."""
+    first = wandb_sweep / "0"
     overrides = quick_overrides("fashion_mnist", data_root) + [
         "logger=wandb",
         "data.subset=200",
         "test=false",
         "scheduler=none",  # a one-cycle schedule is fixed to its first run's length
+        "trainer.max_epochs=2",
+        f"ckpt_path={first / 'checkpoints' / 'last.ckpt'}",
     ]
-
-    def train(*extra: str) -> Path:
-        before = set((tmp_path / "outputs").glob("*/*"))
-        train_without_wandb_key([*overrides, *extra], tmp_path)
-        (run_folder,) = set((tmp_path / "outputs").glob("*/*")) - before
-        return run_folder
-
-    first = train("trainer.max_epochs=1")
-    resumed = train("trainer.max_epochs=2", f"ckpt_path={first / 'checkpoints' / 'last.ckpt'}")
+    train_without_wandb_key(overrides, tmp_path)
+    (resumed,) = (tmp_path / "outputs").glob("*/*")
     ids = [[r["run"]["run_id"] for r in wandb_records(f) if r["type"] == "run"][0] for f in (first, resumed)]
     assert ids[0] == ids[1]
