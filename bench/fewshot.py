@@ -32,7 +32,8 @@ from skuvision.assembly import build_trainer, data_module, from_checkpoint
 from skuvision.config import compose_config
 from skuvision.data.fashion_mnist import CLASS_NAMES, DEBIAN_DIR, read_idx
 from skuvision.data.inputs import InputFilesDataModule
-from skuvision.prototypes import SCALE, Prototypes, class_means, features_of
+from skuvision.features import extract
+from skuvision.prototypes import SCALE, Prototypes, class_means
 
 ROOT = Path(__file__).resolve().parents[1]
 HELD_OUT = ("Shirt", "Bag")
@@ -98,9 +99,9 @@ def trained_without(workdir: Path, images, labels, names: list[str], epochs: int
 
 
 def file_features(trainer, module, paths: list[Path]) -> torch.Tensor:
-    features, errors = features_of(trainer, module, InputFilesDataModule(paths, module.input_config, 256, 2))
-    assert not any(errors), errors
-    return features
+    found = extract(trainer, module, InputFilesDataModule(paths, module.input_config, 256, 2))
+    assert not any(found.per_image()), found.per_image()
+    return found.embeddings
 
 
 def rules(protos: Prototypes, head_logits: torch.Tensor, features: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -152,7 +153,8 @@ def bench_rows(workdir: Path, quick: bool = False) -> tuple[list[tuple], list[st
     train_split = data_module(module.hparams.data, module.input_config, "train")
     train_split.prepare_data()
     train_split.setup("predict")
-    train_features, train_labels = features_of(trainer, module, train_split)
+    train = extract(trainer, module, train_split)
+    train_features, train_labels = train.embeddings, train.per_image()
     mean = train_features.mean(dim=0).numpy()  # as skuvision.prototypes.train_statistics
     train_labels = torch.as_tensor(train_labels)
     known_vectors = class_means(train_features, train_labels, len(known_names), mean)

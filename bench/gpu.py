@@ -340,7 +340,6 @@ def embed_rate(checkpoint: Path, decode_on: str, workers: int, device: str, repe
     data = OmegaConf.create(dict(load_classifier(checkpoint).hparams.data))
     data.decode_on, data.num_workers, data.batch_size = decode_on, workers, batch_for(device)
     module, datamodule = from_checkpoint(checkpoint, data, split="train")
-    module.predict_embeddings = True
     trainer = Trainer(
         accelerator=device, devices=1, precision="bf16-mixed", logger=False, enable_progress_bar=False
     )

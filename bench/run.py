@@ -494,14 +494,14 @@ def write_results(path: Path, info: dict, rows: list[tuple], notes: list[str]) -
 
 
 SECTIONS = (
-    "steps", "data", "recipe", "decode", "stream", "index", "index_changes", "serve", "audit", "calib",
-    "attributes", "unknown", "fewshot", "int8", "gpu", "startup",
+    "steps", "data", "recipe", "decode", "stream", "catalogue", "index", "index_changes", "serve", "audit",
+    "calib", "attributes", "unknown", "fewshot", "int8", "predict_split", "gpu", "startup",
 )  # fmt: skip
 # Sections that live in their own module bench/<name>.py: bench_rows(workdir, quick) -> (rows, notes).
 # gpu measures only where CUDA is available (else it adds a note).
 MODULE_SECTIONS = (
-    "decode", "stream", "index", "index_changes", "serve", "audit", "calib", "attributes", "unknown",
-    "fewshot", "int8", "gpu", "startup",
+    "decode", "stream", "catalogue", "index", "index_changes", "serve", "audit", "calib", "attributes",
+    "unknown", "fewshot", "int8", "predict_split", "gpu", "startup",
 )  # fmt: skip
 
 

@@ -48,6 +48,27 @@ def quick_overrides(data: str, data_root: Path, model: str = "simple_cnn") -> li
     ]
 
 
+def trained_checkpoint(run: Path, overrides: list[str]) -> Path:
+    """train.py in-process into the run folder `run`: its best checkpoint."""
+    from skuvision.tasks.train import train
+
+    train(compose_cfg("train", overrides, run))
+    return sorted((run / "checkpoints").glob("best-*.ckpt"))[0]
+
+
+def train_on_folder(classes: Path, run: Path, epochs: int, tta: str) -> Path:
+    """A simple_cnn trained at 32 px in fp32 on the class folders in `classes` (lr 0.01, TTA `tta`): its best
+    checkpoint."""
+    overrides = quick_overrides("image_folder", classes) + [
+        f"data.root={classes}",
+        f"trainer.max_epochs={epochs}",
+        "optimizer.lr=0.01",
+        "trainer.precision=32",
+        f"tta={tta}",
+    ]
+    return trained_checkpoint(run, overrides)
+
+
 def run_cli(script: str, overrides: list[str], cwd, extra_env: dict | None = None):
     """Run train.py/eval.py as a user would, offline, with 2 threads."""
     env = {**os.environ, "SKUVISION_OFFLINE": "1", "OMP_NUM_THREADS": "2", **(extra_env or {})}

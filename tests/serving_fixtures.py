@@ -20,7 +20,7 @@ import pytest
 from skuvision.tasks.embed import embed
 from skuvision.tasks.export import export
 from skuvision.tasks.predict import predict
-from tests.helpers import ROOT, compose_cfg, quick_overrides
+from tests.helpers import ROOT, compose_cfg, train_on_folder
 from tests.writers import write_image_folder
 
 CLASSES = ("kettle", "phone", "shirt", "toaster")
@@ -42,18 +42,7 @@ def shop(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def serve_checkpoint(tmp_path_factory, shop) -> Path:
     """A simple_cnn trained for a few steps at 32 px, with flip TTA (so both backends must apply it)."""
-    run = tmp_path_factory.mktemp("serve_train") / "run"
-    overrides = quick_overrides("image_folder", shop) + [
-        f"data.root={shop}",
-        "trainer.max_epochs=2",
-        "optimizer.lr=0.01",
-        "trainer.precision=32",
-        "tta=flip",
-    ]
-    from skuvision.tasks.train import train
-
-    train(compose_cfg("train", overrides, run))
-    return sorted((run / "checkpoints").glob("best-*.ckpt"))[0]
+    return train_on_folder(shop, tmp_path_factory.mktemp("serve_train") / "run", epochs=2, tta="flip")
 
 
 @pytest.fixture(scope="session")

@@ -296,6 +296,18 @@ def test_predict_marks_exactly_the_rows_below_the_threshold(evaluation, checkpoi
     marked = sum(row["review"] == "true" for row in rows)
     assert marked == int((expected < threshold).sum()) and 0 < marked < len(rows)
     assert f"review: {marked} of {len(rows)} rows marked" in capsys.readouterr().out
+    # split=test of the checkpoint's own data: the same rows, calibrated probabilities and marks.
+    by_split = [f"ckpt_path={checkpoint}", "split=test", "num_workers=0", "trainer.accelerator=cpu"]
+    by_split += ["trainer.precision=32", f"calibration={moved}"]
+    with open(predict(compose_cfg("predict", by_split, tmp_path / "split"))) as f:
+        split_rows = list(csv.DictReader(f))
+    kept = ("path", "review", "label_1", "prob_1")
+    assert [[r[k] for k in kept] for r in split_rows] == [[r[k] for k in kept] for r in rows]
+    truth = {r["path"]: r["true"] for r in split_rows}  # each tile shows its file's true class
+    tiles = read_page(tmp_path / "split" / "predictions.html").tiles
+    assert sorted(t.name for t in tiles) == sorted(truth)
+    assert all(t.cells[0][:2] == ["true", truth[t.name]] for t in tiles)
+    assert all(truth[p] == p.split("/")[-2] for p in truth)  # the class folder
     # The gallery puts the rows to review first, each group the least confident first, flagged as the CSV.
     page = read_page(tmp_path / "calibrated" / "run" / "predictions.html")
     doubtful = sorted(rows, key=lambda r: (r["review"] != "true", float(r["prob_1"])))

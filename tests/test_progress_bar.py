@@ -4,6 +4,7 @@ every task's Trainer gets that bar."""
 import contextlib
 import io
 import logging
+import re
 
 import pytest
 import rich
@@ -88,3 +89,22 @@ def test_a_second_predict_of_one_trainer_logs_no_callback_swap(train_cfg):
         lightning_log.removeHandler(handler)
     assert not [line for line in lines if "override existing callbacks" in line], lines
     assert trainer.callbacks.count(module.finetune) == 1
+
+
+def test_on_a_terminal_the_bar_shows_images_a_second_of_each_epoch_and_of_predict(default_console):
+    class Counted(Tiny):
+        def predict_step(self, batch, batch_idx):
+            return self.layer(batch[0])
+
+    terminal = io.StringIO()
+    bar = ProgressBar(console_kwargs={"force_terminal": True, "file": terminal, "width": 140})
+    fit(bar)
+    train_task = next(t for t in bar.progress.tasks if t.id == bar.train_progress_bar_id)
+    assert train_task.fields["images"] == 8  # the second epoch's 8 images, not both epochs' 16
+    trainer = bar.trainer
+    with contextlib.redirect_stdout(io.StringIO()):
+        trainer.predict(Counted(), DataLoader(TensorDataset(torch.randn(7, 4)), batch_size=3))
+    drawn = terminal.getvalue()
+    assert re.search(r"\d+\.\d img/s", drawn), drawn[-300:]
+    predict_task = next(t for t in bar.progress.tasks if t.id == bar.predict_progress_bar_id)
+    assert predict_task.fields["images"] == 7  # batches of 3, 3 and 1

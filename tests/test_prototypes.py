@@ -1,7 +1,6 @@
 """New categories without retraining (issue #27, must show 2): a model trained without two classes names them
 from 10 example images each, and keeps its trained classes' accuracy."""
 
-import json
 import zipfile
 from pathlib import Path
 
@@ -12,7 +11,7 @@ from PIL import Image
 from skuvision.errors import SkuvisionError
 from skuvision.outputs import file_sha256
 from skuvision.prototypes import FILE_NAME, load
-from tests.helpers import compose_cfg, predict_csv, quick_overrides
+from tests.helpers import compose_cfg, predict_csv, train_on_folder
 from tests.writers import pattern_images
 
 CLASSES = ("bag", "boot", "coat", "dress", "shirt")
@@ -44,18 +43,7 @@ def shop(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def checkpoint(shop, tmp_path_factory) -> Path:
-    from skuvision.tasks.train import train
-
-    run = tmp_path_factory.mktemp("train") / "run"
-    overrides = quick_overrides("image_folder", shop) + [
-        f"data.root={shop / 'train'}",
-        "trainer.max_epochs=3",
-        "optimizer.lr=0.01",
-        "trainer.precision=32",
-        "tta=none",
-    ]
-    train(compose_cfg("train", overrides, run))
-    return Path(json.loads((run / "metrics.json").read_text())["checkpoint"])
+    return train_on_folder(shop / "train", tmp_path_factory.mktemp("train") / "run", epochs=3, tta="none")
 
 
 def accuracy(rows: list[dict], classes) -> float:

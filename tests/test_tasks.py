@@ -11,6 +11,7 @@ import onnxruntime as ort
 import pandas as pd
 import pytest
 import torch
+import yaml
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from PIL import Image
@@ -457,6 +458,30 @@ def test_second_export_into_the_same_folder_or_output_changes_nothing(checkpoint
     )
     assert "another output=" in message
     assert snapshot(tmp_path / "run") == before
+
+
+def test_a_card_without_test_figures_says_they_were_not_measured(checkpoint, tmp_path, monkeypatch):
+    import skuvision.tasks.export as export_task
+
+    overrides = [f"ckpt_path={checkpoint}", "check_images=8", "batch_size=8"]
+    one_line_refusal(
+        lambda: export(compose_cfg("export", [*overrides, "card.test_figures=sometimes"], tmp_path / "bad")),
+        "card.test_figures=sometimes: give true",
+        says_nothing_written=False,
+    )
+    assert not (tmp_path / "bad").exists() or not any((tmp_path / "bad").iterdir())
+
+    def no_pass(*args):
+        raise AssertionError("card.test_figures=false must not measure the test split")
+
+    monkeypatch.setattr(export_task, "test_figures", no_pass)
+    export(compose_cfg("export", [*overrides, "card.test_figures=false"], tmp_path / "run"))
+    card = (tmp_path / "run" / "README.md").read_text()
+    meta = yaml.safe_load(card.split("---")[1])
+    assert "model-index" not in meta and "metrics" not in meta  # no results rather than made-up ones
+    figures = card.split("## Test figures")[1].split("##")[0]
+    assert "Not measured" in figures and "card.test_figures=false" in figures and "|" not in figures
+    assert "test images" not in card.split("## Known limits")[1]
 
 
 def half_onnx_export(model, args, f, *rest, **kwargs):

@@ -13,7 +13,7 @@ from skuvision import unknown
 from skuvision.errors import SkuvisionError
 from skuvision.serving.predictor import Predictor, model_card
 from skuvision.tasks.evaluate import evaluate
-from tests.helpers import compose_cfg, predict_csv, quick_overrides
+from tests.helpers import compose_cfg, predict_csv, quick_overrides, trained_checkpoint
 from tests.writers import balanced_labels, pattern_images
 
 
@@ -40,17 +40,13 @@ def write_clothes(folder, count: int = 20):
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory, data_root):
-    from skuvision.tasks.train import train
-
-    run = tmp_path_factory.mktemp("unknown_train") / "run"
     overrides = quick_overrides("fashion_mnist", data_root) + [
         "trainer.max_epochs=1",
         "trainer.precision=32",
         "data.val_fraction=0.25",  # 100 val images: enough to place a 95 % threshold
         "tta=none",
     ]
-    train(compose_cfg("train", overrides, run))
-    return sorted((run / "checkpoints").glob("best-*.ckpt"))[0]
+    return trained_checkpoint(tmp_path_factory.mktemp("unknown_train") / "run", overrides)
 
 
 @pytest.fixture(scope="module")
@@ -210,3 +206,36 @@ def test_a_planted_reference_file_is_refused_in_one_line_and_runs_nothing(tmp_pa
     with pytest.raises(SkuvisionError, match=r"unknown_reference\.npz") as refused:
         unknown.Reference.load(path)
     assert "\n" not in str(refused.value)
+
+
+def test_an_oversized_reference_is_refused_in_one_line(evaluation, checkpoint, monkeypatch):
+    _, out = evaluation
+    path = out / unknown.REFERENCE_FILE
+    assert unknown.load_detector(out, checkpoint, "none").reference is not None  # loads under the cap
+    monkeypatch.setattr(unknown, "MAX_REFERENCE_BYTES", path.stat().st_size // 2)
+    with pytest.raises(SkuvisionError, match=r"unknown_reference\.npz: unpacks to \d+ bytes") as refused:
+        unknown.load_detector(out, checkpoint, "none")
+    assert "\n" not in str(refused.value)
+
+
+def test_eval_refuses_a_reference_over_the_cap_or_a_taken_name_before_writing(
+    checkpoint, tmp_path, monkeypatch
+):
+    overrides = [f"ckpt_path={checkpoint}", "trainer.accelerator=cpu", "trainer.precision=32", "threads=2"]
+    # An unknown.json of an earlier run: refused in the one check of every name, before any work.
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / unknown.UNKNOWN_FILE).write_text("{}")
+    with pytest.raises(SkuvisionError, match=r"unknown\.json exists") as refused:
+        evaluate(compose_cfg("eval", overrides, taken))
+    assert "\n" not in str(refused.value)
+    assert [p.name for p in taken.iterdir()] == [unknown.UNKNOWN_FILE]
+    # A reference larger than predict.py would read: refused, with the size that fits, and nothing written.
+    monkeypatch.setattr(unknown, "MAX_REFERENCE_BYTES", 4096)
+    out = tmp_path / "run"
+    with pytest.raises(
+        SkuvisionError, match=r"unknown_reference=\d+: \d+ embeddings .* give unknown_reference=\d+ "
+    ) as refused:
+        evaluate(compose_cfg("eval", overrides, out))
+    assert "\n" not in str(refused.value)
+    assert not [p for p in out.rglob("*") if p.is_file()]  # (the CSV logger's empty folder aside)

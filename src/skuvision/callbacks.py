@@ -12,6 +12,8 @@ from pytorch_lightning import Callback
 from pytorch_lightning.callbacks import RichProgressBar, WeightAveraging
 from pytorch_lightning.profilers import PassThroughProfiler
 from rich.console import Console
+from rich.progress import ProgressColumn
+from rich.text import Text
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from skuvision.compat import replace_averaging_update
@@ -53,9 +55,29 @@ class TrainingThroughput(Callback):
         self._stop()
 
 
+def images_in(batch) -> int:
+    """Images in a batch as hooks see it (decoded, on the device): the first item of (images, meta)."""
+    images = batch[0] if isinstance(batch, (tuple, list)) else batch
+    return len(images)
+
+
+class ImagesPerSecond(ProgressColumn):
+    """Images a second since the bar's task began. Rich's own speed column counts batches, and the last
+    batch of an epoch or of a catalogue is smaller."""
+
+    def __init__(self, style):
+        super().__init__()
+        self.style = style
+
+    def render(self, task) -> Text:
+        images, seconds = task.fields.get("images", 0), task.elapsed
+        return Text(f"{images / seconds:.1f} img/s" if images and seconds else "", style=self.style)
+
+
 class ProgressBar(RichProgressBar):
     """Rich's progress bar, also showing the step loss the model last logged (its `step_loss`), read on the
-    host once per logging interval: Lightning reads a value logged with prog_bar=True at every batch.
+    host once per logging interval: Lightning reads a value logged with prog_bar=True at every batch; and
+    images a second of the process's own share (on several processes the bar is rank zero's).
 
     Where stdout is not a terminal (a log file, CI, a batch job) no bar is drawn: one line per validation of
     the fit instead, with the bar's metrics."""
@@ -85,6 +107,28 @@ class ProgressBar(RichProgressBar):
         shown = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in items.items())
         total = f"/{trainer.max_epochs}" if trainer.max_epochs and trainer.max_epochs > 0 else ""
         print(f"epoch {trainer.current_epoch + 1}{total}  {shown}", flush=True)
+
+    def configure_columns(self, trainer) -> list:
+        return [*super().configure_columns(trainer), ImagesPerSecond(self.theme.processing_speed)]
+
+    def _count_images(self, task_id, batch) -> None:
+        if self.progress is not None and task_id is not None and self.is_enabled:
+            task = next(t for t in self.progress.tasks if t.id == task_id)
+            self.progress.update(task_id, images=task.fields.get("images", 0) + images_in(batch))
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        super().on_train_epoch_start(trainer, pl_module)
+        # Each epoch's bar restarts its clock (rich's reset), so its image count restarts too.
+        if self.progress is not None and self.train_progress_bar_id is not None and self.is_enabled:
+            self.progress.update(self.train_progress_bar_id, images=0)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._count_images(self.train_progress_bar_id, batch)
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._count_images(self.predict_progress_bar_id, batch)
+        super().on_predict_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
 
     def get_metrics(self, trainer, pl_module) -> dict:
         items = super().get_metrics(trainer, pl_module)

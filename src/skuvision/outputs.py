@@ -211,3 +211,12 @@ def file_sha256(path: str | Path) -> str:
     """The file's SHA-256 in hex: what ties a calibration and a served model to their checkpoint."""
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def unpacked_bytes(path: str | Path) -> int:
+    """What an .npz (a zip) says its arrays unpack to, read before any is: the size cap of a file one of our
+    tasks wrote and another reads. Raises zipfile.BadZipFile for a file that is not one."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as z:
+        return sum(i.file_size for i in z.infolist())

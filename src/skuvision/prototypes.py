@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from skuvision.data.decode import IMAGE_SUFFIXES
 from skuvision.data.inputs import InputFilesDataModule, collect_inputs
 from skuvision.errors import SkuvisionError
-from skuvision.outputs import file_sha256, new_file
+from skuvision.features import extract
+from skuvision.outputs import file_sha256, new_file, unpacked_bytes
 
 FILE_NAME = "prototypes.npz"
 SCALE = 16.0  # softmax scale on cosines (bench/fewshot.py compares it); stored with the prototypes
@@ -111,20 +112,6 @@ def class_means(features: torch.Tensor, labels: torch.Tensor, count: int, mean: 
     return F.normalize(sums, dim=1).numpy().astype(np.float32)
 
 
-def features_of(trainer, module, datamodule) -> tuple[torch.Tensor, list]:
-    """Raw (not normalised) pre-logit features of every image `datamodule` predicts, float32 on the CPU, and
-    each image's meta (its label, or its read error). The one feature extractor of this module."""
-    before = module.predict_embeddings
-    module.predict_embeddings = True
-    try:
-        outputs = trainer.predict(module, datamodule=datamodule)
-    finally:
-        module.predict_embeddings = before
-    features = torch.cat([o["outputs"] for o in outputs]).float().cpu()
-    meta = [m for o in outputs for m in (o["meta"].tolist() if torch.is_tensor(o["meta"]) else o["meta"])]
-    return features, meta
-
-
 def class_folders(folder: Path, known: list[str]) -> dict[str, list[Path]]:
     """{new class: its image files} from one subfolder per class, refused in one line when a class name is a
     trained class, a folder holds no image, or images lie outside a class folder."""
@@ -166,7 +153,8 @@ def train_statistics(trainer, module, train_datamodule) -> tuple[np.ndarray, np.
     """(mean feature, per-class prototypes) of the checkpoint's training split."""
     train_datamodule.prepare_data()
     train_datamodule.setup("predict")
-    features, labels = features_of(trainer, module, train_datamodule)
+    train = extract(trainer, module, train_datamodule)
+    features, labels = train.embeddings, train.per_image()
     if not len(features):
         raise SkuvisionError("prototypes: the checkpoint's training split holds no image to centre with")
     mean = features.mean(dim=0).numpy().astype(np.float32)
@@ -185,7 +173,8 @@ def build(
     paths = [p for n in names for p in files[n]]
     labels = torch.tensor([i for i, n in enumerate(names) for _ in files[n]])
     inputs = InputFilesDataModule(paths, module.input_config, batch_size, workers)
-    features, errors = features_of(trainer, module, inputs)
+    examples = extract(trainer, module, inputs)
+    features, errors = examples.embeddings, examples.per_image()
     bad = next((i for i, e in enumerate(errors) if e), None)
     if bad is not None:
         raise SkuvisionError(
@@ -209,8 +198,7 @@ def load(path: Path, ckpt_path: str | Path, known: list[str]) -> Prototypes:
     if not path.is_file():
         raise SkuvisionError(f"prototypes={path}: no such file or class folder")
     try:
-        with zipfile.ZipFile(path) as z:
-            unpacked = sum(i.file_size for i in z.infolist())
+        unpacked = unpacked_bytes(path)
         if unpacked > MAX_FILE_BYTES:
             raise SkuvisionError(
                 f"prototypes={path}: unpacks to {unpacked} bytes, more than a prototypes file"

@@ -390,6 +390,12 @@ def merge(folder: Path, items: list[str], columns: dict[str, int], labels: bool 
 def sharded(cfg, trainer) -> bool:
     """`shards`: null writes shards when several processes run (or SLURM requeues one), true always."""
     choice = cfg.get("shards")
+    if choice is not None and not choice and trainer.world_size > 1:
+        # One pass would leave each process with its share alone, and rank zero would write only its own.
+        raise SkuvisionError(
+            f"shards=false on {trainer.world_size} processes: several processes gather their results only "
+            "through shards; leave shards at null, or run one process (trainer=cpu)"
+        )
     return trainer.world_size > 1 if choice is None else bool(choice)
 
 

@@ -45,10 +45,11 @@ def views(images: torch.Tensor, mode: str) -> list[torch.Tensor]:
     return both + [shifted(x, d, d) for d in (step, -step) for x in both]
 
 
-def tta_logits(forward: Callable, images: torch.Tensor, mode: str):
+def tta_logits(forward: Callable, images: torch.Tensor, mode: str, first=None):
     """The mean of `forward`'s logits over the views of `images` (float32); a forward giving {head: logits}
-    gets each head's mean."""
-    outputs = [forward(view) for view in views(images, mode)]
+    gets each head's mean. `first`: the original view's logits, when already computed."""
+    shown = views(images, mode)
+    outputs = ([forward(shown[0])] if first is None else [first]) + [forward(view) for view in shown[1:]]
     if isinstance(outputs[0], dict):
         return {key: mean_of([out[key] for out in outputs]) for key in outputs[0]}
     return mean_of(outputs)

@@ -26,18 +26,18 @@ from __future__ import annotations
 
 import json
 import logging
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import faiss
 import numpy as np
 import torch
-import torch.nn.functional as F
-from pytorch_lightning import LightningModule
 from torchmetrics.functional.classification import binary_auroc
 
 from skuvision.errors import SkuvisionError
-from skuvision.outputs import file_sha256, new_file, write_new_json
+from skuvision.features import extract
+from skuvision.outputs import file_sha256, new_file, unpacked_bytes, write_new_json
 
 log = logging.getLogger("skuvision")
 
@@ -46,34 +46,10 @@ UNKNOWN_FILE = "unknown.json"
 REFERENCE_FILE = "unknown_reference.npz"
 FPR_AT_TPR = 0.95  # the known share kept for the FPR figure (the OOD literature's FPR@95TPR)
 MAX_JSON_BYTES = 1 << 20
+# What unknown_reference.npz may unpack to: float16 embeddings of 262k images at 2,048 dims (resnet50), or
+# 1M at 512. eval.py refuses to write a larger one; predict.py and serve.py refuse to read it.
+MAX_REFERENCE_BYTES = 1 << 30
 COLUMNS = ("unknown_score", "unknown")  # what predict.py's CSV gains
-
-
-class WithFeatures(LightningModule):
-    """The Classifier's predict_step plus "embedding": each image's pre-logit embedding, and "features": the
-    same L2-normalized (no TTA: the reference's embeddings have none either). One pass gives predict.py the
-    logits, the unknown score's features and the prototypes' embeddings."""
-
-    def __init__(self, classifier: LightningModule):
-        super().__init__()
-        self.classifier = classifier
-
-    def predict_step(self, batch, batch_idx: int) -> dict:
-        out = self.classifier.predict_step(batch, batch_idx)
-        images = batch[0] if isinstance(batch, (tuple, list)) else batch
-        out["embedding"] = self.classifier.embed(images).float()
-        out["features"] = F.normalize(out["embedding"], dim=1)
-        return out
-
-
-def predict_with_features(trainer, module, datamodule) -> tuple:
-    """(logits, features, metas) of Trainer.predict over the data module's predict split."""
-    from skuvision.readout import concat_batches
-
-    outputs = trainer.predict(WithFeatures(module), datamodule=datamodule)
-    logits = concat_batches([o["outputs"] for o in outputs])
-    features = torch.cat([o["features"] for o in outputs]) if outputs else torch.zeros(0, 0)
-    return logits, features, [o["meta"] for o in outputs]
 
 
 def label_logits(logits, heads) -> torch.Tensor:
@@ -110,9 +86,15 @@ class Reference:
     @classmethod
     def load(cls, path: Path) -> Reference:
         try:
+            unpacked = unpacked_bytes(path)
+            if unpacked > MAX_REFERENCE_BYTES:
+                raise SkuvisionError(
+                    f"{path}: unpacks to {unpacked} bytes, more than the {MAX_REFERENCE_BYTES} an "
+                    "unknown-product reference may hold; run eval.py again (unknown_reference= smaller)"
+                )
             with np.load(path, allow_pickle=False) as data:
                 features, sha = data["features"], str(data["checkpoint_sha256"])
-        except (OSError, ValueError, KeyError) as err:
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
             raise SkuvisionError(
                 f"{path} is not an unknown-product reference eval.py wrote ({err})"
             ) from None
@@ -346,13 +328,10 @@ def reference_features(trainer, module, datamodule, size: int | None, seed: int)
         sample = train.subset(keep) if isinstance(train, InMemoryImages) else Subset(train, keep.tolist())
         datamodule.splits["unknown_reference"] = sample
     datamodule.predict_split = "train" if streamed else "unknown_reference"
-    module.predict_embeddings = True
     try:
-        outputs = trainer.predict(module, datamodule=datamodule)
+        features = extract(trainer, module, datamodule).features
     finally:
-        module.predict_embeddings = False
         datamodule.splits.pop("unknown_reference", None)
-    features = F.normalize(torch.cat([o["outputs"] for o in outputs]), dim=1)
     return features[torch.from_numpy(reference_indices(len(features), size, seed))] if streamed else features
 
 
@@ -385,6 +364,12 @@ def eval_unknown(
         features = reference_features(trainer, module, datamodule, opts["reference"], seed)
         if len(features) < k:
             raise SkuvisionError(f"unknown_k={k}: the training split has only {len(features)} images")
+        stored, fits = features.numel() * 2, MAX_REFERENCE_BYTES // (2 * features.shape[1])  # float16
+        if stored > MAX_REFERENCE_BYTES:  # refused before any file: never written for predict.py to refuse
+            raise SkuvisionError(
+                f"unknown_reference={opts['reference']}: {len(features)} embeddings take {stored} bytes, more"
+                f" than a reference may hold ({MAX_REFERENCE_BYTES}); give unknown_reference={fits} or fewer"
+            )
         reference = Reference(features.numpy(), header["checkpoint_sha256"])
     test_scores = scores(method, label_logits(test[0], heads), test[1], reference, k)
     report: dict = {
@@ -405,8 +390,8 @@ def eval_unknown(
         log.warning("unknown products: %s; the scores are reported, no flag", report["threshold_skipped"])
     else:
         datamodule.predict_split = "val"
-        val_logits, val_features, _ = predict_with_features(trainer, module, datamodule)
-        val_scores = scores(method, label_logits(val_logits, heads), val_features, reference, k)
+        val = extract(trainer, module, datamodule, logits=True)
+        val_scores = scores(method, label_logits(val.logits, heads), val.features, reference, k)
         threshold = threshold_for(val_scores, keep)
         report |= {
             "threshold": threshold,
@@ -419,12 +404,12 @@ def eval_unknown(
         written = write_unknown(output_dir, saved | header, reference)
     if opts["images"]:
         files = InputFilesDataModule(opts["images"], module.input_config, 64, 0)
-        logits, features, metas = predict_with_features(trainer, module, files)
-        errors = [e for meta in metas for e in meta]
+        found = extract(trainer, module, files, logits=True)
+        errors = found.per_image()
         readable = torch.tensor([not e for e in errors])
         if not readable.any():
             raise SkuvisionError(f"unknown={opts['folder']}: none of its {len(errors)} images could be read")
-        other = scores(method, label_logits(logits, heads), features, reference, k)[readable]
+        other = scores(method, label_logits(found.logits, heads), found.features, reference, k)[readable]
         report["other"] = {
             "folder": str(opts["folder"]),
             "unreadable": int((~readable).sum()),

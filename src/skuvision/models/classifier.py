@@ -87,6 +87,7 @@ class Classifier(LightningModule):
         self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
         self.val_acc_best = MaxMetric()
         self.predict_embeddings = False  # predict_step returns logits, or features for similarity search
+        self.head_alone_matches: bool | None = None  # logits_and_embedding's check, made on its first batch
         self.tta = check_tta(tta)  # eval.py and predict.py may choose another mode than training's test
         self.lr_schedule_steps: int | None = None  # the length of a schedule fixed at the start of a fit
         self.resumed_schedule_steps: int | None = None  # and that of the run a fit resumes
@@ -126,6 +127,20 @@ class Classifier(LightningModule):
         """The logits test and predict use: the mean over `mode`'s views, derived heads completed after."""
         out = tta_logits(self.forward_trained, images, mode)
         return self.multi_head.complete(out) if self.multi_head is not None else out
+
+    def logits_and_embedding(self, images: torch.Tensor, mode: str) -> tuple:
+        """(predict_logits(images, mode), embed(images)) from one backbone pass over the original view: its
+        logits are the classifier layer's on the embedding. Checked once per model on its first batch
+        against the whole forward (a backbone whose classifier is not the last step of its forward would
+        differ); where they differ, each batch runs the forward again."""
+        embedding = self.embed(images)
+        head_alone = self.backbone.get_classifier()(embedding)
+        if self.head_alone_matches is None:
+            self.head_alone_matches = same_logits(head_alone, self.forward_trained(images))
+        out = tta_logits(
+            self.forward_trained, images, mode, first=head_alone if self.head_alone_matches else None
+        )
+        return (self.multi_head.complete(out) if self.multi_head is not None else out), embedding
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """Pre-logit features, the input of the classifier head."""
@@ -296,6 +311,12 @@ class Classifier(LightningModule):
         if monitor:
             lr_scheduler["monitor"] = monitor
         return {"optimizer": optimizer, "lr_scheduler": lr_scheduler}
+
+
+def same_logits(a, b) -> bool:
+    """Whether two forwards' logits (tensors, or {column: tensor}) agree to float rounding."""
+    pairs = [(a[k], b[k]) for k in b] if isinstance(b, dict) else [(a, b)]
+    return all(torch.allclose(x.float(), y.float(), rtol=1e-3, atol=1e-4) for x, y in pairs)
 
 
 def head_metric_collections(heads: list[Head], stage: str) -> nn.ModuleDict:

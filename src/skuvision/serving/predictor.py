@@ -24,7 +24,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
 from skuvision.checkpoints import load_classifier, read_checkpoint, upgraded_hparams
@@ -33,6 +32,7 @@ from skuvision.data.decode import DECODE_ERRORS, ImageOverBudget
 from skuvision.data.transforms import ToModelInput
 from skuvision.errors import SkuvisionError
 from skuvision.explain import Explainer, overlay
+from skuvision.features import normalized
 from skuvision.models.heads import Head, heads_from_specs
 from skuvision.outputs import file_sha256
 from skuvision.prototypes import load as load_prototypes
@@ -237,20 +237,24 @@ class Predictor:
         or prototypes, else None); with prototypes, the raw features are kept in `self.embedded` for
         answer()."""
         images = images.to(self.device)
-        features = None
+        features = logits = None
         if self.module is not None:
             x = self.to_model_input(images)
             if self.index is not None or self.unknown is not None or self.prototypes is not None:
-                embedded = self.module.embed(x).float().cpu()
+                if self.session is None:  # one backbone pass for the logits and the embedding
+                    logits, embedded = self.module.logits_and_embedding(x, self.card.tta)
+                else:
+                    embedded = self.module.embed(x)
+                embedded = embedded.float().cpu()
                 self.embedded = embedded if self.prototypes is not None else None
-                features = F.normalize(embedded, dim=1)
+                features = normalized(embedded)
         if self.session is not None:
             # The graph takes uint8: views are made in float (replicate padding has no uint8 kernel) and are
             # exact integers, so casting back loses nothing. Each head's logits are averaged over the views.
             logits = tta_logits(
                 lambda view: self.run_onnx(view.round().to(torch.uint8)), images.float(), self.card.tta
             )
-        else:
+        elif logits is None:
             logits = self.module.predict_logits(x, self.card.tta)
         if isinstance(logits, dict):
             return {column: value.float().cpu() for column, value in logits.items()}, features

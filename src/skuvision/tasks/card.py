@@ -1,7 +1,7 @@
 """The model card export.py writes beside what it exports (README.md, in Hugging Face's layout: YAML front
 matter, then sections): the data, the recipe, the test figures eval.py reports for the checkpoint (measured
-once here with eval.py's own functions on the checkpoint's test split), the calibration when given, the
-files and the known limits."""
+once here with eval.py's own functions on the checkpoint's test split; with card.test_figures=false not
+measured, and the card says so), the calibration when given, the files and the known limits."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from skuvision import calibration
 from skuvision.assembly import build_trainer
 from skuvision.checkpoints import RECORD, read_checkpoint
 from skuvision.data.datamodule import ImageDataModule
+from skuvision.errors import SkuvisionError
 from skuvision.metrics import evaluation_report
 from skuvision.models.classifier import Classifier
 from skuvision.readout import concat_batches
@@ -50,6 +51,16 @@ def test_figures(
     return heads_report(module.heads, logits, labels, tags, how)
 
 
+def wants_test_figures(cfg: DictConfig) -> bool:
+    """export.py's card.test_figures: whether the card measures the test split (a boolean, checked first)."""
+    value = (cfg.get("card") or {}).get("test_figures", True)
+    if not isinstance(value, bool):
+        raise SkuvisionError(
+            f"card.test_figures={value}: give true (measure the test split for the model card) or false"
+        )
+    return value
+
+
 def scalars(report: dict) -> dict[str, float]:
     """The `test/...` figures of a report, as eval.py's metrics.json has them at its top level."""
     return {k: v for k, v in report.items() if k.startswith("test/") and isinstance(v, (int, float))}
@@ -77,6 +88,10 @@ def front_matter(module: Classifier, fmt: str, figures: dict[str, float], data_n
         "library_name": "timm" if fmt == "timm" else "onnx",
         "pipeline_tag": "image-classification",
         "tags": ["image-classification", "skuvision", "timm" if fmt == "timm" else "onnx"],
+    }
+    if not metrics:  # not measured (card.test_figures=false): no results rather than empty ones
+        return "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---\n"
+    meta |= {
         "metrics": sorted({m["type"] for m in metrics} & {"accuracy", "f1", "roc_auc"}),
         "model-index": [
             {
@@ -149,7 +164,15 @@ def recipe_section(module: Classifier, checkpoint: dict, record: dict) -> str:
     return "## Training recipe\n\n" + table(["", ""], rows)
 
 
-def metrics_section(report: dict, figures: dict, module: Classifier) -> str:
+def metrics_section(report: dict | None, figures: dict, module: Classifier) -> str:
+    if report is None:
+        return (
+            "## Test figures\n\nNot measured: export.py ran with `card.test_figures=false`, so this card "
+            "holds no accuracy. `python eval.py ckpt_path=<this checkpoint>` measures them on the "
+            "test split (or export again without that override).\n\nClasses, in the model's output order: "
+            + ", ".join(f"`{c}`" for c in module.class_names)
+            + "\n"
+        )
     text = (
         "## Test figures\n\nMeasured by export.py on the checkpoint's test split with eval.py's own "
         "functions "
@@ -264,17 +287,18 @@ def card_text(
     ckpt_path: Path,
     fmt: str,
     out: Path,
-    report: dict,
+    report: dict | None,
     saved: dict | None,
     given: str | None,
 ) -> str:
-    """README.md for the exported model."""
+    """README.md for the exported model; `report` None: the test figures were not measured (the card says
+    so, and its front matter lists no results)."""
     checkpoint = read_checkpoint(ckpt_path)
     run, record = training_record(ckpt_path)
     counts = None
     if run is not None and (run / "class_counts.json").is_file():
         counts = json.loads((run / "class_counts.json").read_text())
-    figures = scalars(report)
+    figures = scalars(report) if report is not None else {}
     data_name = Path(str(module.hparams.data.get("root", "data"))).name or "data"
     name = module.hparams.model.get("name", "model")
     return "\n".join(

@@ -17,29 +17,25 @@ a new run folder (skuvision.tasks.embed_changes).
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from pathlib import Path
 
 import faiss
 import numpy as np
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from skuvision.assembly import build_trainer, from_checkpoint
 from skuvision.config import plain, set_threads
-from skuvision.data.datasets import dataset_labels
 from skuvision.data.inputs import InputFilesDataModule, collect_inputs
-from skuvision.data.streaming import StreamingDataModule
 from skuvision.errors import SkuvisionError
+from skuvision.features import extract, normalized
 from skuvision.index import CatalogueIndex, index_params
 from skuvision.metrics import retrieval_report
 from skuvision.outputs import file_sha256, new_file, refuse_existing, write_csv, write_new_json
-from skuvision.readout import concat_batches
-from skuvision.shards import plan_of, predict_in_shards, predict_split_in_shards, sharded
+from skuvision.shards import plan_of, predict_in_shards, sharded
 from skuvision.tasks.embed_changes import embed_changes
+from skuvision.tasks.splits import first_labels, prepared_split, split_outputs
 from skuvision.tasks.utils import command, print_summary, resolve_checkpoint, shown
 
 log = logging.getLogger("skuvision")
@@ -48,14 +44,10 @@ RESULTS = ("embeddings.npz", "index", "neighbours.csv", "retrieval.json")  # in 
 
 
 def features_of(trainer, module, datamodule) -> tuple[torch.Tensor, list]:
-    """Features and each image's meta: its label (with several heads, the first label column's), or its
-    read error."""
-    outputs = trainer.predict(module, datamodule=datamodule)
-    features = F.normalize(torch.cat([o["outputs"] for o in outputs]), dim=1)
-    metas = [o["meta"] for o in outputs]
-    if metas and isinstance(metas[0], dict):
-        return features, concat_batches(metas)[module.heads[0].column].tolist()
-    return features, [m for meta in metas for m in meta]
+    """Normalized features (skuvision.features) and each image's meta: its label (with several heads, the
+    first label column's), or its read error."""
+    found = extract(trainer, module, datamodule)
+    return found.features, found.per_image(module.heads[0].column)
 
 
 def features_in_shards(cfg: DictConfig, trainer, module, items: list[str], **plan) -> tuple | None:
@@ -63,12 +55,12 @@ def features_in_shards(cfg: DictConfig, trainer, module, items: list[str], **pla
     features, read errors) in the order of `items`; None on the other ranks."""
     plan = plan_of("embed", cfg.ckpt_path, items, precision=str(trainer.precision), **plan)
     merged = predict_in_shards(cfg, trainer, module, [Path(p) for p in items], plan)
-    return None if merged is None else (F.normalize(merged[0], dim=1), merged[1])
+    return None if merged is None else (normalized(merged[0]), merged[1])
 
 
 def embed(cfg: DictConfig) -> dict:
     if cfg.get("add_to") is not None:
-        return embed_changes(cfg, features_of, neighbours_of_items, write_neighbours)
+        return embed_changes(cfg, neighbours_of_items, write_neighbours)
     if cfg.get("remove") is not None:
         raise SkuvisionError("remove: takes ids out of an earlier index; give add_to=<its embed run folder>")
     set_threads(cfg.get("threads"))
@@ -81,7 +73,7 @@ def embed(cfg: DictConfig) -> dict:
     index_settings(cfg)
     split = None if cfg.get("input") else cfg.split
     module, datamodule = from_checkpoint(cfg.ckpt_path, cfg.get("data"), split=split)
-    module.predict_embeddings = True
+    module.predict_embeddings = True  # what the sharded runs store (skuvision.shards): raw features
     trainer = build_trainer(cfg, enable_checkpointing=False)
     if cfg.get("input"):
         items = [str(p) for p in collect_inputs(plain(cfg.input))]
@@ -105,36 +97,15 @@ def embed(cfg: DictConfig) -> dict:
         features, items, labels = features[keep], [items[i] for i in keep], None
         source = f"input={cfg.input}"
     else:
-        datamodule.prepare_data()
-        datamodule.setup("predict")
-        if cfg.split not in datamodule.splits:
-            raise SkuvisionError(f"split={cfg.split}: choose one of {sorted(datamodule.splits)}")
-        dataset = datamodule.splits[cfg.split]
-        paths = datamodule.sample_paths(cfg.split)
-        if isinstance(datamodule, StreamingDataModule):
-            features, labels, paths = stream_features(cfg, trainer, module, datamodule)
-            if features is None:  # not rank zero: rank zero writes the results
-                return {}
-        elif sharded(cfg, trainer) and paths is None:  # held in memory
-            items = split_items(cfg.split, len(dataset))
-            plan = plan_of("embed", cfg.ckpt_path, items, **split_plan(cfg, trainer, datamodule))
-            merged = predict_split_in_shards(cfg, trainer, module, datamodule, cfg.split, items, plan)
-            if merged is None:
-                return {}
-            features, labels = F.normalize(merged[0], dim=1), merged[2]
-        elif sharded(cfg, trainer):
-            merged = features_in_shards(cfg, trainer, module, paths, split=cfg.split)
-            if merged is None:
-                return {}
-            features, errors = merged
-            if any(errors):
-                bad = next(i for i, e in enumerate(errors) if e)
-                raise SkuvisionError(f"split={cfg.split}: {paths[bad]} became unreadable ({errors[bad]})")
-            labels = dataset_labels(dataset)
-        else:
-            features, labels = features_of(trainer, module, datamodule)
-        labels = torch.as_tensor(labels)
-        items = paths or [f"{cfg.split}[{i}]" for i in range(len(dataset))]
+        prepared_split(datamodule, cfg.split)
+        got = split_outputs(cfg, trainer, module, datamodule, "embed")
+        if got is None:  # not rank zero: rank zero writes the results
+            return {}
+        if any(got.errors):
+            bad = next(i for i, e in enumerate(got.errors) if e)
+            raise SkuvisionError(f"split={cfg.split}: {got.items[bad]} became unreadable ({got.errors[bad]})")
+        features, items = normalized(got.outputs), got.items
+        labels = torch.as_tensor(first_labels(got.labels, module))
         source = f"split={cfg.split}"
     check_enough_items(len(items), source, bool(cfg.get("query")), labels is not None)
     result: dict = {"embeddings": str(written["embeddings.npz"]), "dim": features.shape[1]}
@@ -178,44 +149,6 @@ def embed(cfg: DictConfig) -> dict:
         )
     embed_summary(cfg, written, result)
     return result
-
-
-def split_items(split: str, count: int) -> list[str]:
-    """The names of a split's images that are not files of their own: `<split>[<position>]`."""
-    return [f"{split}[{i}]" for i in range(count)]
-
-
-def split_plan(cfg: DictConfig, trainer, datamodule) -> dict:
-    """What decides a split's shards besides the checkpoint: the split, its data and the precision (with
-    litdata shards, a SHA-256 of their metadata: classes, counts, encoding)."""
-    plan = {"split": cfg.split, "data_root": str(datamodule.root), "precision": str(trainer.precision)}
-    if isinstance(datamodule, StreamingDataModule):
-        metadata = json.dumps(datamodule.metadata, sort_keys=True).encode()
-        plan["shards_metadata_sha256"] = hashlib.sha256(metadata).hexdigest()
-    return plan
-
-
-def stream_features(cfg: DictConfig, trainer, module, datamodule) -> tuple:
-    """(normalized features, labels, item names) of a split of litdata shards in stored order: in shards
-    when several processes run (or shards=true), else in one pass; (None, None, None) off rank zero."""
-    from skuvision.data.stream_positions import StreamPositionsDataModule, stored_count
-
-    items = split_items(cfg.split, stored_count(datamodule, cfg.split))
-    if sharded(cfg, trainer):
-        plan = plan_of("embed", cfg.ckpt_path, items, **split_plan(cfg, trainer, datamodule))
-        merged = predict_split_in_shards(cfg, trainer, module, datamodule, cfg.split, items, plan)
-        if merged is None:
-            return None, None, None
-        return F.normalize(merged[0], dim=1), merged[2], items
-    stream = StreamPositionsDataModule(datamodule, cfg.split, cfg.batch_size, cfg.num_workers)
-    outputs = trainer.predict(module, datamodule=stream)
-    index = torch.cat([o["meta"]["index"] for o in outputs])
-    if sorted(index.tolist()) != list(range(len(items))):
-        raise SkuvisionError(f"split={cfg.split}: the stream did not yield each stored image once")
-    order = torch.argsort(index)
-    features = F.normalize(torch.cat([o["outputs"] for o in outputs]), dim=1)[order]
-    labels = torch.cat([o["meta"]["label"] for o in outputs])[order].tolist()
-    return features, labels, items
 
 
 def embed_summary(cfg: DictConfig, written: dict[str, Path], result: dict) -> str:

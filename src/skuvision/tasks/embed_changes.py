@@ -22,6 +22,7 @@ from skuvision.assembly import build_trainer, from_checkpoint
 from skuvision.config import plain, set_threads
 from skuvision.data.inputs import InputFilesDataModule, collect_inputs
 from skuvision.errors import SkuvisionError
+from skuvision.features import extract
 from skuvision.index import CatalogueIndex
 from skuvision.outputs import file_sha256, new_file, refuse_existing
 from skuvision.tasks.utils import command, print_summary, resolve_checkpoint, shown
@@ -33,7 +34,7 @@ INDEX_FILES = ("index.faiss", "items.csv", "index.json")
 ID_FILE_BYTES = 64 << 20  # a list of ids; anything bigger is not one
 
 
-def embed_changes(cfg: DictConfig, features_of, neighbours_of_items, write_neighbours) -> dict:
+def embed_changes(cfg: DictConfig, neighbours_of_items, write_neighbours) -> dict:
     """The run (see the module's doc); embed.py passes its own helpers in, so that this module does not
     import embed.py back."""
     set_threads(cfg.get("threads"))
@@ -61,11 +62,11 @@ def embed_changes(cfg: DictConfig, features_of, neighbours_of_items, write_neigh
     if cfg.get("input"):
         checkpoint = same_checkpoint(cfg, index, earlier)
         module, _ = from_checkpoint(checkpoint, None, split=None)
-        module.predict_embeddings = True
         trainer = build_trainer(cfg, devices=1, num_nodes=1, strategy="auto", enable_checkpointing=False)
         paths = [Path(os.path.abspath(p)) for p in collect_inputs(plain(cfg.input))]
         files = InputFilesDataModule(paths, module.input_config, cfg.batch_size, cfg.num_workers)
-        vectors, errors = features_of(trainer, module, files)
+        found = extract(trainer, module, files)
+        vectors, errors = found.features, found.per_image()
         for path, error in zip(paths, errors, strict=True):
             if error:
                 log.warning("skipping unreadable %s (%s)", path, error)

@@ -25,6 +25,7 @@ from skuvision.assembly import (
 from skuvision.config import set_threads
 from skuvision.errors import SkuvisionError
 from skuvision.explain import Explainer, check_method, overlay
+from skuvision.features import extract
 from skuvision.gallery import Answer, Tile, gallery_options, write_gallery
 from skuvision.metrics import column_report, evaluation_report, tag_report
 from skuvision.models.heads import MISSING, Head
@@ -35,7 +36,6 @@ from skuvision.tta import check_tta
 from skuvision.unknown import (
     REFERENCE_FILE,
     UNKNOWN_FILE,
-    WithFeatures,
     eval_unknown,
     unknown_options,
 )
@@ -73,21 +73,13 @@ def evaluate(cfg: DictConfig) -> dict:
     gallery = gallery_options(cfg)
     if check_method(cfg.get("explain")) and gallery is None:
         raise SkuvisionError("explain=gradcam draws into errors.html, which gallery=false leaves out")
-    names = (
-        RESULTS
-        + (CALIBRATION_RESULTS if cfg.get("calibrate", True) else ())
-        + (ERRORS_PAGE if gallery else ())
-    )
-    refuse_existing([output_dir / name for name in names], "run it into a new run folder, or remove it")
     unknown = unknown_options(cfg)
-    unknown_names = [UNKNOWN_FILE, REFERENCE_FILE] if unknown and unknown["calibrate"] else []
-    refuse_existing(
-        [output_dir / name for name in unknown_names], "run it into a new run folder, or remove it"
-    )
     module, datamodule = from_checkpoint(cfg.ckpt_path, cfg.get("data"), split="test")
     module.tta = check_tta(cfg.get("tta") or module.tta)
-    # The file names of a model with several heads come from its columns.
-    names = result_names(module.heads, cfg.get("calibrate", True), gallery is not None) + unknown_names
+    # One check of every file this run writes, before any is: a model with several heads names its files by
+    # its columns, so the list is known once the checkpoint is.
+    names = result_names(module.heads, cfg.get("calibrate", True), gallery is not None)
+    names += [UNKNOWN_FILE, REFERENCE_FILE] if unknown and unknown["calibrate"] else []
     refuse_existing([output_dir / name for name in names], "run it into a new run folder, or remove it")
     if module.multi_head is not None:
         tag_options(cfg)
@@ -97,13 +89,11 @@ def evaluate(cfg: DictConfig) -> dict:
     refuse_existing(logger_dirs, "run it into a new run folder, or remove it")
     trainer = build_trainer(cfg, loggers)
     try:
-        outputs = trainer.predict(WithFeatures(module) if unknown else module, datamodule=datamodule)
-        logits = concat_batches([o["outputs"] for o in outputs])
-        labels = concat_batches([o["meta"] for o in outputs])
+        found = extract(trainer, module, datamodule, logits=True, features=bool(unknown))
+        logits, labels = found.logits, concat_batches(found.metas)
         files = datamodule.sample_paths("test")
         extra = {}
         if unknown:  # first: its refusals (no training split, unreadable folder) come before any file
-            features = torch.cat([o["features"] for o in outputs])
             # The reference and threshold come from the catalogue the checkpoint was trained on, also when
             # data= evaluates it elsewhere.
             catalogue = datamodule
@@ -114,7 +104,7 @@ def evaluate(cfg: DictConfig) -> dict:
                 trainer,
                 module,
                 catalogue,
-                (logits, features),
+                (logits, found.features),
                 output_dir,
                 file_header(cfg, module),
                 cfg.seed,

@@ -43,7 +43,7 @@ from skuvision.outputs import (
     write_new_json,
     write_new_text,
 )
-from skuvision.tasks.card import CARD, card_text, test_figures
+from skuvision.tasks.card import CARD, card_text, test_figures, wants_test_figures
 from skuvision.tasks.quantize import (
     card_section,
     check_one_label,
@@ -144,6 +144,7 @@ def export(cfg: DictConfig) -> dict:
     if check_quantize(cfg):
         written += [int8_path(out), int8_path(out).with_suffix(".json")]
     refuse_existing(written + [card_file], "give another output=, or remove it")
+    measure = wants_test_figures(cfg)
     resolve_checkpoint(cfg)
     module, datamodule = from_checkpoint(cfg.ckpt_path, cfg.get("data"), split="test")
     check_one_label(cfg.get("quantize"), module.multi_head is not None)
@@ -152,7 +153,7 @@ def export(cfg: DictConfig) -> dict:
         if cfg.get("calibration")
         else None
     )
-    report = test_figures(cfg, module, datamodule, saved)
+    report = test_figures(cfg, module, datamodule, saved) if measure else None
     card = card_text(module, Path(cfg.ckpt_path), fmt, out, report, saved, cfg.get("calibration"))
     if fmt == "timm":
         result = export_timm(cfg, module, datamodule, out, card)

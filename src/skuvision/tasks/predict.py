@@ -1,5 +1,13 @@
 """predict(cfg): a checkpoint on new images -> predictions.csv (path, top-k labels and probabilities).
 
+The images are `input=` files, or `split=<name>` of the checkpoint's data (data=<option> for other data): a
+split of files (image folder, manifest) is named by its paths; one of litdata shards (data=streaming) or held
+in memory (Fashion-MNIST, CIFAR) by `<split>[<index>]`, in the split's stored order (skuvision.tasks.splits).
+A split's rows carry the true label after `error`, named as eval.py's predictions.csv names it: `true`, or
+with several heads `<column>_true` per column (empty where the row has none). Its gallery shows the true
+label (one-label model) and draws in-memory images from the arrays; a split of litdata shards gets none (one
+printed line says why). explain=, unknown= and prototypes= take input= files only.
+
 With `calibration=<eval run folder>`, probabilities are temperature-scaled and a `review` column marks the
 rows below the auto-tagging threshold eval.py chose on val.
 
@@ -41,23 +49,32 @@ from skuvision.config import plain, set_threads
 from skuvision.data.inputs import InputFilesDataModule, collect_inputs
 from skuvision.errors import SkuvisionError
 from skuvision.explain import check_method, write_explanations
-from skuvision.gallery import doubtful_first, gallery_options, tiles_from_predictions, write_gallery_and_sheet
+from skuvision.features import extract
+from skuvision.gallery import (
+    Answer,
+    doubtful_first,
+    gallery_options,
+    tiles_from_predictions,
+    write_gallery_and_sheet,
+)
 from skuvision.models.heads import Head
 from skuvision.outputs import refuse_existing, write_csv
 from skuvision.prototypes import FILE_NAME as PROTOTYPES_FILE
 from skuvision.prototypes import Prototypes
-from skuvision.readout import concat_batches, head_probs, read_heads
+from skuvision.readout import head_probs, read_heads
 from skuvision.shards import plan_of, predict_in_shards, sharded
 from skuvision.tasks.prototypes import check_prototype_options, prototypes_for
-from skuvision.tasks.utils import command, print_summary, resolve_checkpoint, shown
+from skuvision.tasks.splits import prepared_split, split_outputs, split_pictures, with_truth
+from skuvision.tasks.utils import MANDATORY_EXAMPLES, command, print_summary, resolve_checkpoint, shown
 from skuvision.tta import check_tta
-from skuvision.unknown import WithFeatures, load_detector, with_unknown
+from skuvision.unknown import load_detector, with_unknown
 
 log = logging.getLogger("skuvision")
 
 
 def predict(cfg: DictConfig) -> Path:
     set_threads(cfg.get("threads"))
+    split = check_source(cfg)
     out = Path(cfg.output) if cfg.get("output") else Path(cfg.paths.output_dir) / "predictions.csv"
     if out.is_dir() and not any(out.iterdir()):
         raise SkuvisionError(
@@ -70,9 +87,9 @@ def predict(cfg: DictConfig) -> Path:
     built = [Path(cfg.paths.output_dir) / PROTOTYPES_FILE] if cfg.get("prototypes") else []
     refuse_existing([out, *pages, *explained, *built], "give another output=, or remove it")
     resolve_checkpoint(cfg)
-    module, _ = from_checkpoint(cfg.ckpt_path)
+    module, datamodule = from_checkpoint(cfg.ckpt_path, cfg.get("data"), split=split)
     module.tta = check_tta(cfg.get("tta") or module.tta)
-    paths = collect_inputs(plain(cfg.input))
+    paths = collect_inputs(plain(cfg.input)) if split is None else None
     trainer = build_trainer(cfg, enable_checkpointing=False)
     check_prototype_options(cfg, module, sharded(cfg, trainer))
     # Checked before any image is read: a mismatched calibration is refused up front.
@@ -90,7 +107,13 @@ def predict(cfg: DictConfig) -> Path:
     if detector and sharded(cfg, trainer):
         raise SkuvisionError("unknown= runs on one process: leave out shards= and trainer=ddp*")
     prototypes = prototypes_for(cfg, module, trainer) if cfg.get("prototypes") else None
-    if sharded(cfg, trainer):
+    if split is not None:
+        prepared_split(datamodule, split)
+        got = split_outputs(cfg, trainer, module, datamodule, "predict", tta=module.tta)
+        if got is None:  # not rank zero: rank zero writes the CSV
+            return out
+        logits, errors, paths = got.outputs, got.errors, got.items
+    elif sharded(cfg, trainer):
         plan = plan_of(
             "predict",
             cfg.ckpt_path,
@@ -106,21 +129,22 @@ def predict(cfg: DictConfig) -> Path:
         datamodule = InputFilesDataModule(
             paths, module.input_config, cfg.batch_size, cfg.num_workers, cache=bool(cfg.get("cache", False))
         )
-        with_features = detector is not None or prototypes is not None
-        outputs = trainer.predict(WithFeatures(module) if with_features else module, datamodule=datamodule)
-        logits = concat_batches([o["outputs"] for o in outputs])
-        errors = [e for o in outputs for e in o["meta"]]
+        with_features = detector is not None or prototypes is not None  # from the logits' pass
+        found = extract(trainer, module, datamodule, logits=True, features=with_features)
+        logits, errors = found.logits, found.per_image()
     if multi:
         separator = module.hparams.data.get("tag_separator") or ";"
         rows, reviews = attribute_rows(module.heads, logits, paths, errors, per_head, separator)
     else:
-        embedding = torch.cat([o["embedding"] for o in outputs]).cpu() if prototypes else None
+        embedding = found.embeddings if prototypes else None
         header, rows, review = ranked_rows(
             logits, paths, errors, calibrated, module.class_names, int(cfg.top_k), prototypes, embedding
         )
+    if split is not None:
+        separator = (module.hparams.data.get("tag_separator") or ";") if multi else ";"
+        header, rows = with_truth(header, rows, got.labels, datamodule, separator)
     if detector:
-        features = torch.cat([o["features"] for o in outputs])
-        values = detector.scores(logits, features, module.heads)
+        values = detector.scores(logits, found.features, module.heads)
         header, rows = with_unknown(header, rows, values, detector.threshold, errors)
     if explain:
         header, rows = with_explanations(cfg, module, trainer, datamodule, logits, errors, header, rows)
@@ -131,7 +155,8 @@ def predict(cfg: DictConfig) -> Path:
     if gallery:
         separator = (module.hparams.data.get("tag_separator") or ";") if multi else ";"
         tiles = tiles_from_predictions(header, rows, module.heads, separator, Path(cfg.paths.output_dir))
-        write_page(pages, tiles, gallery, f"predictions of {Path(cfg.ckpt_path).name}")
+        if split is None or split_tiles(tiles, header, rows, datamodule, split, got.files):
+            write_page(pages, tiles, gallery, f"predictions of {Path(cfg.ckpt_path).name}")
     if calibrated and multi:
         for column, flags in reviews.items():
             report_review(column_calibration(calibrated, column, per_head[1][column]), flags, failed, column)
@@ -142,6 +167,49 @@ def predict(cfg: DictConfig) -> Path:
         print(f"unknown: {flagged} of {len(paths) - failed} readable images flagged; {detector.describe()}")
     predict_summary(cfg, out, len(paths) - failed, failed)
     return out
+
+
+def split_tiles(tiles: list, header: list[str], rows: list, datamodule, split: str, files: bool) -> bool:
+    """The tiles of a split's rows given the one-label model's true label and, for `<split>[<index>]` rows,
+    their pictures; False, saying why in one line, where the source cannot give those cheaply."""
+    if not files:
+        picture = split_pictures(datamodule, split)
+        if picture is None:
+            print(
+                f"gallery: none for split={split} of litdata shards (its images are reachable only by "
+                "reading the whole split); predict the source's files with input= for one, or gallery=false"
+            )
+            return False
+        for i, tile in enumerate(tiles):
+            tile.picture = picture(i)
+    if "true" in header:
+        true = header.index("true")
+        for tile, row in zip(tiles, rows, strict=True):
+            tile.answers.insert(0, Answer("", "truth", [(row[true], None)]))
+    return True
+
+
+def check_source(cfg: DictConfig) -> str | None:
+    """The split to predict (None: input= files), refused in one line unless exactly one of input= and split=
+    is given, or where an option takes files only."""
+    split, given = cfg.get("split"), cfg.get("input")
+    if given is not None and split is not None:
+        raise SkuvisionError(
+            f"input= and split={split} both given: predict files (input=) or a split, not both"
+        )
+    if given is None and split is None:
+        raise SkuvisionError(
+            "input is not set: give it on the command line, e.g. python predict.py "
+            f"input={MANDATORY_EXAMPLES['input']}, or split=test (a split of the checkpoint's data)"
+        )
+    if split is None:
+        if cfg.get("data") is not None:
+            raise SkuvisionError("data= chooses the data of split=: with input= files leave it out")
+        return None
+    for option in ("explain", "unknown", "prototypes"):
+        if cfg.get(option):
+            raise SkuvisionError(f"{option}= takes input= files: leave it out with split={split}")
+    return str(split)
 
 
 def with_explanations(cfg, module, trainer, datamodule, logits, errors, header, rows):
