@@ -2,6 +2,7 @@
 torch, Lightning, torchmetrics, scikit-learn or matplotlib (each task imports its libraries when it runs)."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -54,7 +55,7 @@ print(json.dumps({{"loaded": loaded, "codes": codes}}))
 
 def test_the_commands_answer_config_mistakes_without_loading_torch(tmp_path):
     code = MISTAKES.format(heavy=HEAVY)
-    env = {"PYTHONPATH": str(ROOT / "src"), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HOME": str(tmp_path)}
     result = subprocess.run(
         [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
     )
