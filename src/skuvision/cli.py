@@ -16,7 +16,7 @@ import sys
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from skuvision.compat import quiet_known_noise
+from skuvision.compat import lightning_logs_on_stderr, quiet_known_noise
 from skuvision.config import CONF_PACKAGE, renamed_key_error
 from skuvision.tasks.utils import run_cli
 
@@ -35,6 +35,7 @@ def entry_point(name: str, task: str, doc: str, returns=None, reads_first: str |
 
     def run(cfg: DictConfig):
         quiet_known_noise()
+        lightning_logs_on_stderr()
         result = run_cli(imported_task, cfg)
         return returns(result, cfg) if returns else None
 
