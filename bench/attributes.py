@@ -25,8 +25,8 @@ from skuvision.assembly import from_checkpoint
 from skuvision.config import compose_config
 from skuvision.data.datamodule import SPLITS, stratified_split
 from skuvision.data.transforms import ToModelInput
-from skuvision.tasks import train
 from skuvision.tasks.export import check_images, images_per_second
+from skuvision.tasks.train import train
 from tests.writers import write_catalogue_table
 
 LABELS = ["articleType", "masterCategory", "baseColour"]

@@ -29,8 +29,8 @@ from skuvision.assembly import from_checkpoint
 from skuvision.config import compose_config
 from skuvision.data.datamodule import stratified_split
 from skuvision.data.fashion_mnist import DEBIAN_DIR, FILES, read_idx
-from skuvision.tasks import train
 from skuvision.tasks.audit import audit
+from skuvision.tasks.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 NOISE = 0.10

@@ -18,7 +18,7 @@ from pathlib import Path
 from bench import THREADS
 from bench.table import checkpoint_section_main
 from skuvision.config import compose_config
-from skuvision.tasks import evaluate
+from skuvision.tasks.evaluate import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET = 0.99

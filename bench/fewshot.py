@@ -76,7 +76,7 @@ def per_class(labels: np.ndarray, classes, count: int, rng) -> np.ndarray:
 
 
 def trained_without(workdir: Path, images, labels, names: list[str], epochs: int) -> Path:
-    from skuvision.tasks import train
+    from skuvision.tasks.train import train
 
     write_pngs(workdir / "train", images, labels, names)
     overrides = [

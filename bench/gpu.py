@@ -311,7 +311,7 @@ def photo_training_rows(photos: Path, workers: int, steps: int, warmup: int, dev
 def embed_checkpoint(photos: Path, workers: int, device: str, workdir: Path) -> Path:
     """A ResNet-50 checkpoint of the photo folder, trained for 2 steps: embed's speed needs no accuracy."""
     from skuvision.config import compose_config
-    from skuvision.tasks import train
+    from skuvision.tasks.train import train
 
     run = _run_module()
     overrides = run.overrides_for("resnet50", 224, photos, device) + [

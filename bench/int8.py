@@ -23,7 +23,6 @@ from bench import THREADS
 from bench.table import run_section
 from skuvision.assembly import from_checkpoint
 from skuvision.config import compose_config
-from skuvision.tasks import train
 from skuvision.tasks.export import Deployable, check_images, export, images_per_second
 from skuvision.tasks.quantize import (
     ImageBatches,
@@ -33,6 +32,7 @@ from skuvision.tasks.quantize import (
     session,
     write_int8,
 )
+from skuvision.tasks.train import train
 
 # model, image size, training images (full, quick), epochs
 MODELS = (

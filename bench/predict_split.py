@@ -40,7 +40,7 @@ def write_photos(root: Path, count: int, seed: int = 0) -> Path:
 
 
 def trained(workdir: Path, photos: Path) -> Path:
-    from skuvision.tasks import train
+    from skuvision.tasks.train import train
 
     overrides = [
         "data=image_folder",

@@ -37,7 +37,7 @@ from skuvision.data.datasets import InMemoryImages
 from skuvision.data.fashion_mnist import DEBIAN_DIR, FILES
 from skuvision.data.transforms import eval_image_transform
 from skuvision.host_reads import ReadsPerStep, counting_host_reads
-from skuvision.tasks import evaluate
+from skuvision.tasks.evaluate import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 torch.set_num_threads(THREADS)
@@ -495,13 +495,13 @@ def write_results(path: Path, info: dict, rows: list[tuple], notes: list[str]) -
 
 SECTIONS = (
     "steps", "data", "recipe", "decode", "stream", "catalogue", "index", "index_changes", "serve", "audit",
-    "calib", "attributes", "unknown", "fewshot", "int8", "predict_split", "gpu",
+    "calib", "attributes", "unknown", "fewshot", "int8", "predict_split", "gpu", "startup",
 )  # fmt: skip
 # Sections that live in their own module bench/<name>.py: bench_rows(workdir, quick) -> (rows, notes).
 # gpu measures only where CUDA is available (else it adds a note).
 MODULE_SECTIONS = (
     "decode", "stream", "catalogue", "index", "index_changes", "serve", "audit", "calib", "attributes",
-    "unknown", "fewshot", "int8", "predict_split", "gpu",
+    "unknown", "fewshot", "int8", "predict_split", "gpu", "startup",
 )  # fmt: skip
 
 

@@ -45,8 +45,8 @@ def make_checkpoint(workdir: Path, quick: bool) -> Path:
     """simple_cnn on real Fashion-MNIST, trained briefly (latency does not depend on accuracy), and its ONNX
     export beside it."""
     from skuvision.config import compose_config
-    from skuvision.tasks import train
     from skuvision.tasks.export import export
+    from skuvision.tasks.train import train
 
     run = workdir / "train"
     overrides = [

@@ -124,7 +124,7 @@ def catalogue_overrides(export: Path) -> list[str]:
 def catalogue_run(catalogue_export, tmp_path_factory) -> Path:
     """One model trained on the export: three label columns (masterCategory read off articleType), a tag
     column, the whole portrait photo (crop_mode=squash), flip TTA. Its run folder."""
-    from skuvision.tasks import train
+    from skuvision.tasks.train import train
 
     run = tmp_path_factory.mktemp("catalogue_train") / "run"
     overrides = catalogue_overrides(catalogue_export) + [

@@ -50,7 +50,7 @@ def quick_overrides(data: str, data_root: Path, model: str = "simple_cnn") -> li
 
 def trained_checkpoint(run: Path, overrides: list[str]) -> Path:
     """train.py in-process into the run folder `run`: its best checkpoint."""
-    from skuvision.tasks import train
+    from skuvision.tasks.train import train
 
     train(compose_cfg("train", overrides, run))
     return sorted((run / "checkpoints").glob("best-*.ckpt"))[0]
@@ -118,3 +118,20 @@ def run_alone(code: str, args: list, cwd: Path, extra_env: dict) -> subprocess.C
     )
     assert fresh.returncode == 0, fresh.stderr[-2000:]
     return fresh
+
+
+def refusal(task, config_name: str, overrides: list[str], output_dir: Path, capsys) -> str:
+    """What `<config_name>.py overrides...` prints on stderr when `task` refuses the command, without the
+    import of a new interpreter: the config composed as the command composes it, the task run through the
+    commands' own wrapper (tasks.utils.run_cli), asserted to exit with status 2 (any other exception, a
+    traceback, goes up and fails the test)."""
+    import pytest
+
+    from skuvision.tasks.utils import run_cli as run_task
+
+    cfg = compose_cfg(config_name, overrides, output_dir)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exited:
+        run_task(task, cfg)
+    assert exited.value.code == 2
+    return capsys.readouterr().err

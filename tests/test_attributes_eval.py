@@ -15,7 +15,7 @@ from sklearn.metrics import f1_score, precision_score
 from skuvision import calibration
 from skuvision.checkpoints import load_classifier
 from skuvision.errors import SkuvisionError
-from skuvision.tasks import evaluate
+from skuvision.tasks.evaluate import evaluate
 from tests.helpers import compose_cfg, predict_csv
 from tests.pages import read_page
 from tests.writers import CATALOGUE_TYPES

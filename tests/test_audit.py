@@ -18,8 +18,8 @@ from skuvision.audit import labels as label_audit
 from skuvision.audit import report
 from skuvision.checkpoints import load_classifier
 from skuvision.errors import SkuvisionError
-from skuvision.tasks import train
 from skuvision.tasks.audit import audit
+from skuvision.tasks.train import train
 from tests.helpers import compose_cfg, quick_overrides
 from tests.writers import balanced_labels, pattern_images, write_catalogue_table, write_idx
 

@@ -15,8 +15,9 @@ from PIL import Image
 from skuvision import calibration
 from skuvision.checkpoints import load_classifier
 from skuvision.errors import SkuvisionError
-from skuvision.tasks import evaluate, train
+from skuvision.tasks.evaluate import evaluate
 from skuvision.tasks.predict import predict
+from skuvision.tasks.train import train
 from tests.helpers import compose_cfg, quick_overrides
 from tests.pages import read_page
 from tests.writers import write_image_folder

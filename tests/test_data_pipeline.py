@@ -12,7 +12,7 @@ from skuvision.data import FashionMNISTDataModule, ImageFolderDataModule
 from skuvision.data.decode import open_rgb
 from skuvision.data.transforms import ToModelInput, eval_image_transform
 from skuvision.errors import SkuvisionError
-from skuvision.tasks import train
+from skuvision.tasks.train import train
 from tests.helpers import ROOT, compose_cfg, quick_overrides
 from tests.writers import banded_portrait, pattern_images, red_pixels, write_image_folder
 

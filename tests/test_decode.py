@@ -31,7 +31,7 @@ from skuvision.data.image_folder import ImageFolderDataModule
 from skuvision.data.inputs import InputFilesDataModule
 from skuvision.data.transforms import ToModelInput, eval_image_transform, eval_min_side, eval_pixel_budget
 from skuvision.errors import SkuvisionError
-from skuvision.tasks import train
+from skuvision.tasks.train import train
 from tests.helpers import compose_cfg, quick_overrides
 from tests.writers import banded_portrait, red_pixels, write_huge_png, write_oriented_jpeg, write_photo_folder
 

@@ -13,7 +13,8 @@ from skuvision.callbacks import WeightEMA, warmed_up_decay
 from skuvision.checkpoints import load_classifier
 from skuvision.data.augment import ShiftFlip
 from skuvision.host_reads import counting_host_reads
-from skuvision.tasks import evaluate, train
+from skuvision.tasks.evaluate import evaluate
+from skuvision.tasks.train import train
 from skuvision.tta import tta_logits, views
 from tests.helpers import compose_cfg, quick_overrides
 

@@ -20,9 +20,9 @@ from skuvision.assembly import from_checkpoint
 from skuvision.data.inputs import InputFilesDataModule
 from skuvision.data.transforms import ToModelInput
 from skuvision.errors import SkuvisionError
-from skuvision.tasks import train
 from skuvision.tasks.export import check_images, check_timm_architecture, export
 from skuvision.tasks.predict import predict
+from skuvision.tasks.train import train
 from tests.helpers import compose_cfg, quick_overrides, run_alone
 from tests.writers import banded_portrait, write_catalogue_table, write_image_folder
 

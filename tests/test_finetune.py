@@ -388,7 +388,7 @@ def test_sgd_groups_follow_config_through_a_gradual_unfreeze(tmp_path, data_root
 
 
 def test_unfreeze_epochs_below_zero_are_one_line_naming_the_key(data_root, tmp_path, capsys):
-    from skuvision.tasks import train
+    from skuvision.tasks.train import train
     from skuvision.tasks.utils import run_cli as run_task
 
     overrides = [

@@ -10,8 +10,8 @@ import pytest
 
 from skuvision.errors import SkuvisionError
 from skuvision.index import CatalogueIndex
-from skuvision.tasks import train
 from skuvision.tasks.embed import embed
+from skuvision.tasks.train import train
 from tests.helpers import compose_cfg, quick_overrides
 from tests.writers import write_image_folder
 

@@ -15,7 +15,7 @@ from skuvision.assembly import data_module
 from skuvision.data import ManifestDataModule
 from skuvision.data.manifest import read_table
 from skuvision.errors import SkuvisionError
-from skuvision.tasks import train
+from skuvision.tasks.train import train
 from tests.helpers import compose_cfg, quick_overrides
 from tests.writers import write_image_folder, write_product_images
 

@@ -25,8 +25,8 @@ from skuvision.shards import (
     shard_files,
     write_shard,
 )
-from skuvision.tasks import train
 from skuvision.tasks.embed import embed
+from skuvision.tasks.train import train
 from tests.helpers import compose_cfg, predict_csv, quick_overrides, run_cli
 from tests.pages import read_page
 from tests.writers import write_image_folder, write_manifest

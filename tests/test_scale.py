@@ -20,8 +20,9 @@ from skuvision.data import FashionMNISTDataModule
 from skuvision.errors import SkuvisionError
 from skuvision.finetune import Full, Gradual
 from skuvision.models import create_backbone
-from skuvision.tasks import evaluate, train
+from skuvision.tasks.evaluate import evaluate
 from skuvision.tasks.launch import check_devices, ddp_strategy, resume_path
+from skuvision.tasks.train import train
 from skuvision.tasks.utils import unwrapped
 from tests.helpers import ROOT, compose_cfg, quick_overrides, run_cli
 

@@ -20,7 +20,9 @@ from PIL import Image
 from skuvision.data import ImageFolderDataModule, StreamingDataModule
 from skuvision.data.streaming import METADATA_FILE, read_metadata
 from skuvision.errors import SkuvisionError
-from skuvision.tasks import evaluate, shard, train
+from skuvision.tasks.evaluate import evaluate
+from skuvision.tasks.shard import shard
+from skuvision.tasks.train import train
 from tests.helpers import compose_cfg, quick_overrides, run_cli
 from tests.writers import banded_portrait, pattern_images, red_pixels
 

@@ -13,6 +13,7 @@ import optuna
 import pytest
 from PIL import Image
 
+from skuvision.tasks.compare import compare
 from tests.helpers import ROOT, compose_cfg, quick_overrides, run_cli
 
 
@@ -42,7 +43,7 @@ def test_compare_backbones_experiment_sweeps_the_four_backbones_with_one_recipe(
 
 
 @pytest.mark.slow
-def test_backbone_sweep_writes_a_leaderboard_with_the_failed_job_as_a_failed_row(tmp_path, data_root):
+def test_backbone_sweep_writes_a_leaderboard_with_the_failed_job_as_a_failed_row(tmp_path, data_root, capsys):
     sweep_dir = tmp_path / "sweep"
     overrides = sweep_overrides(data_root, sweep_dir) + [
         "experiment=compare_backbones",
@@ -72,14 +73,15 @@ def test_backbone_sweep_writes_a_leaderboard_with_the_failed_job_as_a_failed_row
     with Image.open(sweep_dir / "leaderboard.png") as png:
         assert png.format == "PNG" and png.width > 300
 
-    # compare.py writes the same leaderboard again from the run folders alone.
+    # compare.py's task writes the same leaderboard again from the run folders alone (in this process:
+    # test_compare_on_a_folder_without_jobs_is_a_one_line_error runs compare.py itself).
     for name in ("leaderboard.md", "leaderboard.csv", "leaderboard.png"):
         (sweep_dir / name).unlink()
-    again = run_cli("compare.py", [f"sweep_dir={sweep_dir}"], tmp_path)
-    assert again.returncode == 0, again.stderr[-2000:]
+    capsys.readouterr()
+    compare(compose_cfg("compare", [f"sweep_dir={sweep_dir}"], tmp_path / "compare"))
     assert leaderboard_rows(sweep_dir) == rows
     assert (sweep_dir / "leaderboard.png").is_file()
-    assert "2 of 3 jobs completed" in again.stdout
+    assert "2 of 3 jobs completed" in capsys.readouterr().out
 
 
 def test_compare_on_a_folder_without_jobs_is_a_one_line_error(tmp_path):
@@ -182,8 +184,11 @@ def train_without_wandb_key(args: list[str], cwd: Path) -> subprocess.CompletedP
     return result
 
 
-@pytest.mark.slow
-def test_each_job_of_a_multirun_is_its_own_offline_wandb_run(tmp_path, data_root):
+@pytest.fixture(scope="module")
+def wandb_sweep(tmp_path_factory, data_root) -> Path:
+    """A two-job multirun logged to W&B offline by a user without a key; its sweep folder. The resume test
+    below continues its job 0 (hence no one-cycle schedule, which is fixed to its first run's length)."""
+    tmp_path = tmp_path_factory.mktemp("wandb_sweep")
     sweep_dir = tmp_path / "sweep"
     overrides = sweep_overrides(data_root, sweep_dir) + [
         "model=simple_cnn",
@@ -191,8 +196,15 @@ def test_each_job_of_a_multirun_is_its_own_offline_wandb_run(tmp_path, data_root
         "seed=1,2",
         "trainer.max_epochs=1",
         "data.subset=200",
+        "scheduler=none",
     ]
     train_without_wandb_key(["-m", *overrides], tmp_path)
+    return sweep_dir
+
+
+@pytest.mark.slow
+def test_each_job_of_a_multirun_is_its_own_offline_wandb_run(wandb_sweep):
+    sweep_dir = wandb_sweep
     runs = []
     for job in ("0", "1"):
         records = wandb_records(sweep_dir / job)
@@ -212,21 +224,18 @@ def test_each_job_of_a_multirun_is_its_own_offline_wandb_run(tmp_path, data_root
 
 
 @pytest.mark.slow
-def test_resuming_from_a_checkpoint_continues_the_same_wandb_run(tmp_path, data_root):
+def test_resuming_from_a_checkpoint_continues_the_same_wandb_run(tmp_path, data_root, wandb_sweep):
+    """The first run is job 0 of the sweep above (one epoch, no schedule); this one resumes it."""
+    first = wandb_sweep / "0"
     overrides = quick_overrides("fashion_mnist", data_root) + [
         "logger=wandb",
         "data.subset=200",
         "test=false",
         "scheduler=none",  # a one-cycle schedule is fixed to its first run's length
+        "trainer.max_epochs=2",
+        f"ckpt_path={first / 'checkpoints' / 'last.ckpt'}",
     ]
-
-    def train(*extra: str) -> Path:
-        before = set((tmp_path / "outputs").glob("*/*"))
-        train_without_wandb_key([*overrides, *extra], tmp_path)
-        (run_folder,) = set((tmp_path / "outputs").glob("*/*")) - before
-        return run_folder
-
-    first = train("trainer.max_epochs=1")
-    resumed = train("trainer.max_epochs=2", f"ckpt_path={first / 'checkpoints' / 'last.ckpt'}")
+    train_without_wandb_key(overrides, tmp_path)
+    (resumed,) = (tmp_path / "outputs").glob("*/*")
     ids = [[r["run"]["run_id"] for r in wandb_records(f) if r["type"] == "run"][0] for f in (first, resumed)]
     assert ids[0] == ids[1]

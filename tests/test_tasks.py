@@ -25,11 +25,12 @@ from torchmetrics.functional.classification import (
 from skuvision.checkpoints import load_classifier
 from skuvision.errors import SkuvisionError
 from skuvision.index import CatalogueIndex
-from skuvision.tasks import evaluate, train
 from skuvision.tasks.compare import write_leaderboard
 from skuvision.tasks.embed import embed
+from skuvision.tasks.evaluate import evaluate
 from skuvision.tasks.export import export
 from skuvision.tasks.predict import predict
+from skuvision.tasks.train import train
 from tests.helpers import compose_cfg, quick_overrides, run_cli
 from tests.writers import write_image_folder
 
@@ -566,7 +567,8 @@ def test_eval_without_ckpt_path_is_one_line_naming_the_key(tmp_path):
 def test_any_missing_mandatory_key_is_one_line_with_an_example(
     checkpoint, photos, tmp_path, capsys, config, overrides, key
 ):
-    from skuvision.tasks import compare, shard
+    from skuvision.tasks.compare import compare
+    from skuvision.tasks.shard import shard
     from skuvision.tasks.utils import run_cli as run_task
 
     tasks = {"predict": predict, "train": train, "shard": shard, "compare": compare}

@@ -3,15 +3,15 @@
 import json
 import pickle
 import re
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import torch
 
 from skuvision.errors import SkuvisionError
-from skuvision.tasks import evaluate, train
-from tests.helpers import ROOT, compose_cfg, quick_overrides, run_cli
+from skuvision.tasks.evaluate import evaluate
+from skuvision.tasks.train import train
+from tests.helpers import ROOT, compose_cfg, quick_overrides, refusal, run_cli
 from tests.writers import write_image_folder
 
 # timm.yaml holds the settings the others share; it names no model by itself.
@@ -184,72 +184,48 @@ def planted_last_ckpt(run: Path, form: str) -> Path:
     return last
 
 
-@pytest.fixture(scope="module")
-def failing_train_py(data_root, tmp_path_factory) -> dict:
-    """The train.py commands of the tests below, each a mistake train.py must stop at in one line, started
-    together the first time a test asks: each is mostly a new interpreter importing torch, which the two
-    cores run side by side. {name: (its folder, a future of its CompletedProcess)}."""
-    quick = quick_overrides("fashion_mnist", data_root)
-    commands = {}
-    folder = tmp_path_factory.mktemp("missing_data")
-    (folder / "nothing").mkdir()
-    overrides = quick_overrides("fashion_mnist", folder) + [f"data.root={folder / 'nothing'}"]
-    commands["missing data"] = (folder, [*overrides, "data.system_dirs=[]"])
-    folder = tmp_path_factory.mktemp("missing_cifar")
-    commands["missing cifar"] = (folder, quick_overrides("cifar10", folder) + [f"data.root={folder}"])
-    commands["unknown model name"] = (
-        tmp_path_factory.mktemp("model_name"),
-        [*quick, "model.name=resnet5000"],
-    )
-    commands["unknown model option"] = (tmp_path_factory.mktemp("model_option"), ["model=resnet5000"])
-    resnet18 = quick_overrides("fashion_mnist", data_root, "resnet18")
-    commands["no weights"] = (tmp_path_factory.mktemp("no_weights"), [*resnet18, "model.pretrained=true"])
-    for form in ("torch.save", "pickle"):
-        folder = tmp_path_factory.mktemp("planted")
-        planted = planted_last_ckpt(folder / "run", form)
-        (folder / "planted.ckpt").write_bytes(planted.read_bytes())  # a copy to compare with afterwards
-        commands[form] = (folder, [*quick, f"hydra.run.dir={folder / 'run'}", "trainer.max_epochs=1"])
-    with ThreadPoolExecutor(3) as pool:
-        yield {
-            name: (folder, pool.submit(run_cli, "train.py", overrides, folder))
-            for name, (folder, overrides) in commands.items()
-        }
+@pytest.fixture
+def refused_train(capsys):
+    """train.py's stderr for a mistake it must stop at in one line: its task run in this process through the
+    commands' wrapper (helpers.refusal; test_train_cli_writes_one_run_folder_... runs train.py itself)."""
+
+    def refused(overrides: list[str], run: Path) -> str:
+        return refusal(train, "train", overrides, run, capsys)
+
+    return refused
 
 
-def test_missing_data_is_a_clear_one_line_error(failing_train_py):
-    folder, result = failing_train_py["missing data"]
-    result = result.result()
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
+def test_missing_data_is_a_clear_one_line_error(refused_train, tmp_path):
+    (tmp_path / "nothing").mkdir()
+    overrides = quick_overrides("fashion_mnist", tmp_path) + [f"data.root={tmp_path / 'nothing'}"]
+    stderr = refused_train([*overrides, "data.system_dirs=[]"], tmp_path / "run")
+    lines = stderr.strip().splitlines()
     assert lines[-1].startswith("error: Fashion-MNIST files not found: train-images-idx3-ubyte.gz")
-    assert "make data" in lines[-1] and str(folder / "nothing") in lines[-1]
-    assert "Traceback" not in result.stderr
+    assert "make data" in lines[-1] and str(tmp_path / "nothing") in lines[-1]
 
 
-def test_missing_cifar_names_the_files(failing_train_py):
-    result = failing_train_py["missing cifar"][1].result()
-    assert result.returncode == 2
-    assert "error: CIFAR10 files not found" in result.stderr and "data_batch_1" in result.stderr
-    assert "Traceback" not in result.stderr
+def test_missing_cifar_names_the_files(refused_train, tmp_path):
+    stderr = refused_train(quick_overrides("cifar10", tmp_path) + [f"data.root={tmp_path}"], tmp_path / "run")
+    assert "error: CIFAR10 files not found" in stderr and "data_batch_1" in stderr
 
 
-def test_unknown_model_name_is_a_clear_one_line_error(failing_train_py):
-    result = failing_train_py["unknown model name"][1].result()
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1].startswith("error: unknown model.name='resnet5000'")
-    assert "Traceback" not in result.stderr
+def test_unknown_model_name_is_a_clear_one_line_error(refused_train, data_root, tmp_path):
+    overrides = [*quick_overrides("fashion_mnist", data_root), "model.name=resnet5000"]
+    stderr = refused_train(overrides, tmp_path / "run")
+    assert stderr.strip().splitlines()[-1].startswith("error: unknown model.name='resnet5000'")
 
 
-def test_unknown_model_option_lists_the_choices(failing_train_py):
-    result = failing_train_py["unknown model option"][1].result()
+def test_unknown_model_option_lists_the_choices(tmp_path):
+    """Hydra's own answer, before any task: train.py run as a user runs it (it loads no torch for this)."""
+    result = run_cli("train.py", ["model=resnet5000"], tmp_path)
     assert result.returncode == 1
     assert "Could not find 'model/resnet5000'" in result.stderr and "resnet50" in result.stderr
 
 
-def test_pretrained_without_weights_fails_fast_naming_model_weights(failing_train_py):
-    result = failing_train_py["no weights"][1].result()
-    assert result.returncode == 2
-    last = result.stderr.strip().splitlines()[-1]
+def test_pretrained_without_weights_fails_fast_naming_model_weights(refused_train, data_root, tmp_path):
+    resnet18 = quick_overrides("fashion_mnist", data_root, "resnet18")
+    stderr = refused_train([*resnet18, "model.pretrained=true"], tmp_path / "run")
+    last = stderr.strip().splitlines()[-1]
     assert (
         last.startswith("error: model.pretrained=true but no weights for resnet18")
         and "model.weights" in last
@@ -274,22 +250,20 @@ class RunsCode:
 
 
 @pytest.mark.parametrize("form", ["torch.save", "pickle"])
-def test_a_planted_last_ckpt_runs_nothing_when_a_run_resumes(failing_train_py, form):
+def test_a_planted_last_ckpt_runs_nothing_when_a_run_resumes(refused_train, data_root, tmp_path, form):
     """A run re-entering its folder (a requeued job) resumes from checkpoints/last.ckpt: a file planted there,
     as a zip torch.save wrote or as a bare pickle (planted_last_ckpt), is refused in one line before
-    anything unpickles it."""
-    folder, result = failing_train_py[form]
-    result = result.result()
-    last = folder / "run" / "checkpoints" / "last.ckpt"
-    planted = (folder / "planted.ckpt").read_bytes()
-    assert not (folder / "ran.txt").exists()
-    assert result.returncode == 2, result.stderr[-2000:]
-    line = result.stderr.strip().splitlines()[-1]
+    anything unpickles it (in this process: what would run, would run here and write ran.txt)."""
+    last = planted_last_ckpt(tmp_path / "run", form)
+    planted = last.read_bytes()
+    overrides = [*quick_overrides("fashion_mnist", data_root), "trainer.max_epochs=1"]
+    stderr = refused_train(overrides, tmp_path / "run")
+    assert not (tmp_path / "ran.txt").exists()
+    line = stderr.strip().splitlines()[-1]
     assert (
         line.startswith(f"error: {last} (this run folder's last checkpoint") and "is not a checkpoint" in line
     )
     assert line.endswith("To start this run afresh, move that file away")
-    assert "Traceback" not in result.stderr
     assert last.read_bytes() == planted and sorted(p.name for p in last.parent.iterdir()) == ["last.ckpt"]
 
 

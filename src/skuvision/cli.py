@@ -2,8 +2,10 @@
 
 The console scripts (skuvision-train, skuvision-eval, ...) and the root shims (train.py, eval.py, ...) both
 call these. Each imports its task when it runs, so a command loads only its own task's libraries (serve and
-demo bring in LitServe and Gradio; train does not need them). A script that calls `serve` needs the
-`if __name__ == "__main__":` guard: LitServe's workers are new processes that import the script again.
+demo bring in LitServe and Gradio; train does not need them), and a mistake in the config (an unknown option,
+a renamed key, a mandatory key the task reads first) is answered before torch is loaded. A script that calls
+`serve` needs the `if __name__ == "__main__":` guard: LitServe's workers are new processes that import the
+script again.
 """
 
 from __future__ import annotations
@@ -12,21 +14,29 @@ import importlib
 import sys
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from skuvision.compat import quiet_known_noise
+from skuvision.compat import lightning_logs_on_stderr, quiet_known_noise
 from skuvision.config import CONF_PACKAGE, renamed_key_error
 from skuvision.tasks.utils import run_cli
 
 
-def entry_point(name: str, task: str, doc: str, returns=None):
+def entry_point(name: str, task: str, doc: str, returns=None, reads_first: str | None = None):
     """The command `name`: conf/<name>.yaml composed with the command line, then `task` ("module:function"
-    below skuvision.tasks) run through run_cli. `returns(result, cfg)`: what the command hands Hydra."""
+    below skuvision.tasks) run through run_cli. `returns(result, cfg)`: what the command hands Hydra.
+    `reads_first`: a mandatory key the task reads before any other check, read here before the task's
+    libraries are imported (the same one-line error when it is not set, without torch's start-up)."""
     module, function = task.split(":")
+
+    def imported_task(cfg: DictConfig):
+        if reads_first:
+            OmegaConf.select(cfg, reads_first, throw_on_missing=True)
+        return getattr(importlib.import_module(f"skuvision.tasks.{module}"), function)(cfg)
 
     def run(cfg: DictConfig):
         quiet_known_noise()
-        result = run_cli(getattr(importlib.import_module(f"skuvision.tasks.{module}"), function), cfg)
+        lightning_logs_on_stderr()
+        result = run_cli(imported_task, cfg)
         return returns(result, cfg) if returns else None
 
     # Hydra names a job after its function's module: each command's job keeps the name the root shims gave
@@ -52,12 +62,20 @@ def train() -> None:
     _train()
 
 
-evaluate = entry_point("eval", "evaluate:evaluate", "Test a checkpoint and write metrics.json.")
+# reads_first: eval and audit resolve ckpt_path before any other check.
+evaluate = entry_point(
+    "eval", "evaluate:evaluate", "Test a checkpoint and write metrics.json.", reads_first="ckpt_path"
+)
 predict = entry_point("predict", "predict:predict", "Top-k labels per image into a CSV.")
 embed = entry_point("embed", "embed:embed", "Features, nearest neighbours and the catalogue index.")
 export = entry_point("export", "export:export", "ONNX or timm's format, checked against PyTorch.")
 serve = entry_point("serve", "serve:serve", "The HTTP API and the demo page.")
 demo = entry_point("demo", "serve:demo", "The demo page alone (Gradio, model in this process).")
-audit = entry_point("audit", "audit:audit", "Likely label errors, duplicates and leakage, image quality.")
+audit = entry_point(
+    "audit",
+    "audit:audit",
+    "Likely label errors, duplicates and leakage, image quality.",
+    reads_first="ckpt_path",
+)
 compare = entry_point("compare", "compare:compare", "A multirun's leaderboard (.md, .csv, .png).")
 shard = entry_point("shard", "shard:shard", "litdata shards of a file source for data=streaming.")

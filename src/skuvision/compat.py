@@ -17,6 +17,9 @@ may use it.
   `store_probabilities`);
 - torch.compile's inductor backend finds its C++ compiler only when it first compiles, inside the first
   training step (torch 2.14.1: `torch._inductor.cpp_builder.get_cpp_compiler`, in `inductor_cpp_compiler`);
+- pytorch-lightning gives its logger a stderr handler of its own (and stops propagation) when it is imported
+  before logging is configured (pytorch-lightning 2.6.6, `pytorch_lightning/__init__.py`; in
+  `lightning_logs_on_stderr`);
 - LitServe names its HTTP processes `LitServer-<n>` (litserve 0.2.19);
 - a Gradio page mounted with `gr.mount_gradio_app` is never marked as launched, so Gradio skips its path
   checks on file payloads, and nothing ends its pages' heartbeat streams on shutdown (gradio 6.31.0:
@@ -34,15 +37,15 @@ import functools
 import logging
 import os
 import re
+import sys
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-# Lightning is imported where it is used: config's precision resolver and every litdata worker import this.
+# torch and Lightning are imported where they are used: the commands import this before Hydra composes a
+# config, and a config mistake is answered without loading them.
 log = logging.getLogger("skuvision")
 
 # Private torch helpers (torch 2.14.1) that tell whether the CPU runs bf16 natively.
@@ -52,6 +55,8 @@ NATIVE_BF16_CHECKS = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
 def cpu_has_native_bf16() -> bool:
     """AVX512-BF16 or AMX: bf16 autocast about doubles training speed there, and is emulated (slower than
     float32) elsewhere."""
+    import torch
+
     return any(getattr(torch.cpu, name, lambda: False)() for name in NATIVE_BF16_CHECKS)
 
 
@@ -272,6 +277,19 @@ def quiet_known_noise() -> None:
             logger.addFilter(DropLines(tuple(n for n in KNOWN_LOG_LINES if n.logger == name)))
     for name in CHATTY_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def lightning_logs_on_stderr() -> None:
+    """What importing pytorch-lightning before Hydra configures logging did to its logger: its INFO lines
+    (devices, SLURM requeueing) on stderr, not in <task>.log. The commands import it later now, after Hydra
+    gave the root logger handlers, where Lightning would propagate to them instead."""
+    if "pytorch_lightning" in sys.modules:
+        return
+    logger = logging.getLogger("pytorch_lightning")
+    if not logger.handlers:
+        logger.addHandler(logging.StreamHandler())
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
 
 
 @contextmanager

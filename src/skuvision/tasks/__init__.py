@@ -1,6 +1,2 @@
-from skuvision.tasks.compare import compare
-from skuvision.tasks.evaluate import evaluate
-from skuvision.tasks.shard import shard
-from skuvision.tasks.train import train
-
-__all__ = ["compare", "evaluate", "shard", "train"]
+"""One module per task (`from skuvision.tasks.train import train`). Nothing is imported here: a command
+loads only its own task's libraries, and `import skuvision.cli` loads none of torch's."""

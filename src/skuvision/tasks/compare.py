@@ -15,7 +15,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from skuvision.errors import SkuvisionError
 from skuvision.outputs import new_file, refuse_existing, replacing_file, write_csv
-from skuvision.plots import leaderboard_png
 
 log = logging.getLogger("skuvision")
 
@@ -188,6 +187,8 @@ def write_leaderboard(sweep_dir: Path, replace: bool = False) -> list[dict]:
         for r in rows
     ]
     title = f"test accuracy vs training throughput: {sweep_dir.parent.name}/{sweep_dir.name}"
+    from skuvision.plots import leaderboard_png  # matplotlib and torch: only once there is a table to draw
+
     with writing(sweep_dir / "leaderboard.png") as partial:
         leaderboard_png(points, partial, title)
     return rows

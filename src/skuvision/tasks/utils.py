@@ -1,5 +1,9 @@
 """What every task shares: images for the loggers, JSON out (metrics, the data report), and the command
-line's one-line errors and new run folders."""
+line's one-line errors and new run folders.
+
+The commands import this before Hydra composes a config (run_cli, NewRunFolder): the libraries of models
+and data are imported where they are used, so a config mistake is answered without loading torch.
+"""
 
 from __future__ import annotations
 
@@ -12,31 +16,31 @@ import sys
 import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.experimental.callback import Callback as HydraCallback
 from omegaconf import DictConfig
 from omegaconf.errors import MissingMandatoryValue
-from PIL import Image
-from pytorch_lightning import LightningDataModule
-from pytorch_lightning.loggers import Logger
 
-from skuvision.checkpoints import checkpoint_file
 from skuvision.compat import rerun_by_lightning_ddp
 from skuvision.config import in_multirun
 from skuvision.errors import SkuvisionError
 from skuvision.outputs import replacing_file, taken
-from skuvision.shards import FOLDER as SHARDS
-from skuvision.shards import PLAN, links_in_run_folder
+
+if TYPE_CHECKING:
+    from pytorch_lightning import LightningDataModule
+    from pytorch_lightning.loggers import Logger
 
 log = logging.getLogger("skuvision")
 
 
 def log_images(loggers: list[Logger], pngs: list[Path]) -> None:
     """The evaluation plots into the loggers that show images (TensorBoard, W&B)."""
+    import numpy as np
+    from PIL import Image
+
     for logger in loggers:
         kind = type(logger).__name__
         if kind == "TensorBoardLogger":
@@ -72,6 +76,8 @@ def write_data_report(datamodule: LightningDataModule, output_dir: Path) -> None
 def resolve_checkpoint(cfg: DictConfig) -> Path:
     """cfg.ckpt_path as a checkpoint file (a run folder becomes its tested checkpoint), set back into cfg so
     that every record of the run names the file."""
+    from skuvision.checkpoints import checkpoint_file
+
     path = checkpoint_file(cfg.ckpt_path)
     cfg.ckpt_path = str(path)
     return path
@@ -177,7 +183,11 @@ class NewRunFolder(HydraCallback):
 
 def unfinished_shards(folder: Path, config: DictConfig) -> bool:
     """Whether `folder` holds shards of a predict or embed run that did not get to merge them."""
-    return (folder / SHARDS / PLAN).is_file() and not finished(folder, config)
+    if not folder.is_dir():
+        return False  # a new run folder (the usual case) needs no look, nor shards.py's libraries
+    from skuvision.shards import FOLDER, PLAN
+
+    return (folder / FOLDER / PLAN).is_file() and not finished(folder, config)
 
 
 def finished(folder: Path, config: DictConfig) -> bool:
@@ -190,6 +200,8 @@ def finished(folder: Path, config: DictConfig) -> bool:
 
 def refuse_links(folder: Path) -> None:
     """Before Hydra writes its config and log into a run folder it resumes: no symbolic link there."""
+    from skuvision.shards import links_in_run_folder
+
     links = links_in_run_folder(folder)
     if links:
         print(
