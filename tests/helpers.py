@@ -104,6 +104,13 @@ def predict_csv(checkpoint, inputs, folder: Path, *extra: str) -> tuple[list[str
     return reader.fieldnames, rows
 
 
+def printed_by(code: str) -> str:
+    """What `python -c code` prints in a fresh process with this one's environment, asserted to succeed."""
+    fresh = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert fresh.returncode == 0, fresh.stderr[-2000:]
+    return fresh.stdout.strip()
+
+
 def run_alone(code: str, args: list, cwd: Path, extra_env: dict) -> subprocess.CompletedProcess:
     """`python -c code args` in a fresh process without this checkout on its path (what a user's machine
     without skuvision runs), asserted to succeed."""

@@ -468,14 +468,11 @@ def test_inductor_finds_its_cpp_compiler_only_through_its_private_search():
 def test_lightning_gives_its_logger_a_stderr_handler_when_imported_before_logging_is_configured():
     """What compat.lightning_logs_on_stderr does for the commands, which import Lightning after Hydra's
     logging set-up: Lightning's own behaviour when imported first (pytorch-lightning 2.6.6)."""
-    import subprocess
-    import sys
+    from tests.helpers import printed_by
 
     code = (
         "import logging, sys, pytorch_lightning\n"
         "lg = logging.getLogger('pytorch_lightning')\n"
         "print([type(h).__name__ for h in lg.handlers], lg.propagate, lg.level)\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.strip() == "['StreamHandler'] False 20"
+    assert printed_by(code) == "['StreamHandler'] False 20"
